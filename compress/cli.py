@@ -1,0 +1,241 @@
+"""The `compress` command line. Every command validates through ``compress.config`` and reports bad input as
+one line on stderr with exit code 2 (DESIGN principle 6)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from compress.config import (ApplyConfig, ExtractConfig, ExtractLoraConfig, build, resolve_device,
+                             torch_dtype)
+from compress.errors import CompressError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress and recombine fine-tuned transformer checkpoints.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print and save what they measure.")
+app.add_typer(bench_app, name="bench")
+out = Console(soft_wrap=True)
+
+DEVICE = typer.Option("cpu", help="cpu, cuda or cuda:N")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+OVERWRITE = typer.Option(False, help="Replace OUT if it exists.")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+@app.command()
+def extract(
+    base: Path = typer.Option(..., help="Base checkpoint (folder, .safetensors, index or .bin)."),
+    finetuned: Path = typer.Option(..., help="Fine-tuned checkpoint, or a PEFT LoRA adapter folder."),
+    out_path: Path = typer.Option(..., "--out", help="Delta file to write (.safetensors)."),
+    density: float = typer.Option(1.0, help="Fraction of each tensor's delta entries to keep, in (0, 1]."),
+    method: str = typer.Option("magnitude", help="magnitude (top-k |τ|) or random (DARE-style keep)."),
+    seed: int = typer.Option(0, help="Seed for random keep, combined with each tensor's name."),
+    dtype: Optional[str] = typer.Option(None, help="dtype of stored values (default: the fine-tuned dtype)."),
+    extra: str = typer.Option("error", help="Tensors only in the fine-tuned model: error or carry (store whole)."),
+    vocab: str = typer.Option("carry", help="Embeddings whose vocab size differs: carry (store whole) or error."),
+    device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+):
+    """Store θ_ft − θ_base compactly: kept values plus a bitmask or delta-coded indices."""
+    from compress.delta import extract_delta
+    from compress.io.reader import open_checkpoint
+    from compress.io.writer import check_output
+    from compress.taskvec import TaskVector
+
+    cfg = build(ExtractConfig, base=base, finetuned=finetuned, out=out_path, density=density, method=method,
+                seed=seed, dtype=dtype, extra=extra, vocab=vocab, device=device, overwrite=overwrite, quiet=quiet)
+    check_output(cfg.out, cfg.overwrite)
+    base_ck = open_checkpoint(cfg.base)
+    tv = TaskVector.from_paths(base_ck, cfg.finetuned, extra=cfg.extra, vocab=cfg.vocab)
+    s = extract_delta(base_ck, tv, cfg.out, density=cfg.density, method=cfg.method, seed=cfg.seed,
+                      value_dtype=torch_dtype(cfg.dtype), device=resolve_device(cfg.device),
+                      overwrite=cfg.overwrite, quiet=cfg.quiet, extra_metadata={"finetuned": str(cfg.finetuned)})
+    out.print(f"wrote {s.path}: {s.tensors} tensors, {s.params:,} parameters covered, {s.kept:,} kept "
+              f"(density {s.kept / max(s.params, 1):.4f}), {_human(s.file_bytes)}, "
+              f"{s.bits_per_param:.3f} bits/parameter" + (f", {s.carried} carried whole" if s.carried else ""))
+
+
+@app.command("apply")
+def apply_cmd(
+    base: Path = typer.Option(..., help="Base checkpoint the delta was extracted from."),
+    delta: Path = typer.Option(..., help="Compact delta file written by `compress extract`."),
+    out_path: Path = typer.Option(..., "--out", help="Folder to write (Hugging Face layout)."),
+    dtype: Optional[str] = typer.Option(None, help="Cast float tensors of the output (default: as stored)."),
+    shard_size: str = typer.Option("5GB", help="Largest shard, e.g. 5GB, 500MB."),
+    device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+):
+    """Rebuild a model from a base and a delta file (exact at every kept entry)."""
+    from compress.delta import DeltaFile, apply_delta
+    from compress.io.reader import open_checkpoint
+    from compress.io.writer import check_output, parse_size
+
+    cfg = build(ApplyConfig, base=base, delta=delta, out=out_path, dtype=dtype, shard_size=shard_size,
+                device=device, overwrite=overwrite, quiet=quiet)
+    parse_size(cfg.shard_size)
+    check_output(cfg.out, cfg.overwrite)
+    apply_delta(open_checkpoint(cfg.base), DeltaFile(cfg.delta), cfg.out, device=resolve_device(cfg.device),
+                dtype=torch_dtype(cfg.dtype), shard_size=cfg.shard_size, overwrite=cfg.overwrite, quiet=cfg.quiet)
+    out.print(f"wrote {cfg.out}")
+
+
+@app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="Delta file, checkpoint or PEFT adapter folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    count_zeros: bool = typer.Option(False, help="Checkpoints: read every tensor to report density."),
+    tensors: bool = typer.Option(False, help="List every tensor."),
+):
+    """Tensors, parameter count, density, bits per parameter and size against dense."""
+    from compress.inspect import inspect_path
+
+    info = inspect_path(path, count_zeros=count_zeros)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    if tensors:
+        t = Table(title=str(path))
+        keys = [k for k in info["tensors"][0]] if info["tensors"] else []
+        for k in keys:
+            t.add_column(k)
+        for r in info["tensors"]:
+            t.add_row(*[f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys])
+        out.print(t)
+    s = Table(title=f"{info['kind']}: {path}", show_header=False)
+    s.add_row("tensors", str(len(info["tensors"])))
+    s.add_row("parameters" + (" covered" if info["kind"] == "delta" else ""), f"{info['params']:,}")
+    if "kept" in info:
+        s.add_row("kept", f"{info['kept']:,}")
+    if "density" in info:
+        s.add_row("density", f"{info['density']:.4f}")
+    s.add_row("file size", f"{info['file_bytes']:,} B ({_human(info['file_bytes'])})")
+    if "dense_bytes" in info:
+        s.add_row("dense size", f"{info['dense_bytes']:,} B ({_human(info['dense_bytes'])})")
+    if "bits_per_param" in info:
+        s.add_row("bits / parameter", f"{info['bits_per_param']:.3f}")
+    if "compression" in info:
+        s.add_row("dense / file", f"{info['compression']:.2f}x")
+    for k in ("peft_type", "r", "lora_alpha", "base_model"):
+        if k in info:
+            s.add_row(k, str(info[k]))
+    for k, v in info.get("metadata", {}).items():
+        s.add_row(f"meta {k}", str(v))
+    out.print(s)
+
+
+@app.command("extract-lora")
+def extract_lora(
+    base: Path = typer.Option(..., help="Base checkpoint."),
+    finetuned: Path = typer.Option(..., help="Fine-tuned checkpoint (or an adapter to re-rank)."),
+    out_path: Path = typer.Option(..., "--out", help="Adapter folder to write."),
+    rank: int = typer.Option(16, help="LoRA rank r (capped at each matrix's smaller side)."),
+    targets: Optional[str] = typer.Option(None, help="Regex on tensor names to include (default: 2-D linear "
+                                                     "weights except embeddings and lm_head)."),
+    dtype: Optional[str] = typer.Option(None, help="dtype of the adapter weights (default float32)."),
+    extra: str = typer.Option("error", help="Tensors only in the fine-tuned model: error or carry (skipped)."),
+    device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+):
+    """Turn a dense task vector into a PEFT LoRA adapter by truncated SVD (loadable by PeftModel)."""
+    from compress.io.lora import write_lora_adapter
+    from compress.io.reader import open_checkpoint
+    from compress.io.writer import check_output
+    from compress.taskvec import TaskVector
+
+    cfg = build(ExtractLoraConfig, base=base, finetuned=finetuned, out=out_path, rank=rank, targets=targets,
+                dtype=dtype, extra=extra, device=device, overwrite=overwrite, quiet=quiet)
+    check_output(cfg.out, cfg.overwrite)
+    dev = resolve_device(cfg.device)
+    tv = TaskVector.from_paths(open_checkpoint(cfg.base), cfg.finetuned, extra=cfg.extra)
+    deltas = ((name, tv.get(name, device=dev)) for name in tv.names())
+    summary = write_lora_adapter(deltas, cfg.out, cfg.rank, str(cfg.base.resolve()), dtype=torch_dtype(cfg.dtype),
+                                 overwrite=cfg.overwrite, targets_regex=cfg.targets, progress=not cfg.quiet)
+    out.print(f"wrote {cfg.out}: " + ", ".join(f"{k}={v}" for k, v in _lora_summary_line(summary).items()))
+
+
+def _lora_summary_line(summary: dict) -> dict:
+    line = {}
+    for k, v in summary.items():
+        if isinstance(v, (list, dict)):
+            line[k] = len(v)
+        elif isinstance(v, float):
+            line[k] = f"{v:.4g}"
+        else:
+            line[k] = v
+    return line
+
+
+@app.command("convert-llama2c")
+def convert_llama2c_cmd(
+    out_path: Path = typer.Option(Path("checkpoints/stories260K"), "--out", help="Folder to write."),
+    model_bin: Optional[Path] = typer.Option(None, help="llama2.c model .bin (default: shared stories260K)."),
+    tokenizer_bin: Optional[Path] = typer.Option(None, help="llama2.c tokenizer .bin (default: tok512.bin)."),
+    overwrite: bool = OVERWRITE,
+):
+    """Convert a llama2.c checkpoint and tokenizer into a Hugging Face LlamaForCausalLM folder."""
+    from compress.data import stories260k_files
+    from compress.io.llama2c import convert_llama2c
+
+    if model_bin is None or tokenizer_bin is None:
+        default_bin, default_tok = stories260k_files()
+        model_bin, tokenizer_bin = model_bin or default_bin, tokenizer_bin or default_tok
+    convert_llama2c(model_bin, tokenizer_bin, out_path, overwrite=overwrite)
+    out.print(f"wrote {out_path}")
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("checkpoints/demo"), help="Where the demo writes its models."),
+    steps: int = typer.Option(150, help="Fine-tuning steps per corpus."),
+    density: float = typer.Option(0.1, help="Density the task vectors are pruned to."),
+    device: str = DEVICE, quiet: bool = QUIET,
+):
+    """The main job on real data: stories260K fine-tuned on two corpora, task vectors pruned and merged."""
+    from compress.demo import run_demo
+
+    run_demo(workdir, steps=steps, density=density, device=resolve_device(device), quiet=quiet)
+
+
+@bench_app.command("io-memory")
+def bench_io_memory(
+    size_gb: float = typer.Option(1.0, help="Size of each random checkpoint."),
+    workdir: Path = typer.Option(Path("checkpoints/bench-io-memory"), help="Scratch folder (removed after)."),
+    results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON and markdown results go."),
+):
+    """Peak RSS of `compress extract` on two random checkpoints, against their size."""
+    from compress.bench.io_memory import run
+
+    run(size_gb=size_gb, workdir=workdir, results=results)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: bad input → one line on stderr and exit code 2; never a traceback for the user's mistake."""
+    cmd = typer.main.get_command(app)
+    try:
+        cmd.main(args=argv, prog_name="compress", standalone_mode=False)
+    except CompressError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

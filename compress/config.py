@@ -1,0 +1,121 @@
+"""One configuration model for every entry point (DESIGN principle 3).
+
+The CLI builds these from flags, recipes from YAML, the API from keyword arguments and the server from request
+bodies; all validate here, so an error reads the same everywhere (``format_validation_error``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from compress.errors import CompressError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+
+
+def _density(v: float) -> float:
+    if not (0.0 < v <= 1.0):
+        raise ValueError(f"must be in (0, 1], got {v}")
+    return v
+
+
+def _dtype(v: Optional[str]) -> Optional[str]:
+    if v is not None and v.lower() not in DTYPES:
+        raise ValueError(f"unknown dtype '{v}' (choose one of float32, float16, bfloat16, float64)")
+    return None if v is None else v.lower()
+
+
+def _device(v: str) -> str:
+    v = v.lower()
+    if not (v == "cpu" or v == "cuda" or v.startswith("cuda:")):
+        raise ValueError(f"unknown device '{v}' (choose cpu, cuda or cuda:N)")
+    return v
+
+
+Density = Annotated[float, AfterValidator(_density)]
+DType = Annotated[Optional[str], AfterValidator(_dtype)]
+Device = Annotated[str, AfterValidator(_device)]
+
+
+def torch_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    return None if name is None else DTYPES[name.lower()]
+
+
+def resolve_device(device: str) -> str:
+    """The device string, after checking it exists here (a one-line error otherwise)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CompressError(f"device '{device}' asked for, but CUDA is not available on this machine")
+    return device
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Compute(_Config):
+    device: Device = "cpu"
+    dtype: DType = None
+    quiet: bool = False
+
+
+class ExtractConfig(Compute):
+    """`compress extract`: a compact delta file from a base and a fine-tuned checkpoint (or LoRA adapter)."""
+
+    base: Path
+    finetuned: Path
+    out: Path
+    density: Density = 1.0
+    method: Literal["magnitude", "random"] = "magnitude"
+    seed: int = 0
+    extra: Literal["error", "carry"] = "error"
+    vocab: Literal["carry", "error"] = "carry"
+    overwrite: bool = False
+
+
+class ApplyConfig(Compute):
+    """`compress apply`: rebuild a model from a base and a compact delta file."""
+
+    base: Path
+    delta: Path
+    out: Path
+    shard_size: str = "5GB"
+    overwrite: bool = False
+
+
+class ExtractLoraConfig(Compute):
+    """`compress extract-lora`: a dense task vector as a PEFT LoRA adapter of rank r (truncated SVD)."""
+
+    base: Path
+    finetuned: Path
+    out: Path
+    rank: int = Field(16, ge=1)
+    targets: Optional[str] = None
+    extra: Literal["error", "carry"] = "error"
+    overwrite: bool = False
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """One line: 'field: message; field: message'."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def build(cls: type[_Config], **kwargs) -> _Config:
+    """Validate into ``cls``, turning pydantic's multi-line error into a one-line CompressError."""
+    try:
+        return cls(**kwargs)
+    except ValidationError as e:
+        raise CompressError(format_validation_error(e)) from None

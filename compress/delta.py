@@ -1,0 +1,288 @@
+"""Compact delta files: only the kept entries of a task vector, plus where they sit.
+
+Format (a plain safetensors file, readable by any safetensors reader):
+
+* ``<name>::values`` — kept entries in index order, in the value dtype (by default the fine-tuned dtype);
+* where the entries sit, whichever is smaller for that tensor:
+  ``<name>::mask`` — a packed bitmask (1 bit per parameter, little bit order, as ``numpy.packbits(...,
+  bitorder='little')``), or ``<name>::gaps`` — LEB128 varints of the gaps between kept flat indices (about
+  8–12 bits per *kept* entry, so it wins below roughly 10% density); no index tensor when every entry is kept;
+* ``<name>::fix_idx`` / ``<name>::fix_val`` — the rare kept entries where ``base + value`` would not round back to
+  the fine-tuned value in its own dtype, stored exactly; this is what makes density 1.0 bit-for-bit lossless;
+* ``<name>::full`` — tensors carried whole (non-float buffers, resized vocab, new heads; see ``tensor_rule``).
+
+``__metadata__`` holds ``compress.format = delta/1``, the base and fine-tuned paths, method, density, seed and a
+JSON table of every tensor's shape, output dtype and encoding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compress.errors import CompressError
+from compress.io.reader import SAFETENSORS_DTYPES, DTYPE_CODES, Checkpoint, SafetensorsFile, TensorInfo
+from compress.sparsify import sparsify
+from compress.taskvec import CheckpointDelta, TaskVector, compute_dtype
+
+FORMAT = "delta/1"
+
+
+# -- pure encoders ------------------------------------------------------------------------------------
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool mask → uint8, 8 entries a byte, little bit order."""
+    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy(), bitorder="little"))
+
+
+def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    bits = np.unpackbits(packed.cpu().numpy(), count=numel, bitorder="little")
+    return torch.from_numpy(bits.astype(bool))
+
+
+def encode_gaps(idx: torch.Tensor) -> torch.Tensor:
+    """Sorted flat indices → LEB128 varints of (gap − 1), so runs of consecutive entries cost one zero byte each."""
+    gaps = np.diff(idx.cpu().numpy().astype(np.int64), prepend=-1) - 1
+    gaps = gaps.astype(np.uint64)
+    nbytes = np.ones(gaps.shape, dtype=np.int64)
+    for k in range(1, 10):
+        nbytes += gaps >= np.uint64(1 << (7 * k))
+    starts = np.cumsum(nbytes) - nbytes
+    out = np.zeros(int(nbytes.sum()), dtype=np.uint8)
+    for k in range(int(nbytes.max(initial=0))):
+        sel = nbytes > k
+        byte = (gaps[sel] >> np.uint64(7 * k)) & np.uint64(0x7F)
+        more = (nbytes[sel] > k + 1).astype(np.uint64) << np.uint64(7)
+        out[starts[sel] + k] = (byte | more).astype(np.uint8)
+    return torch.from_numpy(out)
+
+
+def decode_gaps(buf: torch.Tensor) -> torch.Tensor:
+    b = buf.cpu().numpy().astype(np.uint64)
+    if b.size == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    last = (b & np.uint64(0x80)) == 0
+    element = np.concatenate([[0], np.cumsum(last)[:-1]]).astype(np.int64)
+    first_of = np.concatenate([[0], np.flatnonzero(last)[:-1] + 1])
+    shift = (np.arange(b.size) - first_of[element]).astype(np.uint64) * np.uint64(7)
+    gaps = np.zeros(int(last.sum()), dtype=np.uint64)
+    np.add.at(gaps, element, (b & np.uint64(0x7F)) << shift)
+    return torch.from_numpy((np.cumsum(gaps.astype(np.int64) + 1) - 1).astype(np.int64))
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise bit equality (so -0.0 vs 0.0 counts as a difference)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.view(ints) == b.view(ints)
+
+
+def reconstruct(base: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """base + delta computed in float32 (float64 for float64 outputs), rounded to ``out_dtype``."""
+    ct = compute_dtype(out_dtype, base.dtype)
+    return (base.to(ct) + delta.to(ct)).to(out_dtype)
+
+
+def encode_tensor(name: str, delta: torch.Tensor, mask: torch.Tensor, value_dtype: torch.dtype,
+                  base: torch.Tensor, target: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+    """One tensor's entries for the file, and its row in the metadata table.
+
+    ``target`` is what ``apply`` must give at kept positions (the fine-tuned tensor); kept entries where
+    ``reconstruct`` would miss it by rounding are stored exactly as fix-ups.
+    """
+    flat_mask = mask.reshape(-1)
+    idx = torch.nonzero(flat_mask).reshape(-1)
+    numel = flat_mask.numel()
+    values = delta.reshape(-1)[idx].to(value_dtype)
+    out: dict[str, torch.Tensor] = {f"{name}::values": values.cpu()}
+    if idx.numel() == numel:
+        encoding = "dense"
+    else:
+        gaps = encode_gaps(idx)
+        if gaps.numel() < math.ceil(numel / 8):
+            encoding, out[f"{name}::gaps"] = "gaps", gaps
+        else:
+            encoding, out[f"{name}::mask"] = "mask", pack_mask(flat_mask)
+    got = reconstruct(base.reshape(-1)[idx], values, target.dtype)
+    want = target.reshape(-1)[idx]
+    bad = ~_bits_equal(got, want)
+    nfix = int(bad.sum())
+    if nfix:
+        out[f"{name}::fix_idx"] = idx[bad].cpu()
+        out[f"{name}::fix_val"] = want[bad].cpu()
+    row = {"shape": list(delta.shape), "dtype": DTYPE_CODES[target.dtype], "encoding": encoding,
+           "nnz": int(idx.numel()), "fixups": nfix}
+    return out, row
+
+
+def decode_tensor(row: dict, entries: dict[str, torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of ``encode_tensor``: the tensor ``apply`` writes."""
+    shape, out_dtype = tuple(row["shape"]), SAFETENSORS_DTYPES[row["dtype"]]
+    if row["encoding"] == "full":
+        return entries["full"].reshape(shape)
+    numel = math.prod(shape)
+    values = entries["values"]
+    if row["encoding"] == "dense":
+        idx = None
+    elif row["encoding"] == "mask":
+        idx = torch.nonzero(unpack_mask(entries["mask"], numel)).reshape(-1)
+    else:
+        idx = decode_gaps(entries["gaps"])
+    ct = compute_dtype(out_dtype, base.dtype)
+    dense = torch.zeros(numel, dtype=ct, device=base.device)
+    if idx is None:
+        dense += values.to(device=base.device, dtype=ct)
+    else:
+        dense[idx.to(base.device)] = values.to(device=base.device, dtype=ct)
+    out = reconstruct(base.reshape(-1), dense, out_dtype)
+    if "fix_idx" in entries:
+        out[entries["fix_idx"].to(base.device)] = entries["fix_val"].to(base.device)
+    return out.reshape(shape)
+
+
+# -- files --------------------------------------------------------------------------------------------
+@dataclass
+class DeltaSummary:
+    path: Path
+    tensors: int
+    params: int
+    kept: int
+    fixups: int
+    carried: int
+    file_bytes: int
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.file_bytes / max(self.params, 1)
+
+
+def extract_delta(base: Checkpoint, tv: TaskVector, out: str | os.PathLike, *, density: float = 1.0,
+                  method: str = "magnitude", seed: int = 0, value_dtype: torch.dtype | None = None,
+                  device: str = "cpu", overwrite: bool = False, quiet: bool | None = None,
+                  extra_metadata: dict[str, str] | None = None) -> DeltaSummary:
+    """Sparsify ``tv`` tensor by tensor and write the kept entries to ``out`` (atomically)."""
+    from compress.io.writer import SafetensorsStreamWriter, atomic_file
+    from compress.progress import track
+
+    single = tv.terms[0][1] if len(tv.terms) == 1 else None
+    exact_ft = single.ft if isinstance(single, CheckpointDelta) and tv.terms[0][0] == 1.0 else None
+    table: dict[str, dict] = {}
+    kept = params = fixups = 0
+    carried = tv.carried()
+    meta = {"compress.format": FORMAT, "base": str(base.path), "method": method, "density": repr(density),
+            "seed": str(seed), **(extra_metadata or {})}
+    with atomic_file(out, overwrite) as tmp:
+        writer = SafetensorsStreamWriter(tmp)
+        try:
+            for name in track(tv.names() + list(carried), "extract", quiet=quiet):
+                if name in carried:
+                    full = carried[name].full(name)
+                    writer.add(f"{name}::full", full)
+                    table[name] = {"shape": list(full.shape), "dtype": DTYPE_CODES[full.dtype], "encoding": "full"}
+                    continue
+                d = tv.get(name, device=device)
+                b = base.get(name, device=device)
+                out_dtype = tv.info(name).dtype
+                target = exact_ft.get(name, device=device) if exact_ft is not None else reconstruct(b, d, out_dtype)
+                mask = sparsify(d, density, method, seed=seed, name=name)
+                entries, row = encode_tensor(name, d, mask, value_dtype or out_dtype, b, target)
+                for k, v in entries.items():
+                    writer.add(k, v)
+                table[name] = row
+                kept += row["nnz"]
+                params += d.numel()
+                fixups += row["fixups"]
+            writer.metadata.update(meta)
+            writer.metadata["tensors"] = json.dumps(table, separators=(",", ":"))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+    return DeltaSummary(Path(out), len(table), params, kept, fixups, len(carried), os.path.getsize(out))
+
+
+class DeltaFile:
+    """A compact delta file opened lazily; also a task-vector source (``names``/``info``/``get``)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CompressError(f"{self.path}: no such delta file")
+        self._file = SafetensorsFile(self.path)
+        self.metadata = self._file.metadata
+        if self.metadata.get("compress.format") != FORMAT:
+            raise CompressError(f"{self.path}: not a compress delta file (no compress.format={FORMAT} metadata)")
+        self.table: dict[str, dict] = json.loads(self.metadata["tensors"])
+
+    def _entries(self, name: str) -> dict[str, torch.Tensor]:
+        return {k: self._file.read(f"{name}::{k}") for k in ("values", "mask", "gaps", "fix_idx", "fix_val", "full")
+                if f"{name}::{k}" in self._file.infos}
+
+    def names(self) -> list[str]:
+        return [n for n, r in self.table.items() if r["encoding"] != "full"]
+
+    def carried(self) -> list[str]:
+        return [n for n, r in self.table.items() if r["encoding"] == "full"]
+
+    def info(self, name: str) -> TensorInfo:
+        r = self.table[name]
+        return TensorInfo(name, tuple(r["shape"]), SAFETENSORS_DTYPES[r["dtype"]], self.path)
+
+    def full(self, name: str, *, device=None) -> torch.Tensor:
+        return self._file.read(f"{name}::full").to(device or "cpu")
+
+    def get(self, name: str, *, device=None, dtype=None) -> torch.Tensor:
+        """The dense delta (zeros where dropped), in float32 unless ``dtype`` says otherwise."""
+        r = self.table[name]
+        zero = torch.zeros(r["shape"], dtype=dtype or torch.float32, device=device or "cpu")
+        e = self._entries(name)
+        e.pop("fix_idx", None), e.pop("fix_val", None)  # fix-ups are exact values, not deltas
+        return decode_tensor({**r, "dtype": DTYPE_CODES[zero.dtype]}, e, zero)
+
+    def rebuild(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        """The tensor ``apply`` writes for ``name`` given the base tensor (exact at kept entries)."""
+        return decode_tensor(self.table[name], self._entries(name), base)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def apply_delta(base: Checkpoint, delta: DeltaFile, out: str | os.PathLike, *, device: str = "cpu",
+                dtype: torch.dtype | None = None, shard_size: int | str = "5GB", overwrite: bool = False,
+                aux_from: str | os.PathLike | None = None, quiet: bool | None = None) -> Path:
+    """Rebuild the fine-tuned model from ``base`` and a delta file as a Hugging Face folder."""
+    from compress.io.writer import ShardedWriter, atomic_dir, copy_aux, write_model_card
+    from compress.progress import track
+
+    for name, row in delta.table.items():
+        if row["encoding"] != "full":
+            if name not in base:
+                raise CompressError(f"{delta.path}: tensor '{name}' is not in the base {base.path}; "
+                                    "is this the base the delta was extracted from?")
+            if tuple(base.info(name).shape) != tuple(row["shape"]):
+                raise CompressError(f"{delta.path}: tensor '{name}' has shape {row['shape']} but "
+                                    f"{list(base.info(name).shape)} in the base {base.path}")
+    order = [n for n in delta.table] + [n for n in base.names() if n not in delta.table]
+    with atomic_dir(out, overwrite) as tmp:
+        writer = ShardedWriter(tmp, shard_size)
+        for name in track(order, "apply", quiet=quiet):
+            if name not in delta.table:
+                # in the base only: extract refuses that case, but a delta written by another tool may omit it
+                t = base.get(name, device=device)
+            elif delta.table[name]["encoding"] == "full":
+                t = delta.full(name, device=device)
+            else:
+                t = delta.rebuild(name, base.get(name, device=device))
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            writer.add(name, t)
+        writer.close()
+        copy_aux(aux_from if aux_from is not None else base.root, tmp)
+        write_model_card(tmp, "Model rebuilt from a compact delta", "compress apply",
+                         {"base": str(base.path), "delta": str(delta.path)},
+                         {k: delta.metadata.get(k) for k in ("finetuned", "method", "density", "seed")})
+    return Path(out)

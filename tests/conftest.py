@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random Hugging Face models built here, never downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("COMPRESS_QUIET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tiny_llama_config(**kw):
+    from transformers import LlamaConfig
+
+    cfg = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    cfg.update(kw)
+    return LlamaConfig(**cfg)
+
+
+def save_llama(path: Path, seed: int, dtype=torch.float32, **kw) -> Path:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**kw)).to(dtype)
+    model.save_pretrained(path)
+    return path
+
+
+def finetune_like(base: Path, out: Path, scale: float = 0.01, seed: int = 1, dtype=None) -> Path:
+    """A 'fine-tuned' copy of ``base``: every float weight moved by a small random delta."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama_pair(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("llama")
+    base = save_llama(root / "base", seed=0)
+    ft = finetune_like(base, root / "ft")
+    return base, ft
+
+
+@pytest.fixture(scope="session")
+def llama_pair_bf16(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("llama_bf16")
+    base = save_llama(root / "base", seed=0, dtype=torch.bfloat16)
+    ft = finetune_like(base, root / "ft", dtype=torch.bfloat16)
+    return base, ft
+
+
+def run_cli(*args: str):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from compress.cli import main
+
+    o, e = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as ex:
+            code = ex.code if isinstance(ex.code, int) else 1
+    return code, o.getvalue(), e.getvalue()
