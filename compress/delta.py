@@ -7,8 +7,9 @@ Format (a plain safetensors file, readable by any safetensors reader):
   ``<name>::mask`` — a packed bitmask (1 bit per parameter, little bit order, as ``numpy.packbits(...,
   bitorder='little')``), or ``<name>::gaps`` — LEB128 varints of the gaps between kept flat indices (about
   8–12 bits per *kept* entry, so it wins below roughly 10% density); no index tensor when every entry is kept;
-* ``<name>::fix_idx`` / ``<name>::fix_val`` — the rare kept entries where ``base + value`` would not round back to
-  the fine-tuned value in its own dtype, stored exactly; this is what makes density 1.0 bit-for-bit lossless;
+* ``<name>::fix_idx`` / ``<name>::fix_val`` — the rare kept entries where no stored value makes ``base + value``
+  round back to the fine-tuned value in its own dtype (|τ| much larger than the weight), as varint gaps and exact
+  values; with the one-step nudge of ``_exact_values`` this makes density 1.0 bit-for-bit lossless;
 * ``<name>::full`` — tensors carried whole (non-float buffers, resized vocab, new heads; see ``tensor_rule``).
 
 ``__metadata__`` holds ``compress.format = delta/1``, the base and fine-tuned paths, method, density, seed and a
@@ -81,6 +82,26 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.view(ints) == b.view(ints)
 
 
+def _exact_values(base: torch.Tensor, values: torch.Tensor, want: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nudge each rounded value by at most one step of its dtype so that ``reconstruct`` hits ``want`` bit for bit.
+
+    Rounding τ to the value dtype can move base + τ across a rounding boundary of the output dtype; whenever
+    |τ| is not much larger than the weight itself, one of the rounded value's two neighbours lands exactly.
+    Returns the values and the mask of entries no neighbour fixes (stored as exact fix-ups).
+    """
+    bad = ~_bits_equal(reconstruct(base, values, want.dtype), want)
+    if not bool(bad.any()):
+        return values, bad
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
+    for step in (1, -1):
+        cand = (values[bad].view(ints) + step).view(values.dtype)
+        ok = _bits_equal(reconstruct(base[bad], cand, want.dtype), want[bad]) & torch.isfinite(cand)
+        where = torch.nonzero(bad).reshape(-1)[ok]
+        values[where] = cand[ok]
+        bad[where] = False
+    return values, bad
+
+
 def reconstruct(base: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """base + delta computed in float32 (float64 for float64 outputs), rounded to ``out_dtype``."""
     ct = compute_dtype(out_dtype, base.dtype)
@@ -88,11 +109,13 @@ def reconstruct(base: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype)
 
 
 def encode_tensor(name: str, delta: torch.Tensor, mask: torch.Tensor, value_dtype: torch.dtype,
-                  base: torch.Tensor, target: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
+                  base: torch.Tensor, target: torch.Tensor, exact: bool = True
+                  ) -> tuple[dict[str, torch.Tensor], dict]:
     """One tensor's entries for the file, and its row in the metadata table.
 
     ``target`` is what ``apply`` must give at kept positions (the fine-tuned tensor); kept entries where
-    ``reconstruct`` would miss it by rounding are stored exactly as fix-ups.
+    ``reconstruct`` would miss it by rounding are stored exactly as fix-ups. ``exact=False`` (values stored at a
+    lower precision than the output, on request) skips that: the user asked for a lossy file.
     """
     flat_mask = mask.reshape(-1)
     idx = torch.nonzero(flat_mask).reshape(-1)
@@ -107,12 +130,15 @@ def encode_tensor(name: str, delta: torch.Tensor, mask: torch.Tensor, value_dtyp
             encoding, out[f"{name}::gaps"] = "gaps", gaps
         else:
             encoding, out[f"{name}::mask"] = "mask", pack_mask(flat_mask)
-    got = reconstruct(base.reshape(-1)[idx], values, target.dtype)
-    want = target.reshape(-1)[idx]
-    bad = ~_bits_equal(got, want)
+    b, want = base.reshape(-1)[idx], target.reshape(-1)[idx]
+    if exact:
+        values, bad = _exact_values(b, values, want)
+    else:
+        bad = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    out[f"{name}::values"] = values.cpu()
     nfix = int(bad.sum())
     if nfix:
-        out[f"{name}::fix_idx"] = idx[bad].cpu()
+        out[f"{name}::fix_idx"] = encode_gaps(idx[bad])
         out[f"{name}::fix_val"] = want[bad].cpu()
     row = {"shape": list(delta.shape), "dtype": DTYPE_CODES[target.dtype], "encoding": encoding,
            "nnz": int(idx.numel()), "fixups": nfix}
@@ -140,7 +166,7 @@ def decode_tensor(row: dict, entries: dict[str, torch.Tensor], base: torch.Tenso
         dense[idx.to(base.device)] = values.to(device=base.device, dtype=ct)
     out = reconstruct(base.reshape(-1), dense, out_dtype)
     if "fix_idx" in entries:
-        out[entries["fix_idx"].to(base.device)] = entries["fix_val"].to(base.device)
+        out[decode_gaps(entries["fix_idx"]).to(base.device)] = entries["fix_val"].to(base.device)
     return out.reshape(shape)
 
 
@@ -189,7 +215,8 @@ def extract_delta(base: Checkpoint, tv: TaskVector, out: str | os.PathLike, *, d
                 out_dtype = tv.info(name).dtype
                 target = exact_ft.get(name, device=device) if exact_ft is not None else reconstruct(b, d, out_dtype)
                 mask = sparsify(d, density, method, seed=seed, name=name)
-                entries, row = encode_tensor(name, d, mask, value_dtype or out_dtype, b, target)
+                vdt = value_dtype or out_dtype
+                entries, row = encode_tensor(name, d, mask, vdt, b, target, exact=vdt == out_dtype)
                 for k, v in entries.items():
                     writer.add(k, v)
                 table[name] = row
