@@ -157,23 +157,19 @@ def extract_lora(
                 dtype=dtype, extra=extra, device=device, overwrite=overwrite, quiet=quiet)
     check_output(cfg.out, cfg.overwrite)
     dev = resolve_device(cfg.device)
-    tv = TaskVector.from_paths(open_checkpoint(cfg.base), cfg.finetuned, extra=cfg.extra)
-    deltas = ((name, tv.get(name, device=dev)) for name in tv.names())
-    summary = write_lora_adapter(deltas, cfg.out, cfg.rank, str(cfg.base.resolve()), dtype=torch_dtype(cfg.dtype),
-                                 overwrite=cfg.overwrite, targets_regex=cfg.targets, progress=not cfg.quiet)
-    out.print(f"wrote {cfg.out}: " + ", ".join(f"{k}={v}" for k, v in _lora_summary_line(summary).items()))
-
-
-def _lora_summary_line(summary: dict) -> dict:
-    line = {}
-    for k, v in summary.items():
-        if isinstance(v, (list, dict)):
-            line[k] = len(v)
-        elif isinstance(v, float):
-            line[k] = f"{v:.4g}"
-        else:
-            line[k] = v
-    return line
+    base_ck = open_checkpoint(cfg.base)
+    tv = TaskVector.from_paths(base_ck, cfg.finetuned, extra=cfg.extra)
+    names = tv.names()
+    deltas = ((name, tv.get(name, device=dev)) for name in names)
+    # GPT-2 style Conv1D stores weights as [in, out]; PEFT then expects fan_in_fan_out adapters
+    conv1d = (base_ck.config or {}).get("model_type") in ("gpt2", "gpt_bigcode")
+    s = write_lora_adapter(deltas, cfg.out, cfg.rank, str(cfg.base.resolve()), dtype=torch_dtype(cfg.dtype),
+                           overwrite=cfg.overwrite, targets_regex=cfg.targets, fan_in_fan_out=conv1d,
+                           total=len(names), progress=not cfg.quiet)
+    worst = max((c["rel_error"] for c in s["covered"].values()), default=0.0)
+    out.print(f"wrote {cfg.out}: rank {s['r']}, {len(s['covered'])} matrices ({s['covered_params']:,} parameters "
+              f"of task vector) as {s['lora_params']:,} LoRA parameters; worst relative error {worst:.4g}; "
+              f"skipped {len(s['skipped'])} tensors ({s['skipped_params']:,} parameters: biases, norms, embeddings)")
 
 
 @app.command("convert-llama2c")

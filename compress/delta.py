@@ -118,30 +118,34 @@ def encode_tensor(name: str, delta: torch.Tensor, mask: torch.Tensor, value_dtyp
     lower precision than the output, on request) skips that: the user asked for a lossy file.
     """
     flat_mask = mask.reshape(-1)
-    idx = torch.nonzero(flat_mask).reshape(-1)
     numel = flat_mask.numel()
-    values = delta.reshape(-1)[idx].to(value_dtype)
-    out: dict[str, torch.Tensor] = {f"{name}::values": values.cpu()}
-    if idx.numel() == numel:
-        encoding = "dense"
+    out: dict[str, torch.Tensor] = {}
+    if bool(flat_mask.all()):
+        # every entry kept: no index tensor, and no gathered copies of delta/base/target (memory: see bench)
+        encoding, idx = "dense", None
+        values = delta.reshape(-1).to(value_dtype)  # may alias delta, which is not used after this
+        b, want = base.reshape(-1), target.reshape(-1)
     else:
+        idx = torch.nonzero(flat_mask).reshape(-1)
+        values = delta.reshape(-1)[idx].to(value_dtype)
+        b, want = base.reshape(-1)[idx], target.reshape(-1)[idx]
         gaps = encode_gaps(idx)
         if gaps.numel() < math.ceil(numel / 8):
             encoding, out[f"{name}::gaps"] = "gaps", gaps
         else:
             encoding, out[f"{name}::mask"] = "mask", pack_mask(flat_mask)
-    b, want = base.reshape(-1)[idx], target.reshape(-1)[idx]
     if exact:
         values, bad = _exact_values(b, values, want)
     else:
         bad = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
-    out[f"{name}::values"] = values.cpu()
+    out = {f"{name}::values": values.cpu(), **out}
     nfix = int(bad.sum())
     if nfix:
-        out[f"{name}::fix_idx"] = encode_gaps(idx[bad])
+        where = torch.nonzero(bad).reshape(-1)
+        out[f"{name}::fix_idx"] = encode_gaps(where if idx is None else idx[where])
         out[f"{name}::fix_val"] = want[bad].cpu()
     row = {"shape": list(delta.shape), "dtype": DTYPE_CODES[target.dtype], "encoding": encoding,
-           "nnz": int(idx.numel()), "fixups": nfix}
+           "nnz": numel if idx is None else int(idx.numel()), "fixups": nfix}
     return out, row
 
 
@@ -210,10 +214,16 @@ def extract_delta(base: Checkpoint, tv: TaskVector, out: str | os.PathLike, *, d
                     writer.add(f"{name}::full", full)
                     table[name] = {"shape": list(full.shape), "dtype": DTYPE_CODES[full.dtype], "encoding": "full"}
                     continue
-                d = tv.get(name, device=device)
                 b = base.get(name, device=device)
                 out_dtype = tv.info(name).dtype
-                target = exact_ft.get(name, device=device) if exact_ft is not None else reconstruct(b, d, out_dtype)
+                if exact_ft is not None:
+                    # read each input once: τ from the same tensors the exactness check compares against
+                    target = exact_ft.get(name, device=device)
+                    ct = compute_dtype(b.dtype, target.dtype)
+                    d = target.to(ct) - b.to(ct)
+                else:
+                    d = tv.get(name, device=device)
+                    target = reconstruct(b, d, out_dtype)
                 mask = sparsify(d, density, method, seed=seed, name=name)
                 vdt = value_dtype or out_dtype
                 entries, row = encode_tensor(name, d, mask, vdt, b, target, exact=vdt == out_dtype)

@@ -1,0 +1,1 @@
+"""Benchmarks that print what they measure and save it as JSON and markdown (``compress bench ...``)."""
