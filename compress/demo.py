@@ -58,6 +58,9 @@ def _md_table(rows: list[dict], cols: list[str]) -> str:
 
 def run_demo(workdir: str | Path = "checkpoints/demo", *, steps: int = 150, density: float = 0.1,
              lam: float = 1.0, device: str = "cpu", quiet: bool = False) -> dict:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load would drown the demo's own output
     t0 = time.time()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -99,12 +102,12 @@ def run_demo(workdir: str | Path = "checkpoints/demo", *, steps: int = 150, dens
         deltas[domain] = delta
         rebuilt = workdir / f"ft-{domain}-d{density}"
         apply_delta(base_ck, DeltaFile(delta), rebuilt, device=device, overwrite=True, quiet=quiet)
-        models[f"ft-{domain} pruned d={density}"] = (rebuilt, f"{s.file_bytes:,} B delta")
+        models[f"ft-{domain} d={density}"] = (rebuilt, f"{s.file_bytes:,} B delta")
 
     dense_tv = sum((TaskVector.from_paths(base_ck, ft) for ft in finetuned.values()), TaskVector([]))
     sparse_tv = TaskVector([(1.0, DeltaFile(d)) for d in deltas.values()])
-    for label, tv, scale in (("merge dense (task arithmetic, λ=0.5)", dense_tv, 0.5),
-                             (f"merge pruned d={density} (task arithmetic, λ={lam})", sparse_tv, lam)):
+    # task arithmetic: θ_base + λ·Σ τ_i; dense τ overlap, so they share λ = 0.5; pruned ones mostly do not
+    for label, tv, scale in (("merge dense λ=0.5", dense_tv, 0.5), (f"merge pruned d={density} λ={lam}", sparse_tv, lam)):
         out = workdir / ("merge-dense" if "dense" in label else f"merge-pruned-d{density}")
         tv.apply(base_ck, out, scale=scale, device=device, overwrite=True, quiet=quiet,
                  card={"title": label, "method": "task arithmetic",
