@@ -48,7 +48,8 @@ def test_sparse_round_trip_keeps_exact_values_and_reverts_the_rest(llama_pair_bf
         tau = ftt.float() - bt.float()
         k = max(1, round(0.2 * tau.numel()))
         top = torch.zeros(tau.numel(), dtype=torch.bool)
-        top[torch.topk(tau.abs().reshape(-1), k).indices] = True
+        # reference top-k: largest |τ| first, ties to the lowest flat index (a stable sort)
+        top[torch.sort(-tau.abs().reshape(-1), stable=True).indices[:k]] = True
         top = top.reshape(tau.shape)
         # kept entries are the fine-tuned weights exactly, dropped ones are the base weights exactly
         assert torch.equal(rt[top], ftt[top]), n
