@@ -215,6 +215,18 @@ def bench_io_memory(
     run(size_gb=size_gb, workdir=workdir, results=results)
 
 
+@bench_app.command("devices")
+def bench_devices(
+    size_gb: float = typer.Option(0.5, help="Size of each random checkpoint."),
+    results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON and markdown results go."),
+    device: str = typer.Option("cuda", help="The device compared with the CPU."),
+):
+    """extract / apply / extract-lora on the CPU and on the GPU: same outputs? how much faster?"""
+    from compress.bench.devices import run
+
+    run(size_gb=size_gb, results=results, device=resolve_device(device))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input → one line on stderr and exit code 2; never a traceback for the user's mistake."""
     cmd = typer.main.get_command(app)

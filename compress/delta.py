@@ -108,34 +108,44 @@ def reconstruct(base: torch.Tensor, delta: torch.Tensor, out_dtype: torch.dtype)
     return (base.to(ct) + delta.to(ct)).to(out_dtype)
 
 
-def encode_tensor(name: str, delta: torch.Tensor, mask: torch.Tensor, value_dtype: torch.dtype,
-                  base: torch.Tensor, target: torch.Tensor, exact: bool = True
-                  ) -> tuple[dict[str, torch.Tensor], dict]:
-    """One tensor's entries for the file, and its row in the metadata table.
+def gather_kept(delta: torch.Tensor, mask: torch.Tensor, base: torch.Tensor, target: torch.Tensor,
+                value_dtype: torch.dtype):
+    """(flat kept indices or None when all are kept, values, base and target at those entries).
 
-    ``target`` is what ``apply`` must give at kept positions (the fine-tuned tensor); kept entries where
-    ``reconstruct`` would miss it by rounding are stored exactly as fix-ups. ``exact=False`` (values stored at a
-    lower precision than the output, on request) skips that: the user asked for a lossy file.
+    Split from ``encode_tensor`` so the caller can drop the full tensors before encoding (peak memory).
     """
     flat_mask = mask.reshape(-1)
-    numel = flat_mask.numel()
-    out: dict[str, torch.Tensor] = {}
     if bool(flat_mask.all()):
-        # every entry kept: no index tensor, and no gathered copies of delta/base/target (memory: see bench)
-        encoding, idx = "dense", None
-        values = delta.reshape(-1).to(value_dtype)  # may alias delta, which is not used after this
-        b, want = base.reshape(-1), target.reshape(-1)
+        # no index tensor and no gathered copies; ``values`` may alias ``delta``, which is not used afterwards
+        return None, delta.reshape(-1).to(value_dtype), base.reshape(-1), target.reshape(-1)
+    idx = torch.nonzero(flat_mask).reshape(-1)
+    return idx, delta.reshape(-1)[idx].to(value_dtype), base.reshape(-1)[idx], target.reshape(-1)[idx]
+
+
+def encode_tensor(name: str, shape: tuple[int, ...], idx: torch.Tensor | None, values: torch.Tensor,
+                  base: torch.Tensor, target: torch.Tensor, exact: bool = True
+                  ) -> tuple[dict[str, torch.Tensor], dict]:
+    """One tensor's entries for the file, and its row in the metadata table, from ``gather_kept``'s output.
+
+    ``target`` is what ``apply`` must give at kept positions (the fine-tuned values); kept entries where
+    ``reconstruct`` would miss it by rounding are nudged or stored exactly as fix-ups. ``exact=False`` (values
+    stored at a lower precision than the output, on request) skips that: the user asked for a lossy file.
+    """
+    numel = math.prod(shape)
+    out: dict[str, torch.Tensor] = {}
+    if idx is None:
+        encoding = "dense"
     else:
-        idx = torch.nonzero(flat_mask).reshape(-1)
-        values = delta.reshape(-1)[idx].to(value_dtype)
-        b, want = base.reshape(-1)[idx], target.reshape(-1)[idx]
         gaps = encode_gaps(idx)
         if gaps.numel() < math.ceil(numel / 8):
             encoding, out[f"{name}::gaps"] = "gaps", gaps
         else:
-            encoding, out[f"{name}::mask"] = "mask", pack_mask(flat_mask)
+            del gaps
+            mask = torch.zeros(numel, dtype=torch.bool)
+            mask[idx.cpu()] = True
+            encoding, out[f"{name}::mask"] = "mask", pack_mask(mask)
     if exact:
-        values, bad = _exact_values(b, values, want)
+        values, bad = _exact_values(base, values, target)
     else:
         bad = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
     out = {f"{name}::values": values.cpu(), **out}
@@ -143,8 +153,8 @@ def encode_tensor(name: str, delta: torch.Tensor, mask: torch.Tensor, value_dtyp
     if nfix:
         where = torch.nonzero(bad).reshape(-1)
         out[f"{name}::fix_idx"] = encode_gaps(where if idx is None else idx[where])
-        out[f"{name}::fix_val"] = want[bad].cpu()
-    row = {"shape": list(delta.shape), "dtype": DTYPE_CODES[target.dtype], "encoding": encoding,
+        out[f"{name}::fix_val"] = target[bad].cpu()
+    row = {"shape": list(shape), "dtype": DTYPE_CODES[target.dtype], "encoding": encoding,
            "nnz": numel if idx is None else int(idx.numel()), "fixups": nfix}
     return out, row
 
@@ -226,12 +236,16 @@ def extract_delta(base: Checkpoint, tv: TaskVector, out: str | os.PathLike, *, d
                     target = reconstruct(b, d, out_dtype)
                 mask = sparsify(d, density, method, seed=seed, name=name)
                 vdt = value_dtype or out_dtype
-                entries, row = encode_tensor(name, d, mask, vdt, b, target, exact=vdt == out_dtype)
+                shape = tuple(d.shape)
+                idx, values, bk, tk = gather_kept(d, mask, b, target, vdt)
+                del d, b, target, mask  # only kept entries live on while encoding
+                entries, row = encode_tensor(name, shape, idx, values, bk, tk, exact=vdt == out_dtype)
+                del idx, values, bk, tk
                 for k, v in entries.items():
                     writer.add(k, v)
                 table[name] = row
                 kept += row["nnz"]
-                params += d.numel()
+                params += math.prod(row["shape"])
                 fixups += row["fixups"]
             writer.metadata.update(meta)
             writer.metadata["tensors"] = json.dumps(table, separators=(",", ":"))
