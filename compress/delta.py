@@ -149,7 +149,7 @@ def encode_tensor(name: str, shape: tuple[int, ...], idx: torch.Tensor | None, v
     else:
         bad = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
     out = {f"{name}::values": values.cpu(), **out}
-    nfix = int(bad.sum())
+    nfix = int(torch.count_nonzero(bad))  # bool.sum() would first cast to int64
     if nfix:
         where = torch.nonzero(bad).reshape(-1)
         out[f"{name}::fix_idx"] = encode_gaps(where if idx is None else idx[where])

@@ -65,7 +65,7 @@ def magnitude_mask(t: torch.Tensor, density: float) -> torch.Tensor:
     bits = a.view(_BITS[a.element_size()])
     thr = magnitude_threshold_bits(a, k)
     mask = bits > thr
-    missing = k - int(mask.sum())
+    missing = k - int(torch.count_nonzero(mask))  # bool.sum() would first cast to int64
     if missing:
         ties = torch.nonzero(bits == thr).reshape(-1)[:missing]
         mask[ties] = True
