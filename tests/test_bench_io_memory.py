@@ -71,3 +71,14 @@ def test_run_small(tmp_path, monkeypatch):
     assert "| case | peak RSS MB | checkpoint size MB | ratio RSS/size | seconds |" in md
     assert md.count("\n| ") == 6  # header + baseline + 4 cases
     assert not work.exists()  # scratch removed, results kept
+
+
+def test_bench_devices_runs_are_reproducible_across_processes(tmp_path):
+    """`bench devices` with the CPU on both sides: every command must give the same output twice."""
+    from compress.bench.devices import run as run_devices
+
+    report = run_devices(size_gb=0.003, results=tmp_path / "res", device="cpu")
+    assert [r["case"] for r in report["rows"]] == ["extract d=1.0", "extract d=0.1", "extract d=0.1 random",
+                                                   "apply d=0.1", "extract-lora r=16"]
+    assert all(r["same_output"] for r in report["rows"]), report["rows"]
+    assert (tmp_path / "res" / "devices.md").read_text().count("| True |") == 5
