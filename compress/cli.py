@@ -75,6 +75,8 @@ def apply_cmd(
     out_path: Path = typer.Option(..., "--out", help="Folder to write (Hugging Face layout)."),
     dtype: Optional[str] = typer.Option(None, help="Cast float tensors of the output (default: as stored)."),
     shard_size: str = typer.Option("5GB", help="Largest shard, e.g. 5GB, 500MB."),
+    config_from: Optional[Path] = typer.Option(None, help="Folder to copy config, generation config and "
+                                                          "tokenizer from (default: the base folder)."),
     device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ):
     """Rebuild a model from a base and a delta file (exact at every kept entry)."""
@@ -83,11 +85,14 @@ def apply_cmd(
     from compress.io.writer import check_output, parse_size
 
     cfg = build(ApplyConfig, base=base, delta=delta, out=out_path, dtype=dtype, shard_size=shard_size,
-                device=device, overwrite=overwrite, quiet=quiet)
+                config_from=config_from, device=device, overwrite=overwrite, quiet=quiet)
     parse_size(cfg.shard_size)
     check_output(cfg.out, cfg.overwrite)
+    if cfg.config_from is not None and not cfg.config_from.is_dir():
+        raise CompressError(f"{cfg.config_from}: --config-from must be a folder holding config.json")
     apply_delta(open_checkpoint(cfg.base), DeltaFile(cfg.delta), cfg.out, device=resolve_device(cfg.device),
-                dtype=torch_dtype(cfg.dtype), shard_size=cfg.shard_size, overwrite=cfg.overwrite, quiet=cfg.quiet)
+                dtype=torch_dtype(cfg.dtype), shard_size=cfg.shard_size, overwrite=cfg.overwrite, quiet=cfg.quiet,
+                aux_from=cfg.config_from)
     out.print(f"wrote {cfg.out}")
 
 

@@ -88,6 +88,7 @@ class ApplyConfig(Compute):
     delta: Path
     out: Path
     shard_size: str = "5GB"
+    config_from: Optional[Path] = None
     overwrite: bool = False
 
 

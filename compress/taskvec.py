@@ -216,6 +216,11 @@ class TaskVector:
                 writer.add(name, t)
             writer.close()
             copy_aux(aux_from if aux_from is not None else base_ckpt.root, tmp)
-            if card is not None:
-                write_model_card(tmp, **card)
+            if card is None:
+                sources = {f"task vector {i + 1} (×{c:g})": str(getattr(s, "ft", s).path if hasattr(s, "ft")
+                                                                  else getattr(s, "path", "?"))
+                           for i, (c, s) in enumerate(self.terms)}
+                card = {"title": "Task-vector model", "method": "task arithmetic, θ_base + scale·Σ c_i τ_i",
+                        "inputs": {"base": str(base_ckpt.path), **sources}, "params": {"scale": scale}}
+            write_model_card(tmp, **card)
         return Path(out)

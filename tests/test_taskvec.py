@@ -57,3 +57,24 @@ def test_console_script_exits_2_on_bad_input(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: {tmp_path / 'x'}: no such file or folder"
+
+
+def test_apply_config_from_and_shards(llama_pair, tmp_path):
+    import json as _json
+
+    base, ft = llama_pair
+    from conftest import run_cli
+
+    run_cli("extract", "--base", base, "--finetuned", ft, "--out", tmp_path / "d.safetensors")
+    other = tmp_path / "cfg"
+    other.mkdir()
+    cfg = _json.loads((ft / "config.json").read_text())
+    cfg["marker"] = "from-finetuned"
+    (other / "config.json").write_text(_json.dumps(cfg))
+    code, _, err = run_cli("apply", "--base", base, "--delta", tmp_path / "d.safetensors", "--out", tmp_path / "rec",
+                           "--config-from", other, "--shard-size", "40KB")
+    assert code == 0, err
+    assert _json.loads((tmp_path / "rec" / "config.json").read_text())["marker"] == "from-finetuned"
+    index = _json.loads((tmp_path / "rec" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert "compress apply" in (tmp_path / "rec" / "README.md").read_text()
