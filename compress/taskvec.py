@@ -217,8 +217,8 @@ class TaskVector:
             writer.close()
             copy_aux(aux_from if aux_from is not None else base_ckpt.root, tmp)
             if card is None:
-                sources = {f"task vector {i + 1} (×{c:g})": str(getattr(s, "ft", s).path if hasattr(s, "ft")
-                                                                  else getattr(s, "path", "?"))
+                # a checkpoint pair names its fine-tuned side; adapters and delta files name themselves
+                sources = {f"task vector {i + 1} (×{c:g})": str(getattr(getattr(s, "ft", s), "path", "?"))
                            for i, (c, s) in enumerate(self.terms)}
                 card = {"title": "Task-vector model", "method": "task arithmetic, θ_base + scale·Σ c_i τ_i",
                         "inputs": {"base": str(base_ckpt.path), **sources}, "params": {"scale": scale}}
