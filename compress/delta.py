@@ -159,26 +159,28 @@ def encode_tensor(name: str, shape: tuple[int, ...], idx: torch.Tensor | None, v
     return out, row
 
 
-def decode_tensor(row: dict, entries: dict[str, torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
-    """Inverse of ``encode_tensor``: the tensor ``apply`` writes."""
-    shape, out_dtype = tuple(row["shape"]), SAFETENSORS_DTYPES[row["dtype"]]
-    if row["encoding"] == "full":
-        return entries["full"].reshape(shape)
-    numel = math.prod(shape)
-    values = entries["values"]
+def decode_delta(row: dict, entries: dict[str, torch.Tensor], device, dtype: torch.dtype) -> torch.Tensor:
+    """The dense, flat delta of one stored tensor (zeros where dropped); fix-ups are not deltas and stay out."""
+    numel = math.prod(row["shape"])
+    values = entries["values"].to(device=device, dtype=dtype)
     if row["encoding"] == "dense":
-        idx = None
-    elif row["encoding"] == "mask":
+        return values
+    if row["encoding"] == "mask":
         idx = torch.nonzero(unpack_mask(entries["mask"], numel)).reshape(-1)
     else:
         idx = decode_gaps(entries["gaps"])
-    ct = compute_dtype(out_dtype, base.dtype)
-    dense = torch.zeros(numel, dtype=ct, device=base.device)
-    if idx is None:
-        dense += values.to(device=base.device, dtype=ct)
-    else:
-        dense[idx.to(base.device)] = values.to(device=base.device, dtype=ct)
-    out = reconstruct(base.reshape(-1), dense, out_dtype)
+    dense = torch.zeros(numel, dtype=dtype, device=device)
+    dense[idx.to(device)] = values
+    return dense
+
+
+def decode_tensor(row: dict, entries: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``encode_tensor``: the tensor ``apply`` writes, exact at every kept entry."""
+    shape, out_dtype = tuple(row["shape"]), SAFETENSORS_DTYPES[row["dtype"]]
+    if row["encoding"] == "full":
+        return entries["full"].reshape(shape)
+    delta = decode_delta(row, entries, base.device, compute_dtype(out_dtype, base.dtype))
+    out = reconstruct(base.reshape(-1), delta, out_dtype)
     if "fix_idx" in entries:
         out[decode_gaps(entries["fix_idx"]).to(base.device)] = entries["fix_val"].to(base.device)
     return out.reshape(shape)
@@ -289,10 +291,12 @@ class DeltaFile:
     def get(self, name: str, *, device=None, dtype=None) -> torch.Tensor:
         """The dense delta (zeros where dropped), in float32 unless ``dtype`` says otherwise."""
         r = self.table[name]
-        zero = torch.zeros(r["shape"], dtype=dtype or torch.float32, device=device or "cpu")
-        e = self._entries(name)
-        e.pop("fix_idx", None), e.pop("fix_val", None)  # fix-ups are exact values, not deltas
-        return decode_tensor({**r, "dtype": DTYPE_CODES[zero.dtype]}, e, zero)
+        flat = decode_delta(r, self._entries(name), device or "cpu", dtype or torch.float32)
+        return flat.reshape(r["shape"])
+
+    def stored_bytes(self, name: str) -> int:
+        """Bytes the file spends on ``name`` (values, positions, fix-ups or the whole tensor)."""
+        return sum(info.nbytes for k, info in self._file.infos.items() if k.startswith(name + "::"))
 
     def rebuild(self, name: str, base: torch.Tensor) -> torch.Tensor:
         """The tensor ``apply`` writes for ``name`` given the base tensor (exact at kept entries)."""

@@ -28,7 +28,7 @@ def inspect_delta(path: Path) -> dict:
     rows, params, kept, dense_bytes, stored = [], 0, 0, 0, 0
     for name, r in d.table.items():
         numel = math.prod(r["shape"])
-        nbytes = sum(d._file.infos[k].nbytes for k in d._file.infos if k.startswith(name + "::"))
+        nbytes = d.stored_bytes(name)
         itemsize = SAFETENSORS_DTYPES[r["dtype"]].itemsize
         if r["encoding"] != "full":
             params += numel
