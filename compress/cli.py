@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from compress.config import (ApplyConfig, ExtractConfig, ExtractLoraConfig, build, resolve_device,
-                             torch_dtype)
+from compress.config import (ApplyConfig, EvalConfig, ExtractConfig, ExtractLoraConfig, ZooBuildConfig, build,
+                             resolve_device, torch_dtype)
 from compress.errors import CompressError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -230,6 +230,136 @@ def bench_devices(
     from compress.bench.devices import run
 
     run(size_gb=size_gb, results=results, device=resolve_device(device))
+
+
+# --- the benchmark zoo ----------------------------------------------------------------------------------------
+
+zoo_app = typer.Typer(no_args_is_help=True, help="The benchmark zoo: real models built by recipe (recipes/zoo).")
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("build")
+def zoo_build(
+    name: str = typer.Argument(..., help="Zoo model to build (see `compress zoo list`)."),
+    out_root: Path = typer.Option(Path("checkpoints/zoo"), help="The model goes to OUT_ROOT/NAME."),
+    recipe: Optional[Path] = typer.Option(None, help="Recipe YAML (default: recipes/zoo/<recipe of NAME>.yml)."),
+    quick: bool = typer.Option(False, help="Merge the recipe's quick: section over it: a small CPU build."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated subset of the recipe's parts "
+                                                   "(minilm-8task: tasks, e.g. sst2,trec)."),
+    device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+):
+    """Build a zoo model from its recipe, atomically, with build.json (accuracy or checks, seconds, device)."""
+    from compress import zoo
+
+    only = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
+    cfg = build(ZooBuildConfig, name=name, out_root=out_root, recipe=recipe, quick=quick, only=only,
+                device=device, overwrite=overwrite, quiet=quiet)
+    zoo.entry(cfg.name)
+    summary = zoo.build(cfg.name, device=resolve_device(cfg.device), quick=cfg.quick, out_root=cfg.out_root,
+                        recipe=cfg.recipe, overwrite=cfg.overwrite, quiet=cfg.quiet, only=cfg.only)
+    if summary.get("table"):
+        print(summary["table"])
+    seconds = f" in {summary['seconds']} s" if "seconds" in summary else ""
+    out.print(f"wrote {cfg.out_root / cfg.name}{seconds}")
+
+
+@zoo_app.command("list")
+def zoo_list(
+    out_root: Path = typer.Option(Path("checkpoints/zoo"), help="Where built models are looked for."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Zoo models: what each is, its recipe, and whether it is built under OUT_ROOT."""
+    from compress import zoo
+
+    rows = []
+    for e in zoo.ZOO.values():
+        folder = out_root / e.name
+        built = None
+        if (folder / "build.json").is_file():
+            try:
+                built = "quick" if json.loads((folder / "build.json").read_text()).get("quick") else "full"
+            except (OSError, ValueError):
+                built = "unreadable build.json"
+        rows.append({"name": e.name, "description": e.description, "recipe": str(zoo.recipes_dir() / e.recipe),
+                     "recipe_exists": (zoo.recipes_dir() / e.recipe).is_file(), "path": str(folder), "built": built})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table(title=f"zoo (built under {out_root})")
+    for col in ("name", "what", "recipe", "built"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], r["description"], Path(r["recipe"]).name + ("" if r["recipe_exists"] else " (missing)"),
+                  r["built"] or "no")
+    out.print(t)
+
+
+# --- evaluation -------------------------------------------------------------------------------------------------
+
+def _eval_task(cfg: EvalConfig) -> tuple[dict, str]:
+    from compress.data import task_info
+    from compress.eval.classify import evaluate
+
+    task_info(cfg.task)  # an unknown task fails here, before any model is loaded
+    res = evaluate(cfg.model, head=cfg.head, task=cfg.task, split=cfg.split, limit=cfg.limit,
+                   batch_size=cfg.batch_size, device=resolve_device(cfg.device), dtype=torch_dtype(cfg.dtype))
+    info = {"evaluator": "task", "model": str(cfg.model), "head": str(cfg.head or cfg.model), "limit": cfg.limit,
+            **res.as_dict()}
+    return info, f"{res.task} {res.split}: accuracy {res.accuracy:.4f} ({res.correct}/{res.n})"
+
+
+def _eval_perplexity(cfg: EvalConfig) -> tuple[dict, str]:
+    from compress.data import corpus_names, corpus_path
+    from compress.eval.classify import hf_quiet
+    from compress.eval.perplexity import load_causal_lm, perplexity
+
+    text = Path(cfg.perplexity)
+    if not text.is_file():
+        if cfg.perplexity not in corpus_names():
+            raise CompressError(f"--perplexity {cfg.perplexity}: neither a file nor a bundled corpus "
+                                f"(corpora: {', '.join(corpus_names())})")
+        text = corpus_path(cfg.perplexity)
+    device = resolve_device(cfg.device)
+    with hf_quiet():
+        model, tok = load_causal_lm(cfg.model, device=device, dtype=torch_dtype(cfg.dtype) or "float32")
+    ppl = perplexity(model, tok, text, seqlen=cfg.seqlen, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
+                     device=device)
+    info = {"evaluator": "perplexity", "model": str(cfg.model), "text": str(text), "seqlen": cfg.seqlen,
+            "max_tokens": cfg.max_tokens, "perplexity": ppl}
+    return info, f"perplexity {ppl:.4f} on {text} (windows of {cfg.seqlen} tokens)"
+
+
+# One function per evaluator flag of `compress eval` (the flag names are EvalConfig fields; see config.EVALUATORS).
+EVALUATOR_RUNNERS = {"task": _eval_task, "perplexity": _eval_perplexity}
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="Model folder: a zoo task folder, an encoder with --head, or a causal "
+                                           "LM for --perplexity."),
+    task: Optional[str] = typer.Option(None, help="Classification accuracy on this task (sst2, trec, subj, "
+                                                  "agnews, cola, mrpc, sick, emotion)."),
+    perplexity: Optional[str] = typer.Option(None, help="Perplexity on a text file (.txt, .txt.gz) or a bundled "
+                                                        "corpus name (wikitext2.test, ptb.test, shakespeare, ...)."),
+    head: Optional[Path] = typer.Option(None, help="--task: the task folder whose head to use (default: MODEL's)."),
+    split: str = typer.Option("test", help="--task: train, dev or test."),
+    limit: Optional[int] = typer.Option(None, help="--task: the first N rows of the split."),
+    seqlen: int = typer.Option(256, help="--perplexity: tokens per window."),
+    max_tokens: Optional[int] = typer.Option(None, help="--perplexity: score the first N tokens only."),
+    batch_size: int = typer.Option(64, help="Rows (--task) or windows (--perplexity) per forward pass."),
+    dtype: Optional[str] = typer.Option(None, help="Load the model in this dtype (default float32)."),
+    device: str = DEVICE,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Evaluate a model with exactly one evaluator: --task (accuracy) or --perplexity."""
+    cfg = build(EvalConfig, model=model, task=task, perplexity=perplexity, head=head, split=split, limit=limit,
+                seqlen=seqlen, max_tokens=max_tokens, batch_size=batch_size, dtype=dtype, device=device)
+    name = next(n for n in EVALUATOR_RUNNERS if getattr(cfg, n) is not None)
+    info, line = EVALUATOR_RUNNERS[name](cfg)
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        out.print(line)
 
 
 def main(argv: list[str] | None = None) -> None:

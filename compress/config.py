@@ -7,10 +7,10 @@ bodies; all validate here, so an error reads the same everywhere (``format_valid
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from compress.errors import CompressError
 
@@ -102,6 +102,161 @@ class ExtractLoraConfig(Compute):
     targets: Optional[str] = None
     extra: Literal["error", "carry"] = "error"
     overwrite: bool = False
+
+
+class ZooBuildConfig(Compute):
+    """`compress zoo build NAME`: build a benchmark model from its recipe into ``out_root/NAME``."""
+
+    name: str
+    out_root: Path = Path("checkpoints/zoo")
+    recipe: Optional[Path] = None
+    quick: bool = False
+    only: Optional[list[str]] = None
+    overwrite: bool = False
+
+
+EVALUATORS = ("task", "perplexity")
+
+
+class EvalConfig(Compute):
+    """`compress eval MODEL`: exactly one evaluator flag (``task``: classification accuracy with a task head;
+    ``perplexity``: a causal LM on a text file or bundled corpus). A new evaluator is one more optional field here,
+    its name in ``EVALUATORS`` and one function in the CLI."""
+
+    model: Path
+    task: Optional[str] = None
+    perplexity: Optional[str] = None
+    head: Optional[Path] = None
+    split: Literal["train", "dev", "test"] = "test"
+    limit: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)
+    seqlen: int = Field(256, ge=2)
+    max_tokens: Optional[int] = Field(None, ge=2)
+
+    @model_validator(mode="after")
+    def _one_evaluator(self):
+        chosen = [name for name in EVALUATORS if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            flags = " or ".join(f"--{n.replace('_', '-')}" for n in EVALUATORS)
+            got = "none" if not chosen else ", ".join(f"--{n.replace('_', '-')}" for n in chosen)
+            raise ValueError(f"choose exactly one evaluator: {flags} (got {got})")
+        if self.head is not None and self.task is None:
+            raise ValueError("--head goes with --task (a classification head for that task)")
+        return self
+
+
+# --- zoo recipes (recipes/zoo/*.yml) --------------------------------------------------------------------------
+
+def _task_name(v: str) -> str:
+    from compress.data import TASKS
+
+    if v not in TASKS:
+        raise ValueError(f"unknown task '{v}' (choose one of {', '.join(TASKS)})")
+    return v
+
+
+TaskName = Annotated[str, AfterValidator(_task_name)]
+
+
+class ClassifierTrain(_Config):
+    """Full fine-tuning of an encoder with a linear head on mean pooling (AdamW, linear warmup then decay)."""
+
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(3e-5, gt=0)
+    head_lr: Optional[float] = Field(None, gt=0, description="learning rate of the head (default: lr)")
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=8, le=512)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    train_limit: Optional[int] = Field(None, ge=1, description="first N training rows (the files are shuffled)")
+
+
+class ClassifierEval(_Config):
+    batch_size: int = Field(256, ge=1)
+    dev_limit: Optional[int] = Field(None, ge=1)
+    test_limit: Optional[int] = Field(None, ge=1)
+
+
+class MiniLMRecipe(_Config):
+    """recipes/zoo/minilm-8task.yml: all-MiniLM-L6-v2 fully fine-tuned per task, one head per task."""
+
+    name: Literal["minilm-8task"]
+    description: str = ""
+    seed: int = 0
+    tasks: list[TaskName] = Field(min_length=1)
+    train: ClassifierTrain = ClassifierTrain()
+    eval: ClassifierEval = ClassifierEval()
+    per_task: dict[TaskName, dict[str, Any]] = Field(default_factory=dict,
+                                                      description="per-task overrides of train fields")
+    targets: dict[TaskName, float] = Field(default_factory=dict, description="test accuracy to reach, in [0, 1]")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError("tasks: a task is listed twice")
+        for task in self.per_task:
+            self.train_for(task)
+        for task, t in self.targets.items():
+            if not 0 <= t <= 1:
+                raise ValueError(f"targets.{task}: {t} is not an accuracy in [0, 1]")
+        return self
+
+    def train_for(self, task: str) -> ClassifierTrain:
+        """``train`` with the task's ``per_task`` overrides applied."""
+        override = self.per_task.get(task)
+        if not override:
+            return self.train
+        try:
+            return ClassifierTrain(**{**self.train.model_dump(), **override})
+        except ValidationError as e:
+            raise ValueError(f"per_task.{task}: {format_validation_error(e)}") from None
+
+
+class Stories260kRecipe(_Config):
+    """recipes/zoo/stories260k.yml: the real llama2.c stories260K converted to a Hugging Face Llama."""
+
+    name: Literal["stories260k"]
+    description: str = ""
+    model_bin: Optional[Path] = Field(None, description="default: <data>/stories260K/stories260K.bin")
+    tokenizer_bin: Optional[Path] = Field(None, description="default: <data>/stories260K/tok512.bin")
+    check_corpus: Optional[str] = Field("shakespeare", description="bundled corpus to report perplexity on")
+    check_max_tokens: int = Field(4096, ge=2)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load_recipe(path: str | Path, cls: type[_Config], quick: bool = False, require_quick: bool = True) -> _Config:
+    """A YAML recipe validated into ``cls``. ``quick=True`` deep-merges the recipe's ``quick:`` section over the
+    rest first (so the quick variant lives in the same file); errors name the file and the field."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CompressError(f"{path}: recipe not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CompressError(f"{path}: cannot read as YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(raw, dict):
+        raise CompressError(f"{path}: a recipe is a YAML mapping of fields")
+    quick_part = raw.pop("quick", None)
+    if quick_part is not None and not isinstance(quick_part, dict):
+        raise CompressError(f"{path}: quick: must be a mapping of fields to override")
+    if quick:
+        if quick_part is None and require_quick:
+            raise CompressError(f"{path}: --quick asked for, but the recipe has no quick: section")
+        raw = _deep_merge(raw, quick_part or {})
+    try:
+        return cls(**raw)
+    except ValidationError as e:
+        where = f"{path} (quick)" if quick else str(path)
+        raise CompressError(f"{where}: {format_validation_error(e)}") from None
 
 
 def format_validation_error(e: ValidationError) -> str:

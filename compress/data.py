@@ -1,12 +1,16 @@
-"""Where the bundled real assets live (``../shared/data``: corpora, llama2.c stories260K) and how to read them.
+"""Where the bundled real assets live (``../shared/data``: corpora, llama2.c stories260K, the eight classification
+tasks) and how to read them.
 
 No hub is reachable, so benchmarks and tests read these files; ``COMPRESS_DATA`` points elsewhere.
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
+import json
 import os
+from functools import lru_cache
 from pathlib import Path
 
 from compress.errors import CompressError
@@ -66,3 +70,78 @@ def stories260k_files() -> tuple[Path, Path]:
         if not f.is_file():
             raise CompressError(f"{f}: missing; the shared data folder should hold stories260K/")
     return files
+
+
+# --- classification tasks (the minilm-8task benchmark) -------------------------------------------------------
+
+TASKS = ("sst2", "trec", "subj", "agnews", "cola", "mrpc", "sick", "emotion")
+SPLITS = ("train", "dev", "test")
+
+
+def task_dir(name: str) -> Path:
+    """``<data>/tasks/<name>``: train/dev/test ``.jsonl.gz`` and ``task.json``."""
+    if name not in TASKS:
+        raise CompressError(f"unknown task '{name}' (choose one of {', '.join(TASKS)})")
+    folder = data_dir() / "tasks" / name
+    if not (folder / "task.json").is_file():
+        raise CompressError(f"{folder}: missing task.json; the shared data folder should hold tasks/{name}/")
+    return folder
+
+
+def _task_info(name: str) -> dict:
+    return _read_task_info(task_dir(name))
+
+
+@lru_cache(maxsize=None)
+def _read_task_info(folder: Path) -> dict:
+    # cached by folder, so pointing COMPRESS_DATA elsewhere reads the other files
+    path = folder / "task.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CompressError(f"{path}: cannot read as JSON ({e})") from None
+    if not isinstance(info.get("labels"), list) or not info["labels"]:
+        raise CompressError(f"{path}: 'labels' must be a non-empty list of label names")
+    return info
+
+
+def task_info(name: str) -> dict:
+    """The task's ``task.json``: ``labels`` (names, index = label id), ``pair`` (text pairs?), ``description``,
+    ``rows`` per split, ``source``."""
+    return copy.deepcopy(_task_info(name))
+
+
+@lru_cache(maxsize=None)
+def _read_split(folder: Path, split: str) -> tuple[dict, ...]:
+    num_labels = len(_read_task_info(folder)["labels"])
+    path = folder / f"{split}.jsonl.gz"
+    rows = []
+    for i, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise CompressError(f"{path}:{i}: not JSON ({e})") from None
+        label, text, pair = row.get("label"), row.get("text"), row.get("text_pair")
+        if not isinstance(text, str) or (pair is not None and not isinstance(pair, str)):
+            raise CompressError(f"{path}:{i}: 'text' (and 'text_pair' when present) must be strings")
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < num_labels:
+            raise CompressError(f"{path}:{i}: label {label!r} is not an integer in [0, {num_labels})")
+        rows.append({"text": text, "text_pair": pair, "label": label} if pair is not None
+                    else {"text": text, "label": label})
+    if not rows:
+        raise CompressError(f"{path}: no rows")
+    return tuple(rows)
+
+
+def load_task(name: str, split: str, limit: int | None = None) -> list[dict]:
+    """Rows ``{"text", ["text_pair"], "label": int}`` of one split, in file order (the files are pre-shuffled, so
+    the first ``limit`` rows are a random sample). Parsed once per process; each call returns fresh dicts."""
+    if limit is not None and limit < 1:
+        raise CompressError(f"limit must be >= 1 (got {limit})")
+    folder = task_dir(name)
+    if split not in SPLITS:
+        raise CompressError(f"unknown split '{split}' (choose one of {', '.join(SPLITS)})")
+    rows = _read_split(folder, split)
+    return [dict(r) for r in rows[:limit]]
