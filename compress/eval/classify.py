@@ -114,6 +114,18 @@ def has_head(folder: str | os.PathLike) -> bool:
     return (Path(folder) / HEAD_WEIGHTS).is_file()
 
 
+def load_heads(zoo_dir: str | os.PathLike, tasks: Optional[list[str]] = None) -> dict[str, Head]:
+    """The heads of a built minilm-8task folder, by task (default: every task folder that holds a head)."""
+    from compress.data import TASKS
+
+    zoo_dir = Path(zoo_dir)
+    if tasks is None:
+        tasks = [t for t in TASKS if has_head(zoo_dir / t)]
+        if not tasks:
+            raise CompressError(f"{zoo_dir}: no task folders with a head (build it: compress zoo build minilm-8task)")
+    return {t: Head.load(zoo_dir / t) for t in tasks}
+
+
 # --- tokenized data and batches -------------------------------------------------------------------------------
 
 @dataclass

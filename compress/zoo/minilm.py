@@ -240,7 +240,7 @@ def build(out_dir: str | Path, *, recipe: str | Path, device: str = "cpu", quick
                              "zoo minilm-8task: full fine-tune, linear head on mean pooling",
                              {"base": "../base", "data": f"tasks/{task} (train split)"}, params.model_dump())
             del encoder
-            target = rec.targets.get(task)
+            target = None if quick else rec.targets.get(task)  # targets are for the full build
             results[task] = {"num_labels": head.num_labels, "labels": head.labels, "pair": task_info(task)["pair"],
                              **stats, "eval_seconds": round(time.perf_counter() - t_eval, 2),
                              "hyperparameters": params.model_dump(), "dev": evals["dev"], "test": evals["test"],

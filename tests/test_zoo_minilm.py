@@ -1,0 +1,209 @@
+"""The minilm-8task zoo model (quick build of two tasks on the real all-MiniLM-L6-v2 and real task data), the
+classification evaluator, `compress zoo` and `compress eval`, and the stories260k zoo builder."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+
+import pytest
+import torch
+
+from compress.config import ClassifierTrain, MiniLMRecipe, load_recipe
+from compress.data import TASKS, load_task, task_dir, task_info
+from compress.errors import CompressError
+from compress.eval.classify import (Head, TaskEvaluator, accuracy, evaluate, load_classifier, load_encoder,
+                                    load_heads, set_encoder_weights)
+from compress.io import open_checkpoint
+from compress.taskvec import TaskVector
+from compress.zoo import default_recipe
+from conftest import run_cli
+
+QUICK_TASKS = ("trec", "subj")
+
+
+@pytest.fixture(scope="session")
+def zoo_quick(tmp_path_factory):
+    """The quick minilm-8task build of two tasks, through the CLI (about half a minute on 2 cores)."""
+    root = tmp_path_factory.mktemp("zoo")
+    code, out, err = run_cli("zoo", "build", "minilm-8task", "--quick", "--tasks", ",".join(QUICK_TASKS),
+                             "--out-root", root)
+    assert code == 0, err
+    assert "| trec |" in out and "wrote" in out
+    return root / "minilm-8task"
+
+
+def _label0_fraction(task: str, split: str, limit: int) -> float:
+    with gzip.open(task_dir(task) / f"{split}.jsonl.gz", "rt", encoding="utf-8") as f:
+        labels = [json.loads(line)["label"] for line in f if line.strip()][:limit]
+    return labels.count(0) / len(labels)
+
+
+def test_quick_build_beats_chance_on_held_out_data(zoo_quick):
+    summary = json.loads((zoo_quick / "build.json").read_text())
+    for task in QUICK_TASKS:
+        test = summary["tasks"][task]["test"]
+        # held-out test rows: well above the majority class (trec: 6 labels, subj: 2)
+        assert test["n"] == 200 and test["accuracy"] > test["majority"] + 0.15, (task, test)
+    # the evaluator reproduces the accuracy the build recorded, from the folder alone
+    got = evaluate(zoo_quick / "trec", split="test", limit=200)
+    assert got.correct == summary["tasks"]["trec"]["test"]["correct"]
+
+
+def test_layout_and_task_vectors(zoo_quick):
+    root = zoo_quick.parent
+    assert sorted(p.name for p in root.iterdir()) == ["minilm-8task"]  # no temporary left beside it
+    assert sorted(p.name for p in zoo_quick.iterdir()) == sorted(["base", *QUICK_TASKS, "build.json", "results.md"])
+    base = open_checkpoint(zoo_quick / "base")
+    for task in QUICK_TASKS:
+        folder = zoo_quick / task
+        ft = open_checkpoint(folder)
+        assert {n: base.info(n).shape for n in base.names()} == {n: ft.info(n).shape for n in ft.names()}
+        for f in ("config.json", "tokenizer.json", "head.safetensors", "head.json", "README.md"):
+            assert (folder / f).is_file(), f
+        head = Head.load(folder)
+        assert head.task == task and head.num_labels == len(task_info(task)["labels"])
+        assert head.hidden_size == 384 and head.pooling == "mean" and head.max_length == 64
+        tv = TaskVector.from_paths(base, folder)
+        assert float(tv.get("pooler.dense.weight").abs().max()) == 0.0  # unused by mean pooling
+        assert float(tv.get("encoder.layer.5.output.dense.weight").abs().max()) > 0
+    assert set(load_heads(zoo_quick)) == set(QUICK_TASKS)
+
+
+def test_build_json(zoo_quick):
+    s = json.loads((zoo_quick / "build.json").read_text())
+    rec = load_recipe(default_recipe("minilm-8task"), MiniLMRecipe, quick=True)
+    assert s["name"] == "minilm-8task" and s["quick"] is True and s["device"] == "cpu"
+    assert s["tasks_built"] == list(QUICK_TASKS) and list(s["tasks"]) == list(QUICK_TASKS)
+    assert s["base"]["params"] == 22_713_216 and s["seconds"] > 0
+    for task in QUICK_TASKS:
+        r = s["tasks"][task]
+        assert r["hyperparameters"] == rec.train.model_dump()
+        assert r["train_rows"] == 192 and r["steps"] == math.ceil(192 / 16) and r["train_seconds"] > 0
+        assert r["dev"]["n"] == 100 and 0 <= r["dev"]["accuracy"] <= 1
+        assert r["target"] is None  # targets belong to the full build
+    assert (zoo_quick / "results.md").read_text().count("\n| ") == 1 + len(QUICK_TASKS)
+
+
+def test_constant_head_known_answer_and_weight_swap(zoo_quick):
+    encoder, tok = load_encoder(zoo_quick / "base")
+    # a head that always says label 0 scores exactly the share of label-0 rows, counted here from the raw file
+    bias = torch.full((6,), -1.0)
+    bias[0] = 1.0
+    always0 = Head(weight=torch.zeros(6, 384), bias=bias, task="trec", labels=[str(i) for i in range(6)],
+                   max_length=64)
+    assert accuracy(encoder, always0, split="dev", limit=150, tokenizer=tok) == pytest.approx(
+        _label0_fraction("trec", "dev", 150), abs=0)
+    # swapping the fine-tuned weights into the base encoder in memory == loading the fine-tuned folder
+    ev = TaskEvaluator("trec", "test", tokenizer=tok, limit=100, max_length=64)
+    clf = load_classifier(zoo_quick / "trec")
+    set_encoder_weights(encoder, open_checkpoint(zoo_quick / "trec"))
+    assert torch.equal(ev.evaluate(encoder, clf.head).predictions, ev.evaluate(clf.encoder, clf.head).predictions)
+    with pytest.raises(CompressError, match="not given"):
+        set_encoder_weights(encoder, {"pooler.dense.bias": torch.zeros(384)})
+    with pytest.raises(CompressError, match="not 'subj'"):
+        TaskEvaluator("subj", "dev", tokenizer=tok, limit=4).evaluate(encoder, clf.head)
+
+
+def test_eval_cli(zoo_quick):
+    trec = zoo_quick / "trec"
+    code, out, err = run_cli("eval", trec, "--task", "trec", "--limit", "60", "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["n"] == 60 and info["accuracy"] == evaluate(trec, limit=60).accuracy
+    # a bare encoder folder (what a merge writes) scored with a task's head
+    code, out, err = run_cli("eval", zoo_quick / "base", "--task", "trec", "--head", trec, "--limit", "60")
+    assert code == 0, err
+    assert out.startswith("trec test: accuracy ") and "/60)" in out
+    bad = [
+        (("eval", trec, "--task", "nope"), "unknown task 'nope' (choose one of sst2, trec"),
+        (("eval", trec), "choose exactly one evaluator"),
+        (("eval", trec, "--task", "trec", "--perplexity", "ptb.test"), "choose exactly one evaluator"),
+        (("eval", zoo_quick / "base", "--task", "trec"), "no classification head"),
+        (("eval", trec, "--task", "trec", "--split", "val"), "split"),
+        (("eval", trec, "--task", "subj"), "head was trained for task 'trec'"),
+    ]
+    for args, msg in bad:
+        code, out, err = run_cli(*args)
+        assert code == 2 and msg in err and err.count("\n") == 1, (args, err)
+
+
+def test_zoo_cli_errors_and_list(zoo_quick):
+    root = zoo_quick.parent
+    for args, msg in [
+        (("zoo", "build", "nope", "--out-root", root), "unknown zoo model 'nope'"),
+        (("zoo", "build", "minilm-8task", "--quick", "--tasks", "trec", "--out-root", root), "already exists"),
+        (("zoo", "build", "minilm-8task", "--quick", "--tasks", "trec,xyz", "--out-root", root / "x"),
+         "unknown task 'xyz'"),
+    ]:
+        code, _, err = run_cli(*args)
+        assert code == 2 and msg in err and err.count("\n") == 1, (args, err)
+    assert not (root / "x").exists()
+    code, out, _ = run_cli("zoo", "list", "--out-root", root, "--json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["minilm-8task"]["built"] == "quick" and rows["stories260k"]["built"] is None
+
+
+def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    import compress.zoo.minilm as minilm
+
+    def boom(*a, **k):
+        raise CompressError("boom")
+
+    monkeypatch.setattr(minilm, "finetune_task", boom)
+    code, _, err = run_cli("zoo", "build", "minilm-8task", "--quick", "--tasks", "trec", "--out-root", tmp_path)
+    assert code == 2 and "boom" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_finetune_is_deterministic():
+    from compress.zoo.minilm import finetune_task, pretrained_dir
+
+    p = ClassifierTrain(epochs=1, lr=1e-4, head_lr=1e-2, batch_size=8, max_length=32, train_limit=16)
+    runs = [finetune_task(pretrained_dir(), "sst2", p, seed=3, quiet=True) for _ in range(2)]
+    (e1, h1, s1), (e2, h2, s2) = runs
+    assert s1["steps"] == 2 and s1["epoch_losses"] == s2["epoch_losses"]
+    assert torch.equal(h1.weight, h2.weight) and torch.equal(h1.bias, h2.bias)
+    assert all(torch.equal(a, b) for a, b in zip(e1.state_dict().values(), e2.state_dict().values()))
+
+
+def test_task_data_and_recipe_errors(tmp_path):
+    assert len(TASKS) == 8
+    rows = load_task("mrpc", "dev", limit=3)
+    assert len(rows) == 3 and all("text_pair" in r and isinstance(r["label"], int) for r in rows)
+    assert len(load_task("trec", "test")) == task_info("trec")["rows"]["test"]
+    with pytest.raises(CompressError, match=r"unknown task 'imdb' \(choose one of sst2, trec"):
+        load_task("imdb", "train")
+    with pytest.raises(CompressError, match=r"unknown split 'validation' \(choose one of train, dev, test\)"):
+        load_task("sst2", "validation")
+    full = load_recipe(default_recipe("minilm-8task"), MiniLMRecipe)
+    assert full.tasks == list(TASKS) and full.train.epochs == 3 and full.train.lr == 3e-5
+    assert full.train.batch_size == 32 and full.train.max_length == 128 and set(full.targets) == set(TASKS)
+    bad = tmp_path / "bad.yml"
+    bad.write_text("name: minilm-8task\ntasks: [sst2]\ntrain: {lr: -1}\n")
+    with pytest.raises(CompressError, match=r"bad.yml: train.lr: .*greater than 0"):
+        load_recipe(bad, MiniLMRecipe)
+    with pytest.raises(CompressError, match="no quick: section"):
+        load_recipe(bad, MiniLMRecipe, quick=True)
+    bad.write_text("name: minilm-8task\ntasks: [sst2, sst3]\n")
+    with pytest.raises(CompressError, match="unknown task 'sst3'"):
+        load_recipe(bad, MiniLMRecipe)
+    bad.write_text("name: minilm-8task\ntasks: [sst2]\nper_task: {sst2: {epochs: 0}}\n")
+    with pytest.raises(CompressError, match="per_task.sst2: epochs"):
+        load_recipe(bad, MiniLMRecipe)
+
+
+def test_stories260k_zoo_build(tmp_path):
+    from compress.eval.perplexity import load_causal_lm
+
+    code, out, err = run_cli("zoo", "build", "stories260k", "--out-root", tmp_path)
+    assert code == 0, err
+    s = json.loads((tmp_path / "stories260k" / "build.json").read_text())
+    assert s["params"] == 260_032 and 1 < s["check"]["perplexity"] < 1000 and len(s["source"]["model_sha256"]) == 64
+    model, tok = load_causal_lm(tmp_path / "stories260k")
+    assert model.config.num_hidden_layers == 5 and tok("Once upon a time")["input_ids"][0] == 1
+    code, out, err = run_cli("eval", tmp_path / "stories260k", "--perplexity", "shakespeare", "--max-tokens", "4096",
+                             "--json")
+    assert code == 0, err
+    assert json.loads(out)["perplexity"] == pytest.approx(s["check"]["perplexity"], rel=1e-6)
