@@ -294,6 +294,27 @@ def zoo_list(
     out.print(t)
 
 
+@zoo_app.command("carry")
+def zoo_carry(
+    name: str = typer.Argument(..., help="Zoo model to prepare for a GPU machine."),
+    out_path: Path = typer.Option(Path(".carry"), "--out", help="Folder to prepare (git-ignored)."),
+    overwrite: bool = OVERWRITE,
+):
+    """Prepare what a bare GPU machine needs to build NAME, in pieces that fit the device tool's 64 MiB a call."""
+    from compress import zoo
+
+    sizes = zoo.carry(name, out_path, overwrite=overwrite)
+    for part, n in sizes.items():
+        if part != "out":
+            print(f"{out_path / part}: {n / 2**20:.1f} MiB")
+    if name == "minilm-8task":
+        print("GPU build, two calls back to back (the machine stays warm about 30 s between them):\n"
+                  f"  1. carry [{out_path}/minilm-a]: mkdir -p /tmp/minilm && cp {out_path}/minilm-a/* /tmp/minilm/\n"
+                  f"  2. carry [{out_path}/minilm-b, {out_path}/data, .whl]: cp {out_path}/minilm-b/* /tmp/minilm/ && "
+                  f"COMPRESS_MINILM=/tmp/minilm COMPRESS_DATA={out_path}/data python3 -m compress.cli zoo build "
+                  "minilm-8task --device cuda  (see README, 'The benchmark zoo')")
+
+
 # --- evaluation -------------------------------------------------------------------------------------------------
 
 def _eval_task(cfg: EvalConfig) -> tuple[dict, str]:

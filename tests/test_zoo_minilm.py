@@ -207,3 +207,30 @@ def test_stories260k_zoo_build(tmp_path):
                              "--json")
     assert code == 0, err
     assert json.loads(out)["perplexity"] == pytest.approx(s["check"]["perplexity"], rel=1e-6)
+
+
+def test_carry_splits_the_pretrained_model_losslessly(tmp_path, monkeypatch):
+    """`compress zoo carry minilm-8task`: two folders under 64 MiB each that, copied together, are the model."""
+    import shutil
+
+    from compress.zoo.minilm import pretrained_dir
+
+    code, out, err = run_cli("zoo", "carry", "minilm-8task", "--out", tmp_path / "carry")
+    assert code == 0, err
+    joined = tmp_path / "joined"
+    joined.mkdir()
+    for part in ("minilm-a", "minilm-b"):
+        folder = tmp_path / "carry" / part
+        assert sum(p.stat().st_size for p in folder.iterdir()) < 60 * 2**20
+        for p in folder.iterdir():
+            shutil.copy(p, joined / p.name)
+    assert sorted(p.name for p in (tmp_path / "carry" / "data" / "tasks").iterdir()) == sorted(TASKS)
+    original = open_checkpoint(pretrained_dir())
+    monkeypatch.setenv("COMPRESS_MINILM", str(joined))
+    assert pretrained_dir() == joined
+    again = open_checkpoint(joined)
+    assert sorted(again.names()) == sorted(original.names())
+    assert all(torch.equal(again.get(n), original.get(n)) for n in original.names())
+    monkeypatch.setenv("COMPRESS_MINILM", str(tmp_path / "nowhere"))
+    with pytest.raises(CompressError, match="COMPRESS_MINILM"):
+        pretrained_dir()

