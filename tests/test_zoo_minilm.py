@@ -23,9 +23,19 @@ from conftest import run_cli
 QUICK_TASKS = ("trec", "subj")
 
 
-@pytest.fixture(scope="session")
-def zoo_quick(tmp_path_factory):
-    """The quick minilm-8task build of two tasks, through the CLI (about half a minute on 2 cores)."""
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for this module: on 2 cores shared with other work, two threads ran the quick build 3 to 6
+    times slower (each waits for the other at every barrier); on an idle machine one thread costs little here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def zoo_quick(tmp_path_factory, one_thread):
+    """The quick minilm-8task build of two tasks, through the CLI (about half a minute on one CPU thread)."""
     root = tmp_path_factory.mktemp("zoo")
     code, out, err = run_cli("zoo", "build", "minilm-8task", "--quick", "--tasks", ",".join(QUICK_TASKS),
                              "--out-root", root)
