@@ -229,6 +229,8 @@ def merge(
     disjoint: Optional[str] = typer.Option(None, help="mean (paper, PEFT), weighted_mean or sum (mergekit)."),
     rescale: Optional[str] = typer.Option(None, help="After random drops: inverse_keep (1/p, paper), l1 "
                                                      "(mergekit) or none."),
+    tie_break: Optional[str] = typer.Option(None, help="Equal magnitudes at the top-k threshold: index (lowest "
+                                                       "first, fast) or argsort (mergekit's order, bit-exact)."),
     seed: Optional[int] = typer.Option(None, help="Seed of random drops, combined with each tensor's name."),
     vocab: Optional[str] = typer.Option(None, help="Vocabulary sizes differ: error (default), base (keep the "
                                                    "base's rows) or union (keep every row)."),
@@ -250,7 +252,8 @@ def merge(
     if t is not None:
         params["t"] = t
     flags = dict(base=base, method=method, variant=variant, topk=topk, sign_on=sign_on, consensus=consensus,
-                 disjoint=disjoint, rescale=rescale, seed=seed, vocab=vocab, dtype=dtype, shard_size=shard_size,
+                 disjoint=disjoint, rescale=rescale, tie_break=tie_break, seed=seed, vocab=vocab, dtype=dtype,
+                 shard_size=shard_size,
                  out=out_path, device=device, overwrite=overwrite or None, quiet=quiet or None)
     if recipe is not None:
         cfg = load_recipe(recipe, **flags)
@@ -380,6 +383,22 @@ def _is_number(s: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+@bench_app.command("merge-speed")
+def bench_merge_speed(
+    params: float = typer.Option(0.5e9, help="Parameters per model (three bf16 Llama checkpoints)."),
+    workdir: Path = typer.Option(Path("checkpoints/bench-merge-speed"), help="Models, venv and outputs."),
+    results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON and markdown results go."),
+    mergekit: str = typer.Option("mergekit", help="pip requirement to install mergekit from (e.g. mergekit==0.1.5)."),
+    venv: Optional[Path] = typer.Option(None, help="Virtual environment for mergekit (default: WORKDIR/mergekit-venv)."),
+    device: str = DEVICE,
+):
+    """TIES and task arithmetic through `compress merge` and mergekit: wall time, peak RSS, max |difference|."""
+    from compress.bench.merge_speed import run
+
+    run(params=params, workdir=workdir, results=results, device=resolve_device(device), mergekit=mergekit,
+        venv=venv)
 
 
 def main(argv: list[str] | None = None) -> None:

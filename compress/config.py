@@ -155,6 +155,8 @@ class MergeConfig(Compute):
     """`compress merge`: one recipe for the CLI, YAML recipes (ours and mergekit's) and the API.
 
     Variant switches left unset take the method's default in ``variant`` (see ``compress.merge.methods``).
+    ``dtype`` is the output's (default: the base's); ``compute_dtype`` the one tensors are merged in (default
+    float32; a mergekit recipe's ``dtype`` sets it, since mergekit merges in that dtype).
     """
 
     method: Annotated[str, AfterValidator(_method)]
@@ -168,7 +170,9 @@ class MergeConfig(Compute):
     consensus: Optional[Literal["mass", "count"]] = None
     disjoint: Optional[Literal["mean", "weighted_mean", "sum"]] = None
     rescale: Optional[Literal["none", "inverse_keep", "l1"]] = None
+    tie_break: Optional[Literal["index", "argsort"]] = None
     seed: int = 0
+    compute_dtype: DType = None
     vocab: Literal["error", "base", "union"] = "error"
     out: Optional[Path] = None
     shard_size: str = "5GB"
@@ -183,7 +187,8 @@ class MergeConfig(Compute):
         return self
 
     def overrides(self) -> dict:
-        return {k: getattr(self, k) for k in ("topk", "sign_on", "consensus", "disjoint", "rescale")}
+        return {k: getattr(self, k) for k in ("topk", "sign_on", "consensus", "disjoint", "rescale",
+                                             "tie_break")}
 
 
 class InterpolateConfig(Compute):

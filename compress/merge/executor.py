@@ -137,6 +137,7 @@ class Merger:
         config = self.ref.config or {}
         self.num_layers = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers")
         self.out_dtype = torch_dtype(cfg.dtype)
+        self.compute_dtype = torch_dtype(cfg.compute_dtype) or torch.float32
         self._global: Optional[list[GlobalThreshold]] = None
 
     # -- parameters ------------------------------------------------------------------------------------
@@ -177,8 +178,8 @@ class Merger:
     # -- one tensor ------------------------------------------------------------------------------------
     def _base_tensor(self, name: str) -> torch.Tensor:
         if self.base is not None:
-            return self.base.get(name, device=self.device, dtype=torch.float32)
-        return self.inputs[0].full(name, self.device, torch.float32)
+            return self.base.get(name, device=self.device, dtype=self.compute_dtype)
+        return self.inputs[0].full(name, self.device, self.compute_dtype)
 
     def merge_tensor(self, name: str) -> torch.Tensor:
         info = self.ref.info(name)
@@ -188,10 +189,11 @@ class Merger:
         n = len(self.inputs)
         weights = [self.param("weight", name, i) for i in range(n)]
         if self.cfg.method == "linear":
-            stacked = torch.stack([inp.weight(name, base, self.device) for inp in self.inputs])
+            # full-weight methods average in float32 whatever compute_dtype says (as mergekit's linear and slerp)
+            stacked = torch.stack([inp.weight(name, base, self.device).float() for inp in self.inputs])
             out = linear(stacked, weights, normalize=bool(self.cfg.parameters.get("normalize", True)))
         elif self.cfg.method == "slerp":
-            out = slerp(self.param("t", name), base, self.inputs[0].weight(name, base, self.device))
+            out = slerp(self.param("t", name), base.float(), self.inputs[0].weight(name, base, self.device).float())
         else:
             deltas = [inp.delta(name, base, self.device) for inp in self.inputs]
             if all(d is None for d in deltas):

@@ -23,7 +23,8 @@ rescale (DARE)   inverse_keep (1/p)      inverse_keep            l1 (norm matchi
 rescale (DELLA)  inverse_keep (1/p_i)    n/a                     l1
 ===============  ======================  ======================  =========================================
 
-Top-k keeps ⌊density·n⌋ entries (at least one), as PEFT and mergekit do. Functions take stacked deltas
+Top-k keeps ⌊density·n⌋ entries (at least one), as PEFT and mergekit do; equal magnitudes at the threshold are
+kept lowest index first unless ``tie_break: argsort`` asks for mergekit's (sort-order) choice. Functions take stacked deltas
 ``[n_models, *shape]`` in a float dtype and return the merged delta; nothing here reads a checkpoint.
 """
 
@@ -57,9 +58,22 @@ def _l1_rescale(kept: torch.Tensor, original: torch.Tensor, eps: float = 1e-7) -
     return kept * (before / after)
 
 
-def magnitude_keep(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean keep-mask of the ⌊density·n⌋ largest |δ| (TIES' trim, PEFT ``magnitude_based_pruning``)."""
-    return topk_mask(delta, topk_count(delta.numel(), density))
+def magnitude_keep(delta: torch.Tensor, density: float, tie_break: str = "index") -> torch.Tensor:
+    """Boolean keep-mask of the ⌊density·n⌋ largest |δ| (TIES' trim, PEFT ``magnitude_based_pruning``).
+
+    Equal magnitudes at the threshold (common in bf16 deltas) are kept lowest index first ("index": exact
+    radix selection, the same on every device), or in the order of ``torch.argsort(descending=True)``
+    ("argsort": mergekit's order, bit-exact with it on the same torch build, several times slower).
+    """
+    k = topk_count(delta.numel(), density)
+    if tie_break == "index":
+        return topk_mask(delta, k)
+    w = delta.abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=delta.device)
+    mask[torch.argsort(w, descending=True)[:k]] = True
+    return mask.reshape(delta.shape)
 
 
 def outlier_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -87,7 +101,7 @@ def della_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torc
 
 def sparsify_delta(delta: torch.Tensor, method: Optional[Sparsify], density: float, *, rescale: Rescale = "none",
                    gamma: float = 0.01, epsilon: float = 0.15, generator: Optional[torch.Generator] = None,
-                   keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   keep: Optional[torch.Tensor] = None, tie_break: str = "index") -> torch.Tensor:
     """One task-vector tensor after step 1. ``keep`` overrides the magnitude mask (a global top-k threshold).
 
     Random draws (DARE, DELLA) come from ``generator`` on the CPU, so they do not depend on the device; a
@@ -97,7 +111,7 @@ def sparsify_delta(delta: torch.Tensor, method: Optional[Sparsify], density: flo
     if method is None or (density >= 1.0 and method != "della" and keep is None):
         return delta
     if method == "magnitude":
-        mask = keep if keep is not None else magnitude_keep(delta, density)
+        mask = keep if keep is not None else magnitude_keep(delta, density, tie_break)
         kept = delta * mask
         return _l1_rescale(kept, delta) if rescale == "l1" else kept
     if method == "outliers":
@@ -175,6 +189,7 @@ class Method:
     sign_on: Literal["unweighted", "weighted"] = "unweighted"
     disjoint: Literal["mean", "weighted_mean", "sum"] = "mean"
     normalize: bool = False
+    tie_break: Literal["index", "argsort"] = "index"
     paper: str = ""
 
 
@@ -242,7 +257,8 @@ def task_vector_merge(deltas: torch.Tensor, weights, method: Method, *, density=
     if method.sparsify is not None:
         deltas = torch.stack([
             sparsify_delta(deltas[i], method.sparsify, dens[i], rescale=method.rescale, gamma=gams[i],
-                           epsilon=epss[i], generator=generator, keep=None if keep is None else keep[i])
+                           epsilon=epss[i], generator=generator, keep=None if keep is None else keep[i],
+                           tie_break=method.tie_break)
             for i in range(n)])
     return combine(deltas, weights, consensus=method.consensus, sign_on=method.sign_on, disjoint=method.disjoint,
                    normalize=method.normalize, lam=lam)

@@ -122,7 +122,8 @@ def from_mergekit(data: dict, root: Path, **cli) -> MergeConfig:
     if tok not in (None, "base", "union"):
         raise CompressError(f"mergekit recipe: tokenizer_source '{tok}' is not supported (use base or union)")
     fields = dict(method=method, base=_relative(base, root), models=models, parameters=params, variant="mergekit",
-                  dtype=data.get("out_dtype") or data.get("dtype"), vocab=tok or "error", **overrides)
+                  dtype=data.get("out_dtype") or data.get("dtype"), compute_dtype=data.get("dtype"),
+                  vocab=tok or "error", **overrides)
     fields.update({k: v for k, v in cli.items() if v is not None})
     return build(MergeConfig, **fields)
 

@@ -16,6 +16,8 @@ import torch
 from compress.errors import CompressError
 
 _BINS = 1 << 16
+# Below this many entries a selection (kthvalue) beats two 65,536-bin histograms.
+SMALL = 1 << 18
 
 
 def magnitude_bits(t: torch.Tensor) -> torch.Tensor:
@@ -27,16 +29,18 @@ def magnitude_bits(t: torch.Tensor) -> torch.Tensor:
 
 def _largest_bin_reaching(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """(b, above): the largest bin b with count(bin >= b) >= k, and count(bin > b)."""
-    at_or_above = hist.flip(0).cumsum(0).flip(0)
-    b = int(torch.nonzero(at_or_above >= k).max())
-    above = int(at_or_above[b + 1]) if b + 1 < hist.numel() else 0
-    return b, above
+    from_top = hist.flip(0).cumsum(0)  # from_top[j] = count(bin >= last - j)
+    j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype, device=from_top.device)))
+    above = int(from_top[j - 1]) if j > 0 else 0
+    return hist.numel() - 1 - j, above
 
 
 def kth_largest_bits(bits: torch.Tensor, k: int) -> int:
     """Bit pattern of the k-th largest entry of non-negative int32 ``bits`` (1 <= k <= numel)."""
     if not 1 <= k <= bits.numel():
         raise CompressError(f"k={k} outside 1..{bits.numel()}")
+    if bits.numel() < SMALL:
+        return int(torch.kthvalue(bits.cpu(), bits.numel() - k + 1).values)
     hi = bits >> 16
     b, above = _largest_bin_reaching(torch.bincount(hi, minlength=_BINS), k)
     lo = torch.bincount(bits[hi == b] & 0xFFFF, minlength=_BINS)
