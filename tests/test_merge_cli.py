@@ -204,3 +204,14 @@ def test_interpolate_writes_each_alpha_and_evaluates(trio, tmp_path):
                              "--eval-perplexity", text, "--seqlen", "32")
     assert code == 0, err
     assert "alpha" in out and len([l for l in out.splitlines() if l.strip().startswith(("│ 0", "│ 1"))]) == 2
+
+
+def test_example_recipes_parse():
+    from compress.merge import load_recipe
+
+    root = Path(__file__).resolve().parent.parent / "recipes" / "merge"
+    ours = load_recipe(root / "ties.yml")
+    assert ours.method == "ties" and ours.variant == "paper" and ours.parameters["density"] == 0.2
+    mk = load_recipe(root / "mergekit-ties.yml")
+    assert mk.variant == "mergekit" and mk.compute_dtype == "bfloat16" and len(mk.models) == 2
+    assert mk.models[0].parameters["density"] == [0.2, 0.5]
