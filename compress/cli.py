@@ -390,7 +390,8 @@ def bench_merge_speed(
     params: float = typer.Option(0.5e9, help="Parameters per model (three bf16 Llama checkpoints)."),
     workdir: Path = typer.Option(Path("checkpoints/bench-merge-speed"), help="Models, venv and outputs."),
     results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON and markdown results go."),
-    mergekit: str = typer.Option("mergekit", help="pip requirement to install mergekit from (e.g. mergekit==0.1.5)."),
+    mergekit: str = typer.Option("mergekit", help="What follows `pip install` to get mergekit (a requirement, or "
+                                                             "wheel files and flags offline)."),
     venv: Optional[Path] = typer.Option(None, help="Virtual environment for mergekit (default: WORKDIR/mergekit-venv)."),
     device: str = DEVICE,
 ):

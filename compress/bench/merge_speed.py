@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -102,14 +103,18 @@ def write_models(root: Path, spec: dict, seed: int = 0, noise: float = 2e-3, n_m
 
 
 def mergekit_env(venv: Path, spec: str) -> Path:
-    """The ``mergekit-yaml`` of a venv that has ``spec`` installed (created and installed when missing)."""
+    """The ``mergekit-yaml`` of a venv that has ``spec`` installed (created and installed when missing).
+
+    ``spec`` is what follows ``pip install``: a requirement, or wheel files and flags on a machine with no
+    registry (``--no-deps --no-index wheels/mergekit-….whl wheels/immutables-….whl``)."""
     exe = venv / "bin" / "mergekit-yaml"
     if exe.exists():
         return exe
     _log(f"creating {venv} and installing {spec} from the package registry ...")
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     # the system torch satisfies mergekit's torch requirement, so pip does not fetch a CUDA build
-    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", spec], capture_output=True, text=True)
+    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *shlex.split(spec)], capture_output=True,
+                       text=True)
     if r.returncode != 0 or not exe.exists():
         raise RuntimeError(f"installing {spec} failed:\n{r.stderr[-3000:]}")
     return exe
