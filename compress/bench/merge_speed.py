@@ -112,6 +112,13 @@ def mergekit_env(venv: Path, spec: str) -> Path:
         return exe
     _log(f"creating {venv} and installing {spec} from the package registry ...")
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    # when this interpreter is itself a venv, --system-site-packages reaches only the base interpreter's packages;
+    # a .pth line makes this environment's (torch, transformers, …) visible too
+    import sysconfig
+
+    purelib = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "compress-parent-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     # the system torch satisfies mergekit's torch requirement, so pip does not fetch a CUDA build
     r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *shlex.split(spec)], capture_output=True,
                        text=True)
