@@ -207,6 +207,130 @@ def demo(
 
     run_demo(workdir, steps=steps, density=density, device=resolve_device(device), quiet=quiet)
 
+@app.command()
+def merge(
+    recipe: Optional[Path] = typer.Argument(None, help="A merge recipe (ours or mergekit's YAML); flags override it."),
+    base: Optional[Path] = typer.Option(None, help="Base checkpoint the task vectors are taken from."),
+    models: Optional[list[Path]] = typer.Option(None, help="Models to merge: checkpoints or LoRA adapter folders "
+                                                           "(--models A B C)."),
+    method: Optional[str] = typer.Option(None, help="linear, slerp, task_arithmetic, magnitude_prune, ties, "
+                                                    "dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, "
+                                                    "della_linear."),
+    density: Optional[list[float]] = typer.Option(None, help="Fraction of each task vector kept: one value, or "
+                                                             "one per model."),
+    weights: Optional[list[float]] = typer.Option(None, help="One weight per model (default 1)."),
+    lam: Optional[float] = typer.Option(None, "--lambda", help="Scale of the merged task vector (default 1)."),
+    t: Optional[float] = typer.Option(None, help="slerp: position between the base (0) and the model (1)."),
+    variant: Optional[str] = typer.Option(None, help="Defaults of the switches: paper (default), peft or mergekit."),
+    topk: Optional[str] = typer.Option(None, help="TIES trim: global (paper) or per_tensor (PEFT, mergekit)."),
+    sign_on: Optional[str] = typer.Option(None, help="Sign election on unweighted (paper, PEFT) or weighted "
+                                                     "(mergekit) deltas."),
+    consensus: Optional[str] = typer.Option(None, help="Sign election by mass (Σ τ) or count (Σ sign τ)."),
+    disjoint: Optional[str] = typer.Option(None, help="mean (paper, PEFT), weighted_mean or sum (mergekit)."),
+    rescale: Optional[str] = typer.Option(None, help="After random drops: inverse_keep (1/p, paper), l1 "
+                                                     "(mergekit) or none."),
+    tie_break: Optional[str] = typer.Option(None, help="Equal magnitudes at the top-k threshold: index (lowest "
+                                                       "first, fast) or argsort (mergekit's order, bit-exact)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of random drops, combined with each tensor's name."),
+    vocab: Optional[str] = typer.Option(None, help="Vocabulary sizes differ: error (default), base (keep the "
+                                                   "base's rows) or union (keep every row)."),
+    dtype: Optional[str] = typer.Option(None, help="dtype of the output (default: the base's)."),
+    shard_size: Optional[str] = typer.Option(None, help="Largest shard, e.g. 5GB."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Folder to write."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N"),
+    overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+):
+    """Merge task-tuned checkpoints into one model (TIES, DARE, task arithmetic, SLERP, …), streaming."""
+    from compress.config import MergeConfig
+    from compress.merge import load_recipe, run_merge
+
+    params: dict = {}
+    if density and len(density) == 1:
+        params["density"] = density[0]
+    if lam is not None:
+        params["lambda"] = lam
+    if t is not None:
+        params["t"] = t
+    flags = dict(base=base, method=method, variant=variant, topk=topk, sign_on=sign_on, consensus=consensus,
+                 disjoint=disjoint, rescale=rescale, tie_break=tie_break, seed=seed, vocab=vocab, dtype=dtype,
+                 shard_size=shard_size,
+                 out=out_path, device=device, overwrite=overwrite or None, quiet=quiet or None)
+    if recipe is not None:
+        cfg = load_recipe(recipe, **flags)
+        if models or weights or density or params:
+            cfg = _merge_cli_models(cfg, models, weights, density, params)
+    else:
+        if not models:
+            raise CompressError("no models to merge: pass --models A B … (or a recipe file)")
+        if method is None:
+            raise CompressError("no merge method: pass --method (e.g. ties, task_arithmetic, linear)")
+        cfg = build(MergeConfig, models=[{"model": m} for m in models], parameters=params,
+                    **{k: v for k, v in flags.items() if v is not None})
+        cfg = _merge_cli_models(cfg, None, weights, density, {})
+    s = run_merge(cfg)
+    extra = f"; dropped rows: {s.dropped_rows}" if s.dropped_rows else ""
+    out.print(f"wrote {s.out}: {s.tensors} tensors, {s.params:,} parameters, {cfg.method} of {len(cfg.models)} "
+              f"models in {s.seconds:.1f} s ({s.gb_per_s:.2f} GB/s read){extra}")
+
+
+def _merge_cli_models(cfg, models, weights, density, params):
+    """Apply --models/--weights/--density (per model) and shared parameters given on the command line."""
+    from compress.config import MergeConfig
+
+    entries = [m.model_dump() for m in cfg.models] if not models else [{"model": m} for m in models]
+    for name, values in (("weight", weights), ("density", density if density and len(density) > 1 else None)):
+        if values:
+            if len(values) != len(entries):
+                raise CompressError(f"{len(values)} {name}s given for {len(entries)} models; give one per model")
+            for e, v in zip(entries, values):
+                e.setdefault("parameters", {})[name] = v
+    return build(MergeConfig, **{**cfg.model_dump(), "models": entries,
+                                 "parameters": {**cfg.parameters, **params}})
+
+
+@app.command()
+def interpolate(
+    base: Path = typer.Option(..., help="Base checkpoint (α = 0)."),
+    finetuned: Path = typer.Option(..., help="Fine-tuned checkpoint or LoRA adapter (α = 1)."),
+    alpha: list[float] = typer.Option(..., help="One or more α (--alpha 0.25 0.5 1)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Folder to write (one subfolder alpha-<α> per α "
+                                                                "when several)."),
+    eval_perplexity: Optional[Path] = typer.Option(None, help="Only evaluate: perplexity of each α on this text "
+                                                              "(causal LMs)."),
+    seqlen: int = typer.Option(256, help="Perplexity window."),
+    max_tokens: Optional[int] = typer.Option(None, help="Evaluate on the first N tokens only."),
+    dtype: Optional[str] = typer.Option(None, help="dtype of written models (default: as stored)."),
+    shard_size: str = typer.Option("5GB", help="Largest shard."),
+    device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+):
+    """θ_base + α·(θ_ft − θ_base) for one or several α: written, or only evaluated when an evaluator is given."""
+    from compress.config import InterpolateConfig
+    from compress.merge.interpolate import evaluate_alphas, write_alphas
+
+    cfg = build(InterpolateConfig, base=base, finetuned=finetuned, alphas=alpha, out=out_path, dtype=dtype,
+                shard_size=shard_size, device=device, overwrite=overwrite, quiet=quiet)
+    if eval_perplexity is None:
+        for p in write_alphas(cfg):
+            out.print(f"wrote {p}")
+        return
+    from compress.eval.perplexity import load_causal_lm, perplexity
+    from compress.taskvec import TaskVector
+
+    dev = resolve_device(cfg.device)
+    model, tok = load_causal_lm(cfg.base, device=dev)
+    tv = TaskVector.from_paths(cfg.base, cfg.finetuned)
+    scores = evaluate_alphas(model, tv, cfg.alphas, lambda m: perplexity(m, tok, eval_perplexity, seqlen=seqlen,
+                                                                         max_tokens=max_tokens, device=dev),
+                             quiet=cfg.quiet)
+    table = Table("alpha", f"perplexity ({eval_perplexity.name})")
+    for a, sc in zip(cfg.alphas, scores):
+        table.add_row(f"{a:g}", f"{sc:.3f}")
+    out.print(table)
+    if out_path is not None:
+        best = cfg.alphas[min(range(len(scores)), key=scores.__getitem__)]
+        for p in write_alphas(cfg.model_copy(update={"alphas": [best]})):
+            out.print(f"wrote {p} (best α = {best:g})")
+
 
 @bench_app.command("io-memory")
 def bench_io_memory(
@@ -382,10 +506,56 @@ def eval_cmd(
     else:
         out.print(line)
 
+# Options that take several values after one flag (`--models A B C`); click wants the flag repeated.
+MULTI_VALUE = ("--models", "--weights", "--density", "--alpha")
+
+
+def expand_multi(argv: list[str]) -> list[str]:
+    """`--models A B --out X` → `--models A --models B --out X` for the flags in MULTI_VALUE."""
+    res, flag = [], None
+    for a in argv:
+        if a in MULTI_VALUE:
+            flag = a
+            continue
+        if flag is not None and a.startswith("--"):
+            flag = None
+        if flag is not None and not (a.startswith("-") and not _is_number(a)):
+            res += [flag, a]
+            continue
+        flag = None
+        res.append(a)
+    return res
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+@bench_app.command("merge-speed")
+def bench_merge_speed(
+    params: float = typer.Option(0.5e9, help="Parameters per model (three bf16 Llama checkpoints)."),
+    workdir: Path = typer.Option(Path("checkpoints/bench-merge-speed"), help="Models, venv and outputs."),
+    results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON and markdown results go."),
+    mergekit: str = typer.Option("mergekit", help="What follows `pip install` to get mergekit (a requirement, or "
+                                                             "wheel files and flags offline)."),
+    venv: Optional[Path] = typer.Option(None, help="Virtual environment for mergekit (default: WORKDIR/mergekit-venv)."),
+    device: str = DEVICE,
+):
+    """TIES and task arithmetic through `compress merge` and mergekit: wall time, peak RSS, max |difference|."""
+    from compress.bench.merge_speed import run
+
+    run(params=params, workdir=workdir, results=results, device=resolve_device(device), mergekit=mergekit,
+        venv=venv)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input → one line on stderr and exit code 2; never a traceback for the user's mistake."""
     cmd = typer.main.get_command(app)
+    argv = expand_multi(list(sys.argv[1:] if argv is None else argv))
     try:
         cmd.main(args=argv, prog_name="compress", standalone_mode=False)
     except CompressError as e:

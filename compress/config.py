@@ -7,7 +7,7 @@ bodies; all validate here, so an error reads the same everywhere (``format_valid
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -257,6 +257,103 @@ def load_recipe(path: str | Path, cls: type[_Config], quick: bool = False, requi
     except ValidationError as e:
         where = f"{path} (quick)" if quick else str(path)
         raise CompressError(f"{where}: {format_validation_error(e)}") from None
+
+# -- merging ---------------------------------------------------------------------------------------------------
+
+Scalar = Union[float, int, bool, str]
+
+
+class Conditional(_Config):
+    """A value that applies to tensors whose name contains ``filter`` (mergekit's conditional parameter)."""
+
+    value: Union[Scalar, list[Scalar]]
+    filter: Optional[str] = None
+
+
+# A number; a list of numbers is a gradient over the layers; a list of {filter, value} picks by tensor name.
+Setting = Union[Scalar, list[Scalar], Conditional, list[Conditional]]
+
+SHARED_PARAMS = ("weight", "density", "gamma", "epsilon", "lambda", "t", "normalize")
+MODEL_PARAMS = ("weight", "density", "gamma", "epsilon")
+
+
+def _param_names(allowed: tuple[str, ...]):
+    def check(v: dict) -> dict:
+        bad = [k for k in v if k not in allowed]
+        if bad:
+            raise ValueError(f"unknown parameter '{bad[0]}' (known: {', '.join(allowed)})")
+        return v
+    return check
+
+
+class MergeModel(_Config):
+    """One input: a full checkpoint or a PEFT LoRA adapter folder, with its own parameters."""
+
+    model: Path
+    parameters: Annotated[dict[str, Setting], AfterValidator(_param_names(MODEL_PARAMS))] = Field(
+        default_factory=dict)
+
+
+def _methods() -> tuple[str, ...]:
+    from compress.merge.methods import ALL_METHODS
+    return ALL_METHODS
+
+
+def _method(v: str) -> str:
+    if v not in _methods():
+        raise ValueError(f"unknown merge method '{v}' (choose one of {', '.join(_methods())})")
+    return v
+
+
+class MergeConfig(Compute):
+    """`compress merge`: one recipe for the CLI, YAML recipes (ours and mergekit's) and the API.
+
+    Variant switches left unset take the method's default in ``variant`` (see ``compress.merge.methods``).
+    ``dtype`` is the output's (default: the base's); ``compute_dtype`` the one tensors are merged in (default
+    float32; a mergekit recipe's ``dtype`` sets it, since mergekit merges in that dtype).
+    """
+
+    method: Annotated[str, AfterValidator(_method)]
+    base: Optional[Path] = None
+    models: list[MergeModel] = Field(min_length=1)
+    parameters: Annotated[dict[str, Setting], AfterValidator(_param_names(SHARED_PARAMS))] = Field(
+        default_factory=dict)
+    variant: Literal["paper", "peft", "mergekit"] = "paper"
+    topk: Optional[Literal["per_tensor", "global"]] = None
+    sign_on: Optional[Literal["unweighted", "weighted"]] = None
+    consensus: Optional[Literal["mass", "count"]] = None
+    disjoint: Optional[Literal["mean", "weighted_mean", "sum"]] = None
+    rescale: Optional[Literal["none", "inverse_keep", "l1"]] = None
+    tie_break: Optional[Literal["index", "argsort"]] = None
+    seed: int = 0
+    compute_dtype: DType = None
+    vocab: Literal["error", "base", "union"] = "error"
+    out: Optional[Path] = None
+    shard_size: str = "5GB"
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "MergeConfig":
+        if self.method == "slerp" and (self.base is None or len(self.models) != 1):
+            raise ValueError("slerp interpolates a base and exactly one model (give base and one model)")
+        if self.method != "linear" and self.base is None:
+            raise ValueError(f"method '{self.method}' needs a base model")
+        return self
+
+    def overrides(self) -> dict:
+        return {k: getattr(self, k) for k in ("topk", "sign_on", "consensus", "disjoint", "rescale",
+                                             "tie_break")}
+
+
+class InterpolateConfig(Compute):
+    """`compress interpolate`: θ_base + α·τ for one or several α (one output each), or evaluation only."""
+
+    base: Path
+    finetuned: Path
+    alphas: list[float] = Field(min_length=1)
+    out: Optional[Path] = None
+    shard_size: str = "5GB"
+    overwrite: bool = False
 
 
 def format_validation_error(e: ValidationError) -> str:

@@ -7,6 +7,7 @@ import hashlib
 import torch
 
 from compress.errors import CompressError
+from compress.sparsify.topk import topk_mask
 
 
 def check_density(density: float) -> float:
@@ -30,46 +31,13 @@ def seeded_generator(seed: int, name: str) -> torch.Generator:
     return g
 
 
-_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def magnitude_threshold_bits(a: torch.Tensor, k: int) -> int:
-    """Bit pattern of the k-th largest value of a non-negative float tensor.
-
-    Non-negative IEEE floats order like their bit patterns read as integers, so a bisection over the integer
-    range with ``count_nonzero`` finds the k-th largest in ≤ 64 passes, with one bool temporary at a time.
-    ``torch.topk`` needs several times the tensor in scratch (measured by ``compress bench io-memory``).
-    """
-    bits = a.view(_BITS[a.element_size()])
-    lo, hi = 0, int(bits.max())
-    while lo < hi:  # largest thr with count(bits >= thr) >= k
-        mid = (lo + hi + 1) // 2
-        if int(torch.count_nonzero(bits >= mid)) >= k:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 def magnitude_mask(t: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the round(density·numel) entries of largest |t| (per-tensor top-k, as in TIES' trim step).
 
-    Ties at the threshold go to the lowest flat indices, so the mask is the same on every device.
+    Exact radix-histogram selection (``compress.sparsify.topk``): no sort, no ``torch.topk`` scratch. Ties at the
+    threshold go to the lowest flat indices, so the mask is the same on every device.
     """
-    k = keep_count(t.numel(), density)
-    if k == t.numel():
-        return torch.ones_like(t, dtype=torch.bool)
-    a = t.reshape(-1).abs()
-    if not a.is_floating_point() or a.element_size() not in _BITS:
-        a = a.double()
-    bits = a.view(_BITS[a.element_size()])
-    thr = magnitude_threshold_bits(a, k)
-    mask = bits > thr
-    missing = k - int(torch.count_nonzero(mask))  # bool.sum() would first cast to int64
-    if missing:
-        ties = torch.nonzero(bits == thr).reshape(-1)[:missing]
-        mask[ties] = True
-    return mask.reshape(t.shape)
+    return topk_mask(t, keep_count(t.numel(), density))
 
 
 def random_mask(t: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,206 @@
+"""``compress bench merge``: what merging keeps of each task's skill, on the zoo's real fine-tuned models.
+
+minilm-8task (the shape of the CLIP ViT-B/32 eight-task table of the merging papers): rows zero-shot (the
+pretrained encoder with each task's own head), individual fine-tuned, simple average, task arithmetic, TIES and
+DARE-TIES; columns the eight tasks' test accuracy, their average and the normalized average (accuracy ÷ the
+individual model's accuracy, averaged). λ of task arithmetic, TIES and DARE-TIES is chosen on the dev splits
+(best mean dev accuracy over a grid), as the papers do; the merged vectors come from ``compress.merge.Merger``
+(the same code as `compress merge`), computed once at λ = 1 and scaled, since each method is linear in λ.
+
+lm-zoo: the same rows over the domain and recall task models, columns perplexity per domain (lower is better),
+context-recall accuracy and hallucination rate; λ chosen on dev text and dev recall prompts.
+
+Writes ``merge_<zoo>.json``, ``merge_<zoo>.md`` and ``merge_<zoo>.png`` (a bar chart) into ``results``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from compress.config import MergeConfig, build
+from compress.errors import CompressError
+from compress.progress import console
+
+LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5, 2.0)
+MERGES = {  # row → (method, parameters); λ searched for all but the average
+    "simple average": ("linear", {}),
+    "task arithmetic": ("task_arithmetic", {}),
+    "TIES": ("ties", {"density": 0.2}),
+    "DARE-TIES": ("dare_ties", {"density": 0.2}),
+}
+
+
+def merged_deltas(base: Path, models: list[Path], method: str, params: dict, device: str,
+                  quiet: bool = True) -> dict[str, torch.Tensor]:
+    """{name: merged tensor − base} at λ = 1 (or the merged tensor itself for 'linear'), float32 on ``device``."""
+    from compress.merge.executor import Merger
+
+    cfg = build(MergeConfig, method=method, base=base, models=[{"model": m} for m in models],
+                parameters=params, device=device, quiet=quiet)
+    merger = Merger(cfg)
+    out = {}
+    for name, t in merger.tensors(quiet=quiet):
+        if not t.is_floating_point():
+            continue
+        t = t.float()
+        out[name] = t if method == "linear" else t - merger.ref.get(name, device=device, dtype=torch.float32)
+    return out
+
+
+def choose_lambda(apply: Callable[[float], None], dev_score: Callable[[], float],
+                  lambdas=LAMBDAS) -> tuple[float, dict[float, float]]:
+    """The λ of the grid with the best dev score (ties → the smaller λ), and every score seen."""
+    seen = {}
+    for lam in lambdas:
+        apply(lam)
+        seen[lam] = dev_score()
+    best = max(seen, key=lambda lam: (seen[lam], -lam))
+    return best, seen
+
+
+# -- minilm-8task -------------------------------------------------------------------------------------------
+
+def run_minilm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500, test_limit: Optional[int] = None,
+               lambdas=LAMBDAS, batch_size: int = 256, quiet: bool = False) -> dict:
+    from compress.eval.classify import TaskEvaluator, load_encoder, load_heads, set_encoder_weights
+    from compress.io.reader import open_checkpoint
+
+    if not (zoo / "base").is_dir():
+        raise CompressError(f"{zoo}: no base/ folder; build it with `compress zoo build minilm-8task`")
+    heads = load_heads(zoo)
+    tasks = list(heads)
+    encoder, tok = load_encoder(zoo / "base", device=device)
+    base_sd = {n: t.detach().clone() for n, t in encoder.state_dict().items()}
+    evals = {split: {t: TaskEvaluator(t, split, tokenizer=tok, limit=lim, max_length=heads[t].max_length,
+                                      batch_size=batch_size) for t in tasks}
+             for split, lim in (("dev", dev_limit), ("test", test_limit))}
+
+    def score(split: str, only: Optional[list[str]] = None) -> dict[str, float]:
+        return {t: evals[split][t].accuracy(encoder, heads[t]) for t in (only or tasks)}
+
+    def load(weights: dict[str, torch.Tensor]) -> None:
+        set_encoder_weights(encoder, weights, strict=False)
+
+    rows: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    load(base_sd)
+    rows["zero-shot"] = {"acc": score("test")}
+    individual = {}
+    for t in tasks:
+        ck = open_checkpoint(zoo / t)
+        load({n: ck.get(n) for n in base_sd if n in ck})
+        individual[t] = score("test", [t])[t]
+    rows["individual fine-tuned"] = {"acc": individual}
+    models = [zoo / t for t in tasks]
+    for row, (method, params) in MERGES.items():
+        start = time.perf_counter()
+        merged = merged_deltas(zoo / "base", models, method, params, device)
+        merge_seconds = time.perf_counter() - start
+        if method == "linear":
+            load(merged)
+            rows[row] = {"acc": score("test"), "method": method, "merge_seconds": merge_seconds}
+            continue
+
+        def at(lam: float) -> None:
+            load({n: base_sd[n].float() + lam * d for n, d in merged.items()})
+
+        def dev() -> float:
+            s = score("dev")
+            return sum(s.values()) / len(s)
+
+        best, seen = choose_lambda(at, dev, lambdas)
+        at(best)
+        rows[row] = {"acc": score("test"), "method": method, "params": params, "lambda": best,
+                     "dev_by_lambda": {str(k): v for k, v in seen.items()}, "merge_seconds": merge_seconds}
+        if not quiet:
+            console.print(f"[bench merge] {row}: λ = {best} (dev {seen[best]:.4f})")
+    for r in rows.values():
+        accs = r["acc"]
+        r["avg"] = sum(accs.values()) / len(accs)
+        r["normalized_avg"] = sum(accs[t] / individual[t] for t in accs) / len(accs)
+    return {"zoo": "minilm-8task", "zoo_dir": str(zoo), "tasks": tasks, "metric": "test accuracy",
+            "dev_limit": dev_limit, "test_limit": test_limit, "lambdas": list(lambdas), "device": device,
+            "seconds": time.perf_counter() - t0, "rows": rows}
+
+
+def markdown_minilm(report: dict) -> str:
+    tasks = report["tasks"]
+    head = ["method", *tasks, "avg", "normalized avg", "λ"]
+    lines = [f"# compress bench merge — {report['zoo']}", "",
+             f"Test accuracy (%) per task with each task's own head; λ chosen on dev "
+             f"({report['dev_limit'] or 'all'} rows per task); normalized = accuracy ÷ individual accuracy.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for name, r in report["rows"].items():
+        cells = [f"{100 * r['acc'][t]:.1f}" if t in r["acc"] else "" for t in tasks]
+        lines.append("| " + " | ".join([name, *cells, f"{100 * r['avg']:.1f}", f"{100 * r['normalized_avg']:.1f}",
+                                        str(r.get("lambda", ""))]) + " |")
+    lines += ["", f"device {report['device']}, {report['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+# -- plotting and the entry point ------------------------------------------------------------------------
+
+def plot(report: dict, path: Path, metric_key: str = "acc", title: str = "") -> Optional[Path]:
+    """A grouped bar chart: one group per column, one bar per row. None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        console.print("[yellow]matplotlib is not installed; no plot (pip install matplotlib)")
+        return None
+    rows = report["rows"]
+    cols = list(report.get("columns") or report["tasks"]) + ["avg"]
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cols) * len(names) / 3), 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        vals = [rows[name][metric_key].get(c, float("nan")) if c != "avg" else rows[name]["avg"] for c in cols]
+        ax.bar([j + i * width for j in range(len(cols))], vals, width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], cols, rotation=30)
+    ax.set_title(title or f"compress bench merge — {report['zoo']}")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save(report: dict, results: Path, md: str) -> dict[str, Path]:
+    results.mkdir(parents=True, exist_ok=True)
+    stem = f"merge_{report['zoo']}"
+    paths = {"json": results / f"{stem}.json", "md": results / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["md"].write_text(md)
+    png = plot(report, results / f"{stem}.png", metric_key=report.get("plot_key", "acc"))
+    if png is not None:
+        paths["png"] = png
+    return paths
+
+
+def run(zoo_name: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path("checkpoints/bench"), *,
+        device: str = "cpu", dev_limit: Optional[int] = 500, test_limit: Optional[int] = None, quiet: bool = False,
+        lambdas=LAMBDAS) -> dict:
+    zoo = zoo_root / zoo_name
+    if zoo_name == "minilm-8task":
+        report = run_minilm(zoo, device=device, dev_limit=dev_limit, test_limit=test_limit, lambdas=lambdas,
+                            quiet=quiet)
+        md = markdown_minilm(report)
+    elif zoo_name == "lm-zoo":
+        from compress.bench.merge_lm import markdown_lm, run_lm
+
+        report = run_lm(zoo, device=device, dev_limit=dev_limit, test_limit=test_limit, lambdas=lambdas,
+                        quiet=quiet)
+        md = markdown_lm(report)
+    else:
+        raise CompressError(f"bench merge runs on minilm-8task or lm-zoo, not '{zoo_name}'")
+    paths = save(report, results, md)
+    print(md)
+    console.print(f"[bench merge] wrote {', '.join(str(p) for p in paths.values())}")
+    return report

@@ -1,0 +1,299 @@
+"""Walks checkpoints tensor by tensor and applies a merge method (DESIGN principle 1); knows no method's maths.
+
+Inputs are full checkpoints or PEFT LoRA adapters (a task vector of the base). Each output tensor needs the base
+tensor and one tensor per model, so peak memory is about (models + 2) × the largest tensor in float32. A global
+top-k (TIES as in its paper) adds two streaming passes that keep only 65,536-bin histograms per model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from compress.config import MergeConfig, resolve_device, torch_dtype
+from compress.errors import CompressError
+from compress.io.reader import Checkpoint, is_peft_adapter, open_checkpoint
+from compress.merge.methods import METHODS, Method, linear, method_preset, slerp, task_vector_merge
+from compress.merge.recipe import layer_position, resolve_setting
+from compress.progress import console, track
+from compress.sparsify.masks import seeded_generator
+from compress.sparsify.topk import GlobalThreshold
+from compress.taskvec import VOCAB_TENSOR_RE, check_same_architecture
+
+DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0, "t": 0.5}
+
+
+class _Input:
+    """One model to merge: full tensors from a checkpoint, or base + ΔW from a LoRA adapter."""
+
+    def __init__(self, path: Path, base: Optional[Checkpoint]):
+        self.path = path
+        self.adapter = None
+        if is_peft_adapter(path):
+            if base is None:
+                raise CompressError(f"{path} is a LoRA adapter; merging it needs --base")
+            from compress.io.lora import LoraAdapter
+
+            self.adapter = LoraAdapter(path, base)
+            self.ckpt = None
+        else:
+            self.ckpt = open_checkpoint(path)
+            if base is not None:
+                check_same_architecture(base, self.ckpt)
+
+    def rows(self, name: str) -> Optional[int]:
+        return None if self.ckpt is None else self.ckpt.info(name).shape[0]
+
+    def delta(self, name: str, base: torch.Tensor, device) -> Optional[torch.Tensor]:
+        """θ_i − θ_base over the base's rows (None: an adapter that leaves this tensor alone)."""
+        if self.adapter is not None:
+            return self.adapter.get(name, device=device, dtype=base.dtype) if name in self.adapter else None
+        return self.full(name, device, base.dtype, like=base) - base
+
+    def full(self, name: str, device, dtype, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The full tensor; cut to ``like``'s rows when this model has a larger vocabulary."""
+        t = self.ckpt.get(name, device=device, dtype=dtype)
+        if like is not None and t.dim() and t.shape[0] > like.shape[0]:
+            t = t[: like.shape[0]]
+        return t
+
+    def weight(self, name: str, base: torch.Tensor, device) -> torch.Tensor:
+        """The full tensor over the base's rows (base + ΔW for an adapter)."""
+        if self.ckpt is not None:
+            return self.full(name, device, base.dtype, like=base)
+        d = self.delta(name, base, device)
+        return base if d is None else base + d
+
+
+@dataclass
+class MergeSummary:
+    out: Optional[Path]
+    tensors: int = 0
+    params: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    dropped_rows: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / 1e9 / self.seconds if self.seconds else 0.0
+
+
+def _check_names(ref: Checkpoint, ref_label: str, inputs: list[_Input], vocab: str) -> dict[str, int]:
+    """Every full-checkpoint input has the reference's tensors with the same shapes; vocabulary tensors follow
+    ``vocab``. Returns {tensor: output rows} for vocabulary tensors whose row counts differ."""
+    rows: dict[str, int] = {}
+    for inp in inputs:
+        if inp.ckpt is None:
+            continue
+        missing = [n for n in ref.names() if n not in inp.ckpt]
+        extra = [n for n in inp.ckpt.names() if n not in ref]
+        if missing or extra:
+            n, where = (missing[0], f"missing from {inp.path}") if missing else (extra[0], f"only in {inp.path}")
+            raise CompressError(f"models differ in architecture: tensor '{n}' is {where} ({ref_label} is "
+                                f"{ref.path}; {len(missing)} missing, {len(extra)} extra)")
+        for name in ref.names():
+            a, b = ref.info(name), inp.ckpt.info(name)
+            if a.shape == b.shape:
+                continue
+            vocab_like = VOCAB_TENSOR_RE.search(name) and a.shape[1:] == b.shape[1:] and a.shape
+            if not vocab_like:
+                raise CompressError(f"models differ in architecture: tensor '{name}' is {list(b.shape)} in "
+                                    f"{inp.path} but {list(a.shape)} in {ref_label} {ref.path}")
+            if vocab == "error":
+                raise CompressError(f"vocabulary sizes differ: '{name}' has {b.shape[0]} rows in {inp.path} but "
+                                    f"{a.shape[0]} in {ref_label}; pass --vocab base (keep the base's rows, drop "
+                                    "the others) or --vocab union (keep every row)")
+            if vocab == "base" and b.shape[0] < a.shape[0]:
+                raise CompressError(f"--vocab base: '{name}' has {b.shape[0]} rows in {inp.path}, fewer than the "
+                                    f"{a.shape[0]} of {ref_label}")
+            rows[name] = max(rows.get(name, a.shape[0]), b.shape[0])
+    return rows
+
+
+class Merger:
+    """Plans a merge from a ``MergeConfig`` and writes it, or yields merged tensors (``tensors()``)."""
+
+    def __init__(self, cfg: MergeConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.base = open_checkpoint(cfg.base) if cfg.base is not None else None
+        self.inputs = [_Input(m.model, self.base) for m in cfg.models]
+        if self.base is None and self.inputs[0].ckpt is None:
+            raise CompressError("linear merge without a base: the first model must be a full checkpoint")
+        self.ref = self.base if self.base is not None else self.inputs[0].ckpt
+        self.ref_label = "the base" if self.base is not None else "the first model"
+        self.vocab_rows = _check_names(self.ref, self.ref_label, self.inputs, cfg.vocab)
+        self.method: Optional[Method] = None
+        if cfg.method in METHODS:
+            normalize = cfg.parameters.get("normalize")
+            if normalize is not None and not isinstance(normalize, bool):
+                raise CompressError("parameter 'normalize' must be true or false")
+            self.method = method_preset(cfg.method, cfg.variant, normalize=normalize, **cfg.overrides())
+        config = self.ref.config or {}
+        self.num_layers = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers")
+        self.out_dtype = torch_dtype(cfg.dtype)
+        self.compute_dtype = torch_dtype(cfg.compute_dtype) or torch.float32
+        self._global: Optional[list[GlobalThreshold]] = None
+
+    # -- parameters ------------------------------------------------------------------------------------
+    def param(self, key: str, name: str, model: Optional[int] = None) -> float:
+        t = layer_position(name, self.num_layers)
+        scopes = ([self.cfg.models[model].parameters] if model is not None else []) + [self.cfg.parameters]
+        for scope in scopes:
+            if key in scope:
+                v = resolve_setting(scope[key], name, t)
+                if v is not None:
+                    return float(v)
+        return DEFAULTS[key]
+
+    def _merged_names(self) -> list[str]:
+        return [n for n in self.ref.names() if self.ref.info(n).is_float]
+
+    # -- global top-k: two streaming passes ------------------------------------------------------------
+    def _uses_global_topk(self) -> bool:
+        m = self.method
+        return m is not None and m.sparsify == "magnitude" and m.topk == "global"
+
+    def _global_thresholds(self, quiet) -> list[GlobalThreshold]:
+        for i, mc in enumerate(self.cfg.models):
+            for scope in (mc.parameters, self.cfg.parameters):
+                if "density" in scope and not isinstance(scope["density"], (int, float)):
+                    raise CompressError("topk: global needs one density per model (no gradients or filters); "
+                                        "use topk: per_tensor for per-layer densities")
+        g = [GlobalThreshold(self.param("density", "", i)) for i in range(len(self.inputs))]
+        names = self._merged_names()
+        for pass_name, fn in (("global top-k 1/2", GlobalThreshold.add), ("global top-k 2/2", GlobalThreshold.refine)):
+            for name in track(names, pass_name, quiet=quiet):
+                base = self._base_tensor(name)
+                for i, inp in enumerate(self.inputs):
+                    d = inp.delta(name, base, self.device)
+                    fn(g[i], d if d is not None else torch.zeros_like(base))
+        return g
+
+    # -- one tensor ------------------------------------------------------------------------------------
+    def _base_tensor(self, name: str) -> torch.Tensor:
+        if self.base is not None:
+            return self.base.get(name, device=self.device, dtype=self.compute_dtype)
+        return self.inputs[0].full(name, self.device, self.compute_dtype)
+
+    def merge_tensor(self, name: str) -> torch.Tensor:
+        info = self.ref.info(name)
+        if not info.is_float:
+            return self.ref.get(name, device=self.device)
+        base = self._base_tensor(name)
+        n = len(self.inputs)
+        weights = [self.param("weight", name, i) for i in range(n)]
+        if self.cfg.method == "linear":
+            # full-weight methods average in float32 whatever compute_dtype says (as mergekit's linear and slerp)
+            stacked = torch.stack([inp.weight(name, base, self.device).float() for inp in self.inputs])
+            out = linear(stacked, weights, normalize=bool(self.cfg.parameters.get("normalize", True)))
+        elif self.cfg.method == "slerp":
+            out = slerp(self.param("t", name), base.float(), self.inputs[0].weight(name, base, self.device).float())
+        else:
+            deltas = [inp.delta(name, base, self.device) for inp in self.inputs]
+            if all(d is None for d in deltas):
+                out = base
+            else:
+                stacked = torch.stack([d if d is not None else torch.zeros_like(base) for d in deltas])
+                keep = None
+                if self._global is not None:
+                    keep = [g.mask(stacked[i]) for i, g in enumerate(self._global)]
+                out = base + task_vector_merge(
+                    stacked, weights, self.method,
+                    density=[self.param("density", name, i) for i in range(n)],
+                    gamma=[self.param("gamma", name, i) for i in range(n)],
+                    epsilon=[self.param("epsilon", name, i) for i in range(n)],
+                    lam=self.param("lambda", name), keep=keep,
+                    generator=seeded_generator(self.cfg.seed, name))
+        out = self._extra_rows(name, out)
+        return out.to(self.out_dtype or info.dtype)
+
+    def _extra_rows(self, name: str, merged: torch.Tensor) -> torch.Tensor:
+        """--vocab union: rows past the base's are the mean of the models that have them."""
+        rows = self.vocab_rows.get(name)
+        if rows is None or self.cfg.vocab != "union" or rows <= merged.shape[0]:
+            return merged
+        extra = torch.zeros((rows - merged.shape[0],) + tuple(merged.shape[1:]), device=merged.device)
+        count = torch.zeros(rows - merged.shape[0], device=merged.device)
+        for inp in self.inputs:
+            r = inp.rows(name) or 0
+            if r > merged.shape[0]:
+                part = inp.full(name, self.device, torch.float32)[merged.shape[0]:]
+                extra[: part.shape[0]] += part
+                count[: part.shape[0]] += 1
+        extra /= count.clamp(min=1).reshape((-1,) + (1,) * (extra.dim() - 1))
+        return torch.cat([merged, extra])
+
+    # -- the whole model -------------------------------------------------------------------------------
+    def prepare(self, quiet: Optional[bool] = None) -> None:
+        if self._uses_global_topk() and self._global is None:
+            self._global = self._global_thresholds(quiet)
+
+    def tensors(self, quiet: Optional[bool] = None):
+        """(name, merged tensor) for every tensor of the reference model, in its order."""
+        self.prepare(quiet)
+        for name in track(self.ref.names(), f"merge ({self.cfg.method})", quiet=quiet):
+            yield name, self.merge_tensor(name)
+
+    def write(self, out: Path, quiet: Optional[bool] = None) -> MergeSummary:
+        from compress.io.writer import ShardedWriter, atomic_dir, copy_aux, write_model_card
+
+        start = time.perf_counter()
+        summary = MergeSummary(out=Path(out))
+        if self.cfg.vocab == "base":
+            summary.dropped_rows = {n: r - self.ref.info(n).shape[0] for n, r in self.vocab_rows.items()
+                                    if r > self.ref.info(n).shape[0]}
+            for n, r in summary.dropped_rows.items():
+                console.print(f"[yellow]--vocab base: dropping {r} rows of '{n}' that only some models have")
+        with atomic_dir(out, self.cfg.overwrite) as tmp:
+            writer = ShardedWriter(tmp, self.cfg.shard_size)
+            for name, t in self.tensors(quiet):
+                writer.add(name, t)
+                summary.tensors += 1
+                summary.params += t.numel()
+            writer.close()
+            aux = self.ref.root
+            if self.cfg.vocab == "union" and self.vocab_rows:
+                # the tokenizer and config of the model with the most rows describe the union
+                widest = max((i for i in self.inputs if i.ckpt is not None),
+                             key=lambda i: max(i.rows(n) or 0 for n in self.vocab_rows))
+                aux = widest.ckpt.root
+            copy_aux(aux, tmp)
+            write_model_card(tmp, title=f"Merged model ({self.cfg.method})", method=self._describe(),
+                             inputs={"base": str(self.cfg.base), **{f"model {i + 1}": str(m.model)
+                                                                    for i, m in enumerate(self.cfg.models)}},
+                             params=self._card_params())
+        summary.seconds = time.perf_counter() - start
+        summary.bytes_read = sum(i.ckpt.nbytes for i in self.inputs if i.ckpt is not None) + \
+            (self.base.nbytes if self.base is not None else 0)
+        return summary
+
+    def _describe(self) -> str:
+        if self.method is None:
+            return self.cfg.method
+        return f"{self.cfg.method} ({METHODS[self.cfg.method].paper}); variant {self.cfg.variant}"
+
+    def _card_params(self) -> dict:
+        p = {k: v for k, v in self.cfg.parameters.items()}
+        if self.method is not None:
+            p.update(topk=self.method.topk, sign_on=self.method.sign_on, disjoint=self.method.disjoint,
+                     rescale=self.method.rescale, consensus=self.method.consensus, seed=self.cfg.seed)
+        for i, m in enumerate(self.cfg.models):
+            if m.parameters:
+                p[f"model {i + 1}"] = m.parameters
+        return p
+
+
+def run_merge(cfg: MergeConfig, quiet: Optional[bool] = None) -> MergeSummary:
+    """Write the merge that ``cfg`` describes to ``cfg.out`` (atomically)."""
+    if cfg.out is None:
+        raise CompressError("no output folder: pass --out DIR (or set out: in the recipe)")
+    from compress.io.writer import check_output
+
+    check_output(cfg.out, cfg.overwrite)
+    return Merger(cfg).write(cfg.out, quiet=quiet if quiet is not None else cfg.quiet)

@@ -1,0 +1,145 @@
+"""Merge recipes: our YAML schema (``compress.config.MergeConfig``) and mergekit's, read into the same model.
+
+A recipe with a ``merge_method`` key is a mergekit config. It is translated, not interpreted loosely: every key
+either maps to a ``MergeConfig`` field (with ``variant: mergekit``, so the maths is mergekit's) or stops with an
+error naming it. Parameter values keep mergekit's semantics everywhere (``resolve_setting``): a number; a list of
+numbers, a gradient interpolated over the layers; a list of ``{filter, value}`` picking the first whose filter is
+a substring of the tensor name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from compress.config import Conditional, MergeConfig, build
+from compress.errors import CompressError
+
+MERGEKIT_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                    "breadcrumbs_ties", "della", "della_linear")
+_MK_TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+           "tokenizer", "chat_template", "slices", "modules", "name"}
+_MK_PARAMS = {"weight", "density", "gamma", "epsilon", "lambda", "t", "normalize", "rescale", "int8_mask"}
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def resolve_setting(setting: Any, name: str, t: float) -> Any:
+    """The value of a parameter setting for tensor ``name`` at layer position ``t`` in [0, 1] (None: no match).
+
+    Same rules as mergekit's ``evaluate_setting``: a gradient [v0, …, v_{n-1}] is piecewise linear in t;
+    conditionals apply in order, the first whose filter is absent, '*' or a substring of ``name`` wins.
+    """
+    if isinstance(setting, Conditional):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(v, (bool, int, float, str)) for v in setting):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+                return setting[int(t * (len(setting) - 1))]
+            pos = t * (len(setting) - 1)
+            i0 = int(pos)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = pos - i0
+            return (1 - frac) * setting[i0] + frac * setting[i1]
+        for cond in setting:
+            if not isinstance(cond, Conditional):
+                raise CompressError(f"a parameter list mixes numbers and {{filter, value}} entries: {setting}")
+            if cond.filter is None or cond.filter == "*" or cond.filter in name:
+                return resolve_setting(cond.value, name, t)
+        return None
+    raise CompressError(f"unexpected parameter value {setting!r}")
+
+
+def layer_position(name: str, num_layers: Optional[int]) -> float:
+    """mergekit's t: layer i of L gives i/(L−1) (1 when L = 1); tensors outside the layers give 0."""
+    m = _LAYER_RE.search(name)
+    if m is None or not num_layers:
+        return 0.0
+    return int(m.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise CompressError(f"{path}: no such recipe file") from None
+    except yaml.YAMLError as e:
+        raise CompressError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CompressError(f"{path}: a recipe is a YAML mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def _relative(value: Any, root: Path) -> Any:
+    if value is None:
+        return None
+    p = Path(os.path.expanduser(str(value)))
+    return p if p.is_absolute() or p.exists() else (root / p if (root / p).exists() else p)
+
+
+def from_mergekit(data: dict, root: Path, **cli) -> MergeConfig:
+    """A ``MergeConfig`` that reproduces what mergekit computes for this config (``variant: mergekit``)."""
+    unknown = sorted(set(data) - _MK_TOP)
+    if unknown:
+        raise CompressError(f"mergekit recipe: unknown field '{unknown[0]}'")
+    for key in ("slices", "modules", "tokenizer", "chat_template"):
+        if data.get(key):
+            raise CompressError(f"mergekit recipe: '{key}' is not supported (merge whole models with 'models:')")
+    method = data["merge_method"]
+    if method not in MERGEKIT_METHODS:
+        raise CompressError(f"mergekit recipe: unknown or unsupported merge_method '{method}' "
+                            f"(supported: {', '.join(MERGEKIT_METHODS)})")
+    params = dict(data.get("parameters") or {})
+    bad = sorted(set(params) - _MK_PARAMS)
+    if bad:
+        raise CompressError(f"mergekit recipe: unknown parameter '{bad[0]}' (known: {', '.join(sorted(_MK_PARAMS))})")
+    overrides: dict[str, Any] = {}
+    if "rescale" in params:
+        overrides["rescale"] = "l1" if params.pop("rescale") else "none"
+    params.pop("int8_mask", None)
+    models, base = [], data.get("base_model")
+    for i, entry in enumerate(data.get("models") or []):
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise CompressError(f"mergekit recipe: models[{i}] needs a 'model' key")
+        extra = sorted(set(entry) - {"model", "parameters"})
+        if extra:
+            raise CompressError(f"mergekit recipe: models[{i}]: unknown field '{extra[0]}'")
+        mp = dict(entry.get("parameters") or {})
+        bad = sorted(set(mp) - {"weight", "density", "gamma", "epsilon"})
+        if bad:
+            raise CompressError(f"mergekit recipe: models[{i}]: unknown parameter '{bad[0]}'")
+        if base is not None and str(entry["model"]) == str(base):
+            continue  # mergekit lists the base among the models for slerp and friends; it is not a task vector
+        models.append({"model": _relative(entry["model"], root), "parameters": mp})
+    tok = data.get("tokenizer_source")
+    if tok not in (None, "base", "union"):
+        raise CompressError(f"mergekit recipe: tokenizer_source '{tok}' is not supported (use base or union)")
+    fields = dict(method=method, base=_relative(base, root), models=models, parameters=params, variant="mergekit",
+                  dtype=data.get("out_dtype") or data.get("dtype"), compute_dtype=data.get("dtype"),
+                  vocab=tok or "error", **overrides)
+    fields.update({k: v for k, v in cli.items() if v is not None})
+    return build(MergeConfig, **fields)
+
+
+def load_recipe(path: str | os.PathLike, **cli) -> MergeConfig:
+    """A merge recipe file (ours or mergekit's) as a ``MergeConfig``; ``cli`` values (not None) win."""
+    path = Path(path)
+    data = _read_yaml(path)
+    root = path.parent
+    if "merge_method" in data:
+        return from_mergekit(data, root, **cli)
+    for key in ("base", "out"):
+        if data.get(key) is not None:
+            data[key] = _relative(data[key], root)
+    for m in data.get("models") or []:
+        if isinstance(m, dict) and "model" in m:
+            m["model"] = _relative(m["model"], root)
+    data.update({k: v for k, v in cli.items() if v is not None})
+    return build(MergeConfig, **data)
