@@ -535,6 +535,22 @@ def _is_number(s: str) -> bool:
         return False
 
 
+@bench_app.command("merge")
+def bench_merge(
+    zoo: str = typer.Argument("minilm-8task", help="minilm-8task or lm-zoo (built by `compress zoo build`)."),
+    zoo_root: Path = typer.Option(Path("checkpoints/zoo"), help="Where the zoo models are."),
+    results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON, markdown and the plot go."),
+    dev_limit: Optional[int] = typer.Option(500, help="Dev rows per task for choosing λ (0: all)."),
+    test_limit: Optional[int] = typer.Option(None, help="Test rows per task (default: all)."),
+    device: str = DEVICE, quiet: bool = QUIET,
+):
+    """Zero-shot, individual, average, task arithmetic, TIES and DARE-TIES on the zoo's fine-tuned models."""
+    from compress.bench.merge_zoo import run
+
+    run(zoo, zoo_root=zoo_root, results=results, device=resolve_device(device), dev_limit=dev_limit or None,
+        test_limit=test_limit, quiet=quiet)
+
+
 @bench_app.command("merge-speed")
 def bench_merge_speed(
     params: float = typer.Option(0.5e9, help="Parameters per model (three bf16 Llama checkpoints)."),
