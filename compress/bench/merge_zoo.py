@@ -158,7 +158,7 @@ def plot(report: dict, path: Path, metric_key: str = "acc", title: str = "") -> 
     rows = report["rows"]
     cols = list(report.get("columns") or report["tasks"]) + ["avg"]
     names = list(rows)
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(cols) * len(names) / 3), 4.5))
+    fig, ax = plt.subplots(figsize=(min(14, max(8, 0.5 * len(cols) * len(names) / 3)), 4.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         vals = [rows[name][metric_key].get(c, float("nan")) if c != "avg" else rows[name]["avg"] for c in cols]

@@ -1,0 +1,149 @@
+"""``compress bench merge lm-zoo``: the merge table of ``compress.bench.merge_zoo`` on the causal-LM zoo.
+
+Task models: the domain fine-tunes (shakespeare, ptb) and the context-recall fine-tune. Columns: perplexity on
+each domain's held-out text (lower is better), perplexity on wikitext2.test (general language, held out from the
+whole zoo), context-recall accuracy and hallucination rate on the held-out recall prompts. Each held-out set is cut
+in two: the first half is dev (λ is chosen on it), the second half is test (the table). Normalized scores:
+individual perplexity ÷ perplexity for the domains, accuracy ÷ individual accuracy for recall, averaged over the
+three tasks ("normalized avg", higher is better); λ maximizes that average on dev.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from compress.bench.merge_zoo import LAMBDAS, MERGES, choose_lambda, merged_deltas
+from compress.errors import CompressError
+from compress.progress import console
+
+TASKS = ("shakespeare", "ptb", "recall")
+
+
+def _halves(text: str) -> tuple[str, str]:
+    cut = text.rfind("\n", 0, len(text) // 2)
+    cut = cut if cut > 0 else len(text) // 2
+    return text[:cut], text[cut:]
+
+
+def heldout_texts(zoo: Path) -> dict[str, str]:
+    """{shakespeare, ptb, wikitext2}: the held-out texts of the zoo's build (never trained on)."""
+    from compress.data import corpus_path, read_text
+
+    build = json.loads((zoo / "build.json").read_text()) if (zoo / "build.json").is_file() else {}
+    frac = float(build.get("recipe", {}).get("shakespeare_heldout", 0.1))
+    shakespeare = read_text(corpus_path("shakespeare"))
+    return {"shakespeare": shakespeare[int(len(shakespeare) * (1 - frac)):],
+            "ptb": read_text(corpus_path("ptb.test")), "wikitext2": read_text(corpus_path("wikitext2.test"))}
+
+
+def run_lm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500, test_limit: Optional[int] = None,
+           lambdas=LAMBDAS, quiet: bool = False, max_tokens: int = 32768, seqlen: int = 256) -> dict:
+    from compress.eval.perplexity import load_causal_lm, perplexity
+    from compress.eval.recall import read_recall_items, recall_eval
+
+    for part in ("base", *TASKS):
+        if not (zoo / part / "config.json").is_file():
+            raise CompressError(f"{zoo / part}: missing; build it with `compress zoo build lm-zoo`")
+    model, tok = load_causal_lm(zoo / "base", device=device)
+    base_sd = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    texts = {k: _halves(v) for k, v in heldout_texts(zoo).items()}
+    items = read_recall_items(zoo / "recall_eval.jsonl")
+    half = len(items) // 2
+    splits = {"dev": items[:half][:dev_limit] if dev_limit else items[:half],
+              "test": items[half:][:test_limit] if test_limit else items[half:]}
+    tmp = Path(zoo) / ".bench-recall"
+    tmp.mkdir(exist_ok=True)
+    recall_files = {}
+    for split, rows in splits.items():
+        recall_files[split] = tmp / f"{split}.jsonl"
+        recall_files[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def load(weights: dict[str, torch.Tensor]) -> None:
+        state = model.state_dict()
+        with torch.no_grad():
+            for n, t in weights.items():
+                if n in state:
+                    state[n].copy_(t)
+
+    def score(split: str) -> dict:
+        i = 0 if split == "dev" else 1
+        out = {f"ppl_{k}": perplexity(model, tok, v[i], seqlen=seqlen, max_tokens=max_tokens, device=device)
+               for k, v in texts.items()}
+        r = recall_eval(model, tok, recall_files[split], device=device)
+        out.update(recall_accuracy=r["accuracy"], hallucination_rate=r["hallucination_rate"])
+        return out
+
+    t0 = time.perf_counter()
+    rows: dict[str, dict] = {}
+    rows["zero-shot"] = {"scores": score("test")}
+    individual, individual_dev = {}, {}
+    for task in TASKS:
+        from compress.io.reader import open_checkpoint
+
+        ck = open_checkpoint(zoo / task)
+        load({n: ck.get(n) for n in ck.names()})
+        s, d = score("test"), score("dev")
+        key = "recall_accuracy" if task == "recall" else f"ppl_{task}"
+        individual[task], individual_dev[task] = s[key], d[key]
+        rows[f"individual ({task})"] = {"scores": s}
+
+    def normalized(s: dict, ref: dict) -> float:
+        parts = [ref["shakespeare"] / s["ppl_shakespeare"], ref["ptb"] / s["ppl_ptb"],
+                 s["recall_accuracy"] / max(ref["recall"], 1e-9)]
+        return sum(parts) / len(parts)
+
+    models = [zoo / t for t in TASKS]
+    for row, (method, params) in MERGES.items():
+        merged = merged_deltas(zoo / "base", models, method, params, device)
+        if method == "linear":
+            load(merged)
+            rows[row] = {"scores": score("test"), "method": method}
+            continue
+
+        def at(lam: float) -> None:
+            load({n: base_sd[n].float() + lam * d for n, d in merged.items()})
+
+        best, seen = choose_lambda(at, lambda: normalized(score("dev"), individual_dev), lambdas)
+        at(best)
+        rows[row] = {"scores": score("test"), "method": method, "params": params, "lambda": best,
+                     "dev_by_lambda": {str(k): v for k, v in seen.items()}}
+        if not quiet:
+            console.print(f"[bench merge] {row}: λ = {best} (dev normalized {seen[best]:.4f})")
+    for r in rows.values():
+        r["normalized_avg"] = normalized(r["scores"], individual)
+    return {"zoo": "lm-zoo", "zoo_dir": str(zoo), "tasks": list(TASKS), "individual": individual,
+            "dev_limit": dev_limit, "test_limit": test_limit, "lambdas": list(lambdas), "device": device,
+            "max_tokens": max_tokens, "seqlen": seqlen, "seconds": time.perf_counter() - t0, "rows": rows,
+            "plot_key": "plot", "columns": ["shakespeare", "ptb", "recall"]}
+
+
+COLUMNS = (("ppl_shakespeare", "ppl shakespeare ↓", "{:.2f}"), ("ppl_ptb", "ppl ptb ↓", "{:.2f}"),
+           ("ppl_wikitext2", "ppl wikitext2 ↓", "{:.2f}"), ("recall_accuracy", "recall acc % ↑", "{:.1%}"),
+           ("hallucination_rate", "hallucination % ↓", "{:.1%}"))
+
+
+def markdown_lm(report: dict) -> str:
+    head = ["method", *[c[1] for c in COLUMNS], "normalized avg ↑", "λ"]
+    lines = ["# compress bench merge — lm-zoo", "",
+             "Second half of each held-out text / recall prompt set (the first half chose λ). Normalized: individual "
+             "perplexity ÷ perplexity (domains), accuracy ÷ individual accuracy (recall), averaged.", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for name, r in report["rows"].items():
+        s = r["scores"]
+        cells = [fmt.format(s[k]).replace("%", "") for k, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join([name, *cells, f"{100 * r['normalized_avg']:.1f}",
+                                        str(r.get("lambda", ""))]) + " |")
+    lines += ["", f"device {report['device']}, {report['seconds']:.0f} s; perplexity over ≤ {report['max_tokens']} "
+              f"tokens per half, windows of {report['seqlen']}.", ""]
+    # the plot shows normalized per-task scores
+    for r in report["rows"].values():
+        s, ind = r["scores"], report["individual"]
+        r["plot"] = {"shakespeare": ind["shakespeare"] / s["ppl_shakespeare"], "ptb": ind["ptb"] / s["ppl_ptb"],
+                     "recall": s["recall_accuracy"] / max(ind["recall"], 1e-9)}
+        r["avg"] = r["normalized_avg"]
+    return "\n".join(lines)
