@@ -320,11 +320,11 @@ def window_sampler(ids: torch.Tensor, seqlen: int, batch_size: int, seed: int) -
 
 
 def recall_sampler(task: RecallTask, tokenizer, batch_size: int, seed: int, mix: dict[str, float],
-                   max_len: int, lm_stream: torch.Tensor | None = None,
-                   lm_fraction: float = 0.0) -> Callable[[int], Batch]:
-    """Fresh recall items every step (seeded by ``seed`` and the step), right-padded, loss on answer + </s>;
-    plus ``round(lm_fraction·batch_size)`` rows of ``lm_stream`` windows as wide as the recall rows (loss on
-    every token), so that the fine-tune keeps some of the language model."""
+                   max_len: int, lm_stream: torch.Tensor | None = None, lm_fraction: float = 0.0,
+                   exclude: frozenset[str] = frozenset()) -> Callable[[int], Batch]:
+    """Fresh recall items every step (seeded by ``seed`` and the step; none whose prompt is in ``exclude``),
+    right-padded, loss on answer + </s>; plus ``round(lm_fraction·batch_size)`` rows of ``lm_stream`` windows as
+    wide as the recall rows (loss on every token), so that the fine-tune keeps some of the language model."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     n_lm = round(lm_fraction * batch_size) if lm_stream is not None else 0
     n_items = batch_size - n_lm
@@ -334,7 +334,7 @@ def recall_sampler(task: RecallTask, tokenizer, batch_size: int, seed: int, mix:
     gen = torch.Generator().manual_seed(seed)
 
     def sample(step: int) -> Batch:
-        items = task.items(n_items, seed=seed * 1_000_003 + step, mix=mix)
+        items = task.items(n_items, seed=seed * 1_000_003 + step, mix=mix, exclude=exclude)
         prompts = tokenizer([it["prompt"] for it in items])["input_ids"]
         answers = tokenizer([" " + it["answer"] for it in items], add_special_tokens=False)["input_ids"]
         seqs = [(p, a + [eos]) for p, a in zip(prompts, answers)]
@@ -544,7 +544,8 @@ def build_lm_zoo(out_dir: str | Path, device: str = "cpu", quick: bool = False,
             model = copy.deepcopy(base)
             if name == "recall":
                 sample = recall_sampler(task, tokenizer, cfg.batch_size, recipe.recall.train_seed,
-                                        recipe.recall.train_mix, seqlen, lm_stream, recipe.recall.lm_fraction)
+                                        recipe.recall.train_mix, seqlen, lm_stream, recipe.recall.lm_fraction,
+                                        exclude=frozenset(it["prompt"] for it in eval_items))
             else:
                 sample = window_sampler(domain_ids[name], seqlen, cfg.batch_size, recipe.seed + 1)
             runs[name] = train(model, sample, cfg, device, f"fine-tune {name}", quiet)

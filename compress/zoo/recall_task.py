@@ -130,8 +130,15 @@ class RecallTask:
         return {"kind": kind, "prompt": f"{context} {self.question(keys[asked])}", "answer": values[asked],
                 "context_values": values, "prior": prior if kind == "counterfactual" else None}
 
-    def items(self, n: int, seed: int, mix: dict[str, float]) -> list[dict]:
-        """``n`` items whose kinds are drawn with the weights in ``mix`` from a generator seeded by ``seed``."""
+    def items(self, n: int, seed: int, mix: dict[str, float], exclude: frozenset[str] | set[str] = frozenset()
+              ) -> list[dict]:
+        """``n`` items whose kinds are drawn with the weights in ``mix`` from a generator seeded by ``seed``; an
+        item whose prompt is in ``exclude`` (the held-out evaluation prompts) is drawn again."""
         rng = random.Random(seed)
         kinds, weights = zip(*[(k, w) for k, w in mix.items() if w > 0])
-        return [self.item(rng, rng.choices(kinds, weights)[0]) for _ in range(n)]
+        out = []
+        while len(out) < n:
+            item = self.item(rng, rng.choices(kinds, weights)[0])
+            if item["prompt"] not in exclude:
+                out.append(item)
+        return out
