@@ -39,7 +39,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from compress.config import format_validation_error, resolve_device
+from compress.config import Compute, format_validation_error, resolve_device
+from compress.config import build as build_config
 from compress.data import corpus_path, data_dir, read_text
 from compress.errors import CompressError
 from compress.eval.kl import kl_divergence
@@ -435,7 +436,7 @@ def _save(model, tokenizer, folder: Path, dtype: str, title: str, method: str, i
 
 
 # ---------------------------------------------------------------------------------------------------- build
-def _evaluate(model, tokenizer, base, name: str, texts: dict[str, str], recall_path: Path, recipe: LmZooRecipe,
+def _evaluate(model, tokenizer, base, texts: dict[str, str], recall_path: Path, recipe: LmZooRecipe,
               device: str) -> dict:
     e = recipe.eval
     out = {"perplexity": {k: round(perplexity(model, tokenizer, texts[k], seqlen=e.seqlen, max_tokens=e.max_tokens,
@@ -485,7 +486,7 @@ def build_lm_zoo(out_dir: str | Path, device: str = "cpu", quick: bool = False,
 
     t_start = time.perf_counter()
     recipe = load_recipe(recipe_path, quick=quick)
-    device = resolve_device(str(device))
+    device = resolve_device(build_config(Compute, device=str(device)).device)
     out_dir = check_output(out_dir, overwrite)
     quiet = bool(quiet) or quiet_default()
     hf_logging.disable_progress_bar()
@@ -569,7 +570,7 @@ def build_lm_zoo(out_dir: str | Path, device: str = "cpu", quick: bool = False,
         results = {}
         for name, model in track_models(models, quiet):
             results[name] = {"path": name, "train": runs[name],
-                             **_evaluate(model, tokenizer, models["base"], name, texts, recall_path, recipe, device)}
+                             **_evaluate(model, tokenizer, models["base"], texts, recall_path, recipe, device)}
         seconds["eval"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t_start
         device_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
