@@ -22,6 +22,7 @@ Everything goes into a temporary folder beside ``out_dir`` that is renamed into 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gzip
 import json
@@ -389,16 +390,16 @@ def train(model, sample: Callable[[int], Batch], cfg: TrainRecipe, device: str, 
         task = bar.add_task(label, total=cfg.steps, loss="-", tps="-")
         for step in range(cfg.steps):
             ids, labels, mask = sample(step)
+            tokens += ids.numel() if mask is None else int(mask.sum())  # counted on the CPU: no GPU sync
             ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             mask = mask.to(device, non_blocking=True) if mask is not None else None
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
-            tokens += ids.numel() if mask is None else int(mask.sum())
             if step % 10 == 0 or step == cfg.steps - 1:  # .item() syncs the GPU; not every step
                 losses.append(round(loss.item(), 4))
                 bar.update(task, loss=f"{losses[-1]:.3f}", tps=f"{tokens / (time.perf_counter() - t0):,.0f}")
