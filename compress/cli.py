@@ -453,17 +453,23 @@ def _eval_task(cfg: EvalConfig) -> tuple[dict, str]:
     return info, f"{res.task} {res.split}: accuracy {res.accuracy:.4f} ({res.correct}/{res.n})"
 
 
-def _eval_perplexity(cfg: EvalConfig) -> tuple[dict, str]:
+def _text_or_corpus(value: str, flag: str) -> Path:
     from compress.data import corpus_names, corpus_path
+
+    text = Path(value)
+    if not text.is_file():
+        if value not in corpus_names():
+            raise CompressError(f"{flag} {value}: neither a file nor a bundled corpus "
+                                f"(corpora: {', '.join(corpus_names())})")
+        text = corpus_path(value)
+    return text
+
+
+def _eval_perplexity(cfg: EvalConfig) -> tuple[dict, str]:
     from compress.eval.classify import hf_quiet
     from compress.eval.perplexity import load_causal_lm, perplexity
 
-    text = Path(cfg.perplexity)
-    if not text.is_file():
-        if cfg.perplexity not in corpus_names():
-            raise CompressError(f"--perplexity {cfg.perplexity}: neither a file nor a bundled corpus "
-                                f"(corpora: {', '.join(corpus_names())})")
-        text = corpus_path(cfg.perplexity)
+    text = _text_or_corpus(cfg.perplexity, "--perplexity")
     device = resolve_device(cfg.device)
     with hf_quiet():
         model, tok = load_causal_lm(cfg.model, device=device, dtype=torch_dtype(cfg.dtype) or "float32")
@@ -474,8 +480,39 @@ def _eval_perplexity(cfg: EvalConfig) -> tuple[dict, str]:
     return info, f"perplexity {ppl:.4f} on {text} (windows of {cfg.seqlen} tokens)"
 
 
+def _eval_kl(cfg: EvalConfig) -> tuple[dict, str]:
+    from compress.eval.classify import hf_quiet
+    from compress.eval.kl import kl_divergence
+    from compress.eval.perplexity import load_causal_lm
+
+    text = _text_or_corpus(cfg.calib, "--calib")
+    device = resolve_device(cfg.device)
+    with hf_quiet():
+        model, tok = load_causal_lm(cfg.model, device=device, dtype=torch_dtype(cfg.dtype) or "float32")
+        ref, _ = load_causal_lm(cfg.kl_to, device=device, dtype=torch_dtype(cfg.dtype) or "float32")
+    kl = kl_divergence(model, ref, tok, text, seqlen=cfg.seqlen, max_tokens=cfg.max_tokens,
+                       batch_size=cfg.batch_size, device=device)
+    info = {"evaluator": "kl_to", "model": str(cfg.model), "reference": str(cfg.kl_to), "text": str(text),
+            "seqlen": cfg.seqlen, "max_tokens": cfg.max_tokens, "kl_nats_per_token": kl}
+    return info, f"KL(reference ‖ model) {kl:.6f} nats/token on {text}"
+
+
+def _eval_recall(cfg: EvalConfig) -> tuple[dict, str]:
+    from compress.eval.classify import hf_quiet
+    from compress.eval.perplexity import load_causal_lm
+    from compress.eval.recall import recall_eval
+
+    device = resolve_device(cfg.device)
+    with hf_quiet():
+        model, tok = load_causal_lm(cfg.model, device=device, dtype=torch_dtype(cfg.dtype) or "float32")
+    r = recall_eval(model, tok, cfg.recall, limit=cfg.limit, batch_size=cfg.batch_size, device=device)
+    info = {"evaluator": "recall", "model": str(cfg.model), "prompts": str(cfg.recall), **r}
+    return info, (f"context recall on {r['n']} prompts: accuracy {r['accuracy']:.4f}, hallucination rate "
+                  f"{r['hallucination_rate']:.4f}, confusion {r['confusion_rate']:.4f} (chance {r['chance']:.4f})")
+
+
 # One function per evaluator flag of `compress eval` (the flag names are EvalConfig fields; see config.EVALUATORS).
-EVALUATOR_RUNNERS = {"task": _eval_task, "perplexity": _eval_perplexity}
+EVALUATOR_RUNNERS = {"task": _eval_task, "perplexity": _eval_perplexity, "kl_to": _eval_kl, "recall": _eval_recall}
 
 
 @app.command("eval")
@@ -486,6 +523,11 @@ def eval_cmd(
                                                   "agnews, cola, mrpc, sick, emotion)."),
     perplexity: Optional[str] = typer.Option(None, help="Perplexity on a text file (.txt, .txt.gz) or a bundled "
                                                         "corpus name (wikitext2.test, ptb.test, shakespeare, ...)."),
+    kl_to: Optional[Path] = typer.Option(None, help="KL(reference ‖ MODEL) per token, the reference a causal LM "
+                                                    "folder (e.g. the dense model); needs --calib."),
+    calib: Optional[str] = typer.Option(None, help="--kl-to: text file or bundled corpus to compare on."),
+    recall: Optional[Path] = typer.Option(None, help="Context-recall accuracy and hallucination rate on a recall "
+                                                     "jsonl (e.g. checkpoints/zoo/lm-zoo/recall_eval.jsonl)."),
     head: Optional[Path] = typer.Option(None, help="--task: the task folder whose head to use (default: MODEL's)."),
     split: str = typer.Option("test", help="--task: train, dev or test."),
     limit: Optional[int] = typer.Option(None, help="--task: the first N rows of the split."),
@@ -496,8 +538,9 @@ def eval_cmd(
     device: str = DEVICE,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """Evaluate a model with exactly one evaluator: --task (accuracy) or --perplexity."""
-    cfg = build(EvalConfig, model=model, task=task, perplexity=perplexity, head=head, split=split, limit=limit,
+    """Evaluate a model with exactly one evaluator: --task (accuracy), --perplexity, --kl-to or --recall."""
+    cfg = build(EvalConfig, model=model, task=task, perplexity=perplexity, kl_to=kl_to, calib=calib, recall=recall,
+                head=head, split=split, limit=limit,
                 seqlen=seqlen, max_tokens=max_tokens, batch_size=batch_size, dtype=dtype, device=device)
     name = next(n for n in EVALUATOR_RUNNERS if getattr(cfg, n) is not None)
     info, line = EVALUATOR_RUNNERS[name](cfg)

@@ -115,17 +115,21 @@ class ZooBuildConfig(Compute):
     overwrite: bool = False
 
 
-EVALUATORS = ("task", "perplexity")
+EVALUATORS = ("task", "perplexity", "kl_to", "recall")
 
 
 class EvalConfig(Compute):
     """`compress eval MODEL`: exactly one evaluator flag (``task``: classification accuracy with a task head;
-    ``perplexity``: a causal LM on a text file or bundled corpus). A new evaluator is one more optional field here,
+    ``perplexity``: a causal LM on a text file or bundled corpus; ``kl_to``: KL(reference ‖ model) on ``calib``
+    text; ``recall``: context-recall accuracy and hallucination rate on a recall jsonl). A new evaluator is one more optional field here,
     its name in ``EVALUATORS`` and one function in the CLI."""
 
     model: Path
     task: Optional[str] = None
     perplexity: Optional[str] = None
+    kl_to: Optional[Path] = None
+    recall: Optional[Path] = None
+    calib: Optional[str] = None
     head: Optional[Path] = None
     split: Literal["train", "dev", "test"] = "test"
     limit: Optional[int] = Field(None, ge=1)
@@ -142,6 +146,8 @@ class EvalConfig(Compute):
             raise ValueError(f"choose exactly one evaluator: {flags} (got {got})")
         if self.head is not None and self.task is None:
             raise ValueError("--head goes with --task (a classification head for that task)")
+        if self.kl_to is not None and self.calib is None:
+            raise ValueError("--kl-to needs --calib (a text file or bundled corpus to compare the models on)")
         return self
 
 

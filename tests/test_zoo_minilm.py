@@ -244,3 +244,24 @@ def test_carry_splits_the_pretrained_model_losslessly(tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESS_MINILM", str(tmp_path / "nowhere"))
     with pytest.raises(CompressError, match="COMPRESS_MINILM"):
         pretrained_dir()
+
+
+def test_bench_merge_table_on_the_quick_zoo(zoo_quick, tmp_path):
+    from compress.bench.merge_zoo import run
+
+    report = run("minilm-8task", zoo_root=zoo_quick.parent, results=tmp_path, dev_limit=60, test_limit=100,
+                 lambdas=(0.5, 1.0), quiet=True)
+    rows = report["rows"]
+    assert list(rows) == ["zero-shot", "individual fine-tuned", "simple average", "task arithmetic", "TIES",
+                          "DARE-TIES"]
+    assert rows["individual fine-tuned"]["normalized_avg"] == pytest.approx(1.0)
+    assert rows["individual fine-tuned"]["avg"] > rows["zero-shot"]["avg"]
+    for name in ("task arithmetic", "TIES", "DARE-TIES"):
+        assert rows[name]["lambda"] in (0.5, 1.0)
+        best = rows[name]["dev_by_lambda"][str(rows[name]["lambda"])]
+        assert best == max(rows[name]["dev_by_lambda"].values())
+    saved = json.loads((tmp_path / "merge_minilm-8task.json").read_text())
+    assert saved["rows"]["TIES"]["acc"] == rows["TIES"]["acc"]
+    md = (tmp_path / "merge_minilm-8task.md").read_text()
+    assert "| TIES |" in md and "normalized avg" in md
+    assert (tmp_path / "merge_minilm-8task.png").stat().st_size > 10_000
