@@ -32,13 +32,10 @@ def _halves(text: str) -> tuple[str, str]:
 
 def heldout_texts(zoo: Path) -> dict[str, str]:
     """{shakespeare, ptb, wikitext2}: the held-out texts of the zoo's build (never trained on)."""
-    from compress.data import corpus_path, read_text
+    from compress.zoo.lm import corpora, load_recipe
 
     build = json.loads((zoo / "build.json").read_text()) if (zoo / "build.json").is_file() else {}
-    frac = float(build.get("recipe", {}).get("shakespeare_heldout", 0.1))
-    shakespeare = read_text(corpus_path("shakespeare"))
-    return {"shakespeare": shakespeare[int(len(shakespeare) * (1 - frac)):],
-            "ptb": read_text(corpus_path("ptb.test")), "wikitext2": read_text(corpus_path("wikitext2.test"))}
+    return corpora(load_recipe(quick=bool(build.get("quick", False))))[1]
 
 
 def run_lm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500, test_limit: Optional[int] = None,

@@ -512,7 +512,8 @@ def build_lm_zoo(out_dir: str | Path, device: str = "cpu", quick: bool = False,
 
         # tokenizer
         t = time.perf_counter()
-        tokenizer = train_tokenizer(list(train_texts.values()), recipe.tokenizer.vocab_size)
+        # the tokenizer sees every training text (the domain fine-tuning texts too); pretraining does not
+        tokenizer = train_tokenizer(list(train_texts.values()) + list(domains.values()), recipe.tokenizer.vocab_size)
         seconds["tokenizer"] = time.perf_counter() - t
         stream = token_stream(tokenizer, list(train_texts.values()) + fact_docs)
         restate = restatement_stream(task, tokenizer, recipe.recall.pretrain_restate_fraction, stream.numel(),
