@@ -129,7 +129,7 @@ def test_recipe_errors_are_one_line(tmp_path):
     text = RECIPE_PATH.read_text()
     cases = {
         "eval_seed: 2 ": ("eval_seed: 1 ", "eval_seed must differ"),
-        "pretrain_corpora: [wikitext2.valid,": ("pretrain_corpora: [wikitext2.test,", "held out for evaluation"),
+        "pretrain_corpora: [wikitext2.valid]": ("pretrain_corpora: [wikitext2.test]", "held out for evaluation"),
         "  tokenizer: {vocab_size: 1024}": ("  tokenizer: {vocab_size: 10}", "quick: tokenizer.vocab_size"),
         "  steps: 1200": ("  steps: 0", "pretrain.steps"),
     }
