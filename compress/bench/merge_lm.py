@@ -116,7 +116,8 @@ def run_lm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500, te
     return {"zoo": "lm-zoo", "zoo_dir": str(zoo), "tasks": list(TASKS), "individual": individual,
             "dev_limit": dev_limit, "test_limit": test_limit, "lambdas": list(lambdas), "device": device,
             "max_tokens": max_tokens, "seqlen": seqlen, "seconds": time.perf_counter() - t0, "rows": rows,
-            "plot_key": "plot", "columns": ["shakespeare", "ptb", "recall"]}
+            "plot_key": "plot", "columns": ["shakespeare", "ptb", "recall"],
+            "plot_ylabel": "normalized score (own task's model = 1)"}
 
 
 COLUMNS = (("ppl_shakespeare", "ppl shakespeare ↓", "{:.2f}"), ("ppl_ptb", "ppl ptb ↓", "{:.2f}"),
@@ -124,7 +125,24 @@ COLUMNS = (("ppl_shakespeare", "ppl shakespeare ↓", "{:.2f}"), ("ppl_ptb", "pp
            ("hallucination_rate", "hallucination % ↓", "{:.1%}"))
 
 
+def add_diagonal(report: dict) -> dict:
+    """The "individual fine-tuned" row: each column scored by its own task's model (as minilm-8task's row)."""
+    rows = report["rows"]
+    if "individual fine-tuned" not in rows:
+        own = {"ppl_shakespeare": rows["individual (shakespeare)"]["scores"]["ppl_shakespeare"],
+               "ppl_ptb": rows["individual (ptb)"]["scores"]["ppl_ptb"],
+               "ppl_wikitext2": float("nan"),
+               "recall_accuracy": rows["individual (recall)"]["scores"]["recall_accuracy"],
+               "hallucination_rate": rows["individual (recall)"]["scores"]["hallucination_rate"]}
+        items = list(rows.items())
+        at = [k for k, _ in items].index("individual (recall)") + 1
+        items.insert(at, ("individual fine-tuned", {"scores": own, "normalized_avg": 1.0, "own_task_only": True}))
+        report["rows"] = dict(items)
+    return report
+
+
 def markdown_lm(report: dict) -> str:
+    add_diagonal(report)
     head = ["method", *[c[1] for c in COLUMNS], "normalized avg ↑", "λ"]
     lines = ["# compress bench merge — lm-zoo", "",
              "Second half of each held-out text / recall prompt set (the first half chose λ). Normalized: individual "
@@ -132,12 +150,13 @@ def markdown_lm(report: dict) -> str:
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for name, r in report["rows"].items():
         s = r["scores"]
-        cells = [fmt.format(s[k]).replace("%", "") for k, _, fmt in COLUMNS]
+        cells = ["–" if s[k] != s[k] else fmt.format(s[k]).replace("%", "") for k, _, fmt in COLUMNS]
         lines.append("| " + " | ".join([name, *cells, f"{100 * r['normalized_avg']:.1f}",
                                         str(r.get("lambda", ""))]) + " |")
     lines += ["", f"device {report['device']}, {report['seconds']:.0f} s; perplexity over ≤ {report['max_tokens']} "
               f"tokens per half, windows of {report['seqlen']}.", ""]
-    # the plot shows normalized per-task scores
+    # the plot shows normalized per-task scores of the merged rows against the per-task models
+    report["plot_rows"] = [k for k in report["rows"] if not k.startswith("individual (")]
     for r in report["rows"].values():
         s, ind = r["scores"], report["individual"]
         r["plot"] = {"shakespeare": ind["shakespeare"] / s["ppl_shakespeare"], "ptb": ind["ptb"] / s["ppl_ptb"],

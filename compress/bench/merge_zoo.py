@@ -157,7 +157,7 @@ def plot(report: dict, path: Path, metric_key: str = "acc", title: str = "") -> 
         return None
     rows = report["rows"]
     cols = list(report.get("columns") or report["tasks"]) + ["avg"]
-    names = list(rows)
+    names = list(report.get("plot_rows") or rows)
     fig, ax = plt.subplots(figsize=(min(14, max(8, 0.5 * len(cols) * len(names) / 3)), 4.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
@@ -165,6 +165,7 @@ def plot(report: dict, path: Path, metric_key: str = "acc", title: str = "") -> 
         ax.bar([j + i * width for j in range(len(cols))], vals, width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], cols, rotation=30)
     ax.set_title(title or f"compress bench merge — {report['zoo']}")
+    ax.set_ylabel(report.get("plot_ylabel", "test accuracy"))
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
