@@ -202,7 +202,7 @@ class TaskVector:
         delta_names, carried = set(self.names()), self.carried()
         order = base_ckpt.names() + [n for n in carried if n not in base_ckpt]
         with atomic_dir(out, overwrite) as tmp:
-            writer = ShardedWriter(tmp, shard_size)
+            writer = ShardedWriter(tmp, shard_size, expected_tensors=len(order))
             for name in track(order, "apply", quiet=quiet):
                 if name in carried:
                     t = carried[name].full(name, device=device)

@@ -146,3 +146,27 @@ def test_recipe_errors_are_one_line(tmp_path):
     taken.mkdir()
     with pytest.raises(CompressError, match="already exists; pass --overwrite"):
         build_lm_zoo(taken, quick=True)
+
+
+def test_eval_cli_kl_and_recall(zoo, tmp_path):
+    import json as _json
+
+    from conftest import run_cli
+
+    root, _ = zoo
+    text = tmp_path / "calib.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40)
+    code, out, err = run_cli("eval", root / "recall", "--kl-to", root / "recall", "--calib", text, "--seqlen", "64",
+                             "--json")
+    assert code == 0, err
+    assert _json.loads(out)["kl_nats_per_token"] == pytest.approx(0.0, abs=1e-6)
+    code, out, err = run_cli("eval", root / "recall", "--kl-to", root / "base", "--calib", text, "--seqlen", "64",
+                             "--json")
+    assert code == 0 and _json.loads(out)["kl_nats_per_token"] > 0.01
+    code, out, err = run_cli("eval", root / "recall", "--recall", root / "recall_eval.jsonl", "--json")
+    assert code == 0, err
+    r = _json.loads(out)
+    assert r["accuracy"] + r["hallucination_rate"] + r["confusion_rate"] == pytest.approx(1.0)
+    assert r["accuracy"] > 0.5 and r["n"] > 0
+    code, _, err = run_cli("eval", root / "recall", "--kl-to", root / "base")
+    assert code == 2 and "--kl-to needs --calib" in err

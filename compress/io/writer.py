@@ -18,7 +18,7 @@ import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Optional, Iterator
 
 import torch
 
@@ -86,11 +86,17 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 class SafetensorsStreamWriter:
     """Writes one safetensors file from tensors added one at a time, holding none of them."""
 
-    def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None):
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None, reserve: int = 0):
+        """``reserve``: bytes of header space to leave before the data, so that ``close`` writes the header in
+        place (padded with spaces, which JSON allows) instead of copying the data behind it; when the header
+        turns out larger, ``close`` falls back to the copy."""
         self.path = Path(path)
         self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
-        self._data_path = self.path.with_name(self.path.name + ".data")
+        self.reserve = -(-reserve // 8) * 8
+        self._data_path = self.path if self.reserve else self.path.with_name(self.path.name + ".data")
         self._data = open(self._data_path, "wb")
+        if self.reserve:
+            self._data.write(b"\0" * (8 + self.reserve))
         self._header: dict[str, dict] = {}
         self.nbytes = 0
 
@@ -112,7 +118,17 @@ class SafetensorsStreamWriter:
         if self.metadata:
             header["__metadata__"] = self.metadata
         blob = json.dumps(header, separators=(",", ":")).encode()
+        if self.reserve and len(blob) <= self.reserve:
+            with open(self.path, "r+b") as out:
+                out.write(struct.pack("<Q", self.reserve) + blob + b" " * (self.reserve - len(blob)))
+            return
         blob += b" " * (-len(blob) % 8)
+        if self.reserve:  # the header outgrew its room: move the data behind a header of the right size
+            moved = self.path.with_name(self.path.name + ".data")
+            with open(self.path, "rb") as src, open(moved, "wb") as dst:
+                src.seek(8 + self.reserve)
+                shutil.copyfileobj(src, dst, 16 * 2**20)
+            self._data_path = moved
         with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
             out.write(struct.pack("<Q", len(blob)))
             out.write(blob)
@@ -178,10 +194,13 @@ class ShardedWriter:
     """
 
     def __init__(self, folder: Path, shard_size: int | str = DEFAULT_SHARD_SIZE,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, expected_tensors: Optional[int] = None):
+        """``expected_tensors``: how many tensors the model has, when known; each shard then reserves header room
+        for that many and is written once, instead of being copied behind its header at the end."""
         self.folder = Path(folder)
         self.shard_size = parse_size(shard_size)
         self.metadata = {"format": "pt", **(metadata or {})}
+        self.reserve = 1024 + 256 * expected_tensors + len(json.dumps(self.metadata)) if expected_tensors else 0
         self._shards: list[tuple[Path, list[str]]] = []
         self._current: SafetensorsStreamWriter | None = None
         self.total_size = 0
@@ -198,7 +217,7 @@ class ShardedWriter:
         if self._current is not None:
             self._current.close()
         path = self.folder / f".shard-{len(self._shards):05d}.safetensors"
-        self._current = SafetensorsStreamWriter(path, self.metadata)
+        self._current = SafetensorsStreamWriter(path, self.metadata, reserve=self.reserve)
         self._shards.append((path, []))
 
     def close(self) -> list[Path]:

@@ -16,7 +16,7 @@ import torch
 
 from compress.config import MergeConfig, resolve_device, torch_dtype
 from compress.errors import CompressError
-from compress.io.reader import Checkpoint, is_peft_adapter, open_checkpoint
+from compress.io.reader import Checkpoint, all_finite, is_peft_adapter, open_checkpoint
 from compress.merge.methods import METHODS, Method, linear, method_preset, slerp, task_vector_merge
 from compress.merge.recipe import layer_position, resolve_setting
 from compress.progress import console, track
@@ -30,8 +30,9 @@ DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lamb
 class _Input:
     """One model to merge: full tensors from a checkpoint, or base + ΔW from a LoRA adapter."""
 
-    def __init__(self, path: Path, base: Optional[Checkpoint]):
+    def __init__(self, path: Path, base: Optional[Checkpoint], read=None):
         self.path = path
+        self.read = read or (lambda ck, name: ck.get(name, check_finite=False))
         self.adapter = None
         if is_peft_adapter(path):
             if base is None:
@@ -56,7 +57,7 @@ class _Input:
 
     def full(self, name: str, device, dtype, like: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The full tensor; cut to ``like``'s rows when this model has a larger vocabulary."""
-        t = self.ckpt.get(name, device=device, dtype=dtype)
+        t = self.read(self.ckpt, name).to(device=device, dtype=dtype)
         if like is not None and t.dim() and t.shape[0] > like.shape[0]:
             t = t[: like.shape[0]]
         return t
@@ -122,7 +123,10 @@ class Merger:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.base = open_checkpoint(cfg.base) if cfg.base is not None else None
-        self.inputs = [_Input(m.model, self.base) for m in cfg.models]
+        # reads of the next tensor overlap the maths of this one (see ``tensors``)
+        self._pending: dict[tuple[int, str], object] = {}
+        self._pool = None
+        self.inputs = [_Input(m.model, self.base, self._read) for m in cfg.models]
         if self.base is None and self.inputs[0].ckpt is None:
             raise CompressError("linear merge without a base: the first model must be a full checkpoint")
         self.ref = self.base if self.base is not None else self.inputs[0].ckpt
@@ -176,15 +180,44 @@ class Merger:
         return g
 
     # -- one tensor ------------------------------------------------------------------------------------
+    def _read(self, ck: Checkpoint, name: str) -> torch.Tensor:
+        """A tensor as stored (CPU), from the prefetch when one is pending."""
+        fut = self._pending.pop((id(ck), name), None)
+        # inputs are checked for NaN/Inf through the merged tensor (one check instead of one per input)
+        return fut.result() if fut is not None else ck.get(name, check_finite=False)
+
+    def _prefetch(self, name: str) -> None:
+        if self._pool is None:
+            return
+        for ck in [self.base] + [i.ckpt for i in self.inputs]:
+            if ck is not None and name in ck and (id(ck), name) not in self._pending:
+                self._pending[(id(ck), name)] = self._pool.submit(ck.get, name, check_finite=False)
+
     def _base_tensor(self, name: str) -> torch.Tensor:
         if self.base is not None:
-            return self.base.get(name, device=self.device, dtype=self.compute_dtype)
+            return self._read(self.base, name).to(device=self.device, dtype=self.compute_dtype)
         return self.inputs[0].full(name, self.device, self.compute_dtype)
+
+    def _stacked_deltas(self, name: str, base: torch.Tensor) -> Optional[torch.Tensor]:
+        """[n_models, *shape] deltas written straight into one buffer (None: no model changes this tensor)."""
+        stacked = None
+        for i, inp in enumerate(self.inputs):
+            if inp.ckpt is not None:
+                if stacked is None:
+                    stacked = base.new_zeros((len(self.inputs),) + tuple(base.shape))
+                torch.sub(inp.full(name, self.device, base.dtype, like=base), base, out=stacked[i])
+            else:
+                d = inp.delta(name, base, self.device)
+                if d is not None:
+                    if stacked is None:
+                        stacked = base.new_zeros((len(self.inputs),) + tuple(base.shape))
+                    stacked[i] = d
+        return stacked
 
     def merge_tensor(self, name: str) -> torch.Tensor:
         info = self.ref.info(name)
         if not info.is_float:
-            return self.ref.get(name, device=self.device)
+            return self._read(self.ref, name).to(self.device)
         base = self._base_tensor(name)
         n = len(self.inputs)
         weights = [self.param("weight", name, i) for i in range(n)]
@@ -195,23 +228,34 @@ class Merger:
         elif self.cfg.method == "slerp":
             out = slerp(self.param("t", name), base.float(), self.inputs[0].weight(name, base, self.device).float())
         else:
-            deltas = [inp.delta(name, base, self.device) for inp in self.inputs]
-            if all(d is None for d in deltas):
+            stacked = self._stacked_deltas(name, base)
+            if stacked is None:
                 out = base
             else:
-                stacked = torch.stack([d if d is not None else torch.zeros_like(base) for d in deltas])
                 keep = None
                 if self._global is not None:
                     keep = [g.mask(stacked[i]) for i, g in enumerate(self._global)]
-                out = base + task_vector_merge(
+                out = task_vector_merge(
                     stacked, weights, self.method,
                     density=[self.param("density", name, i) for i in range(n)],
                     gamma=[self.param("gamma", name, i) for i in range(n)],
                     epsilon=[self.param("epsilon", name, i) for i in range(n)],
                     lam=self.param("lambda", name), keep=keep,
-                    generator=seeded_generator(self.cfg.seed, name))
+                    generator=seeded_generator(self.cfg.seed, name), inplace=True).add_(base)
         out = self._extra_rows(name, out)
+        if not all_finite(out):
+            self._name_nonfinite(name)
         return out.to(self.out_dtype or info.dtype)
+
+    def _name_nonfinite(self, name: str) -> None:
+        """The merged tensor has NaN/Inf: name the input that has them, else say the merge overflowed."""
+        for ck in [self.base] + [i.ckpt for i in self.inputs]:
+            if ck is not None and name in ck:
+                ck.get(name)  # raises "<file>: tensor '<name>' contains NaN or Inf"
+        for inp in self.inputs:
+            if inp.adapter is not None and name in inp.adapter and not all_finite(inp.adapter.get(name)):
+                raise CompressError(f"{inp.path}: the LoRA delta of '{name}' contains NaN or Inf")
+        raise CompressError(f"merging tensor '{name}' gave NaN or Inf (weights or λ too large for the dtype?)")
 
     def _extra_rows(self, name: str, merged: torch.Tensor) -> torch.Tensor:
         """--vocab union: rows past the base's are the mean of the models that have them."""
@@ -236,9 +280,25 @@ class Merger:
 
     def tensors(self, quiet: Optional[bool] = None):
         """(name, merged tensor) for every tensor of the reference model, in its order."""
+        from concurrent.futures import ThreadPoolExecutor
+
         self.prepare(quiet)
-        for name in track(self.ref.names(), f"merge ({self.cfg.method})", quiet=quiet):
-            yield name, self.merge_tensor(name)
+        names = self.ref.names()
+        threads = torch.get_num_threads()
+        if self.device == "cpu" and (self.method is None or self.method.sparsify is None):
+            # an I/O-bound merge (no top-k or random drops): leave a core to the reader and writer threads;
+            # measured on 2 cores, task arithmetic of three 1 GB models ran ~25% faster with one torch thread
+            torch.set_num_threads(1)
+        with ThreadPoolExecutor(1, thread_name_prefix="compress-read") as self._pool:
+            try:
+                for i, name in enumerate(track(names, f"merge ({self.cfg.method})", quiet=quiet)):
+                    if i + 1 < len(names):
+                        self._prefetch(names[i + 1])
+                    yield name, self.merge_tensor(name)
+            finally:
+                self._pending.clear()
+                torch.set_num_threads(threads)
+        self._pool = None
 
     def write(self, out: Path, quiet: Optional[bool] = None) -> MergeSummary:
         from compress.io.writer import ShardedWriter, atomic_dir, copy_aux, write_model_card
@@ -251,11 +311,20 @@ class Merger:
             for n, r in summary.dropped_rows.items():
                 console.print(f"[yellow]--vocab base: dropping {r} rows of '{n}' that only some models have")
         with atomic_dir(out, self.cfg.overwrite) as tmp:
-            writer = ShardedWriter(tmp, self.cfg.shard_size)
-            for name, t in self.tensors(quiet):
-                writer.add(name, t)
-                summary.tensors += 1
-                summary.params += t.numel()
+            from concurrent.futures import ThreadPoolExecutor
+
+            writer = ShardedWriter(tmp, self.cfg.shard_size, expected_tensors=len(self.ref.names()))
+            # writing tensor i (a thread, the GIL released in file writes) overlaps merging tensor i + 1
+            with ThreadPoolExecutor(1, thread_name_prefix="compress-write") as pool:
+                pending = None
+                for name, t in self.tensors(quiet):
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(writer.add, name, t)
+                    summary.tensors += 1
+                    summary.params += t.numel()
+                if pending is not None:
+                    pending.result()
             writer.close()
             aux = self.ref.root
             if self.cfg.vocab == "union" and self.vocab_rows:

@@ -151,11 +151,16 @@ def majority_sign(deltas: torch.Tensor, method: Consensus = "mass") -> torch.Ten
 def combine(deltas: torch.Tensor, weights, *, consensus: Optional[Consensus] = None,
             sign_on: Literal["unweighted", "weighted"] = "unweighted",
             disjoint: Literal["mean", "weighted_mean", "sum"] = "mean", normalize: bool = False,
-            lam: float = 1.0) -> torch.Tensor:
-    """Steps 2–4 on already-sparsified stacked deltas ``[n, *shape]``: λ · (disjoint merge or weighted sum)."""
+            lam: float = 1.0, inplace: bool = False) -> torch.Tensor:
+    """Steps 2–4 on already-sparsified stacked deltas ``[n, *shape]``: λ · (disjoint merge or weighted sum).
+    ``inplace``: ``deltas`` may be overwritten (saves a copy of the stack)."""
     n = deltas.shape[0]
     w = _weights(weights, n, deltas)
-    weighted = deltas * w
+    if inplace and (consensus is None or sign_on == "weighted"):
+        weighted = deltas.mul_(w)
+        deltas = weighted  # only the weighted values are needed from here on
+    else:
+        weighted = deltas * w
     if consensus is None:
         merged = weighted.sum(0)
         if normalize:
@@ -172,7 +177,7 @@ def combine(deltas: torch.Tensor, weights, *, consensus: Optional[Consensus] = N
             merged = merged / torch.where(div == 0, torch.ones_like(div), div)
         elif disjoint != "sum":
             raise CompressError(f"unknown disjoint rule '{disjoint}' (choose mean, weighted_mean, sum)")
-    return merged * lam if lam != 1.0 else merged
+    return merged.mul_(lam) if lam != 1.0 else merged
 
 
 # -- the named methods -----------------------------------------------------------------------------------------
@@ -239,11 +244,12 @@ def method_preset(name: str, variant: str = "paper", **overrides) -> Method:
 
 def task_vector_merge(deltas: torch.Tensor, weights, method: Method, *, density=1.0, lam: float = 1.0,
                       gamma=0.01, epsilon=0.15, generator: Optional[torch.Generator] = None,
-                      keep: Optional[list[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+                      keep: Optional[list[Optional[torch.Tensor]]] = None, inplace: bool = False) -> torch.Tensor:
     """The merged delta of stacked task-vector tensors ``[n, *shape]`` under a ``Method`` preset.
 
     ``density``, ``gamma`` and ``epsilon`` may be one value or one per model; ``keep`` gives per-model
-    precomputed masks (global top-k). Random draws consume ``generator`` model by model, in order.
+    precomputed masks (global top-k). Random draws consume ``generator`` model by model, in order. ``inplace``:
+    ``deltas`` may be overwritten.
     """
     n = deltas.shape[0]
 
@@ -260,8 +266,9 @@ def task_vector_merge(deltas: torch.Tensor, weights, method: Method, *, density=
                            epsilon=epss[i], generator=generator, keep=None if keep is None else keep[i],
                            tie_break=method.tie_break)
             for i in range(n)])
+        inplace = True  # the stack is a new tensor now
     return combine(deltas, weights, consensus=method.consensus, sign_on=method.sign_on, disjoint=method.disjoint,
-                   normalize=method.normalize, lam=lam)
+                   normalize=method.normalize, lam=lam, inplace=inplace)
 
 
 # -- full-weight methods ---------------------------------------------------------------------------------------
