@@ -126,3 +126,37 @@ def test_listing_reads_no_tensor_data(tmp_path, monkeypatch):
     assert ck.info("a.weight").shape == (16, 8) and ck.numel == 16 * 8 + 8 + 5 + 2
     with pytest.raises(AssertionError, match="data was read"):
         ck.get("a.weight")
+
+
+def test_all_finite_by_sum_with_overflow_fallback():
+    import torch
+
+    from compress.io.reader import all_finite
+
+    x = torch.randn(1000).to(torch.bfloat16)
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[7] = bad
+        assert not all_finite(y)
+    assert all_finite(torch.full((10,), 3e38, dtype=torch.bfloat16))  # the sum overflows, the entries do not
+
+
+def test_reserved_header_in_place_and_when_it_overflows(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from compress.io.writer import ShardedWriter
+
+    tensors = {f"layer.{i}.a_rather_long_tensor_name_to_fill_the_header.weight": torch.randn(3, 2)
+               for i in range(40)}
+    for expected in (40, 1):  # enough room; far too little room (falls back to moving the data)
+        folder = tmp_path / f"e{expected}"
+        folder.mkdir()
+        w = ShardedWriter(folder, "5GB", expected_tensors=expected)
+        for n, t in tensors.items():
+            w.add(n, t)
+        w.close()
+        back = load_file(folder / "model.safetensors")
+        assert set(back) == set(tensors) and all(torch.equal(back[n], t) for n, t in tensors.items())
+        assert not list(folder.glob("*.data"))
