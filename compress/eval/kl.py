@@ -21,7 +21,7 @@ import os
 import torch
 
 from compress.errors import CompressError
-from compress.eval.perplexity import _as_text, token_windows
+from compress.eval.perplexity import text_windows
 
 
 def _vocab_logits(model, batch: torch.Tensor) -> torch.Tensor:
@@ -34,12 +34,7 @@ def kl_divergence(model, ref_model, tokenizer, text: str | os.PathLike, seqlen: 
     """Mean per-token KL(ref_model ‖ model) in nats over non-overlapping ``seqlen`` windows of the first
     ``max_tokens`` tokens (all when None) of ``text`` (a string or a .txt/.txt.gz file). Both models must share
     ``tokenizer``'s vocabulary; both run in eval mode on ``device`` (their training flags are restored)."""
-    if seqlen < 2 or batch_size < 1:
-        raise CompressError(f"seqlen must be >= 2 and batch_size >= 1 (got {seqlen}, {batch_size})")
-    ids = torch.tensor(tokenizer(_as_text(text), verbose=False)["input_ids"], dtype=torch.long)
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    windows = token_windows(ids, seqlen)
+    windows = text_windows(tokenizer, text, seqlen, max_tokens, batch_size)
     flags = (model.training, ref_model.training)
     model.eval()
     ref_model.eval()

@@ -38,18 +38,24 @@ def token_windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
     return ids[: n * seqlen].view(n, seqlen)
 
 
-@torch.no_grad()
-def perplexity(model, tokenizer, text_or_path: str | os.PathLike, seqlen: int = 256, max_tokens: int | None = None,
-               batch_size: int = 8, device: str | torch.device = "cpu") -> float:
-    """exp(mean NLL) of ``model`` on a text (or a .txt/.txt.gz file) over non-overlapping ``seqlen`` windows of
-    its first ``max_tokens`` tokens (all when None). Deterministic: no sampling, no dropout (eval mode)."""
+def text_windows(tokenizer, text_or_path: str | os.PathLike, seqlen: int, max_tokens: int | None,
+                 batch_size: int = 1) -> torch.Tensor:
+    """The evaluation windows of a text: tokenized once, its first ``max_tokens`` tokens, ``token_windows``."""
     if seqlen < 2 or batch_size < 1:
         raise CompressError(f"seqlen must be >= 2 and batch_size >= 1 (got {seqlen}, {batch_size})")
     # verbose=False: a corpus is longer than model_max_length by design; the windows keep each forward in range
     ids = torch.tensor(tokenizer(_as_text(text_or_path), verbose=False)["input_ids"], dtype=torch.long)
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    windows = token_windows(ids, seqlen)
+    return token_windows(ids, seqlen)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text_or_path: str | os.PathLike, seqlen: int = 256, max_tokens: int | None = None,
+               batch_size: int = 8, device: str | torch.device = "cpu") -> float:
+    """exp(mean NLL) of ``model`` on a text (or a .txt/.txt.gz file) over non-overlapping ``seqlen`` windows of
+    its first ``max_tokens`` tokens (all when None). Deterministic: no sampling, no dropout (eval mode)."""
+    windows = text_windows(tokenizer, text_or_path, seqlen, max_tokens, batch_size)
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
