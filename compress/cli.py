@@ -549,6 +549,73 @@ def eval_cmd(
     else:
         out.print(line)
 
+@app.command()
+def prune(
+    model: Optional[Path] = typer.Argument(None, help="Model folder to prune, or a prune recipe (.yml); "
+                                                      "omitted with --method nps."),
+    sparsity: Optional[float] = typer.Option(None, help="Fraction of each pruned layer's weights set to zero, "
+                                                        "in [0, 1) (the mean over pruned parameters)."),
+    method: Optional[str] = typer.Option(None, help="magnitude, wanda (default) or sparsegpt; nps: task-vector "
+                                                    "pruning (--base/--finetuned)."),
+    pattern: Optional[str] = typer.Option(None, help="unstructured (default), 2:4 or 4:8 (N kept of every M)."),
+    layer_sparsity: Optional[str] = typer.Option(None, help="One sparsity per block, comma-separated."),
+    strategy: Optional[Path] = typer.Option(None, help="JSON strategy file: {\"layer_sparsity\": [...]}"),
+    owl: bool = typer.Option(False, "--owl", help="OWL allocation (outlier-weighted per-block sparsity)."),
+    owl_m: Optional[float] = typer.Option(None, help="OWL outlier threshold M (× mean score; default 5)."),
+    owl_lambda: Optional[float] = typer.Option(None, help="OWL spread λ: block sparsity within s ± λ (default 0.08)."),
+    calib: Optional[str] = typer.Option(None, help="Calibration text: a .txt/.txt.gz file or a bundled corpus "
+                                                   "(default wikitext2.valid)."),
+    nsamples: Optional[int] = typer.Option(None, help="Calibration windows (default 128)."),
+    seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window (default 512)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the calibration window offsets."),
+    targets: Optional[str] = typer.Option(None, help="Regex of linear layers to prune (default: all in the blocks)."),
+    ignore: Optional[str] = typer.Option(None, help="Regex of linear layers to leave dense (default: lm_head, "
+                                                    "classifier, pooler)."),
+    protect: Optional[Path] = typer.Option(None, help="Protect JSON: tensors / row / column ranges kept dense."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Calibration statistics cache "
+                                                        "(default checkpoints/cache/calib)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Folder to write (Hugging Face layout)."),
+    sparse_out: Optional[Path] = typer.Option(None, help="Sparse file (values + packed mask; default "
+                                                         "OUT.sparse.safetensors)."),
+    no_sparse: bool = typer.Option(False, "--no-sparse", help="Do not write the sparse file."),
+    eval_perplexity: Optional[str] = typer.Option(None, help="Print dense and pruned perplexity on this text."),
+    dtype: Optional[str] = typer.Option(None, help="dtype of the written model (default: as stored)."),
+    base: Optional[Path] = typer.Option(None, help="--method nps: base checkpoint."),
+    finetuned: Optional[Path] = typer.Option(None, help="--method nps: fine-tuned checkpoint."),
+    density: Optional[float] = typer.Option(None, help="--method nps: task-vector density."),
+    task: Optional[str] = typer.Option(None, help="--method nps: task to evaluate on."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N"),
+    overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+):
+    """Prune whole weights (magnitude, Wanda, SparseGPT; unstructured or N:M; per-block sparsity, OWL)."""
+    if method == "nps":
+        from compress.search.cli import nps_prune_command
+
+        opts = dict(locals())
+        return nps_prune_command(**{k: v for k, v in opts.items() if k != "nps_prune_command"})
+    from compress.config import PruneConfig
+    from compress.prune import load_prune_recipe, run_prune
+
+    vector = None
+    if layer_sparsity is not None:
+        try:
+            vector = [float(v) for v in layer_sparsity.split(",") if v.strip()]
+        except ValueError:
+            raise CompressError(f"--layer-sparsity '{layer_sparsity}': give comma-separated numbers") from None
+    flags = dict(sparsity=sparsity, method=method, pattern=pattern, layer_sparsity=vector, strategy=strategy,
+                 owl=owl or None, owl_m=owl_m, owl_lambda=owl_lambda, calib=calib, nsamples=nsamples, seqlen=seqlen,
+                 seed=seed, targets=targets, ignore=ignore, protect=protect, cache_dir=cache_dir, out=out_path,
+                 sparse_out=sparse_out, no_sparse=no_sparse or None, eval_perplexity=eval_perplexity, dtype=dtype,
+                 device=device, overwrite=overwrite or None, quiet=quiet or None)
+    if model is None:
+        raise CompressError("no model: give MODEL (a Hugging Face folder) or a prune recipe")
+    if model.suffix in (".yml", ".yaml"):
+        cfg = load_prune_recipe(model, **flags)
+    else:
+        cfg = build(PruneConfig, model=model, **{k: v for k, v in flags.items() if v is not None})
+    run_prune(cfg)
+
+
 # Options that take several values after one flag (`--models A B C`); click wants the flag repeated.
 MULTI_VALUE = ("--models", "--weights", "--density", "--alpha")
 
@@ -592,6 +659,24 @@ def bench_merge(
 
     run(zoo, zoo_root=zoo_root, results=results, device=resolve_device(device), dev_limit=dev_limit or None,
         test_limit=test_limit, quiet=quiet)
+
+
+@bench_app.command("prune")
+def bench_prune(
+    zoo: str = typer.Argument("stories260k", help="stories260k or lm-zoo (built by `compress zoo build`)."),
+    zoo_root: Path = typer.Option(Path("checkpoints/zoo"), help="Where the zoo models are."),
+    results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON, markdown and the plot go."),
+    nsamples: int = typer.Option(128, help="Calibration windows."),
+    seqlen: Optional[int] = typer.Option(None, help="Calibration window (default min(512, max positions))."),
+    max_tokens: Optional[int] = typer.Option(None, help="Score the first N held-out tokens only (default all)."),
+    k: int = typer.Option(16, help="Strategies in the shared-calibration timing."),
+    device: str = DEVICE, quiet: bool = QUIET,
+):
+    """Perplexity of magnitude / Wanda / SparseGPT (50%, 2:4, 4:8, 70% ± OWL), shared-calibration time, sizes."""
+    from compress.bench.prune import run
+
+    run(zoo, zoo_root=zoo_root, results=results, device=resolve_device(device), nsamples=nsamples, seqlen=seqlen,
+        max_tokens=max_tokens, k=k, quiet=quiet)
 
 
 @bench_app.command("merge-speed")

@@ -378,3 +378,73 @@ def build(cls: type[_Config], **kwargs) -> _Config:
         return cls(**kwargs)
     except ValidationError as e:
         raise CompressError(format_validation_error(e)) from None
+
+
+def _sparsity(v: Optional[float]) -> Optional[float]:
+    if v is not None and not (0.0 <= v < 1.0):
+        raise ValueError(f"must be in [0, 1), got {v}")
+    return v
+
+
+class PruneConfig(Compute):
+    """`compress prune MODEL` (whole-weight pruning; ``compress.prune``): one source of sparsity (``sparsity``
+    uniform or with ``owl``, ``layer_sparsity``, ``strategy``), a method and a pattern. Shared by the CLI, recipes
+    (``recipes/prune/``) and ``compress.prune.run_prune``."""
+
+    model: Path
+    out: Optional[Path] = None
+    sparsity: Annotated[Optional[float], AfterValidator(_sparsity)] = None
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    pattern: str = "unstructured"
+    layer_sparsity: Optional[list[float]] = None
+    strategy: Optional[Path] = None
+    owl: bool = False
+    owl_m: float = Field(5.0, gt=0)
+    owl_lambda: float = Field(0.08, ge=0, lt=1)
+    calib: Optional[str] = None
+    nsamples: int = Field(128, ge=1)
+    seqlen: int = Field(512, ge=2)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    targets: Optional[str] = None
+    ignore: Optional[str] = None
+    protect: Optional[Path] = None
+    cache_dir: Path = Path("checkpoints/cache/calib")
+    blocksize: int = Field(128, ge=1)
+    percdamp: float = Field(0.01, gt=0)
+    sparse_out: Optional[Path] = None
+    no_sparse: bool = False
+    shard_size: str = "5GB"
+    eval_perplexity: Optional[str] = None
+    eval_seqlen: int = Field(256, ge=2)
+    eval_max_tokens: Optional[int] = Field(None, ge=2)
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        sources = [n for n, v in (("--layer-sparsity", self.layer_sparsity), ("--strategy", self.strategy))
+                   if v is not None] + (["--owl"] if self.owl else [])
+        if len(sources) > 1:
+            raise ValueError(f"choose one of --layer-sparsity, --strategy, --owl (got {', '.join(sources)})")
+        if self.pattern != "unstructured":
+            parts = self.pattern.split(":")
+            if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 0 < int(parts[0]) < int(parts[1]):
+                raise ValueError(f"pattern '{self.pattern}': use unstructured or N:M with 0 < N < M (e.g. 2:4, 4:8)")
+            want = 1 - int(parts[0]) / int(parts[1])
+            if sources:
+                raise ValueError(f"pattern {self.pattern} prunes every layer to {want:g}; it does not take "
+                                 f"{sources[0]}")
+            if self.sparsity is None:
+                object.__setattr__(self, "sparsity", want)
+            elif abs(self.sparsity - want) > 1e-9:
+                raise ValueError(f"pattern {self.pattern} keeps {parts[0]} of every {parts[1]} weights: sparsity "
+                                 f"must be {want:g}, got {self.sparsity}")
+        if self.owl and self.sparsity is None:
+            raise ValueError("--owl needs a target --sparsity")
+        if not sources and self.sparsity is None:
+            raise ValueError("no sparsity: give --sparsity, --layer-sparsity, --strategy or a pattern such as 2:4")
+        if self.layer_sparsity is not None:
+            bad = [v for v in self.layer_sparsity if not 0.0 <= v < 1.0]
+            if bad:
+                raise ValueError(f"layer sparsity {bad[0]} is outside [0, 1)")
+        return self

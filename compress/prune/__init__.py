@@ -1,0 +1,108 @@
+"""Whole-weight pruning: magnitude, Wanda and SparseGPT, unstructured or N:M, with per-block sparsity vectors
+(uniform, given, or OWL) answered from one cached calibration pass (``Pruner``).
+
+Modules: ``methods`` (pure tensor functions: masks, OBS update), ``calib`` (prunable-layer discovery, calibration
+windows, dense-model statistics and their disk cache), ``strategy`` (per-block sparsity vectors), ``owl``
+(outlier-weighted allocation), ``pruner`` (``Pruner``). ``run_prune(cfg)`` is `compress prune`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from compress.errors import CompressError
+from compress.prune.pruner import METHODS, Pruner, PruneResult, resolve_text
+from compress.prune.strategy import Strategy
+
+__all__ = ["METHODS", "Pruner", "PruneResult", "Strategy", "run_prune", "load_prune_recipe", "default_sparse_out"]
+
+
+def default_sparse_out(out: Path) -> Path:
+    return out.with_name(out.name + ".sparse.safetensors")
+
+
+def load_prune_recipe(path: str | os.PathLike, **cli):
+    """A prune recipe (YAML mapping of ``PruneConfig`` fields; relative paths are relative to the working
+    directory, as on the command line); ``cli`` values that are not None win."""
+    import yaml
+
+    from compress.config import PruneConfig, build
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise CompressError(f"{path}: no such recipe file") from None
+    except yaml.YAMLError as e:
+        raise CompressError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CompressError(f"{path}: a prune recipe is a YAML mapping of fields")
+    return build(PruneConfig, **{**data, **{k: v for k, v in cli.items() if v is not None}})
+
+
+def run_prune(cfg) -> dict:
+    """Prune ``cfg.model`` as ``cfg`` says, write ``cfg.out`` (and the sparse file), print a summary line per
+    step; returns what was done (sparsity, sizes, perplexities)."""
+    from compress.config import resolve_device, torch_dtype
+    from compress.io.writer import check_output
+    from compress.progress import console
+    from compress.sparsify.protect import Protect
+
+    device = resolve_device(cfg.device)
+    sparse_out = None
+    if cfg.out is not None:
+        check_output(cfg.out, cfg.overwrite)
+        if not cfg.no_sparse:
+            sparse_out = cfg.sparse_out or default_sparse_out(cfg.out)
+            check_output(sparse_out, cfg.overwrite)
+    elif cfg.eval_perplexity is None:
+        raise CompressError("nothing to do: give --out DIR (and/or --eval-perplexity TEXT)")
+    protect = Protect.load(cfg.protect) if cfg.protect is not None else None
+    eval_text = resolve_text(cfg.eval_perplexity)[1] if cfg.eval_perplexity else None
+    from compress.prune.calib import DEFAULT_IGNORE
+
+    pruner = Pruner(cfg.model, cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed,
+                    targets=cfg.targets, ignore=DEFAULT_IGNORE if cfg.ignore is None else (cfg.ignore or None),
+                    device=device, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, blocksize=cfg.blocksize,
+                    percdamp=cfg.percdamp, quiet=cfg.quiet)
+    strategy = pruner.strategy(cfg.sparsity, cfg.layer_sparsity, cfg.strategy, cfg.owl, cfg.owl_m, cfg.owl_lambda)
+    result = pruner.prune(strategy, cfg.method, cfg.pattern, protect)
+    report = {**result.summary(), "layers": len(pruner.modules), "blocks": pruner.n_blocks,
+              "calibration_forward_passes": pruner.forward_passes, "cache_key": pruner.key()
+              if cfg.method != "magnitude" else None}
+    console.print(f"pruned {len(pruner.modules)} layers in {pruner.n_blocks} blocks: {cfg.method} {cfg.pattern}, "
+                  f"sparsity {result.sparsity:.4f} over {report['params_pruned_over']:,} parameters "
+                  f"({strategy.source}; calibration "
+                  f"{'from cache' if cfg.method != 'magnitude' and not pruner.forward_passes else 'computed' if pruner.forward_passes else 'not needed'})")
+    if eval_text is not None:
+        from compress.eval.perplexity import perplexity
+
+        tok = pruner.tokenizer()
+        dense = perplexity(pruner.model, tok, eval_text, seqlen=cfg.eval_seqlen, max_tokens=cfg.eval_max_tokens,
+                           device=device)
+        pruner.load(result)
+        pruned = perplexity(pruner.model, tok, eval_text, seqlen=cfg.eval_seqlen, max_tokens=cfg.eval_max_tokens,
+                            device=device)
+        pruner.load(None)
+        report["perplexity"] = {"text": eval_text, "dense": dense, "pruned": pruned}
+        print(f"perplexity on {eval_text}: dense {dense:.4f}, pruned {pruned:.4f}")
+    if cfg.out is not None:
+        pruner.save(result, cfg.out, dtype=torch_dtype(cfg.dtype), overwrite=cfg.overwrite,
+                    shard_size=cfg.shard_size)
+        report["out"] = str(cfg.out)
+        line = f"wrote {cfg.out}"
+        if sparse_out is not None:
+            try:
+                from compress.io.sparse import write_sparse
+            except ImportError:
+                write_sparse = None
+                line += " (sparse file skipped: this build has no compress.io.sparse)"
+            if write_sparse is not None:
+                s = write_sparse(cfg.out, sparse_out, overwrite=cfg.overwrite,
+                                 metadata={"method": cfg.method, "pattern": cfg.pattern,
+                                           "sparsity": f"{result.sparsity:.6f}", "model": str(cfg.model)})
+                report["sparse"] = {"path": str(sparse_out), "file_bytes": s.file_bytes, "dense_bytes": s.dense_bytes}
+                line += f" and {sparse_out} ({s.file_bytes / max(s.dense_bytes, 1):.1%} of the dense size)"
+        print(line)
+    return report

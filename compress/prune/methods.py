@@ -1,0 +1,174 @@
+"""Whole-weight pruning methods as small pure functions on one weight matrix ``W`` of shape ``[out, in]``
+(Hugging Face ``nn.Linear`` layout; GPT-2 ``Conv1D`` weights are transposed by the caller).
+
+Every function returns a **keep-mask** (True = the entry survives), the convention of
+``compress.sparsify.protect``: a protection mask is ORed in by giving protected entries an infinite score, so
+they are chosen first and count towards the kept total, and a final ``| keep`` guarantees them even when more
+entries are protected than the target allows.
+
+- ``magnitude``: score |W|, compared **per layer** (one threshold over the whole matrix), as the magnitude
+  baseline of the Wanda paper (Sun et al. 2023, ``prune_magnitude`` in locuslab/wanda).
+- ``wanda``: score |W_ij|·‖X_j‖₂ (X_j: the j-th input feature over every calibration token), compared **per
+  output row** (Sun et al. 2023, Eq. 1 and §3 "comparison group"; ``prune_wanda`` keeps ``int(in·s)`` pruned
+  per row with a stable sort, as here).
+- ``sparsegpt``: OBS reconstruction (Frantar & Alistarh 2023, Algorithm 1; ``fasterprune`` in
+  IST-DASLab/sparsegpt): columns processed left to right in blocks of ``blocksize``; the mask of a block is
+  chosen adaptively from w²/[H⁻¹]²_jj when the block starts (unstructured) or every M columns (N:M); every
+  pruned weight's error is spread over the not-yet-processed columns through the upper Cholesky factor of
+  (H + λI)⁻¹ with λ = ``percdamp``·mean(diag H). Unlike the reference, which prunes ``int(s·n)+1`` entries per
+  block (``<= thresh``), exactly ``int(s·n)`` are pruned.
+- N:M patterns (``nm=(n, m)``: keep n of every m consecutive inputs of a row, NVIDIA's "2:4" = 2 kept of 4):
+  within each group the m−n lowest scores are pruned, for every method (the papers' semi-structured setting).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compress.errors import CompressError
+
+NM = tuple[int, int]
+
+
+def parse_pattern(pattern: str) -> NM | None:
+    """'unstructured' → None; 'N:M' → (N, M) with 0 < N < M (N kept of every M)."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(x) for x in pattern.split(":"))
+    except ValueError:
+        raise CompressError(f"pattern '{pattern}': use unstructured or N:M (e.g. 2:4, 4:8)") from None
+    if not 0 < n < m:
+        raise CompressError(f"pattern '{pattern}': N:M needs 0 < N < M (N weights kept of every M)")
+    return n, m
+
+
+def _protected_scores(scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    if keep is None:
+        return scores
+    return scores.masked_fill(keep, float("inf"))
+
+
+def _with_keep(mask: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    return mask if keep is None else mask | keep
+
+
+def nm_mask(scores: torch.Tensor, nm: NM, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the n largest scores of every m consecutive inputs of each row (in must be a multiple of m)."""
+    n, m = nm
+    rows, cols = scores.shape
+    if cols % m:
+        raise CompressError(f"{n}:{m} pattern needs the input size to be a multiple of {m}, got {cols}")
+    groups = _protected_scores(scores, keep).reshape(rows, cols // m, m)
+    pruned = torch.topk(groups, m - n, dim=-1, largest=False).indices
+    mask = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, pruned, False)
+    return _with_keep(mask.reshape(rows, cols), keep)
+
+
+def row_mask(scores: torch.Tensor, sparsity: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Prune the ``int(in·s)`` lowest scores of every output row (Wanda's comparison group)."""
+    k = int(scores.shape[1] * sparsity)
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if k:
+        order = torch.sort(_protected_scores(scores, keep), dim=1, stable=True).indices
+        mask.scatter_(1, order[:, :k], False)
+    return _with_keep(mask, keep)
+
+
+def tensor_mask(scores: torch.Tensor, sparsity: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Prune the ``int(numel·s)`` lowest scores of the whole matrix (per-layer comparison, magnitude pruning)."""
+    k = int(scores.numel() * sparsity)
+    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k:
+        order = torch.sort(_protected_scores(scores, keep).reshape(-1), stable=True).indices
+        mask[order[:k]] = False
+    return _with_keep(mask.reshape(scores.shape), keep)
+
+
+def magnitude_scores(w: torch.Tensor) -> torch.Tensor:
+    return w.abs().float()
+
+
+def wanda_scores(w: torch.Tensor, col_norm: torch.Tensor) -> torch.Tensor:
+    """|W_ij| · ‖X_j‖₂; ``col_norm`` [in] is the L2 norm of each input feature over the calibration tokens."""
+    return w.abs().float() * col_norm.float().reshape(1, -1)
+
+
+def magnitude_mask(w: torch.Tensor, sparsity: float, nm: NM | None = None,
+                   keep: torch.Tensor | None = None) -> torch.Tensor:
+    s = magnitude_scores(w)
+    return nm_mask(s, nm, keep) if nm else tensor_mask(s, sparsity, keep)
+
+
+def wanda_mask(w: torch.Tensor, col_norm: torch.Tensor, sparsity: float, nm: NM | None = None,
+               keep: torch.Tensor | None = None) -> torch.Tensor:
+    s = wanda_scores(w, col_norm)
+    return nm_mask(s, nm, keep) if nm else row_mask(s, sparsity, keep)
+
+
+def inverse_hessian_factor(h: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor of (H + λI)⁻¹, dead columns) as SparseGPT prepares it. Depends only on H, so a
+    pruner computes it once per layer and reuses it for every strategy."""
+    h = h.double().clone()  # float64: the factor of a near-singular H is where float32 loses the update
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    damp = percdamp * torch.mean(torch.diag(h))
+    h.diagonal().add_(damp)
+    try:
+        hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+        return torch.linalg.cholesky(hinv, upper=True).float(), dead
+    except torch.linalg.LinAlgError:
+        raise CompressError("SparseGPT: the calibration Hessian is not positive definite even after dampening; "
+                            "raise --percdamp or use more calibration samples") from None
+
+
+def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor | None, sparsity: float, nm: NM | None = None, *,
+                    blocksize: int = 128, percdamp: float = 0.01, keep: torch.Tensor | None = None,
+                    hinv: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(updated weight, keep-mask): SparseGPT's one-shot OBS pruning of ``w`` [out, in] with the layer's input
+    Hessian ``h`` = XᵀX [in, in] (or its precomputed ``inverse_hessian_factor`` as ``hinv``)."""
+    W = w.detach().float().clone()
+    rows, cols = W.shape
+    if nm and cols % nm[1]:
+        raise CompressError(f"{nm[0]}:{nm[1]} pattern needs the input size to be a multiple of {nm[1]}, got {cols}")
+    Hinv, dead = hinv if hinv is not None else inverse_hessian_factor(h, percdamp)
+    W[:, dead] = 0
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        keep1 = None if keep is None else keep[:, i1:i2]
+        if nm is None:
+            score = _protected_scores(W1 ** 2 / d.reshape(1, -1) ** 2, keep1)
+            mask1 = ~tensor_mask(score, sparsity)  # True = pruned, as in the reference
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                score = W1[:, i:i + nm[1]] ** 2 / d[i:i + nm[1]].reshape(1, -1) ** 2
+                score = _protected_scores(score, None if keep1 is None else keep1[:, i:i + nm[1]])
+                mask1.scatter_(1, i + torch.topk(score, nm[1] - nm[0], dim=1, largest=False).indices, True)
+            if keep1 is not None:
+                mask1[:, i] &= ~keep1[:, i]
+            col = W1[:, i]
+            q = col.masked_fill(mask1[:, i], 0.0)
+            Q1[:, i] = q
+            err = (col - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        pruned[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    mask = ~pruned & ~dead.reshape(1, -1)
+    # Protected entries are never pruned; like every kept weight they take the OBS update (a protected row has
+    # nothing pruned, so it is left exactly as it was; a protected column absorbs earlier columns' errors).
+    return W.to(w.dtype), _with_keep(mask, keep)
+
+
+def reconstruction_error(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> float:
+    """‖W Xᵀ − Ŵ Xᵀ‖_F for inputs ``x`` [tokens, in]: the layer-wise objective SparseGPT minimizes."""
+    return float(torch.linalg.matrix_norm((w.float() - w_hat.float()) @ x.float().T))

@@ -1,0 +1,339 @@
+"""``Pruner``: one model, one calibration, many strategies.
+
+```python
+from compress.prune import Pruner
+p = Pruner("base/", calib="wikitext2.valid", nsamples=128, seqlen=512, device="cuda")
+r = p.prune(0.5, method="wanda")                       # uniform 50%
+r = p.prune(p.owl(0.7), method="sparsegpt")            # OWL allocation at 70%
+r = p.prune([0.3, 0.5, 0.7, ...], method="wanda")      # one sparsity per block
+p.save(r, "pruned/")                                   # a Hugging Face folder (zeros stored densely)
+p.load(r); ...evaluate p.model...; p.load(None)        # in memory, back to dense
+```
+
+The dense weights of the prunable layers stay on ``device``; the calibration statistics (``calib.py``) are
+computed on first use and cached on disk, so a second Pruner of the same model and calibration set does no
+forward pass. SparseGPT's inverse-Hessian factor depends only on the layer, so it is computed once per layer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from compress.errors import CompressError
+from compress.prune import calib as C
+from compress.prune import methods as M
+from compress.prune.strategy import Strategy, validate
+from compress.sparsify.protect import Protect
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+DEFAULT_CALIB = "wikitext2.valid"
+
+
+def resolve_text(calib: str | os.PathLike | None) -> tuple[str, str]:
+    """(text, label) of a calibration source: a .txt/.txt.gz file or a bundled corpus name."""
+    from compress.data import corpus_names, corpus_path, read_text
+
+    calib = DEFAULT_CALIB if calib is None else calib
+    path = Path(calib)
+    if not path.is_file():
+        if str(calib) not in corpus_names():
+            raise CompressError(f"--calib {calib}: neither a file nor a bundled corpus "
+                                f"(corpora: {', '.join(corpus_names())})")
+        path = corpus_path(str(calib))
+    return read_text(path), str(path)
+
+
+@dataclass
+class PruneResult:
+    """Pruned weights of the prunable layers ([out, in], float32, on the pruner's device) and what was done."""
+
+    weights: dict[str, torch.Tensor]
+    strategy: Strategy
+    method: str
+    pattern: str
+    kept: dict[str, int]
+    seconds: float
+    numel: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """Zeros over pruned parameters (protected entries count as kept)."""
+        total = sum(self.numel.values())
+        return 1.0 - sum(self.kept.values()) / total if total else 0.0
+
+    def summary(self) -> dict:
+        return {"method": self.method, "pattern": self.pattern, "sparsity": self.sparsity,
+                "strategy": self.strategy.to_dict(), "seconds": self.seconds,
+                "params_pruned_over": sum(self.numel.values())}
+
+
+class Pruner:
+    def __init__(self, model: str | os.PathLike, calib: str | os.PathLike | None = None, *, nsamples: int = 128,
+                 seqlen: int = 512, seed: int = 0, targets: str | None = None, ignore: str | None = C.DEFAULT_IGNORE,
+                 device: str = "cpu", cache_dir: str | os.PathLike | None = None, batch_size: int = 8,
+                 blocksize: int = 128, percdamp: float = 0.01, quiet: bool = False):
+        from compress.eval.classify import hf_quiet
+
+        self.model_dir = Path(model)
+        if not (self.model_dir / "config.json").is_file():
+            raise CompressError(f"{self.model_dir}: not a Hugging Face model folder (no config.json)")
+        self.device, self.quiet = device, quiet
+        self.nsamples, self.seqlen, self.seed, self.batch_size = nsamples, seqlen, seed, batch_size
+        self.blocksize, self.percdamp = blocksize, percdamp
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else C.default_cache_dir()
+        self.calib = calib
+        with hf_quiet():
+            self.model = _load_model(self.model_dir, device)
+        self.modules, self.n_blocks = C.find_prunable(self.model, targets, ignore)
+        max_pos = getattr(self.model.config, "max_position_embeddings", None)
+        if max_pos is not None and seqlen > max_pos:
+            raise CompressError(f"--seqlen {seqlen} is longer than the model's max_position_embeddings {max_pos}")
+        mods = dict(self.model.named_modules())
+        self._module = {p.name: mods[p.name] for p in self.modules}
+        self.block_params = [sum(p.numel for p in self.modules if p.block == b) for b in range(self.n_blocks)]
+        if not any(self.block_params):
+            raise CompressError(f"{self.model_dir}: every selected layer lies outside the blocks; a per-block "
+                                "strategy needs layers inside them (check --targets/--ignore)")
+        self._dense = {p.name: self._weight(p).detach().float().clone() for p in self.modules}
+        self._stats: dict[str, C.LayerStats] | None = None
+        self._has_hessian = False
+        self._hinv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._key: str | None = None
+        self.forward_passes = 0  # calibration forward passes this Pruner ran (0 on a cache hit)
+        self.calibration_seconds = 0.0
+
+    # -- weights -------------------------------------------------------------------------------------------
+    def _weight(self, p: C.Prunable) -> torch.Tensor:
+        w = self._module[p.name].weight
+        return w.T if p.transposed else w
+
+    def param_name(self, p: C.Prunable) -> str:
+        return f"{p.name}.weight"
+
+    @torch.no_grad()
+    def load(self, result: PruneResult | None) -> None:
+        """Put ``result``'s weights into ``self.model`` (None: the dense weights back)."""
+        for p in self.modules:
+            w = self._dense[p.name] if result is None else result.weights[p.name]
+            self._weight(p).copy_(w)
+
+    # -- calibration ---------------------------------------------------------------------------------------
+    def key(self) -> str:
+        if self._key is None:
+            text, _ = resolve_text(self.calib)
+            self._key = C.cache_key(C.model_fingerprint(self.model_dir), C.text_sha256(text), self.nsamples,
+                                    self.seqlen, self.seed, self.modules)
+        return self._key
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if getattr(self, "_tok", None) is None:
+            try:
+                self._tok = AutoTokenizer.from_pretrained(self.model_dir)
+            except (OSError, ValueError) as e:
+                raise CompressError(f"{self.model_dir}: no tokenizer to encode the calibration text "
+                                    f"({str(e).splitlines()[0]})") from None
+        return self._tok
+
+    def windows(self) -> torch.Tensor:
+        """The calibration windows [nsamples, seqlen] (deterministic in the seed)."""
+        text, label = resolve_text(self.calib)
+        return C.calibration_windows(self.tokenizer(), text, self.nsamples, self.seqlen, self.seed, label)
+
+    def stats(self, hessian: bool = False) -> dict[str, C.LayerStats]:
+        """Per-layer statistics of the dense model: from memory, the disk cache, or one forward pass."""
+        if self._stats is not None and (self._has_hessian or not hessian):
+            return self._stats
+        paths = C.cache_paths(self.cache_dir, self.key())
+        order = ("hessian",) if hessian else ("norms", "hessian")
+        for kind in order:
+            got = C.load_stats(paths[kind], self.modules, kind == "hessian", self.device)
+            if got is not None:
+                self._stats, self._has_hessian = got, kind == "hessian"
+                return got
+        windows = self.windows()  # before any work: a too-short text fails here
+        t0 = time.perf_counter()
+        self.load(None)
+        stats = C.collect_stats(self.model, self.modules, windows, hessian=hessian, batch_size=self.batch_size,
+                                device=self.device, quiet=self.quiet)
+        self.forward_passes += 1
+        self.calibration_seconds += time.perf_counter() - t0
+        meta = {"model": str(self.model_dir), "calib": str(self.calib or DEFAULT_CALIB), "nsamples": self.nsamples,
+                "seqlen": self.seqlen, "seed": self.seed}
+        C.save_stats(stats, paths["hessian" if hessian else "norms"], meta)
+        self._stats, self._has_hessian = stats, hessian
+        return stats
+
+    # -- strategies ----------------------------------------------------------------------------------------
+    def owl(self, sparsity: float, m: float = 5.0, lam: float = 0.08) -> Strategy:
+        """OWL's per-block allocation at mean ``sparsity`` (Wanda scores of the dense model)."""
+        from compress.prune.owl import owl_strategy
+
+        stats = self.stats()
+        scores: dict[int, list[torch.Tensor]] = {b: [] for b in range(self.n_blocks)}
+        for p in self.modules:
+            if p.block is not None:
+                scores[p.block].append(M.wanda_scores(self._dense[p.name], stats[p.name].col_norm))
+        return owl_strategy(scores, self.block_params, sparsity, m, lam)
+
+    def strategy(self, sparsity: float | None = None, layer_sparsity: Sequence[float] | None = None,
+                 file: str | os.PathLike | None = None, owl: bool = False, owl_m: float = 5.0,
+                 owl_lambda: float = 0.08) -> Strategy:
+        """The strategy from exactly one source (uniform ``sparsity``, a vector, a JSON file, OWL), validated."""
+        if layer_sparsity is not None:
+            st = Strategy(tuple(float(v) for v in layer_sparsity), "--layer-sparsity")
+        elif file is not None:
+            st = Strategy.load(file)
+        elif owl:
+            if sparsity is None:
+                raise CompressError("OWL allocation needs a target --sparsity")
+            return validate(self.owl(sparsity, owl_m, owl_lambda), self.block_params, sparsity)
+        elif sparsity is not None:
+            st = Strategy.uniform(sparsity, self.n_blocks)
+        else:
+            raise CompressError("no sparsity: give --sparsity, --layer-sparsity or --strategy")
+        return validate(st, self.block_params, sparsity)
+
+    def as_strategy(self, strategy: Strategy | float | Sequence[float]) -> Strategy:
+        if isinstance(strategy, Strategy):
+            return validate(strategy, self.block_params)
+        if isinstance(strategy, (int, float)):
+            return self.strategy(sparsity=float(strategy))
+        return self.strategy(layer_sparsity=strategy)
+
+    # -- pruning -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prune(self, strategy: Strategy | float | Sequence[float], method: str = "wanda",
+              pattern: str = "unstructured", protect: Protect | None = None) -> PruneResult:
+        """Prune every selected layer to its block's sparsity; the model itself is left dense."""
+        if method not in METHODS:
+            raise CompressError(f"unknown pruning method '{method}' (choose {', '.join(METHODS)})")
+        st = self.as_strategy(strategy)
+        nm = M.parse_pattern(pattern)
+        if nm is not None:
+            want = 1 - nm[0] / nm[1]
+            if any(abs(s - want) > 1e-9 for s in st.layer_sparsity):
+                raise CompressError(f"pattern {pattern} prunes exactly {want:g} of every layer; the strategy "
+                                    f"({st.source}) asks for other sparsities")
+        stats = self.stats(hessian=method == "sparsegpt") if method != "magnitude" else None
+        mean = st.mean(self.block_params)
+        t0 = time.perf_counter()
+        weights, kept, numel = {}, {}, {}
+        for p in self.modules:
+            s = st.layer_sparsity[p.block] if p.block is not None else mean
+            w = self._dense[p.name]
+            keep = None
+            if protect:
+                name = self.param_name(p)
+                stored = (p.in_features, p.out_features) if p.transposed else (p.out_features, p.in_features)
+                keep = protect.keep(name, stored, device=w.device)
+                if keep is not None and p.transposed:
+                    keep = keep.T
+            if (s == 0 and nm is None) or (keep is not None and bool(keep.all())):
+                new, mask = w.clone(), torch.ones_like(w, dtype=torch.bool)
+            elif method == "magnitude":
+                mask = M.magnitude_mask(w, s, nm, keep)
+                new = w * mask
+            elif method == "wanda":
+                mask = M.wanda_mask(w, stats[p.name].col_norm, s, nm, keep)
+                new = w * mask
+            else:
+                if p.name not in self._hinv:
+                    self._hinv[p.name] = M.inverse_hessian_factor(stats[p.name].hessian, self.percdamp)
+                new, mask = M.sparsegpt_prune(w, None, s, nm, blocksize=self.blocksize, keep=keep,
+                                              hinv=self._hinv[p.name])
+                new = new * mask
+            weights[p.name] = new
+            kept[p.name] = int(torch.count_nonzero(mask))
+            numel[p.name] = mask.numel()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return PruneResult(weights, st, method, pattern, kept, time.perf_counter() - t0, numel)
+
+    def layer_sparsity(self, result: PruneResult) -> list[float]:
+        """Measured sparsity of each block (zeros over the block's pruned parameters)."""
+        out = []
+        for b in range(self.n_blocks):
+            names = [p.name for p in self.modules if p.block == b]
+            n = sum(result.numel[x] for x in names)
+            out.append(1 - sum(result.kept[x] for x in names) / n if n else 0.0)
+        return out
+
+    # -- output --------------------------------------------------------------------------------------------
+    def save(self, result: PruneResult, out: str | os.PathLike, *, dtype: torch.dtype | None = None,
+             overwrite: bool = False, shard_size: str = "5GB", extra: dict | None = None) -> Path:
+        """A Hugging Face folder: every tensor of the source checkpoint, pruned weights replaced (streamed one
+        tensor at a time from the source), config/tokenizer copied, ``prune.json`` with the strategy."""
+        import json
+
+        from compress.io.reader import open_checkpoint
+        from compress.io.writer import ShardedWriter, atomic_dir, copy_aux, write_model_card
+
+        ck = open_checkpoint(self.model_dir)
+        by_ck = {}
+        prefix = getattr(self.model, "base_model_prefix", "") or ""
+        for p in self.modules:
+            name = self.param_name(p)
+            for cand in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+                if cand in ck:
+                    by_ck[cand] = p
+                    break
+            else:
+                raise CompressError(f"{self.model_dir}: weight '{name}' of the loaded model is not in the checkpoint")
+        info = {**result.summary(), "layer_sparsity_measured": self.layer_sparsity(result),
+                "model": str(self.model_dir), "calib": str(self.calib or DEFAULT_CALIB), "nsamples": self.nsamples,
+                "seqlen": self.seqlen, "seed": self.seed, **(extra or {})}
+        with atomic_dir(out, overwrite) as tmp:
+            writer = ShardedWriter(tmp, shard_size, metadata={"compress": "prune"}, expected_tensors=len(ck))
+            for name in ck.names():
+                p = by_ck.get(name)
+                if p is None:
+                    t = ck.get(name)
+                else:
+                    t = result.weights[p.name]
+                    t = (t.T if p.transposed else t).to(ck.info(name).dtype).cpu()
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                writer.add(name, t.contiguous())
+            writer.close()
+            copy_aux(self.model_dir, tmp)
+            if dtype is not None and (tmp / "config.json").is_file():
+                cfg = json.loads((tmp / "config.json").read_text())
+                cfg["dtype"] = str(dtype).removeprefix("torch.")
+                cfg.pop("torch_dtype", None)
+                (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            (tmp / "prune.json").write_text(json.dumps(info, indent=1) + "\n")
+            write_model_card(tmp, f"{self.model_dir.name} pruned ({result.method}, {result.pattern})",
+                             f"compress prune, {result.method}", {"model": str(self.model_dir),
+                                                                  "calibration": info["calib"]},
+                             {"sparsity": f"{result.sparsity:.4f}", "strategy": result.strategy.source,
+                              "nsamples": self.nsamples, "seqlen": self.seqlen})
+        return Path(out)
+
+
+def _load_model(path: Path, device: str):
+    """The model in float32, eval mode: a causal LM head when the config names one, else the bare encoder."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise CompressError(f"{path}: cannot read config.json ({e})") from None
+    archs = getattr(cfg, "architectures", None) or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    cls = AutoModelForCausalLM if causal else AutoModel
+    try:
+        model = cls.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise CompressError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model.to(device).eval()
+
