@@ -70,8 +70,10 @@ def extract(
 
 @app.command("apply")
 def apply_cmd(
-    base: Path = typer.Option(..., help="Base checkpoint the delta was extracted from."),
-    delta: Path = typer.Option(..., help="Compact delta file written by `compress extract`."),
+    base: Optional[Path] = typer.Option(None, help="Base checkpoint the delta was extracted from (not needed for a "
+                                                   "sparse weight file written by `compress prune`)."),
+    delta: Path = typer.Option(..., help="Compact delta file (`compress extract`) or sparse weight file "
+                                         "(`compress prune`)."),
     out_path: Path = typer.Option(..., "--out", help="Folder to write (Hugging Face layout)."),
     dtype: Optional[str] = typer.Option(None, help="Cast float tensors of the output (default: as stored)."),
     shard_size: str = typer.Option("5GB", help="Largest shard, e.g. 5GB, 500MB."),
@@ -79,9 +81,10 @@ def apply_cmd(
                                                           "tokenizer from (default: the base folder)."),
     device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ):
-    """Rebuild a model from a base and a delta file (exact at every kept entry)."""
+    """Rebuild a model from a base and a delta file (exact at every kept entry), or from a sparse weight file."""
     from compress.delta import DeltaFile, apply_delta
     from compress.io.reader import open_checkpoint
+    from compress.io.sparse import apply_sparse, is_sparse_file
     from compress.io.writer import check_output, parse_size
 
     cfg = build(ApplyConfig, base=base, delta=delta, out=out_path, dtype=dtype, shard_size=shard_size,
@@ -90,9 +93,17 @@ def apply_cmd(
     check_output(cfg.out, cfg.overwrite)
     if cfg.config_from is not None and not cfg.config_from.is_dir():
         raise CompressError(f"{cfg.config_from}: --config-from must be a folder holding config.json")
-    apply_delta(open_checkpoint(cfg.base), DeltaFile(cfg.delta), cfg.out, device=resolve_device(cfg.device),
-                dtype=torch_dtype(cfg.dtype), shard_size=cfg.shard_size, overwrite=cfg.overwrite, quiet=cfg.quiet,
-                aux_from=cfg.config_from)
+    delta_file = DeltaFile(cfg.delta)
+    opts = dict(device=resolve_device(cfg.device), dtype=torch_dtype(cfg.dtype), shard_size=cfg.shard_size,
+                overwrite=cfg.overwrite, quiet=cfg.quiet, aux_from=cfg.config_from)
+    if is_sparse_file(delta_file):
+        if cfg.base is not None:
+            raise CompressError(f"{cfg.delta} is a sparse weight file (it holds the whole model): drop --base")
+        apply_sparse(delta_file, cfg.out, **opts)
+    elif cfg.base is None:
+        raise CompressError(f"{cfg.delta} is a task-vector delta: give --base, the checkpoint it was extracted from")
+    else:
+        apply_delta(open_checkpoint(cfg.base), delta_file, cfg.out, **opts)
     out.print(f"wrote {cfg.out}")
 
 
@@ -132,6 +143,11 @@ def inspect(
         s.add_row("bits / parameter", f"{info['bits_per_param']:.3f}")
     if "compression" in info:
         s.add_row("dense / file", f"{info['compression']:.2f}x")
+    if "file_vs_dense" in info:
+        s.add_row("file / dense", f"{100 * info['file_vs_dense']:.1f}%")
+        s.add_row("pruned tensors", f"{info['pruned_tensors']}: {_human(info['pruned_file_bytes'])} stored, "
+                                    f"{_human(info['pruned_dense_bytes'])} dense "
+                                    f"({100 * info['pruned_file_vs_dense']:.1f}%)")
     for k in ("peft_type", "r", "lora_alpha", "base_model"):
         if k in info:
             s.add_row(k, str(info[k]))

@@ -82,9 +82,9 @@ class ExtractConfig(Compute):
 
 
 class ApplyConfig(Compute):
-    """`compress apply`: rebuild a model from a base and a compact delta file."""
+    """`compress apply`: rebuild a model from a base and a compact delta file (or from a sparse weight file alone)."""
 
-    base: Path
+    base: Optional[Path] = None
     delta: Path
     out: Path
     shard_size: str = "5GB"

@@ -6,7 +6,9 @@ Format (a plain safetensors file, readable by any safetensors reader):
 * where the entries sit, whichever is smaller for that tensor:
   ``<name>::mask`` — a packed bitmask (1 bit per parameter, little bit order, as ``numpy.packbits(...,
   bitorder='little')``), or ``<name>::gaps`` — LEB128 varints of the gaps between kept flat indices (about
-  8–12 bits per *kept* entry, so it wins below roughly 10% density); no index tensor when every entry is kept;
+  8–12 bits per *kept* entry, so it wins below roughly 10% density), or ``<name>::nm24`` — for 2:4 sparse
+  weights, the kept pair of each group of 4 as one of 6 codes, three codes a byte (0.67 bits per parameter; written
+  by ``compress.io.sparse``); no index tensor when every entry is kept;
 * ``<name>::fix_idx`` / ``<name>::fix_val`` — the rare kept entries where no stored value makes ``base + value``
   round back to the fine-tuned value in its own dtype (|τ| much larger than the weight), as varint gaps and exact
   values; with the one-step nudge of ``_exact_values`` this makes density 1.0 bit-for-bit lossless;
@@ -74,6 +76,39 @@ def decode_gaps(buf: torch.Tensor) -> torch.Tensor:
     gaps = np.zeros(int(last.sum()), dtype=np.uint64)
     np.add.at(gaps, element, (b & np.uint64(0x7F)) << shift)
     return torch.from_numpy((np.cumsum(gaps.astype(np.int64) + 1) - 1).astype(np.int64))
+
+
+# 2:4 positions: each group of 4 keeps one of C(4,2) = 6 pairs; three groups' codes share a byte (6³ = 216 ≤ 256),
+# 0.67 bits per parameter against the bitmask's 1 (what makes a 2:4 bf16 file ≤ 57% of dense).
+_NM24_PAIRS = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]],
+                           dtype=torch.bool)
+_NM24_CODE = torch.full((16,), -1, dtype=torch.int64)
+_NM24_CODE[(_NM24_PAIRS.long() * torch.tensor([1, 2, 4, 8])).sum(1)] = torch.arange(6)
+
+
+def nm24_fill(mask: torch.Tensor) -> torch.Tensor | None:
+    """``mask`` (flat, length a multiple of 4) widened to exactly 2 kept per group of 4, or None if a group keeps
+    more. Groups keeping fewer (a pruned weight that happened to be kept at 0.0) take their lowest free slots."""
+    g = mask.reshape(-1, 4)
+    need = 2 - g.sum(1, keepdim=True)
+    if bool((need < 0).any()):
+        return None
+    free_rank = torch.cumsum(~g, dim=1) - 1
+    return (g | (~g & (free_rank < need))).reshape(-1)
+
+
+def encode_nm24(mask: torch.Tensor) -> torch.Tensor:
+    """A 2-of-4 flat mask → uint8, three groups a byte (codes c0 + 6·c1 + 36·c2)."""
+    bits = (mask.reshape(-1, 4).long() * torch.tensor([1, 2, 4, 8], device=mask.device)).sum(1)
+    codes = _NM24_CODE.to(mask.device)[bits]
+    codes = torch.cat([codes, codes.new_zeros((-codes.numel()) % 3)]).reshape(-1, 3)
+    return (codes[:, 0] + 6 * codes[:, 1] + 36 * codes[:, 2]).to(torch.uint8).cpu()
+
+
+def decode_nm24(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    b = packed.long()
+    codes = torch.stack([b % 6, (b // 6) % 6, b // 36], dim=1).reshape(-1)[: numel // 4]
+    return _NM24_PAIRS[codes].reshape(-1)
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -167,6 +202,8 @@ def decode_delta(row: dict, entries: dict[str, torch.Tensor], device, dtype: tor
         return values
     if row["encoding"] == "mask":
         idx = torch.nonzero(unpack_mask(entries["mask"], numel)).reshape(-1)
+    elif row["encoding"] == "nm24":
+        idx = torch.nonzero(decode_nm24(entries["nm24"], numel)).reshape(-1)
     else:
         idx = decode_gaps(entries["gaps"])
     dense = torch.zeros(numel, dtype=dtype, device=device)
@@ -272,7 +309,7 @@ class DeltaFile:
         self.table: dict[str, dict] = json.loads(self.metadata["tensors"])
 
     def _entries(self, name: str) -> dict[str, torch.Tensor]:
-        return {k: self._file.read(f"{name}::{k}") for k in ("values", "mask", "gaps", "fix_idx", "fix_val", "full")
+        return {k: self._file.read(f"{name}::{k}") for k in ("values", "mask", "gaps", "nm24", "fix_idx", "fix_val", "full")
                 if f"{name}::{k}" in self._file.infos}
 
     def names(self) -> list[str]:

@@ -40,10 +40,29 @@ def inspect_delta(path: Path) -> dict:
                      "bytes": nbytes, "bits_per_param": 8 * nbytes / max(numel, 1)})
     size = path.stat().st_size
     d.close()
+    if d.metadata.get("compress.kind") == "sparse":
+        return _sparse_summary(path, d, rows, size)
     return {"kind": "delta", "path": str(path), "metadata": {k: v for k, v in d.metadata.items() if k != "tensors"},
             "tensors": rows, "params": params, "kept": kept, "density": kept / max(params, 1),
             "file_bytes": size, "dense_bytes": dense_bytes, "delta_bytes": stored,
             "bits_per_param": 8 * size / max(params, 1), "compression": dense_bytes / max(size, 1)}
+
+
+def _sparse_summary(path: Path, d, rows: list[dict], size: int) -> dict:
+    """A sparse weight file: every tensor counts; pruned tensors (those stored with positions) also on their own."""
+    params = sum(math.prod(r["shape"]) for r in rows)
+    dense = sum(math.prod(r["shape"]) * SAFETENSORS_DTYPES[r["dtype"]].itemsize for r in rows)
+    pruned = [r for r in rows if r["encoding"] in ("mask", "gaps", "nm24")]
+    p_dense = sum(math.prod(r["shape"]) * SAFETENSORS_DTYPES[r["dtype"]].itemsize for r in pruned)
+    p_bytes = sum(r["bytes"] for r in pruned)
+    nonzero = sum(round(r["density"] * math.prod(r["shape"])) for r in rows)
+    return {"kind": "sparse", "path": str(path),
+            "metadata": {k: v for k, v in d.metadata.items() if k != "tensors"}, "tensors": rows,
+            "params": params, "kept": nonzero, "density": nonzero / max(params, 1), "file_bytes": size,
+            "dense_bytes": dense, "bits_per_param": 8 * size / max(params, 1), "compression": dense / max(size, 1),
+            "file_vs_dense": size / max(dense, 1), "pruned_tensors": len(pruned),
+            "pruned_file_bytes": p_bytes, "pruned_dense_bytes": p_dense,
+            "pruned_file_vs_dense": p_bytes / max(p_dense, 1)}
 
 
 def inspect_checkpoint(path: Path, count_zeros: bool = False) -> dict:
