@@ -9,16 +9,17 @@ entries are protected than the target allows.
 - ``magnitude``: score |W|, compared **per layer** (one threshold over the whole matrix), as the magnitude
   baseline of the Wanda paper (Sun et al. 2023, ``prune_magnitude`` in locuslab/wanda).
 - ``wanda``: score |W_ij|·‖X_j‖₂ (X_j: the j-th input feature over every calibration token), compared **per
-  output row** (Sun et al. 2023, Eq. 1 and §3 "comparison group"; ``prune_wanda`` keeps ``int(in·s)`` pruned
-  per row with a stable sort, as here).
+  output row** (Sun et al. 2023, Eq. 1 and §3 "comparison group"; ``prune_wanda`` prunes ``int(in·s)`` per
+  row with a stable sort; here rows take one more where needed so the layer total is ``round(numel·s)``).
 - ``sparsegpt``: OBS reconstruction (Frantar & Alistarh 2023, Algorithm 1; ``fasterprune`` in
   IST-DASLab/sparsegpt): columns processed left to right in blocks of ``blocksize``; the mask of a block is
   chosen adaptively from w²/[H⁻¹]²_jj when the block starts (unstructured) or every M columns (N:M); every
   pruned weight's error is spread over the not-yet-processed columns through the upper Cholesky factor of
   (H + λI)⁻¹ with λ = ``percdamp``·mean(diag H). Unlike the reference, which prunes ``int(s·n)+1`` entries per
-  block (``<= thresh``), exactly ``int(s·n)`` are pruned.
+  block (``<= thresh``), exactly ``round(s·n)`` are pruned.
 - N:M patterns (``nm=(n, m)``: keep n of every m consecutive inputs of a row, NVIDIA's "2:4" = 2 kept of 4):
-  within each group the m−n lowest scores are pruned, for every method (the papers' semi-structured setting).
+  within each group the m−n lowest scores are pruned, for every method (the papers' semi-structured setting);
+  a trailing partial group (input size not a multiple of m) prunes its share (``nm_prune_count``).
 """
 
 from __future__ import annotations
@@ -53,31 +54,57 @@ def _with_keep(mask: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return mask if keep is None else mask | keep
 
 
+def nm_prune_count(width: int, nm: NM) -> int:
+    """How many of a group of ``width`` consecutive inputs to prune: m−n for a full group; for the trailing
+    partial group of a layer whose input size is not a multiple of m, round(width·(m−n)/m), so the layer stays
+    at sparsity 1−n/m (the reference code has no rule for it; hardware N:M needs multiples of m anyway)."""
+    n, m = nm
+    return m - n if width == m else int(round(width * (m - n) / m))
+
+
 def nm_mask(scores: torch.Tensor, nm: NM, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep the n largest scores of every m consecutive inputs of each row (in must be a multiple of m)."""
+    """Keep the n largest scores of every m consecutive inputs of each row."""
     n, m = nm
     rows, cols = scores.shape
-    if cols % m:
-        raise CompressError(f"{n}:{m} pattern needs the input size to be a multiple of {m}, got {cols}")
-    groups = _protected_scores(scores, keep).reshape(rows, cols // m, m)
+    scores = _protected_scores(scores, keep)
+    full = cols - cols % m
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    groups = scores[:, :full].reshape(rows, full // m, m)
     pruned = torch.topk(groups, m - n, dim=-1, largest=False).indices
-    mask = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, pruned, False)
-    return _with_keep(mask.reshape(rows, cols), keep)
+    mask[:, :full] = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, pruned, False).reshape(rows, full)
+    tail = nm_prune_count(cols - full, nm)
+    if tail:
+        idx = torch.topk(scores[:, full:], tail, dim=1, largest=False).indices
+        mask[:, full:] = torch.ones_like(scores[:, full:], dtype=torch.bool).scatter_(1, idx, False)
+    return _with_keep(mask, keep)
+
+
+def row_counts(rows: int, cols: int, sparsity: float) -> torch.Tensor:
+    """Entries to prune in each row: ``int(in·s)`` (Wanda's count), plus one in the first rows until the matrix
+    total is ``round(numel·s)``, so that the layer's sparsity is the requested one even when ``in·s`` is not
+    whole (the reference floors every row: 44 of 64 at s = 0.7 is 0.6875)."""
+    base = int(cols * sparsity)
+    extra = min(max(int(round(rows * cols * sparsity)) - rows * base, 0), rows)
+    counts = torch.full((rows,), base, dtype=torch.long)
+    counts[:extra] += 1
+    return counts
 
 
 def row_mask(scores: torch.Tensor, sparsity: float, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Prune the ``int(in·s)`` lowest scores of every output row (Wanda's comparison group)."""
-    k = int(scores.shape[1] * sparsity)
-    mask = torch.ones_like(scores, dtype=torch.bool)
-    if k:
-        order = torch.sort(_protected_scores(scores, keep), dim=1, stable=True).indices
-        mask.scatter_(1, order[:, :k], False)
+    """Prune the lowest scores of every output row (Wanda's comparison group), ``row_counts`` per row."""
+    rows, cols = scores.shape
+    counts = row_counts(rows, cols, sparsity).to(scores.device)
+    order = torch.sort(_protected_scores(scores, keep), dim=1, stable=True).indices
+    ranks = torch.arange(cols, device=scores.device).expand(rows, cols)
+    pruned = ranks < counts[:, None]  # the first counts[r] entries of row r's ascending order
+    mask = torch.ones_like(scores, dtype=torch.bool).scatter_(1, order, ~pruned)
     return _with_keep(mask, keep)
 
 
 def tensor_mask(scores: torch.Tensor, sparsity: float, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Prune the ``int(numel·s)`` lowest scores of the whole matrix (per-layer comparison, magnitude pruning)."""
-    k = int(scores.numel() * sparsity)
+    """Prune the ``round(numel·s)`` lowest scores of the whole matrix (per-layer comparison, magnitude
+    pruning; SparseGPT's block selection)."""
+    k = int(round(scores.numel() * sparsity))
     mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if k:
         order = torch.sort(_protected_scores(scores, keep).reshape(-1), stable=True).indices
@@ -129,8 +156,9 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor | None, sparsity: float, nm
     Hessian ``h`` = XᵀX [in, in] (or its precomputed ``inverse_hessian_factor`` as ``hinv``)."""
     W = w.detach().float().clone()
     rows, cols = W.shape
-    if nm and cols % nm[1]:
-        raise CompressError(f"{nm[0]}:{nm[1]} pattern needs the input size to be a multiple of {nm[1]}, got {cols}")
+    if nm and blocksize % nm[1]:
+        raise CompressError(f"SparseGPT {nm[0]}:{nm[1]}: the column block size {blocksize} must be a multiple of "
+                            f"{nm[1]}")
     Hinv, dead = hinv if hinv is not None else inverse_hessian_factor(h, percdamp)
     W[:, dead] = 0
     pruned = torch.zeros_like(W, dtype=torch.bool)
@@ -151,7 +179,9 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor | None, sparsity: float, nm
             if nm is not None and i % nm[1] == 0:
                 score = W1[:, i:i + nm[1]] ** 2 / d[i:i + nm[1]].reshape(1, -1) ** 2
                 score = _protected_scores(score, None if keep1 is None else keep1[:, i:i + nm[1]])
-                mask1.scatter_(1, i + torch.topk(score, nm[1] - nm[0], dim=1, largest=False).indices, True)
+                count = nm_prune_count(score.shape[1], nm)
+                if count:
+                    mask1.scatter_(1, i + torch.topk(score, count, dim=1, largest=False).indices, True)
             if keep1 is not None:
                 mask1[:, i] &= ~keep1[:, i]
             col = W1[:, i]
