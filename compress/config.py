@@ -403,7 +403,7 @@ class PruneConfig(Compute):
     owl_lambda: float = Field(0.08, ge=0, lt=1)
     calib: Optional[str] = None
     nsamples: int = Field(128, ge=1)
-    seqlen: int = Field(512, ge=2)
+    seqlen: Optional[int] = Field(None, ge=2)  # None: min(512, the model's max_position_embeddings)
     seed: int = 0
     batch_size: int = Field(8, ge=1)
     targets: Optional[str] = None

@@ -33,6 +33,7 @@ from compress.sparsify.protect import Protect
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 DEFAULT_CALIB = "wikitext2.valid"
+DEFAULT_SEQLEN = 512
 
 
 def resolve_text(calib: str | os.PathLike | None) -> tuple[str, str]:
@@ -75,7 +76,7 @@ class PruneResult:
 
 class Pruner:
     def __init__(self, model: str | os.PathLike, calib: str | os.PathLike | None = None, *, nsamples: int = 128,
-                 seqlen: int = 512, seed: int = 0, targets: str | None = None, ignore: str | None = C.DEFAULT_IGNORE,
+                 seqlen: int | None = None, seed: int = 0, targets: str | None = None, ignore: str | None = C.DEFAULT_IGNORE,
                  device: str = "cpu", cache_dir: str | os.PathLike | None = None, batch_size: int = 8,
                  blocksize: int = 128, percdamp: float = 0.01, quiet: bool = False):
         from compress.eval.classify import hf_quiet
@@ -84,7 +85,7 @@ class Pruner:
         if not (self.model_dir / "config.json").is_file():
             raise CompressError(f"{self.model_dir}: not a Hugging Face model folder (no config.json)")
         self.device, self.quiet = device, quiet
-        self.nsamples, self.seqlen, self.seed, self.batch_size = nsamples, seqlen, seed, batch_size
+        self.nsamples, self.seed, self.batch_size = nsamples, seed, batch_size
         self.blocksize, self.percdamp = blocksize, percdamp
         self.cache_dir = Path(cache_dir) if cache_dir is not None else C.default_cache_dir()
         self.calib = calib
@@ -92,6 +93,9 @@ class Pruner:
             self.model = _load_model(self.model_dir, device)
         self.modules, self.n_blocks = C.find_prunable(self.model, targets, ignore)
         max_pos = getattr(self.model.config, "max_position_embeddings", None)
+        if seqlen is None:
+            seqlen = min(DEFAULT_SEQLEN, max_pos or DEFAULT_SEQLEN)
+        self.seqlen = seqlen
         if max_pos is not None and seqlen > max_pos:
             raise CompressError(f"--seqlen {seqlen} is longer than the model's max_position_embeddings {max_pos}")
         mods = dict(self.model.named_modules())
