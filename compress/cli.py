@@ -684,7 +684,7 @@ def bench_prune(
     results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON, markdown and the plot go."),
     nsamples: int = typer.Option(128, help="Calibration windows."),
     seqlen: Optional[int] = typer.Option(None, help="Calibration window (default min(512, max positions))."),
-    max_tokens: Optional[int] = typer.Option(None, help="Score the first N held-out tokens only (default all)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Score the first N held-out tokens only (default: all on CUDA, 65536 on a CPU)."),
     k: int = typer.Option(16, help="Strategies in the shared-calibration timing."),
     device: str = DEVICE, quiet: bool = QUIET,
 ):

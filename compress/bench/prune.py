@@ -29,6 +29,7 @@ from compress.errors import CompressError
 from compress.progress import console
 
 CALIB, HELDOUT = "wikitext2.valid", "wikitext2.test"
+CPU_MAX_TOKENS = 65536
 
 
 def _model_dir(zoo: str, zoo_root: Path) -> Path:
@@ -132,6 +133,8 @@ def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path
     cfg = json.loads((model_dir / "config.json").read_text())
     max_pos = cfg.get("max_position_embeddings", 512)
     seqlen = seqlen or min(512, max_pos)
+    if max_tokens is None and not device.startswith("cuda"):
+        max_tokens = CPU_MAX_TOKENS  # a CPU scores the first 64 Ki held-out tokens, so the run takes minutes
     eval_seqlen = eval_seqlen or min(256, max_pos)
     t_start = time.perf_counter()
     report: dict = {"zoo": zoo, "model": str(model_dir), "device": device, "calib": CALIB, "heldout": HELDOUT,
