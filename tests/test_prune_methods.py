@@ -117,3 +117,15 @@ def test_strategy_round_trip_and_validation(tmp_path):
     for r in random_strategies(4, 0.5, params, spread=0.2, seed=1):
         assert weighted_mean(r.layer_sparsity, params) == pytest.approx(0.5, abs=1e-9)
         assert len(set(r.layer_sparsity)) > 1
+
+
+def test_batched_sparsegpt_solves_each_strategy_as_if_alone():
+    w, x = _layer(inp=160)  # two column blocks with blocksize 128: the cross-block update is exercised
+    h = x.T @ x
+    sparsities = [0.3, 0.5, 0.7]
+    W, masks = M.sparsegpt_prune_many(w, h, sparsities)
+    for b, s in enumerate(sparsities):
+        w1, m1 = M.sparsegpt_prune(w, h, s)
+        assert torch.equal(masks[b], m1), s
+        torch.testing.assert_close(W[b], w1, rtol=1e-5, atol=1e-6)
+        assert abs(1 - m1.float().mean().item() - s) < 1e-3

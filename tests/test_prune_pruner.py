@@ -94,6 +94,10 @@ def test_second_pruner_reads_the_cache_without_a_forward_pass(tiny, calib_file, 
 
     sg = second.prune(0.5, "sparsegpt")  # Hessians were not cached yet: one pass, then cached for the next
     assert second.forward_passes == 1 and len(calls) > 0
+    many = second.prune_many([0.5, [0.3, 0.7], 0.6], "sparsegpt")  # K strategies, one batched solve per layer
+    assert second.forward_passes == 1 and [round(r.sparsity, 3) for r in many] == [0.5, 0.5, 0.6]
+    for n, w in sg.weights.items():
+        torch.testing.assert_close(many[0].weights[n], w, rtol=1e-5, atol=1e-6)
     third = _pruner(tiny, calib_file, cache)
     assert all(torch.equal(sg.weights[n], w) for n, w in third.prune(0.5, "sparsegpt").weights.items())
     third.prune(0.5, "wanda")  # the Hessian file serves norms too

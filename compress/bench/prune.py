@@ -6,8 +6,8 @@ Measured in one run, with one ``Pruner`` (one calibration pass of the dense mode
    of magnitude / Wanda / SparseGPT at 50% unstructured, 2:4 and 4:8; at 70% magnitude, Wanda and SparseGPT
    uniform against Wanda+OWL and SparseGPT+OWL. Pruned weights are loaded into the model in memory.
 2. Shared calibration: a fresh Pruner (empty cache) timed from construction through calibration and 1
-   strategy, and another through calibration and 16 strategies (random per-block vectors with the same mean),
-   side by side, for Wanda and for SparseGPT; the ratio is printed. Results stay in memory (no files written).
+   strategy, and another through calibration and 16 strategies (random per-block vectors with the same mean,
+   through ``Pruner.prune_many``: SparseGPT solves a layer's 16 problems in one batched column loop), side by side, for Wanda and for SparseGPT; the ratio is printed. Results stay in memory (no files written).
 3. Sparse file size at 50% unstructured and 2:4 (bf16): the pruned folder written in bf16 and
    ``compress.io.sparse.write_sparse`` on it, against the dense bf16 size (dense only when that module is
    missing, and the report says so).
@@ -74,8 +74,7 @@ def time_shared_calibration(model_dir: Path, method: str, k: int, *, calib: str,
             p = Pruner(model_dir, calib, nsamples=nsamples, seqlen=seqlen, device=device, cache_dir=cache,
                        batch_size=batch_size, quiet=quiet)
             strategies = random_strategies(n, 0.5, p.block_params, spread=0.1, seed=n)
-            for st in strategies:
-                p.prune(st, method)
+            p.prune_many(strategies, method)
             _sync(device)
             return {"seconds": time.perf_counter() - t0, "calibration_seconds": p.calibration_seconds,
                     "forward_passes": p.forward_passes}

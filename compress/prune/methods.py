@@ -24,6 +24,8 @@ entries are protected than the target allows.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from compress.errors import CompressError
@@ -154,46 +156,63 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor | None, sparsity: float, nm
                     hinv: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(updated weight, keep-mask): SparseGPT's one-shot OBS pruning of ``w`` [out, in] with the layer's input
     Hessian ``h`` = XᵀX [in, in] (or its precomputed ``inverse_hessian_factor`` as ``hinv``)."""
-    W = w.detach().float().clone()
-    rows, cols = W.shape
+    W, mask = sparsegpt_prune_many(w, h, [sparsity], nm, blocksize=blocksize, percdamp=percdamp, keep=keep,
+                                   hinv=hinv)
+    return W[0], mask[0]
+
+
+def sparsegpt_prune_many(w: torch.Tensor, h: torch.Tensor | None, sparsities: Sequence[float],
+                         nm: NM | None = None, *, blocksize: int = 128, percdamp: float = 0.01,
+                         keep: torch.Tensor | None = None, hinv: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT for several sparsities of one layer at once: (weights [B, out, in], keep-masks [B, out, in]).
+
+    Each slice b is exactly ``sparsegpt_prune(w, h, sparsities[b])``; the B problems share the column loop, so on a
+    GPU (where the loop is bound by kernel launches, not arithmetic) B strategies cost about what one does. This
+    is what makes K strategies from one calibration cheap for SparseGPT (``Pruner.prune_many``).
+    """
+    B = len(sparsities)
+    W = w.detach().float().unsqueeze(0).repeat(B, 1, 1)
+    _, rows, cols = W.shape
     if nm and blocksize % nm[1]:
         raise CompressError(f"SparseGPT {nm[0]}:{nm[1]}: the column block size {blocksize} must be a multiple of "
                             f"{nm[1]}")
     Hinv, dead = hinv if hinv is not None else inverse_hessian_factor(h, percdamp)
-    W[:, dead] = 0
+    W[:, :, dead] = 0
     pruned = torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = W[:, :, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
         keep1 = None if keep is None else keep[:, i1:i2]
         if nm is None:
-            score = _protected_scores(W1 ** 2 / d.reshape(1, -1) ** 2, keep1)
-            mask1 = ~tensor_mask(score, sparsity)  # True = pruned, as in the reference
+            score = _protected_scores(W1 ** 2 / d.reshape(1, 1, -1) ** 2, keep1)
+            # True = pruned, as in the reference
+            mask1 = torch.stack([~tensor_mask(score[b], s) for b, s in enumerate(sparsities)])
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
-                score = W1[:, i:i + nm[1]] ** 2 / d[i:i + nm[1]].reshape(1, -1) ** 2
+                score = W1[:, :, i:i + nm[1]] ** 2 / d[i:i + nm[1]].reshape(1, 1, -1) ** 2
                 score = _protected_scores(score, None if keep1 is None else keep1[:, i:i + nm[1]])
-                count = nm_prune_count(score.shape[1], nm)
+                count = nm_prune_count(score.shape[2], nm)
                 if count:
-                    mask1.scatter_(1, i + torch.topk(score, count, dim=1, largest=False).indices, True)
+                    mask1.scatter_(2, i + torch.topk(score, count, dim=2, largest=False).indices, True)
             if keep1 is not None:
-                mask1[:, i] &= ~keep1[:, i]
-            col = W1[:, i]
-            q = col.masked_fill(mask1[:, i], 0.0)
-            Q1[:, i] = q
+                mask1[:, :, i] &= ~keep1[:, i]
+            col = W1[:, :, i]
+            q = col.masked_fill(mask1[:, :, i], 0.0)
+            Q1[:, :, i] = q
             err = (col - q) / Hinv1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        pruned[:, i1:i2] = mask1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    mask = ~pruned & ~dead.reshape(1, -1)
+            W1[:, :, i:] -= err.unsqueeze(2) * Hinv1[i, i:].reshape(1, 1, -1)  # rank-1 update of every problem
+            Err1[:, :, i] = err
+        W[:, :, i1:i2] = Q1
+        pruned[:, :, i1:i2] = mask1
+        W[:, :, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    mask = ~pruned & ~dead.reshape(1, 1, -1)
     # Protected entries are never pruned; like every kept weight they take the OBS update (a protected row has
     # nothing pruned, so it is left exactly as it was; a protected column absorbs earlier columns' errors).
     return W.to(w.dtype), _with_keep(mask, keep)

@@ -213,53 +213,70 @@ class Pruner:
         return self.strategy(layer_sparsity=strategy)
 
     # -- pruning -------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def prune(self, strategy: Strategy | float | Sequence[float], method: str = "wanda",
               pattern: str = "unstructured", protect: Protect | None = None) -> PruneResult:
         """Prune every selected layer to its block's sparsity; the model itself is left dense."""
+        return self.prune_many([strategy], method, pattern, protect)[0]
+
+    @torch.no_grad()
+    def prune_many(self, strategies: Sequence[Strategy | float | Sequence[float]], method: str = "wanda",
+                   pattern: str = "unstructured", protect: Protect | None = None) -> list[PruneResult]:
+        """``prune`` for K strategies from the one calibration. Magnitude and Wanda masks are cheap per strategy;
+        SparseGPT solves the K problems of each layer in one batched column loop (``sparsegpt_prune_many``),
+        bit-compatible with K calls of ``prune`` up to float summation order. Holds K pruned copies of the
+        prunable weights on the device."""
         if method not in METHODS:
             raise CompressError(f"unknown pruning method '{method}' (choose {', '.join(METHODS)})")
-        st = self.as_strategy(strategy)
+        sts = [self.as_strategy(st) for st in strategies]
         nm = M.parse_pattern(pattern)
         if nm is not None:
             want = 1 - nm[0] / nm[1]
-            if any(abs(s - want) > 1e-9 for s in st.layer_sparsity):
-                raise CompressError(f"pattern {pattern} prunes exactly {want:g} of every layer; the strategy "
-                                    f"({st.source}) asks for other sparsities")
+            for st in sts:
+                if any(abs(x - want) > 1e-9 for x in st.layer_sparsity):
+                    raise CompressError(f"pattern {pattern} prunes exactly {want:g} of every layer; the strategy "
+                                        f"({st.source}) asks for other sparsities")
         stats = self.stats(hessian=method == "sparsegpt") if method != "magnitude" else None
-        mean = st.mean(self.block_params)
+        means = [st.mean(self.block_params) for st in sts]
         t0 = time.perf_counter()
-        weights, kept, numel = {}, {}, {}
+        weights: list[dict] = [{} for _ in sts]
+        kept: list[dict] = [{} for _ in sts]
+        numel: dict[str, int] = {}
         for p in self.modules:
-            s = st.layer_sparsity[p.block] if p.block is not None else mean
+            ss = [st.layer_sparsity[p.block] if p.block is not None else mean for st, mean in zip(sts, means)]
             w = self._dense[p.name]
             keep = None
             if protect:
-                name = self.param_name(p)
                 stored = (p.in_features, p.out_features) if p.transposed else (p.out_features, p.in_features)
-                keep = protect.keep(name, stored, device=w.device)
+                keep = protect.keep(self.param_name(p), stored, device=w.device)
                 if keep is not None and p.transposed:
                     keep = keep.T
-            if (s == 0 and nm is None) or (keep is not None and bool(keep.all())):
-                new, mask = w.clone(), torch.ones_like(w, dtype=torch.bool)
-            elif method == "magnitude":
-                mask = M.magnitude_mask(w, s, nm, keep)
-                new = w * mask
+            dense = [(x == 0 and nm is None) or (keep is not None and bool(keep.all())) for x in ss]
+            out: list = [(w.clone(), torch.ones_like(w, dtype=torch.bool)) if d else None for d in dense]
+            todo = [b for b, d in enumerate(dense) if not d]
+            if method == "magnitude":
+                for b in todo:
+                    mask = M.magnitude_mask(w, ss[b], nm, keep)
+                    out[b] = (w * mask, mask)
             elif method == "wanda":
-                mask = M.wanda_mask(w, stats[p.name].col_norm, s, nm, keep)
-                new = w * mask
-            else:
+                for b in todo:
+                    mask = M.wanda_mask(w, stats[p.name].col_norm, ss[b], nm, keep)
+                    out[b] = (w * mask, mask)
+            elif todo:
                 if p.name not in self._hinv:
                     self._hinv[p.name] = M.inverse_hessian_factor(stats[p.name].hessian, self.percdamp)
-                new, mask = M.sparsegpt_prune(w, None, s, nm, blocksize=self.blocksize, keep=keep,
-                                              hinv=self._hinv[p.name])
-                new = new * mask
-            weights[p.name] = new
-            kept[p.name] = int(torch.count_nonzero(mask))
-            numel[p.name] = mask.numel()
+                new, masks = M.sparsegpt_prune_many(w, None, [ss[b] for b in todo], nm, blocksize=self.blocksize,
+                                                    keep=keep, hinv=self._hinv[p.name])
+                for j, b in enumerate(todo):
+                    out[b] = (new[j] * masks[j], masks[j])
+            for b, (new, mask) in enumerate(out):
+                weights[b][p.name] = new
+                kept[b][p.name] = int(torch.count_nonzero(mask))
+            numel[p.name] = w.numel()
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return PruneResult(weights, st, method, pattern, kept, time.perf_counter() - t0, numel)
+        seconds = (time.perf_counter() - t0) / len(sts)
+        return [PruneResult(weights[b], st, method, pattern, kept[b], seconds, dict(numel))
+                for b, st in enumerate(sts)]
 
     def layer_sparsity(self, result: PruneResult) -> list[float]:
         """Measured sparsity of each block (zeros over the block's pruned parameters)."""
