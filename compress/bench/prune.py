@@ -9,8 +9,8 @@ Measured in one run, with one ``Pruner`` (one calibration pass of the dense mode
    strategy, and another through calibration and 16 strategies (random per-block vectors with the same mean,
    through ``Pruner.prune_many``: SparseGPT solves a layer's 16 problems in one batched column loop), side by side, for Wanda and for SparseGPT; the ratio is printed. Results stay in memory (no files written).
 3. Sparse file size at 50% unstructured and 2:4 (bf16): the pruned folder written in bf16 and
-   ``compress.io.sparse.write_sparse`` on it, against the dense bf16 size (dense only when that module is
-   missing, and the report says so).
+   ``compress.io.sparse.write_sparse`` on it, against the dense bf16 size, over the whole file and over the
+   pruned tensors alone.
 
 Saves ``prune_<zoo>.json``, ``.md`` and ``.png`` (perplexity bars) into ``results``.
 """
@@ -91,11 +91,9 @@ def time_shared_calibration(model_dir: Path, method: str, k: int, *, calib: str,
 
 def sparse_sizes(pruner, results_for: dict, workdir: Path) -> dict:
     """Dense bf16 size and sparse-file size for each pruned result (bf16)."""
-    try:
-        from compress.io.sparse import write_sparse
-    except ImportError:
-        write_sparse = None
-    out = {"available": write_sparse is not None}
+    from compress.io.sparse import write_sparse
+
+    out = {}
     dense_dir = workdir / "dense-bf16"
     pruner.save(_dense_result(pruner), dense_dir, dtype=torch.bfloat16, overwrite=True)
     out["dense_bytes"] = sum(f.stat().st_size for f in dense_dir.glob("*.safetensors"))
@@ -103,12 +101,10 @@ def sparse_sizes(pruner, results_for: dict, workdir: Path) -> dict:
         folder = workdir / label.replace(" ", "_").replace(":", "-").replace("%", "")
         pruner.save(result, folder, dtype=torch.bfloat16, overwrite=True)
         row = {"folder_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
-        if write_sparse is not None:
-            s = write_sparse(folder, folder.with_name(folder.name + ".sparse.safetensors"), overwrite=True,
-                             quiet=True)
-            row.update(file_bytes=s.file_bytes, dense_bytes=s.dense_bytes, ratio=s.ratio,
-                       pruned_file_bytes=s.sparse_file_bytes, pruned_dense_bytes=s.sparse_dense_bytes,
-                       pruned_ratio=s.pruned_ratio)
+        s = write_sparse(folder, folder.with_name(folder.name + ".sparse.safetensors"), overwrite=True, quiet=True)
+        row.update(file_bytes=s.file_bytes, dense_bytes=s.dense_bytes, ratio=s.ratio,
+                   pruned_file_bytes=s.sparse_file_bytes, pruned_dense_bytes=s.sparse_dense_bytes,
+                   pruned_ratio=s.pruned_ratio)
         out[label] = row
     return out
 
@@ -215,14 +211,11 @@ def markdown(report: dict) -> str:
                      f"{r['ratio']:.2f} |")
     sizes = report["sizes"]
     lines += ["", f"Sizes in bf16 (dense safetensors {sizes['dense_bytes']:,} bytes):", ""]
-    if sizes["available"]:
-        lines += ["| model | sparse file (bytes) | ÷ dense | pruned tensors only: sparse ÷ dense |",
-                  "|---|---:|---:|---:|"]
-        for label, r in sizes.items():
-            if isinstance(r, dict):
-                lines.append(f"| {label} | {r['file_bytes']:,} | {r['ratio']:.3f} | {r['pruned_ratio']:.3f} |")
-    else:
-        lines.append("compress.io.sparse is not in this build: only the dense size is reported.")
+    lines += ["| model | sparse file (bytes) | ÷ dense | pruned tensors only: sparse ÷ dense |",
+              "|---|---:|---:|---:|"]
+    for label, r in sizes.items():
+        if isinstance(r, dict):
+            lines.append(f"| {label} | {r['file_bytes']:,} | {r['ratio']:.3f} | {r['pruned_ratio']:.3f} |")
     lines += ["", f"Total {report['seconds']:.0f} s."]
     return "\n".join(lines) + "\n"
 

@@ -93,16 +93,14 @@ def run_prune(cfg) -> dict:
         report["out"] = str(cfg.out)
         line = f"wrote {cfg.out}"
         if sparse_out is not None:
-            try:
-                from compress.io.sparse import write_sparse
-            except ImportError:
-                write_sparse = None
-                line += " (sparse file skipped: this build has no compress.io.sparse)"
-            if write_sparse is not None:
-                s = write_sparse(cfg.out, sparse_out, overwrite=cfg.overwrite,
-                                 metadata={"method": cfg.method, "pattern": cfg.pattern,
-                                           "sparsity": f"{result.sparsity:.6f}", "model": str(cfg.model)})
-                report["sparse"] = {"path": str(sparse_out), "file_bytes": s.file_bytes, "dense_bytes": s.dense_bytes}
-                line += f" and {sparse_out} ({s.file_bytes / max(s.dense_bytes, 1):.1%} of the dense size)"
+            from compress.io.sparse import write_sparse
+
+            s = write_sparse(cfg.out, sparse_out, overwrite=cfg.overwrite,
+                             metadata={"method": cfg.method, "pattern": cfg.pattern,
+                                       "sparsity": f"{result.sparsity:.6f}", "model": str(cfg.model)})
+            report["sparse"] = {"path": str(sparse_out), "file_bytes": s.file_bytes, "dense_bytes": s.dense_bytes,
+                                "pruned_file_bytes": s.sparse_file_bytes, "pruned_dense_bytes": s.sparse_dense_bytes}
+            line += (f" and {sparse_out} ({s.ratio:.1%} of the dense size; the pruned tensors "
+                     f"{s.pruned_ratio:.1%} of theirs)")
         print(line)
     return report
