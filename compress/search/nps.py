@@ -312,3 +312,154 @@ def search(problem: NpsProblem, setter: ModelSetter, objective: Callable, *, opt
     return NpsResult(x, lambdas, w.tolist(), problem.group_names, value, start_value, dev, len(history),
                      time.perf_counter() - t0, history)
 
+
+
+# -- from checkpoints: load, search on the dev splits, write --------------------------------------------------
+
+def load_flat(base, models: list, device: str, names: Optional[list[str]] = None
+              ) -> tuple[Layout, torch.Tensor, list[torch.Tensor]]:
+    """(layout, flat base, flat τ per model) over the float tensors of the task vectors (float32, on ``device``).
+    ``names`` restricts the tensors (e.g. to those an encoder has)."""
+    from compress.taskvec import TaskVector
+
+    tvs = [TaskVector.from_paths(base, m) for m in models]
+    use = [n for n in tvs[0].names() if (names is None or n in names) and tvs[0].info(n).dtype.is_floating_point]
+    if not use:
+        raise CompressError(f"nps: no float tensors shared by {base.path} and {models[0]}")
+    for m, tv in zip(models[1:], tvs[1:]):
+        missing = [n for n in use if n not in set(tv.names())]
+        if missing:
+            raise CompressError(f"nps: tensor '{missing[0]}' is in {models[0]} but not in {m}")
+    layout = make_layout(use, [tuple(base.info(n).shape) for n in use], [base.info(n).dtype for n in use])
+    base_flat = torch.empty(layout.numel, dtype=torch.float32, device=device)
+    taus = [torch.empty(layout.numel, dtype=torch.float32, device=device) for _ in models]
+    for _, name, sl, _ in layout.slices():
+        base_flat[sl] = base.get(name, device=device, dtype=torch.float32).reshape(-1)
+        for tau, tv in zip(taus, tvs):
+            tau[sl] = tv.get(name, device=device).to(torch.float32).reshape(-1)
+    return layout, base_flat, taus
+
+
+def build_objectives(cfg, encoder, tokenizer, setter: ModelSetter, taus: list[torch.Tensor]):
+    """One ``TaskObjective`` per model's task (its head; KL reference = that fine-tuned model) and per keep task."""
+    from compress.eval.classify import Head, TaskEvaluator
+    from compress.search.objective import MeanObjective, TaskObjective
+
+    s = cfg.search
+    objs = []
+    heads = cfg.heads or cfg.models
+    for task, head_dir, tau in zip(cfg.tasks, heads, taus):
+        head = Head.load(head_dir)
+        ev = TaskEvaluator(task, "dev", tokenizer=tokenizer, limit=s.dev_limit, max_length=head.max_length)
+        o = TaskObjective(ev, head, encoder, s.objective, s.batch_size)
+        setter(tau)
+        o.set_reference(encoder)
+        objs.append(o)
+    for task, head_dir in zip(cfg.keep, cfg.keep_heads):
+        head = Head.load(head_dir)
+        ev = TaskEvaluator(task, "dev", tokenizer=tokenizer, limit=s.dev_limit, max_length=head.max_length)
+        objs.append(TaskObjective(ev, head, encoder, s.objective, s.batch_size))
+    setter(None)
+    return objs[0] if len(objs) == 1 else MeanObjective(objs)
+
+
+def write_model(out, base, layout: Layout, delta: torch.Tensor, *, shard_size="5GB", overwrite=False,
+                aux_from=None, head_from=None, card: Optional[dict] = None) -> None:
+    """θ_base + delta as a Hugging Face folder (tensors outside the layout copied from the base); the tensors are
+    ``compress.delta.reconstruct(base, delta, base dtype)``, the same that ``compress apply`` rebuilds."""
+    import shutil
+
+    from compress.delta import reconstruct
+    from compress.io.writer import ShardedWriter, atomic_dir, copy_aux, write_model_card
+
+    where = {n: sl for _, n, sl, _ in layout.slices()}
+    with atomic_dir(out, overwrite) as tmp:
+        writer = ShardedWriter(tmp, shard_size)
+        for name in base.names():
+            b = base.get(name, device=delta.device)
+            if name in where:
+                b = reconstruct(b, delta[where[name]].reshape(b.shape), b.dtype)
+            writer.add(name, b)
+        writer.close()
+        copy_aux(aux_from if aux_from is not None else base.root, tmp)
+        if head_from is not None:
+            from compress.eval.classify import HEAD_CONFIG, HEAD_WEIGHTS
+
+            for f in (HEAD_WEIGHTS, HEAD_CONFIG):
+                if (head_from / f).is_file():
+                    shutil.copy2(head_from / f, tmp / f)
+        card = card or {}
+        write_model_card(tmp, card.get("title", "NPS-pruned model"), "compress nps", card.get("inputs", {}),
+                         card.get("params", {}))
+
+
+def write_nps_delta(out, base, layout: Layout, delta: torch.Tensor, mask: torch.Tensor, *, metadata: dict,
+                    overwrite=False):
+    """The searched model as a compact delta file: the kept entries of ``delta`` under ``mask``; ``compress apply``
+    rebuilds exactly the tensors of ``write_model``."""
+    from compress.delta import SparseDelta, write_delta
+
+    def items():
+        for _, name, sl, shape in layout.slices():
+            b = base.get(name, device=delta.device)
+            yield SparseDelta(name, b, delta[sl].reshape(shape), mask[sl].reshape(shape), b.dtype)
+
+    return write_delta(out, items(), metadata=metadata, overwrite=overwrite)
+
+
+def run_nps(cfg) -> dict:
+    """Search (``cfg``: ``compress.config.NpsConfig``), write ``cfg.out`` when given, and return a summary."""
+    import json
+
+    from compress.config import resolve_device
+    from compress.eval.classify import load_encoder
+    from compress.io.reader import open_checkpoint
+    from compress.io.writer import check_output
+    from compress.progress import console
+
+    device = resolve_device(cfg.device)
+    if cfg.out is not None:
+        check_output(cfg.out, cfg.overwrite)
+    protect = Protect.load(cfg.protect) if cfg.protect is not None else None
+    base = open_checkpoint(cfg.base)
+    encoder, tok = load_encoder(cfg.base, device=device)
+    if tok is None:
+        raise CompressError(f"{cfg.base}: no tokenizer files; NPS scores the dev split of each task with it")
+    layout, base_flat, taus = load_flat(base, cfg.models, device, names=set(encoder.state_dict()))
+    setter = ModelSetter(encoder, layout, base_flat)
+    objective = build_objectives(cfg, encoder, tok, setter, taus)
+    s = cfg.search
+    problem = NpsProblem(layout, taus, cfg.density, s.space(), protect)
+    log_file = open(cfg.log, "w") if cfg.log is not None else None
+    try:
+        def log(rec):
+            if log_file is not None:
+                log_file.write(json.dumps(rec) + "\n")
+            if not cfg.quiet:
+                console.print(f"[nps] {rec['i']:4d} {rec.get('phase', '')} value {rec['value']:.5f}", highlight=False)
+
+        res = search(problem, setter, objective, optimizer=s.optimizer, budget=s.budget, sigma0=s.sigma0,
+                     popsize=s.popsize, seed=s.seed, log=log)
+    finally:
+        if log_file is not None:
+            log_file.close()
+    delta = problem.delta(res.x)
+    summary = {"mode": cfg.mode, "density": cfg.density, **res.as_dict(with_history=False),
+               "kept": int(torch.count_nonzero(delta)), "params": layout.numel}
+    if cfg.out is not None:
+        meta = {"base": str(cfg.base), "finetuned": ",".join(map(str, cfg.models)), "method": "nps",
+                "density": repr(cfg.density), "seed": str(s.seed),
+                "nps": json.dumps({"lambdas": res.lambdas, "weights": res.weights, "groups": res.groups,
+                                   "search": s.model_dump()})}
+        if cfg.mode == "prune" and cfg.out.suffix == ".safetensors":
+            _, mask = problem.kept(0, problem.decode(res.x)[1])
+            d = write_nps_delta(cfg.out, base, layout, delta, mask, metadata=meta, overwrite=cfg.overwrite)
+            summary.update(out=str(cfg.out), file_bytes=d.file_bytes, stored=d.kept)
+        else:
+            card = {"title": f"NPS {cfg.mode} (density {cfg.density:g})",
+                    "inputs": {"base": str(cfg.base), **{f"model {i}": str(m) for i, m in enumerate(cfg.models)}},
+                    "params": {"lambdas": res.lambdas, "parts": s.parts, "partition": s.partition}}
+            write_model(cfg.out, base, layout, delta, shard_size=cfg.shard_size, overwrite=cfg.overwrite,
+                        head_from=(cfg.heads or cfg.models)[0] if cfg.mode != "merge" else None, card=card)
+            summary["out"] = str(cfg.out)
+    return summary
