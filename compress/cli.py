@@ -594,6 +594,59 @@ def bench_merge(
         test_limit=test_limit, quiet=quiet)
 
 
+@bench_app.command("nps")
+def bench_nps(
+    zoo: str = typer.Argument("minilm-8task", help="minilm-8task (built by `compress zoo build`)."),
+    zoo_root: Path = typer.Option(Path("checkpoints/zoo"), help="Where the zoo models are."),
+    results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON, markdown and the plot go (results "
+                                                                 "already there are kept: runs resume)."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks (default: all built)."),
+    densities: str = typer.Option("0.1,0.05,0.02,0.01,0.005", help="Comma-separated densities."),
+    parts: str = typer.Option("compress,merge,cost", help="Which tables: compress, merge, cost."),
+    budget: int = typer.Option(120, help="NPS evaluations per search (starts included)."),
+    nps_parts: int = typer.Option(8, "--m", help="M, subspaces per task vector."),
+    grouping: str = typer.Option("none", help="Part weights per: none, layer or module."),
+    objective: str = typer.Option("kl", help="kl, loss or accuracy on the dev rows."),
+    select: str = typer.Option("random", help="Compression search: random (DARE generalized per part) or topk "
+                                              "(the paper's top-k of the reweighted vector)."),
+    merge_select: str = typer.Option("topk", help="Merge search: topk or random."),
+    merge_density: float = typer.Option(0.2, help="Density of each task vector in the NPS merge."),
+    merge_budget: Optional[int] = typer.Option(None, help="Evaluations of the merge search (default: --budget)."),
+    cost_budgets: str = typer.Option("30,60,120,240", help="Budgets of the cost sweep."),
+    cost_ms: str = typer.Option("2,4,8,16", help="M values of the cost sweep."),
+    dev_limit: int = typer.Option(500, help="Dev rows per task for the search (0: all)."),
+    test_limit: Optional[int] = typer.Option(None, help="Test rows per task (default: all)."),
+    device: str = DEVICE, quiet: bool = QUIET,
+):
+    """NPS against magnitude top-k and DARE (compression), TIES and task arithmetic (merging), and search cost."""
+    from compress.bench.nps import run
+    from compress.config import NpsSearch
+
+    if zoo != "minilm-8task":
+        raise CompressError(f"bench nps runs on minilm-8task, not '{zoo}'")
+    floats = lambda s, flag: [float(v) for v in _csv(s, flag)]  # noqa: E731
+    search = build(NpsSearch, budget=budget, parts=nps_parts, grouping=grouping, objective=objective,
+                   dev_limit=dev_limit or None, select=select)
+    merge_search = search.model_copy(update={"select": merge_select})
+    run(zoo_root, results, device=resolve_device(device), tasks=_csv(tasks, "--tasks") if tasks else None,
+        densities=floats(densities, "--densities"), parts=tuple(_csv(parts, "--parts")), search=search,
+        merge_search=merge_search,
+        merge_density=merge_density, merge_budget=merge_budget,
+        cost_budgets=[int(v) for v in floats(cost_budgets, "--cost-budgets")],
+        cost_ms=[int(v) for v in floats(cost_ms, "--cost-ms")], dev_limit=dev_limit or None,
+        test_limit=test_limit, quiet=quiet)
+
+
+def _csv(text: str, flag: str) -> list[str]:
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if not items:
+        raise CompressError(f"{flag}: give a comma-separated list")
+    for v in items:
+        if flag not in ("--tasks", "--parts") and not _is_number(v):
+            raise CompressError(f"{flag}: '{v}' is not a number")
+    return items
+
+
 @bench_app.command("merge-speed")
 def bench_merge_speed(
     params: float = typer.Option(0.5e9, help="Parameters per model (three bf16 Llama checkpoints)."),

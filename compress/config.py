@@ -393,6 +393,7 @@ class NpsSearch(_Config):
     topk: Literal["global", "per_tensor"] = "global"
     values: Literal["weighted", "plain"] = "weighted"
     rescale: Literal["none", "inverse_keep", "l1"] = "none"
+    select: Literal["topk", "random"] = "topk"
     optimizer: Literal["cma", "bayes"] = "cma"
     budget: int = Field(120, ge=2, description="evaluations in all, the starting points included")
     popsize: Optional[int] = Field(None, ge=2)
@@ -406,7 +407,7 @@ class NpsSearch(_Config):
         from compress.search.nps import Space
 
         return Space(self.partition, self.parts, self.edges, self.span, self.grouping, self.topk, self.values,
-                     self.rescale)
+                     self.rescale, self.select, self.seed)
 
 
 class NpsConfig(Compute):

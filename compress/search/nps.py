@@ -41,6 +41,7 @@ from compress.sparsify.protect import Protect
 from compress.sparsify.topk import topk_mask
 
 WEIGHT_BOUNDS = (-4.0, 2.5)  # log w of a part
+RATE_BOUNDS = (-3.0, 3.0)  # log ρ, the relative keep rate of a part (select: random)
 
 
 @dataclass
@@ -84,6 +85,8 @@ class Space:
     topk: str = "global"
     values: str = "weighted"
     rescale: str = "none"
+    select: str = "topk"  # topk (the paper's) | random (DARE generalized: a searched keep rate per part)
+    seed: int = 0
 
 
 class NpsProblem:
@@ -97,7 +100,7 @@ class NpsProblem:
             raise CompressError(f"nps: density must be in (0, 1], got {density}")
         if space.partition not in ("magnitude", "svd"):
             raise CompressError(f"nps: unknown partition '{space.partition}' (choose magnitude or svd)")
-        for key, allowed in (("topk", ("global", "per_tensor")), ("values", ("weighted", "plain")),
+        for key, allowed in (("select", ("topk", "random")), ("topk", ("global", "per_tensor")), ("values", ("weighted", "plain")),
                              ("rescale", ("none", "inverse_keep", "l1"))):
             if getattr(space, key) not in allowed:
                 raise CompressError(f"nps: {key} must be one of {', '.join(allowed)} (got '{getattr(space, key)}')")
@@ -118,7 +121,8 @@ class NpsProblem:
                 if keep is not None:
                     pm[sl] = keep.reshape(-1)
             self.protect = pm if bool(pm.any()) else None
-        span = min(1.0, space.span * density)
+        # top-k only ever draws from the largest few percent, random keep from everywhere
+        span = min(1.0, space.span * density) if space.select == "topk" else 1.0
         self.index: list[torch.Tensor] = []  # magnitude: per task, flat index into the [G, M] weight table
         self.stacks: list[torch.Tensor] = []  # svd: per task, [M, n] parts
         for tau in taus:
@@ -132,6 +136,21 @@ class NpsProblem:
                     for m, q in enumerate(P.svd_bands(tau[sl].reshape(shape), self.M)):
                         stack[m, sl] = q.reshape(-1)
                 self.stacks.append(stack)
+        self.draws: list[torch.Tensor] = []
+        self.bin_counts: list[torch.Tensor] = []
+        if space.select == "random":
+            if space.partition != "magnitude":
+                raise CompressError("nps: select random needs the magnitude partition (keep rates per bin)")
+            from compress.sparsify.masks import seeded_generator
+
+            for k, idx in enumerate(self.index):
+                u = torch.empty(layout.numel, dtype=torch.float32, device=device)
+                for _, name, sl, shape in layout.slices():
+                    # the draws of `compress extract --method random` (DARE), so the unweighted start IS DARE
+                    g = seeded_generator(space.seed, name if k == 0 else f"{name}#{k}")
+                    u[sl] = torch.rand(shape, generator=g, device="cpu").reshape(-1).to(device)
+                self.draws.append(u)
+                self.bin_counts.append(torch.bincount(idx, minlength=self.G * self.M).to(torch.float32))
         self.tau_l1 = [torch.zeros(len(layout.names), device=device).index_add_(0, seg, t.abs()) for t in taus]
 
     # -- the search space ------------------------------------------------------------------------------------
@@ -140,28 +159,43 @@ class NpsProblem:
         return len(self.taus)
 
     @property
+    def random(self) -> bool:
+        return self.space.select == "random"
+
+    @property
     def dim(self) -> int:
-        return self.K + self.G * self.M
+        return self.K + self.G * self.M * (2 if self.random else 1)
 
     def bounds(self) -> tuple[list[float], list[float]]:
         hi_scale = math.log(max(4.0, 2.0 / self.density))
-        lo = [math.log(0.02)] * self.K + [WEIGHT_BOUNDS[0]] * (self.G * self.M)
-        hi = [hi_scale] * self.K + [WEIGHT_BOUNDS[1]] * (self.G * self.M)
+        n = self.G * self.M
+        lo = [math.log(0.02)] * self.K + [WEIGHT_BOUNDS[0]] * n + ([RATE_BOUNDS[0]] * n if self.random else [])
+        hi = [hi_scale] * self.K + [WEIGHT_BOUNDS[1]] * n + ([RATE_BOUNDS[1]] * n if self.random else [])
         return lo, hi
 
     def point(self, lambdas: list[float], weights: Optional[torch.Tensor] = None) -> list[float]:
         w = torch.ones(self.G, self.M) if weights is None else weights
         lo, hi = self.bounds()
         x = [math.log(v) for v in lambdas] + torch.log(w).reshape(-1).tolist()
+        if self.random:
+            x += [0.0] * (self.G * self.M)
         return [min(max(v, a), b) for v, a, b in zip(x, lo, hi)]
 
     def decode(self, x: list[float]) -> tuple[list[float], torch.Tensor]:
-        """(λ per task vector, weights [G, M])."""
+        """(λ per task vector, weights [G, M]); with ``select: random`` the weights tensor is [2, G, M]: value
+        weights, then keep-rate multipliers."""
         if len(x) != self.dim:
             raise CompressError(f"nps: a point has {self.dim} coordinates, got {len(x)}")
         lambdas = [math.exp(v) for v in x[: self.K]]
-        w = torch.exp(torch.tensor(x[self.K:], dtype=torch.float32)).reshape(self.G, self.M)
-        return lambdas, w
+        w = torch.exp(torch.tensor(x[self.K:], dtype=torch.float32))
+        return lambdas, (w.reshape(2, self.G, self.M) if self.random else w.reshape(self.G, self.M))
+
+    def keep_rates(self, k: int, rho: torch.Tensor) -> torch.Tensor:
+        """Per-bin keep probabilities ∝ ρ, scaled so the expected kept count is density × entries (then ≤ 1)."""
+        rho = rho.to(self.device).reshape(-1)
+        n = self.bin_counts[k]
+        p = rho * (self.density * n.sum() / (n * rho).sum().clamp(min=1e-30))
+        return p.clamp(max=1.0)
 
     # -- from a point to the kept entries ----------------------------------------------------------------------
     def reweighted(self, k: int, w: torch.Tensor) -> torch.Tensor:
@@ -189,8 +223,22 @@ class NpsProblem:
             mask |= self.protect
         return mask
 
+    def kept_random(self, k: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``select: random``: keep each entry of bin (g, m) with probability p_{g,m} (fixed draws, so a point
+        always gives the same mask) and divide kept entries by it, DARE's unbiased rescale per bin; the value
+        weights multiply as in the top-k case. ρ = 1, w = 1 is DARE exactly."""
+        weights, rho = w[0], w[1]
+        p = self.keep_rates(k, rho)[self.index[k]]
+        if self.protect is not None:
+            p = torch.where(self.protect, torch.ones_like(p), p)
+        mask = self.draws[k] < p
+        r = self.reweighted(k, weights) if self.space.values == "weighted" else self.taus[k]
+        return torch.where(mask, r / p.clamp(min=1e-30), torch.zeros_like(r)), mask
+
     def kept(self, k: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(rescale(kept_k) before λ, mask_k), flat."""
+        if self.random:
+            return self.kept_random(k, w)
         r = self.reweighted(k, w)
         mask = self.mask(r)
         kept = (r if self.space.values == "weighted" else self.taus[k]) * mask
@@ -212,8 +260,10 @@ class NpsProblem:
 
     def starts(self) -> list[list[float]]:
         """Unweighted starting points (all part weights 1)."""
+        if self.K == 1 and self.random:
+            return [self.point([1.0])]
         if self.K == 1:
-            kept, _ = self.kept(0, torch.ones(self.G, self.M))
+            kept, _ = self.kept(0, self.decode(self.point([1.0]))[1])
             l1 = float(self.taus[0].abs().sum() / kept.abs().sum().clamp(min=1e-30))
             scales = sorted({1.0, math.sqrt(l1), l1})
             return [self.point([s]) for s in scales]
