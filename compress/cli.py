@@ -238,11 +238,23 @@ def merge(
     shard_size: Optional[str] = typer.Option(None, help="Largest shard, e.g. 5GB."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Folder to write."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N"),
+    tasks: Optional[list[str]] = typer.Option(None, help="nps: the task of each model (--tasks sst2 trec …)."),
+    heads: Optional[list[Path]] = typer.Option(None, help="nps: head folder per model (default: the model folders)."),
+    budget: Optional[int] = typer.Option(None, help="nps: evaluations of the search."),
+    protect: Optional[Path] = typer.Option(None, help="nps: JSON of tensors/rows/columns kept dense."),
     overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ):
-    """Merge task-tuned checkpoints into one model (TIES, DARE, task arithmetic, SLERP, …), streaming."""
+    """Merge task-tuned checkpoints into one model (TIES, DARE, task arithmetic, SLERP, NPS, …), streaming."""
     from compress.config import MergeConfig
     from compress.merge import load_recipe, run_merge
+
+    if method == "nps" or (method is None and recipe is not None and _recipe_method(recipe) == "nps"):
+        from compress.search.cli import nps_merge_command
+
+        nps_merge_command(base=base, models=models or None, tasks=tasks or None, heads=heads or None,
+                          density=density[0] if density else None, out=out_path, device=device, recipe=recipe,
+                          protect=protect, overwrite=overwrite, quiet=quiet, budget=budget, seed=seed)
+        return
 
     params: dict = {}
     if density and len(density) == 1:
@@ -273,6 +285,17 @@ def merge(
               f"models in {s.seconds:.1f} s ({s.gb_per_s:.2f} GB/s read){extra}")
 
 
+def _recipe_method(recipe: Path) -> Optional[str]:
+    """The ``method`` key of a YAML recipe (None when unreadable: the merge loader then reports the error)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return raw.get("method") if isinstance(raw, dict) else None
+
+
 def _merge_cli_models(cfg, models, weights, density, params):
     """Apply --models/--weights/--density (per model) and shared parameters given on the command line."""
     from compress.config import MergeConfig
@@ -289,10 +312,47 @@ def _merge_cli_models(cfg, models, weights, density, params):
 
 
 @app.command()
+def prune(
+    recipe: Optional[Path] = typer.Argument(None, help="A recipe with method: nps."),
+    method: str = typer.Option("nps", help="nps (task-vector subspace search)."),
+    base: Optional[Path] = typer.Option(None, help="Base checkpoint."),
+    finetuned: Optional[Path] = typer.Option(None, help="Fine-tuned checkpoint (a zoo task folder holds its head)."),
+    density: Optional[float] = typer.Option(None, help="Fraction of τ kept, in (0, 1]."),
+    task: Optional[str] = typer.Option(None, help="The task whose dev split scores the search."),
+    head: Optional[Path] = typer.Option(None, help="Head folder (default: the fine-tuned folder)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="A folder, or a .safetensors compact delta file."),
+    budget: Optional[int] = typer.Option(None, help="Evaluations of the search."),
+    parts: Optional[int] = typer.Option(None, "--m", help="M, subspaces of τ."),
+    partition: Optional[str] = typer.Option(None, help="magnitude or svd."),
+    select: Optional[str] = typer.Option(None, help="topk (paper) or random (DARE generalized per part)."),
+    optimizer: Optional[str] = typer.Option(None, help="cma or bayes."),
+    objective: Optional[str] = typer.Option(None, help="kl, loss or accuracy."),
+    protect: Optional[Path] = typer.Option(None, help="JSON of tensors/rows/columns kept dense."),
+    log: Optional[Path] = typer.Option(None, help="JSON lines file of every evaluation."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N"),
+    overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+):
+    """Slim a fine-tuned model (NPS: subspace weights searched on dev, then pruned to --density)."""
+    if method != "nps":
+        raise CompressError(f"--method: '{method}' is not available here (nps)")
+    from compress.search.cli import nps_prune_command
+
+    nps_prune_command(base=base, finetuned=finetuned, density=density, task=task, head=head, out=out_path,
+                      device=device, recipe=recipe, protect=protect, overwrite=overwrite, quiet=quiet, log=log,
+                      budget=budget, parts=parts, partition=partition, select=select, optimizer=optimizer,
+                      objective=objective)
+
+
+@app.command()
 def interpolate(
-    base: Path = typer.Option(..., help="Base checkpoint (α = 0)."),
-    finetuned: Path = typer.Option(..., help="Fine-tuned checkpoint or LoRA adapter (α = 1)."),
-    alpha: list[float] = typer.Option(..., help="One or more α (--alpha 0.25 0.5 1)."),
+    recipe: Optional[Path] = typer.Argument(None, help="nps: a recipe with method: nps."),
+    base: Optional[Path] = typer.Option(None, help="Base checkpoint (α = 0)."),
+    finetuned: Optional[Path] = typer.Option(None, help="Fine-tuned checkpoint or LoRA adapter (α = 1)."),
+    alpha: Optional[list[float]] = typer.Option(None, help="One or more α (--alpha 0.25 0.5 1)."),
+    method: str = typer.Option("linear", help="linear (θ_base + α·τ) or nps (λ and subspace weights searched)."),
+    task: Optional[str] = typer.Option(None, help="nps: the fine-tuned model's task (dev split scores the search)."),
+    density: Optional[float] = typer.Option(None, help="nps: fraction of τ kept."),
+    budget: Optional[int] = typer.Option(None, help="nps: evaluations of the search."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Folder to write (one subfolder alpha-<α> per α "
                                                                 "when several)."),
     eval_perplexity: Optional[Path] = typer.Option(None, help="Only evaluate: perplexity of each α on this text "
@@ -306,6 +366,19 @@ def interpolate(
     """θ_base + α·(θ_ft − θ_base) for one or several α: written, or only evaluated when an evaluator is given."""
     from compress.config import InterpolateConfig
     from compress.merge.interpolate import evaluate_alphas, write_alphas
+
+    if method == "nps" or (recipe is not None and _recipe_method(recipe) == "nps"):
+        from compress.search.cli import nps_interpolate_command
+
+        nps_interpolate_command(base=base, finetuned=finetuned, task=task, density=density, out=out_path,
+                                device=device, recipe=recipe, overwrite=overwrite, quiet=quiet, budget=budget)
+        return
+    if method != "linear":
+        raise CompressError(f"--method: '{method}' is not an interpolation (choose linear or nps)")
+    if recipe is not None:
+        raise CompressError(f"{recipe}: only nps interpolation takes a recipe (method: nps)")
+    if base is None or finetuned is None or not alpha:
+        raise CompressError("interpolate needs --base, --finetuned and --alpha")
 
     cfg = build(InterpolateConfig, base=base, finetuned=finetuned, alphas=alpha, out=out_path, dtype=dtype,
                 shard_size=shard_size, device=device, overwrite=overwrite, quiet=quiet)
@@ -550,7 +623,7 @@ def eval_cmd(
         out.print(line)
 
 # Options that take several values after one flag (`--models A B C`); click wants the flag repeated.
-MULTI_VALUE = ("--models", "--weights", "--density", "--alpha")
+MULTI_VALUE = ("--models", "--weights", "--density", "--alpha", "--tasks", "--heads")
 
 
 def expand_multi(argv: list[str]) -> list[str]:
@@ -610,6 +683,8 @@ def bench_nps(
     select: str = typer.Option("random", help="Compression search: random (DARE generalized per part) or topk "
                                               "(the paper's top-k of the reweighted vector)."),
     merge_select: str = typer.Option("topk", help="Merge search: topk or random."),
+    merge_objective: str = typer.Option("accuracy", help="Merge search objective: accuracy (mean dev accuracy, "
+                                                         "as λ is chosen for TIES), kl or loss."),
     merge_density: float = typer.Option(0.2, help="Density of each task vector in the NPS merge."),
     merge_budget: Optional[int] = typer.Option(None, help="Evaluations of the merge search (default: --budget)."),
     cost_budgets: str = typer.Option("30,60,120,240", help="Budgets of the cost sweep."),
@@ -627,7 +702,7 @@ def bench_nps(
     floats = lambda s, flag: [float(v) for v in _csv(s, flag)]  # noqa: E731
     search = build(NpsSearch, budget=budget, parts=nps_parts, grouping=grouping, objective=objective,
                    dev_limit=dev_limit or None, select=select)
-    merge_search = search.model_copy(update={"select": merge_select})
+    merge_search = build(NpsSearch, **{**search.model_dump(), "select": merge_select, "objective": merge_objective})
     run(zoo_root, results, device=resolve_device(device), tasks=_csv(tasks, "--tasks") if tasks else None,
         densities=floats(densities, "--densities"), parts=tuple(_csv(parts, "--parts")), search=search,
         merge_search=merge_search,

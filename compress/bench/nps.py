@@ -141,12 +141,15 @@ def run_merge(zoo_dir: Path, zoo: _Zoo, report: dict, tasks, search, density, bu
     rows = {name: {"acc": {t: r["acc"][t] for t in tasks}, "lambda": r.get("lambda")}
             for name, r in ref["rows"].items() if name in ("task arithmetic", "TIES", "DARE-TIES")}
     taus = [zoo.tau[t] for t in tasks]
+    for t in tasks:
+        zoo.dev[t].kind = search.objective
     problem, res = _search(zoo, taus, density, search, MeanObjective([zoo.dev[t] for t in tasks]), budget=budget)
     rows["NPS"] = {"acc": {t: zoo.test_acc(t) for t in tasks}, "lambdas": res.lambdas, "weights": res.weights,
                    "density": density, "seconds": res.seconds, "evaluations": res.evaluations,
                    "dev_mean_acc": res.dev.get("mean_acc"), "start_value": res.start_value, "value": res.value}
     zoo.setter(None)
     rows["individual"] = {"acc": dict(zoo.individual)}
+    rows["NPS"]["objective"] = search.objective
     for r in rows.values():
         r["avg"] = sum(r["acc"].values()) / len(tasks)
         r["normalized_avg"] = sum(r["acc"][t] / zoo.individual[t] for t in tasks) / len(tasks)
