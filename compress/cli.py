@@ -254,11 +254,23 @@ def merge(
     shard_size: Optional[str] = typer.Option(None, help="Largest shard, e.g. 5GB."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Folder to write."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N"),
+    tasks: Optional[list[str]] = typer.Option(None, help="nps: the task of each model (--tasks sst2 trec …)."),
+    heads: Optional[list[Path]] = typer.Option(None, help="nps: head folder per model (default: the model folders)."),
+    budget: Optional[int] = typer.Option(None, help="nps: evaluations of the search."),
+    protect: Optional[Path] = typer.Option(None, help="nps: JSON of tensors/rows/columns kept dense."),
     overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ):
-    """Merge task-tuned checkpoints into one model (TIES, DARE, task arithmetic, SLERP, …), streaming."""
+    """Merge task-tuned checkpoints into one model (TIES, DARE, task arithmetic, SLERP, NPS, …), streaming."""
     from compress.config import MergeConfig
     from compress.merge import load_recipe, run_merge
+
+    if method == "nps" or (method is None and recipe is not None and _recipe_method(recipe) == "nps"):
+        from compress.search.cli import nps_merge_command
+
+        nps_merge_command(base=base, models=models or None, tasks=tasks or None, heads=heads or None,
+                          density=density[0] if density else None, out=out_path, device=device, recipe=recipe,
+                          protect=protect, overwrite=overwrite, quiet=quiet, budget=budget, seed=seed)
+        return
 
     params: dict = {}
     if density and len(density) == 1:
@@ -289,6 +301,17 @@ def merge(
               f"models in {s.seconds:.1f} s ({s.gb_per_s:.2f} GB/s read){extra}")
 
 
+def _recipe_method(recipe: Path) -> Optional[str]:
+    """The ``method`` key of a YAML recipe (None when unreadable: the merge loader then reports the error)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return raw.get("method") if isinstance(raw, dict) else None
+
+
 def _merge_cli_models(cfg, models, weights, density, params):
     """Apply --models/--weights/--density (per model) and shared parameters given on the command line."""
     from compress.config import MergeConfig
@@ -306,9 +329,14 @@ def _merge_cli_models(cfg, models, weights, density, params):
 
 @app.command()
 def interpolate(
-    base: Path = typer.Option(..., help="Base checkpoint (α = 0)."),
-    finetuned: Path = typer.Option(..., help="Fine-tuned checkpoint or LoRA adapter (α = 1)."),
-    alpha: list[float] = typer.Option(..., help="One or more α (--alpha 0.25 0.5 1)."),
+    recipe: Optional[Path] = typer.Argument(None, help="nps: a recipe with method: nps."),
+    base: Optional[Path] = typer.Option(None, help="Base checkpoint (α = 0)."),
+    finetuned: Optional[Path] = typer.Option(None, help="Fine-tuned checkpoint or LoRA adapter (α = 1)."),
+    alpha: Optional[list[float]] = typer.Option(None, help="One or more α (--alpha 0.25 0.5 1)."),
+    method: str = typer.Option("linear", help="linear (θ_base + α·τ) or nps (λ and subspace weights searched)."),
+    task: Optional[str] = typer.Option(None, help="nps: the fine-tuned model's task (dev split scores the search)."),
+    density: Optional[float] = typer.Option(None, help="nps: fraction of τ kept."),
+    budget: Optional[int] = typer.Option(None, help="nps: evaluations of the search."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Folder to write (one subfolder alpha-<α> per α "
                                                                 "when several)."),
     eval_perplexity: Optional[Path] = typer.Option(None, help="Only evaluate: perplexity of each α on this text "
@@ -322,6 +350,19 @@ def interpolate(
     """θ_base + α·(θ_ft − θ_base) for one or several α: written, or only evaluated when an evaluator is given."""
     from compress.config import InterpolateConfig
     from compress.merge.interpolate import evaluate_alphas, write_alphas
+
+    if method == "nps" or (recipe is not None and _recipe_method(recipe) == "nps"):
+        from compress.search.cli import nps_interpolate_command
+
+        nps_interpolate_command(base=base, finetuned=finetuned, task=task, density=density, out=out_path,
+                                device=device, recipe=recipe, overwrite=overwrite, quiet=quiet, budget=budget)
+        return
+    if method != "linear":
+        raise CompressError(f"--method: '{method}' is not an interpolation (choose linear or nps)")
+    if recipe is not None:
+        raise CompressError(f"{recipe}: only nps interpolation takes a recipe (method: nps)")
+    if base is None or finetuned is None or not alpha:
+        raise CompressError("interpolate needs --base, --finetuned and --alpha")
 
     cfg = build(InterpolateConfig, base=base, finetuned=finetuned, alphas=alpha, out=out_path, dtype=dtype,
                 shard_size=shard_size, device=device, overwrite=overwrite, quiet=quiet)
@@ -597,18 +638,39 @@ def prune(
     eval_perplexity: Optional[str] = typer.Option(None, help="Print dense and pruned perplexity on this text."),
     dtype: Optional[str] = typer.Option(None, help="dtype of the written model (default: as stored)."),
     base: Optional[Path] = typer.Option(None, help="--method nps: base checkpoint."),
-    finetuned: Optional[Path] = typer.Option(None, help="--method nps: fine-tuned checkpoint."),
-    density: Optional[float] = typer.Option(None, help="--method nps: task-vector density."),
-    task: Optional[str] = typer.Option(None, help="--method nps: task to evaluate on."),
+    finetuned: Optional[Path] = typer.Option(None, help="--method nps: fine-tuned checkpoint (a zoo task folder "
+                                                        "holds its head)."),
+    density: Optional[float] = typer.Option(None, help="--method nps: fraction of τ kept, in (0, 1]."),
+    task: Optional[str] = typer.Option(None, help="--method nps: the task whose dev split scores the search."),
+    head: Optional[Path] = typer.Option(None, help="--method nps: head folder (default: the fine-tuned folder)."),
+    budget: Optional[int] = typer.Option(None, help="--method nps: evaluations of the search."),
+    parts: Optional[int] = typer.Option(None, "--m", help="--method nps: M, subspaces of τ."),
+    partition: Optional[str] = typer.Option(None, help="--method nps: magnitude or svd."),
+    select: Optional[str] = typer.Option(None, help="--method nps: topk (paper) or random (DARE per part)."),
+    optimizer: Optional[str] = typer.Option(None, help="--method nps: cma or bayes."),
+    objective: Optional[str] = typer.Option(None, help="--method nps: kl, loss or accuracy."),
+    log: Optional[Path] = typer.Option(None, help="--method nps: JSON lines file of every evaluation."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N"),
     overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ):
-    """Prune whole weights (magnitude, Wanda, SparseGPT; unstructured or N:M; per-block sparsity, OWL)."""
-    if method == "nps":
+    """Prune whole weights (magnitude, Wanda, SparseGPT; unstructured or N:M; per-block sparsity, OWL), or a
+    task vector (--method nps: subspace weights searched on dev, then pruned to --density)."""
+    is_recipe = model is not None and model.suffix in (".yml", ".yaml")
+    nps_recipe = is_recipe and model.is_file() and "nps" == _recipe_method(model)
+    nps_only = dict(base=base, finetuned=finetuned, density=density, task=task, head=head, budget=budget,
+                    parts=parts, partition=partition, select=select, optimizer=optimizer, objective=objective, log=log)
+    if method == "nps" or nps_recipe:
         from compress.search.cli import nps_prune_command
 
-        opts = dict(locals())
-        return nps_prune_command(**{k: v for k, v in opts.items() if k != "nps_prune_command"})
+        if model is not None and not is_recipe:
+            raise CompressError("--method nps prunes a task vector: give --base and --finetuned, not MODEL")
+        nps_prune_command(out=out_path, device=device, recipe=model, protect=protect, overwrite=overwrite,
+                          quiet=quiet, **nps_only)
+        return
+    given = [f"--{k.replace('_', '-')}" for k, v in nps_only.items() if v is not None]
+    if given:
+        raise CompressError(f"{given[0]} belongs to --method nps (task-vector pruning); whole-weight pruning "
+                            "takes MODEL and --sparsity")
     from compress.config import PruneConfig
     from compress.prune import load_prune_recipe, run_prune
 
@@ -633,7 +695,7 @@ def prune(
 
 
 # Options that take several values after one flag (`--models A B C`); click wants the flag repeated.
-MULTI_VALUE = ("--models", "--weights", "--density", "--alpha")
+MULTI_VALUE = ("--models", "--weights", "--density", "--alpha", "--tasks", "--heads")
 
 
 def expand_multi(argv: list[str]) -> list[str]:
@@ -693,6 +755,61 @@ def bench_prune(
 
     run(zoo, zoo_root=zoo_root, results=results, device=resolve_device(device), nsamples=nsamples, seqlen=seqlen,
         max_tokens=max_tokens, k=k, quiet=quiet)
+
+
+@bench_app.command("nps")
+def bench_nps(
+    zoo: str = typer.Argument("minilm-8task", help="minilm-8task (built by `compress zoo build`)."),
+    zoo_root: Path = typer.Option(Path("checkpoints/zoo"), help="Where the zoo models are."),
+    results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON, markdown and the plot go (results "
+                                                                 "already there are kept: runs resume)."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks (default: all built)."),
+    densities: str = typer.Option("0.1,0.05,0.02,0.01,0.005", help="Comma-separated densities."),
+    parts: str = typer.Option("compress,merge,cost", help="Which tables: compress, merge, cost."),
+    budget: int = typer.Option(120, help="NPS evaluations per search (starts included)."),
+    nps_parts: int = typer.Option(8, "--m", help="M, subspaces per task vector."),
+    grouping: str = typer.Option("none", help="Part weights per: none, layer or module."),
+    objective: str = typer.Option("kl", help="kl, loss or accuracy on the dev rows."),
+    select: str = typer.Option("random", help="Compression search: random (DARE generalized per part) or topk "
+                                              "(the paper's top-k of the reweighted vector)."),
+    merge_select: str = typer.Option("topk", help="Merge search: topk or random."),
+    merge_objective: str = typer.Option("accuracy", help="Merge search objective: accuracy (mean dev accuracy, "
+                                                         "as λ is chosen for TIES), kl or loss."),
+    merge_density: float = typer.Option(0.2, help="Density of each task vector in the NPS merge."),
+    merge_budget: Optional[int] = typer.Option(None, help="Evaluations of the merge search (default: --budget)."),
+    cost_budgets: str = typer.Option("30,60,120,240", help="Budgets of the cost sweep."),
+    cost_ms: str = typer.Option("2,4,8,16", help="M values of the cost sweep."),
+    dev_limit: int = typer.Option(500, help="Dev rows per task for the search (0: all)."),
+    test_limit: Optional[int] = typer.Option(None, help="Test rows per task (default: all)."),
+    device: str = DEVICE, quiet: bool = QUIET,
+):
+    """NPS against magnitude top-k and DARE (compression), TIES and task arithmetic (merging), and search cost."""
+    from compress.bench.nps import run
+    from compress.config import NpsSearch
+
+    if zoo != "minilm-8task":
+        raise CompressError(f"bench nps runs on minilm-8task, not '{zoo}'")
+    floats = lambda s, flag: [float(v) for v in _csv(s, flag)]  # noqa: E731
+    search = build(NpsSearch, budget=budget, parts=nps_parts, grouping=grouping, objective=objective,
+                   dev_limit=dev_limit or None, select=select)
+    merge_search = build(NpsSearch, **{**search.model_dump(), "select": merge_select, "objective": merge_objective})
+    run(zoo_root, results, device=resolve_device(device), tasks=_csv(tasks, "--tasks") if tasks else None,
+        densities=floats(densities, "--densities"), parts=tuple(_csv(parts, "--parts")), search=search,
+        merge_search=merge_search,
+        merge_density=merge_density, merge_budget=merge_budget,
+        cost_budgets=[int(v) for v in floats(cost_budgets, "--cost-budgets")],
+        cost_ms=[int(v) for v in floats(cost_ms, "--cost-ms")], dev_limit=dev_limit or None,
+        test_limit=test_limit, quiet=quiet)
+
+
+def _csv(text: str, flag: str) -> list[str]:
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if not items:
+        raise CompressError(f"{flag}: give a comma-separated list")
+    for v in items:
+        if flag not in ("--tasks", "--parts") and not _is_number(v):
+            raise CompressError(f"{flag}: '{v}' is not a number")
+    return items
 
 
 @bench_app.command("merge-speed")

@@ -447,4 +447,71 @@ class PruneConfig(Compute):
             bad = [v for v in self.layer_sparsity if not 0.0 <= v < 1.0]
             if bad:
                 raise ValueError(f"layer sparsity {bad[0]} is outside [0, 1)")
+
+# -- NPS (compress.search) -------------------------------------------------------------------------------------
+
+class NpsSearch(_Config):
+    """How NPS searches (``compress.search.nps``): the partition, the mask rule, the optimizer and its objective."""
+
+    partition: Literal["magnitude", "svd"] = "magnitude"
+    parts: int = Field(8, ge=1, le=64, description="M, the number of subspaces of each task vector")
+    edges: Literal["quantile", "linear", "log"] = "quantile"
+    span: float = Field(4.0, gt=0, description="magnitude bins cover the top min(1, span·density) of |τ|")
+    grouping: Literal["none", "layer", "module"] = "none"
+    topk: Literal["global", "per_tensor"] = "global"
+    values: Literal["weighted", "plain"] = "weighted"
+    rescale: Literal["none", "inverse_keep", "l1"] = "none"
+    select: Literal["topk", "random"] = "topk"
+    optimizer: Literal["cma", "bayes"] = "cma"
+    budget: int = Field(120, ge=2, description="evaluations in all, the starting points included")
+    popsize: Optional[int] = Field(None, ge=2)
+    sigma0: float = Field(0.5, gt=0)
+    objective: Literal["kl", "loss", "accuracy"] = "kl"
+    dev_limit: Optional[int] = Field(500, ge=1, description="dev rows per task the objective runs on")
+    batch_size: int = Field(256, ge=1)
+    seed: int = 0
+
+    def space(self):
+        from compress.search.nps import Space
+
+        return Space(self.partition, self.parts, self.edges, self.span, self.grouping, self.topk, self.values,
+                     self.rescale, self.select, self.seed)
+
+
+class NpsConfig(Compute):
+    """`compress prune|interpolate|merge --method nps`: one model (prune, interpolate) or several (merge), each
+    scored on the dev split of its task with its own head (``heads``: default the model folders); ``keep``: for
+    interpolation, more tasks whose dev score the search also averages (their heads in ``keep_heads``)."""
+
+    mode: Literal["prune", "interpolate", "merge"]
+    base: Path
+    models: list[Path] = Field(min_length=1)
+    tasks: list[TaskName] = Field(min_length=1)
+    heads: Optional[list[Path]] = None
+    keep: list[TaskName] = Field(default_factory=list)
+    keep_heads: list[Path] = Field(default_factory=list)
+    density: Density = 0.1
+    search: NpsSearch = NpsSearch()
+    protect: Optional[Path] = None
+    out: Optional[Path] = None
+    shard_size: str = "5GB"
+    overwrite: bool = False
+    log: Optional[Path] = Field(None, description="JSON lines file: every evaluation of the search")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.mode in ("prune", "interpolate") and len(self.models) != 1:
+            raise ValueError(f"{self.mode} takes exactly one fine-tuned model (got {len(self.models)})")
+        if len(self.tasks) != len(self.models):
+            raise ValueError(f"tasks: one task per model ({len(self.models)} models, {len(self.tasks)} tasks)")
+        if self.heads is not None and len(self.heads) != len(self.models):
+            raise ValueError(f"heads: one head folder per model ({len(self.models)} models, {len(self.heads)} heads)")
+        if len(self.keep_heads) != len(self.keep):
+            raise ValueError(f"keep_heads: one head folder per task in keep ({len(self.keep)} tasks, "
+                             f"{len(self.keep_heads)} heads)")
+        if self.keep and self.mode != "interpolate":
+            raise ValueError("keep: tasks to keep go with interpolate")
+        if self.keep and self.search.objective == "kl":
+            raise ValueError("search.objective: kl needs a fine-tuned reference per task; with keep tasks use "
+                             "loss or accuracy")
         return self

@@ -239,46 +239,44 @@ class DeltaSummary:
         return 8 * self.file_bytes / max(self.params, 1)
 
 
-def extract_delta(base: Checkpoint, tv: TaskVector, out: str | os.PathLike, *, density: float = 1.0,
-                  method: str = "magnitude", seed: int = 0, value_dtype: torch.dtype | None = None,
-                  device: str = "cpu", overwrite: bool = False, quiet: bool | None = None,
-                  extra_metadata: dict[str, str] | None = None) -> DeltaSummary:
-    """Sparsify ``tv`` tensor by tensor and write the kept entries to ``out`` (atomically)."""
-    from compress.io.writer import SafetensorsStreamWriter, atomic_file
-    from compress.progress import track
+@dataclass
+class SparseDelta:
+    """One tensor for ``write_delta``: the dense delta (only entries under ``mask`` are stored), the base tensor,
+    and what ``apply`` must give at kept entries (``target``; default ``reconstruct(base, delta, out_dtype)``)."""
 
-    single = tv.terms[0][1] if len(tv.terms) == 1 else None
-    exact_ft = single.ft if isinstance(single, CheckpointDelta) and tv.terms[0][0] == 1.0 else None
+    name: str
+    base: torch.Tensor
+    delta: torch.Tensor
+    mask: torch.Tensor
+    out_dtype: torch.dtype
+    target: torch.Tensor | None = None
+
+
+def write_delta(out: str | os.PathLike, items, *, metadata: dict[str, str], value_dtype: torch.dtype | None = None,
+                overwrite: bool = False) -> DeltaSummary:
+    """Write a delta file (atomically) from a stream of ``SparseDelta`` or ``(name, tensor)`` pairs (tensors stored
+    whole). The one writer loop behind ``extract_delta`` and NPS (``compress.search``)."""
+    from compress.io.writer import SafetensorsStreamWriter, atomic_file
+
     table: dict[str, dict] = {}
-    kept = params = fixups = 0
-    carried = tv.carried()
-    meta = {"compress.format": FORMAT, "base": str(base.path), "method": method, "density": repr(density),
-            "seed": str(seed), **(extra_metadata or {})}
+    kept = params = fixups = carried = 0
     with atomic_file(out, overwrite) as tmp:
         writer = SafetensorsStreamWriter(tmp)
         try:
-            for name in track(tv.names() + list(carried), "extract", quiet=quiet):
-                if name in carried:
-                    full = carried[name].full(name)
+            for item in items:
+                if not isinstance(item, SparseDelta):
+                    name, full = item
                     writer.add(f"{name}::full", full)
                     table[name] = {"shape": list(full.shape), "dtype": DTYPE_CODES[full.dtype], "encoding": "full"}
+                    carried += 1
                     continue
-                b = base.get(name, device=device)
-                out_dtype = tv.info(name).dtype
-                if exact_ft is not None:
-                    # read each input once: τ from the same tensors the exactness check compares against
-                    target = exact_ft.get(name, device=device)
-                    ct = compute_dtype(b.dtype, target.dtype)
-                    d = target.to(ct) - b.to(ct)
-                else:
-                    d = tv.get(name, device=device)
-                    target = reconstruct(b, d, out_dtype)
-                mask = sparsify(d, density, method, seed=seed, name=name)
-                vdt = value_dtype or out_dtype
-                shape = tuple(d.shape)
-                idx, values, bk, tk = gather_kept(d, mask, b, target, vdt)
-                del d, b, target, mask  # only kept entries live on while encoding
-                entries, row = encode_tensor(name, shape, idx, values, bk, tk, exact=vdt == out_dtype)
+                target = item.target if item.target is not None else reconstruct(item.base, item.delta,
+                                                                                  item.out_dtype)
+                vdt = value_dtype or item.out_dtype
+                name, shape = item.name, tuple(item.delta.shape)
+                idx, values, bk, tk = gather_kept(item.delta, item.mask, item.base, target, vdt)
+                del item, target  # only kept entries live on while encoding
+                entries, row = encode_tensor(name, shape, idx, values, bk, tk, exact=vdt == tk.dtype)
                 del idx, values, bk, tk
                 for k, v in entries.items():
                     writer.add(k, v)
@@ -286,13 +284,46 @@ def extract_delta(base: Checkpoint, tv: TaskVector, out: str | os.PathLike, *, d
                 kept += row["nnz"]
                 params += math.prod(row["shape"])
                 fixups += row["fixups"]
-            writer.metadata.update(meta)
+            writer.metadata.update({"compress.format": FORMAT, **metadata})
             writer.metadata["tensors"] = json.dumps(table, separators=(",", ":"))
             writer.close()
         except BaseException:
             writer.abort()
             raise
-    return DeltaSummary(Path(out), len(table), params, kept, fixups, len(carried), os.path.getsize(out))
+    return DeltaSummary(Path(out), len(table), params, kept, fixups, carried, os.path.getsize(out))
+
+
+def extract_delta(base: Checkpoint, tv: TaskVector, out: str | os.PathLike, *, density: float = 1.0,
+                  method: str = "magnitude", seed: int = 0, value_dtype: torch.dtype | None = None,
+                  device: str = "cpu", overwrite: bool = False, quiet: bool | None = None,
+                  extra_metadata: dict[str, str] | None = None) -> DeltaSummary:
+    """Sparsify ``tv`` tensor by tensor and write the kept entries to ``out`` (atomically)."""
+    from compress.progress import track
+
+    single = tv.terms[0][1] if len(tv.terms) == 1 else None
+    exact_ft = single.ft if isinstance(single, CheckpointDelta) and tv.terms[0][0] == 1.0 else None
+    carried = tv.carried()
+    meta = {"base": str(base.path), "method": method, "density": repr(density), "seed": str(seed),
+            **(extra_metadata or {})}
+
+    def items():
+        for name in track(tv.names() + list(carried), "extract", quiet=quiet):
+            if name in carried:
+                yield name, carried[name].full(name)
+                continue
+            b = base.get(name, device=device)
+            out_dtype = tv.info(name).dtype
+            if exact_ft is not None:
+                # read each input once: τ from the same tensors the exactness check compares against
+                target = exact_ft.get(name, device=device)
+                ct = compute_dtype(b.dtype, target.dtype)
+                d = target.to(ct) - b.to(ct)
+            else:
+                d = tv.get(name, device=device)
+                target = reconstruct(b, d, out_dtype)
+            yield SparseDelta(name, b, d, sparsify(d, density, method, seed=seed, name=name), out_dtype, target)
+
+    return write_delta(out, items(), metadata=meta, value_dtype=value_dtype, overwrite=overwrite)
 
 
 class DeltaFile:

@@ -1,0 +1,202 @@
+"""NPS (compress.search): partitions, the optimizers on a constructed case, exact storage, protection, CLI errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from compress.errors import CompressError
+from compress.search import partition as P
+from compress.search.nps import ModelSetter, NpsProblem, Space, load_flat, make_layout, search
+from compress.sparsify.protect import Protect
+from tests.conftest import run_cli
+
+
+def test_magnitude_bins_sum_back_exactly_and_order_by_magnitude():
+    g = torch.Generator().manual_seed(0)
+    tau = torch.randn(64, 48, generator=g) * torch.rand(64, 48, generator=g)
+    for scheme, span in (("quantile", 1.0), ("quantile", 0.1), ("linear", 1.0), ("log", 0.5)):
+        edges = P.bin_edges(tau, 5, scheme, span)
+        labels = P.magnitude_bins(tau, edges)
+        parts = P.bin_parts(tau, labels, 5)
+        total = torch.zeros_like(tau)
+        for q in parts:
+            total += q
+        assert torch.equal(total, tau)  # each entry lives in exactly one part
+        # a larger magnitude never gets a later (smaller-magnitude) label
+        a, lab = tau.abs().reshape(-1), labels.reshape(-1).long()
+        order = torch.argsort(a, descending=True)
+        assert bool((lab[order].diff() >= 0).all())
+    # equal counts with quantile edges over the whole range
+    labels = P.magnitude_bins(tau, P.bin_edges(tau, 4, "quantile", 1.0))
+    assert torch.bincount(labels.reshape(-1).long()).tolist() == [768, 768, 768, 768]
+
+
+def test_svd_bands_sum_back_and_are_rank_bands():
+    tau = torch.randn(20, 12, generator=torch.Generator().manual_seed(1))
+    parts = P.svd_bands(tau, 3)
+    assert torch.allclose(sum(parts), tau, atol=1e-6, rtol=0)
+    ranks = [int(torch.linalg.matrix_rank(q.double(), atol=1e-5)) for q in parts]
+    assert ranks == [4, 4, 4]
+    # the first band is the best rank-4 approximation (Eckart–Young): its residual equals the tail energy
+    s = torch.linalg.svdvals(tau.double())
+    assert math.isclose(float((tau - parts[0]).double().norm() ** 2), float((s[4:] ** 2).sum()), rel_tol=1e-5)
+    bias = torch.randn(7)
+    assert torch.equal(sum(P.svd_bands(bias, 3)), bias)
+
+
+def test_groups_by_layer_and_module():
+    names = ["embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight",
+             "encoder.layer.1.attention.self.query.weight", "encoder.layer.1.output.dense.bias"]
+    assert P.groups(names, "layer") == (["other", "layer.0", "layer.1"], [0, 1, 2, 2])
+    gs, idx = P.groups(names, "module")
+    assert idx[1] == idx[2] != idx[3] and gs[0] == "embeddings"
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, shapes):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.zeros(shapes[0]))
+        self.b = torch.nn.Parameter(torch.zeros(shapes[1]))
+
+
+def _constructed(select="topk", density=0.1, **space):
+    """A task vector of a dense small shift plus sparse spikes, judged by what it does to a few dense inputs
+    (a layer's output): the plain top-k keeps the spikes and loses the shift's summed effect, which a larger weight
+    on the kept bands wins back."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(40, 30), (50,)]
+    layout = make_layout(["a", "b"], shapes, [torch.float32] * 2)
+    n = layout.numel
+    tau = 0.02 + torch.randn(n, generator=g) * 0.3 * (torch.rand(n, generator=g) < 0.05)
+    inputs = 1.0 + 0.2 * torch.randn(3, n, generator=g)
+    problem = NpsProblem(layout, [tau], density, Space(parts=4, select=select, **space))
+    module = _Tiny(shapes)
+    setter = ModelSetter(module, layout, torch.zeros(layout.numel))
+
+    def objective(m):
+        flat = torch.cat([m.a.detach().reshape(-1), m.b.detach().reshape(-1)])
+        return float(((inputs @ (flat - tau)) ** 2).sum()), {}
+
+    return problem, setter, objective, tau
+
+
+@pytest.mark.parametrize("optimizer,budget", [("cma", 60), ("bayes", 14)])
+def test_search_improves_over_the_unweighted_start(optimizer, budget):
+    problem, setter, objective, tau = _constructed()
+    setter(problem.delta(problem.point([1.0])))
+    unweighted = objective(setter.module)[0]
+    res = search(problem, setter, objective, optimizer=optimizer, budget=budget, seed=0)
+    assert res.evaluations == budget and len(res.history) == budget
+    assert res.start_value <= unweighted
+    assert res.value < 0.97 * res.start_value, (res.start_value, res.value)
+    # the model is left at the best point, which reproduces the logged value
+    assert math.isclose(objective(setter.module)[0], res.value, rel_tol=1e-6)
+    # kept entries never exceed the density
+    _, mask = problem.kept(0, problem.decode(res.x)[1])
+    assert int(mask.sum()) == round(0.1 * tau.numel())
+
+
+def test_random_select_start_is_dare():
+    from compress.sparsify.masks import random_mask, seeded_generator
+
+    problem, _, _, tau = _constructed(select="random", density=0.2)
+    kept, mask = problem.kept(0, problem.decode(problem.point([1.0]))[1])
+    for _, name, sl, shape in problem.layout.slices():
+        t = tau[sl].reshape(shape)
+        dare = t * random_mask(t, 0.2, seeded_generator(0, name)) / 0.2
+        assert torch.allclose(kept[sl].reshape(shape), dare, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("select", ["topk", "random"])
+def test_protect_keeps_rows_dense(select):
+    g = torch.Generator().manual_seed(3)
+    layout = make_layout(["w", "v"], [(16, 8), (10,)], [torch.float32] * 2)
+    tau = torch.randn(layout.numel, generator=g)
+    protect = Protect(rows={"w": [(2, 5)]}, tensors=("^v$",))
+    problem = NpsProblem(layout, [tau], 0.05, Space(parts=3, select=select), protect=protect)
+    kept, mask = problem.kept(0, problem.decode(problem.point([1.0]))[1])
+    w = mask[:128].reshape(16, 8)
+    assert bool(w[2:5].all()) and bool(mask[128:].all())
+    assert torch.equal(kept[:128].reshape(16, 8)[2:5], tau[:128].reshape(16, 8)[2:5])
+
+
+def _bert_pair(root):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = BertModel(cfg)
+    base.save_pretrained(root / "base")
+    with torch.no_grad():
+        for p in base.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    base.save_pretrained(root / "ft")
+    return root / "base", root / "ft"
+
+
+def test_stored_delta_reproduces_the_searched_model(tmp_path):
+    from compress.delta import DeltaFile, apply_delta
+    from compress.io.reader import open_checkpoint
+    from compress.search.nps import write_model, write_nps_delta
+
+    b, f = _bert_pair(tmp_path)
+    base = open_checkpoint(b)
+    layout, base_flat, taus = load_flat(base, [f], "cpu")
+    for select in ("topk", "random"):
+        problem = NpsProblem(layout, taus, 0.05, Space(parts=4, select=select))
+        lo, hi = problem.bounds()
+        x = [a + (c - a) * ((i * 0.37) % 1) for i, (a, c) in enumerate(zip(lo, hi))]  # an arbitrary point
+        delta = problem.delta(x)
+        _, mask = problem.kept(0, problem.decode(x)[1])
+        write_model(tmp_path / f"model-{select}", base, layout, delta)
+        write_nps_delta(tmp_path / f"d-{select}.safetensors", base, layout, delta, mask, metadata={"method": "nps"})
+        apply_delta(base, DeltaFile(tmp_path / f"d-{select}.safetensors"), tmp_path / f"applied-{select}")
+        searched, applied = open_checkpoint(tmp_path / f"model-{select}"), open_checkpoint(tmp_path / f"applied-{select}")
+        assert set(searched.names()) == set(applied.names())
+        for name in searched.names():
+            assert torch.equal(searched.get(name), applied.get(name)), name
+        # and the searched tensors are base + delta
+        for _, name, sl, shape in layout.slices():
+            assert torch.equal(searched.get(name), (base_flat[sl] + delta[sl]).reshape(shape))
+
+
+def test_problem_and_config_errors():
+    layout = make_layout(["a"], [(4,)], [torch.float32])
+    with pytest.raises(CompressError, match="density"):
+        NpsProblem(layout, [torch.ones(4)], 0.0)
+    with pytest.raises(CompressError, match="select"):
+        NpsProblem(layout, [torch.ones(4)], 0.5, Space(select="best"))
+    from compress.config import NpsConfig, build
+
+    with pytest.raises(CompressError, match="exactly one fine-tuned model"):
+        build(NpsConfig, mode="prune", base="b", models=["x", "y"], tasks=["trec", "subj"])
+    with pytest.raises(CompressError, match="one task per model"):
+        build(NpsConfig, mode="merge", base="b", models=["x", "y"], tasks=["trec"])
+
+
+def test_cli_bad_input(tmp_path):
+    code, _, err = run_cli("prune", "--method", "nps", "--base", tmp_path, "--finetuned", tmp_path, "--task", "trec",
+                           "--density", "1.5", "--out", tmp_path / "o")
+    assert code == 2 and "density: must be in (0, 1]" in err
+    code, _, err = run_cli("prune", "--method", "nps", "--base", tmp_path / "none", "--finetuned", tmp_path,
+                           "--task", "trec", "--density", "0.1", "--out", tmp_path / "o")
+    assert code == 2 and "none" in err
+    code, _, err = run_cli("merge", "--method", "nps", "--base", tmp_path, "--models", tmp_path, tmp_path,
+                           "--tasks", "trec", "--out", tmp_path / "o")
+    assert code == 2 and "one task per model" in err
+    code, _, err = run_cli("bench", "nps", "--densities", "a,b")
+    assert code == 2 and "--densities" in err
+    code, _, err = run_cli("interpolate", "--base", tmp_path, "--finetuned", tmp_path, "--alpha", "1",
+                           "--method", "cubic")
+    assert code == 2 and "cubic" in err
+
+
+def test_prune_command_keeps_nps_and_whole_weight_options_apart(tmp_path):
+    code, _, err = run_cli("prune", tmp_path, "--sparsity", "0.5", "--density", "0.1", "--out", tmp_path / "o")
+    assert code == 2 and "--density belongs to --method nps" in err and not (tmp_path / "o").exists()
+    code, _, err = run_cli("prune", tmp_path, "--method", "nps", "--base", tmp_path, "--out", tmp_path / "o")
+    assert code == 2 and "not MODEL" in err
