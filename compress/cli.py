@@ -776,6 +776,11 @@ def bench_nps(
     merge_objective: str = typer.Option("accuracy", help="Merge search objective: accuracy (mean dev accuracy, "
                                                          "as λ is chosen for TIES), kl or loss."),
     merge_density: float = typer.Option(0.2, help="Density of each task vector in the NPS merge."),
+    merge_grouping: Optional[str] = typer.Option(None, help="Merge search: part weights per none, layer or module "
+                                                            "(default: --grouping)."),
+    merge_parts: Optional[int] = typer.Option(None, "--merge-m", help="Merge search: M (default: --m)."),
+    merge_task_weights: str = typer.Option("shared", help="Merge search: shared part weights or per_task (one "
+                                                          "table per task vector, as NPS searches each vector)."),
     merge_budget: Optional[int] = typer.Option(None, help="Evaluations of the merge search (default: --budget)."),
     cost_budgets: str = typer.Option("30,60,120,240", help="Budgets of the cost sweep."),
     cost_ms: str = typer.Option("2,4,8,16", help="M values of the cost sweep."),
@@ -792,7 +797,10 @@ def bench_nps(
     floats = lambda s, flag: [float(v) for v in _csv(s, flag)]  # noqa: E731
     search = build(NpsSearch, budget=budget, parts=nps_parts, grouping=grouping, objective=objective,
                    dev_limit=dev_limit or None, select=select)
-    merge_search = build(NpsSearch, **{**search.model_dump(), "select": merge_select, "objective": merge_objective})
+    merge_search = build(NpsSearch, **{**search.model_dump(), "select": merge_select, "objective": merge_objective,
+                                       "task_weights": merge_task_weights,
+                                       "grouping": merge_grouping or search.grouping,
+                                       "parts": merge_parts or search.parts})
     run(zoo_root, results, device=resolve_device(device), tasks=_csv(tasks, "--tasks") if tasks else None,
         densities=floats(densities, "--densities"), parts=tuple(_csv(parts, "--parts")), search=search,
         merge_search=merge_search,

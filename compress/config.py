@@ -462,6 +462,7 @@ class NpsSearch(_Config):
     values: Literal["weighted", "plain"] = "weighted"
     rescale: Literal["none", "inverse_keep", "l1"] = "none"
     select: Literal["topk", "random"] = "topk"
+    task_weights: Literal["shared", "per_task"] = "shared"
     optimizer: Literal["cma", "bayes"] = "cma"
     budget: int = Field(120, ge=2, description="evaluations in all, the starting points included")
     popsize: Optional[int] = Field(None, ge=2)
@@ -475,7 +476,7 @@ class NpsSearch(_Config):
         from compress.search.nps import Space
 
         return Space(self.partition, self.parts, self.edges, self.span, self.grouping, self.topk, self.values,
-                     self.rescale, self.select, self.seed)
+                     self.rescale, self.select, self.seed, self.task_weights)
 
 
 class NpsConfig(Compute):

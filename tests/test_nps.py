@@ -200,3 +200,22 @@ def test_prune_command_keeps_nps_and_whole_weight_options_apart(tmp_path):
     assert code == 2 and "--density belongs to --method nps" in err and not (tmp_path / "o").exists()
     code, _, err = run_cli("prune", tmp_path, "--method", "nps", "--base", tmp_path, "--out", tmp_path / "o")
     assert code == 2 and "not MODEL" in err
+
+
+def test_per_task_part_weights_act_on_their_own_vector_only():
+    from compress.search.nps import Space
+
+    layout = make_layout(["a", "b"], [(4, 4), (8,)], [torch.float32] * 2)
+    g = torch.Generator().manual_seed(0)
+    taus = [torch.randn(24, generator=g) for _ in range(2)]
+    problem = NpsProblem(layout, taus, 1.0, Space(parts=2, grouping="module", task_weights="per_task"))
+    assert problem.dim == 2 + 2 * 2 * 2
+    x = problem.point([1.0, 1.0])
+    assert torch.allclose(problem.delta(x), taus[0] + taus[1])
+    x[problem.K] = math.log(0.5)  # task 0, first group ('a'), first part
+    _, w = problem.decode(x)
+    assert w.shape == (2, 2, 2) and w[0, 0, 0] == pytest.approx(0.5) and w[1, 0, 0] == pytest.approx(1.0)
+    changed = (problem.delta(x) - (taus[0] + taus[1])).abs() > 1e-7
+    assert bool(changed[:16].any()) and not bool(changed[16:].any())  # only tensor 'a' of task 0 moved
+    with pytest.raises(CompressError, match="per_task needs select topk"):
+        NpsProblem(layout, taus, 0.5, Space(task_weights="per_task", select="random"))

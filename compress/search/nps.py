@@ -87,6 +87,7 @@ class Space:
     rescale: str = "none"
     select: str = "topk"  # topk (the paper's) | random (DARE generalized: a searched keep rate per part)
     seed: int = 0
+    task_weights: str = "shared"  # shared: one [G, M] table for all task vectors | per_task: one per task vector
 
 
 class NpsProblem:
@@ -104,6 +105,10 @@ class NpsProblem:
                              ("rescale", ("none", "inverse_keep", "l1"))):
             if getattr(space, key) not in allowed:
                 raise CompressError(f"nps: {key} must be one of {', '.join(allowed)} (got '{getattr(space, key)}')")
+        if space.task_weights not in ("shared", "per_task"):
+            raise CompressError(f"nps: task_weights must be shared or per_task (got '{space.task_weights}')")
+        if space.task_weights == "per_task" and space.select == "random":
+            raise CompressError("nps: task_weights per_task needs select topk")
         self.layout, self.taus, self.density, self.space = layout, taus, density, space
         device = taus[0].device
         self.device = device
@@ -163,18 +168,24 @@ class NpsProblem:
         return self.space.select == "random"
 
     @property
+    def T(self) -> int:
+        """How many [G, M] weight tables: one per task vector (``per_task``, the paper's per-vector search) or
+        one shared by all."""
+        return self.K if self.space.task_weights == "per_task" else 1
+
+    @property
     def dim(self) -> int:
-        return self.K + self.G * self.M * (2 if self.random else 1)
+        return self.K + self.T * self.G * self.M * (2 if self.random else 1)
 
     def bounds(self) -> tuple[list[float], list[float]]:
         hi_scale = math.log(max(4.0, 2.0 / self.density))
-        n = self.G * self.M
+        n = self.T * self.G * self.M
         lo = [math.log(0.02)] * self.K + [WEIGHT_BOUNDS[0]] * n + ([RATE_BOUNDS[0]] * n if self.random else [])
         hi = [hi_scale] * self.K + [WEIGHT_BOUNDS[1]] * n + ([RATE_BOUNDS[1]] * n if self.random else [])
         return lo, hi
 
     def point(self, lambdas: list[float], weights: Optional[torch.Tensor] = None) -> list[float]:
-        w = torch.ones(self.G, self.M) if weights is None else weights
+        w = torch.ones(self.T, self.G, self.M) if weights is None else weights
         lo, hi = self.bounds()
         x = [math.log(v) for v in lambdas] + torch.log(w).reshape(-1).tolist()
         if self.random:
@@ -182,13 +193,15 @@ class NpsProblem:
         return [min(max(v, a), b) for v, a, b in zip(x, lo, hi)]
 
     def decode(self, x: list[float]) -> tuple[list[float], torch.Tensor]:
-        """(λ per task vector, weights [G, M]); with ``select: random`` the weights tensor is [2, G, M]: value
-        weights, then keep-rate multipliers."""
+        """(λ per task vector, weights [G, M], or [K, G, M] with ``per_task``); with ``select: random`` the
+        weights tensor is [2, G, M]: value weights, then keep-rate multipliers."""
         if len(x) != self.dim:
             raise CompressError(f"nps: a point has {self.dim} coordinates, got {len(x)}")
         lambdas = [math.exp(v) for v in x[: self.K]]
         w = torch.exp(torch.tensor(x[self.K:], dtype=torch.float32))
-        return lambdas, (w.reshape(2, self.G, self.M) if self.random else w.reshape(self.G, self.M))
+        if self.random:
+            return lambdas, w.reshape(2, self.G, self.M)
+        return lambdas, (w.reshape(self.K, self.G, self.M) if self.T > 1 else w.reshape(self.G, self.M))
 
     def keep_rates(self, k: int, rho: torch.Tensor) -> torch.Tensor:
         """Per-bin keep probabilities ∝ ρ, scaled so the expected kept count is density × entries (then ≤ 1)."""
@@ -239,7 +252,7 @@ class NpsProblem:
         """(rescale(kept_k) before λ, mask_k), flat."""
         if self.random:
             return self.kept_random(k, w)
-        r = self.reweighted(k, w)
+        r = self.reweighted(k, w[k] if self.T > 1 else w)
         mask = self.mask(r)
         kept = (r if self.space.values == "weighted" else self.taus[k]) * mask
         if self.space.rescale == "inverse_keep":
