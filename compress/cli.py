@@ -779,6 +779,8 @@ def bench_nps(
     merge_grouping: Optional[str] = typer.Option(None, help="Merge search: part weights per none, layer or module "
                                                             "(default: --grouping)."),
     merge_parts: Optional[int] = typer.Option(None, "--merge-m", help="Merge search: M (default: --m)."),
+    merge_combine: str = typer.Option("sum", help="Merge search: sum (the paper's) or ties (sign election and "
+                                                  "disjoint mean on the searched vectors)."),
     merge_task_weights: str = typer.Option("shared", help="Merge search: shared part weights or per_task (one "
                                                           "table per task vector, as NPS searches each vector)."),
     merge_budget: Optional[int] = typer.Option(None, help="Evaluations of the merge search (default: --budget)."),
@@ -798,7 +800,7 @@ def bench_nps(
     search = build(NpsSearch, budget=budget, parts=nps_parts, grouping=grouping, objective=objective,
                    dev_limit=dev_limit or None, select=select)
     merge_search = build(NpsSearch, **{**search.model_dump(), "select": merge_select, "objective": merge_objective,
-                                       "task_weights": merge_task_weights,
+                                       "task_weights": merge_task_weights, "combine": merge_combine,
                                        "grouping": merge_grouping or search.grouping,
                                        "parts": merge_parts or search.parts})
     run(zoo_root, results, device=resolve_device(device), tasks=_csv(tasks, "--tasks") if tasks else None,

@@ -463,6 +463,7 @@ class NpsSearch(_Config):
     rescale: Literal["none", "inverse_keep", "l1"] = "none"
     select: Literal["topk", "random"] = "topk"
     task_weights: Literal["shared", "per_task"] = "shared"
+    combine: Literal["sum", "ties"] = "sum"
     optimizer: Literal["cma", "bayes"] = "cma"
     budget: int = Field(120, ge=2, description="evaluations in all, the starting points included")
     popsize: Optional[int] = Field(None, ge=2)
@@ -476,7 +477,7 @@ class NpsSearch(_Config):
         from compress.search.nps import Space
 
         return Space(self.partition, self.parts, self.edges, self.span, self.grouping, self.topk, self.values,
-                     self.rescale, self.select, self.seed, self.task_weights)
+                     self.rescale, self.select, self.seed, self.task_weights, self.combine)
 
 
 class NpsConfig(Compute):

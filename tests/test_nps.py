@@ -219,3 +219,24 @@ def test_per_task_part_weights_act_on_their_own_vector_only():
     assert bool(changed[:16].any()) and not bool(changed[16:].any())  # only tensor 'a' of task 0 moved
     with pytest.raises(CompressError, match="per_task needs select topk"):
         NpsProblem(layout, taus, 0.5, Space(task_weights="per_task", select="random"))
+
+
+def test_ties_combine_matches_the_merge_functions():
+    from compress.merge.methods import combine
+    from compress.search.nps import Space
+
+    layout = make_layout(["a"], [(6, 5)], [torch.float32])
+    g = torch.Generator().manual_seed(1)
+    taus = [torch.randn(30, generator=g) for _ in range(3)]
+    problem = NpsProblem(layout, taus, 0.5, Space(parts=2, combine="ties"))
+    x = problem.point([0.5, 1.0, 2.0])
+    kept = torch.stack([problem.kept(k, problem.decode(x)[1])[0] for k in range(3)])
+    want = combine(kept, [0.5, 1.0, 2.0], consensus="mass", sign_on="weighted", disjoint="mean")
+    got = problem.delta(x)
+    assert torch.allclose(got, want)
+    # by hand for one entry: the elected sign is that of the weighted sum; disagreeing values drop out
+    i = int((kept[0].sign() != kept[2].sign()).logical_and(kept[0] != 0).logical_and(kept[2] != 0).nonzero()[0])
+    vals = torch.tensor([0.5, 1.0, 2.0]) * kept[:, i]
+    sign = 1.0 if vals.sum() >= 0 else -1.0
+    agree = vals[(vals.sign() == sign)]
+    assert float(got[i]) == pytest.approx(float(agree.mean()))

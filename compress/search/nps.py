@@ -88,6 +88,7 @@ class Space:
     select: str = "topk"  # topk (the paper's) | random (DARE generalized: a searched keep rate per part)
     seed: int = 0
     task_weights: str = "shared"  # shared: one [G, M] table for all task vectors | per_task: one per task vector
+    combine: str = "sum"  # merging: sum (the paper's Σ_k λ_k kept_k) | ties (sign election, disjoint mean)
 
 
 class NpsProblem:
@@ -107,6 +108,8 @@ class NpsProblem:
                 raise CompressError(f"nps: {key} must be one of {', '.join(allowed)} (got '{getattr(space, key)}')")
         if space.task_weights not in ("shared", "per_task"):
             raise CompressError(f"nps: task_weights must be shared or per_task (got '{space.task_weights}')")
+        if space.combine not in ("sum", "ties"):
+            raise CompressError(f"nps: combine must be sum or ties (got '{space.combine}')")
         if space.task_weights == "per_task" and space.select == "random":
             raise CompressError("nps: task_weights per_task needs select topk")
         self.layout, self.taus, self.density, self.space = layout, taus, density, space
@@ -266,6 +269,13 @@ class NpsProblem:
     def delta(self, x: list[float]) -> torch.Tensor:
         """Flat Σ_k λ_k kept_k at point x."""
         lambdas, w = self.decode(x)
+        if self.space.combine == "ties" and self.K > 1:
+            from compress.merge.methods import combine
+
+            # TIES' steps 2-3 on the searched vectors: the sign of Σ_k λ_k kept_k is elected per entry, and
+            # each entry is the mean of the weighted values that agree with it
+            stack = torch.stack([self.kept(k, w)[0] for k in range(self.K)])
+            return combine(stack, lambdas, consensus="mass", sign_on="weighted", disjoint="mean", inplace=True)
         out = torch.zeros_like(self.taus[0])
         for k, lam in enumerate(lambdas):
             out.add_(self.kept(k, w)[0], alpha=lam)
@@ -280,6 +290,8 @@ class NpsProblem:
             l1 = float(self.taus[0].abs().sum() / kept.abs().sum().clamp(min=1e-30))
             scales = sorted({1.0, math.sqrt(l1), l1})
             return [self.point([s]) for s in scales]
+        if self.space.combine == "ties":  # a disjoint mean wants larger λ than a sum (TIES' best λ is about 1)
+            return [self.point([lam] * self.K) for lam in (0.5, 0.8, 1.0, 1.2, 1.5, 2.0)]
         return [self.point([lam] * self.K) for lam in (0.2, 0.3, 0.4, 0.5, 0.7, 1.0)]
 
 
