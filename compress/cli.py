@@ -776,14 +776,14 @@ def bench_nps(
     merge_objective: str = typer.Option("accuracy", help="Merge search objective: accuracy (mean dev accuracy, "
                                                          "as λ is chosen for TIES), kl or loss."),
     merge_density: float = typer.Option(0.2, help="Density of each task vector in the NPS merge."),
-    merge_grouping: Optional[str] = typer.Option(None, help="Merge search: part weights per none, layer or module "
-                                                            "(default: --grouping)."),
-    merge_parts: Optional[int] = typer.Option(None, "--merge-m", help="Merge search: M (default: --m)."),
+    merge_grouping: str = typer.Option("layer", help="Merge search: part weights per none, layer or module."),
+    merge_parts: int = typer.Option(1, "--merge-m", help="Merge search: M (1 with layer grouping and per_task: "
+                                                         "one scale per task and layer)."),
     merge_combine: str = typer.Option("sum", help="Merge search: sum (the paper's) or ties (sign election and "
                                                   "disjoint mean on the searched vectors)."),
-    merge_task_weights: str = typer.Option("shared", help="Merge search: shared part weights or per_task (one "
+    merge_task_weights: str = typer.Option("per_task", help="Merge search: shared part weights or per_task (one "
                                                           "table per task vector, as NPS searches each vector)."),
-    merge_budget: Optional[int] = typer.Option(None, help="Evaluations of the merge search (default: --budget)."),
+    merge_budget: int = typer.Option(1800, help="Evaluations of the merge search (the +2 over TIES needed 1800; see README)."),
     cost_budgets: str = typer.Option("30,60,120,240", help="Budgets of the cost sweep."),
     cost_ms: str = typer.Option("2,4,8,16", help="M values of the cost sweep."),
     dev_limit: int = typer.Option(500, help="Dev rows per task for the search (0: all)."),
@@ -801,8 +801,7 @@ def bench_nps(
                    dev_limit=dev_limit or None, select=select)
     merge_search = build(NpsSearch, **{**search.model_dump(), "select": merge_select, "objective": merge_objective,
                                        "task_weights": merge_task_weights, "combine": merge_combine,
-                                       "grouping": merge_grouping or search.grouping,
-                                       "parts": merge_parts or search.parts})
+                                       "grouping": merge_grouping, "parts": merge_parts})
     run(zoo_root, results, device=resolve_device(device), tasks=_csv(tasks, "--tasks") if tasks else None,
         densities=floats(densities, "--densities"), parts=tuple(_csv(parts, "--parts")), search=search,
         merge_search=merge_search,
