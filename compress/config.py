@@ -237,20 +237,40 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return merged
 
 
-def load_recipe(path: str | Path, cls: type[_Config], quick: bool = False, require_quick: bool = True) -> _Config:
-    """A YAML recipe validated into ``cls``. ``quick=True`` deep-merges the recipe's ``quick:`` section over the
-    rest first (so the quick variant lives in the same file); errors name the file and the field."""
+def read_mapping(path: str | Path, what: str = "recipe") -> dict:
+    """A YAML (or JSON) file that must hold a mapping; a missing file, a parse error or another shape is one line
+    naming the file."""
     import yaml
 
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CompressError(f"{path}: recipe not found") from None
+        raise CompressError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise CompressError(f"{path}: cannot read as YAML ({' '.join(str(e).split())})") from None
+        raise CompressError(f"{path}: cannot read the {what} as YAML ({' '.join(str(e).split())})") from None
     if not isinstance(raw, dict):
-        raise CompressError(f"{path}: a recipe is a YAML mapping of fields")
+        raise CompressError(f"{path}: a {what} is a YAML mapping of fields, got {type(raw).__name__}")
+    return raw
+
+
+def read_json(path: str | Path, what: str):
+    """A JSON file's content; a missing file or a parse error is one line naming the file."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CompressError(f"{what} file '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CompressError(f"{what} file '{path}' is not valid JSON ({e})") from None
+
+
+def load_recipe(path: str | Path, cls: type[_Config], quick: bool = False, require_quick: bool = True) -> _Config:
+    """A YAML recipe validated into ``cls``. ``quick=True`` deep-merges the recipe's ``quick:`` section over the
+    rest first (so the quick variant lives in the same file); errors name the file and the field."""
+    path = Path(path)
+    raw = read_mapping(path)
     quick_part = raw.pop("quick", None)
     if quick_part is not None and not isinstance(quick_part, dict):
         raise CompressError(f"{path}: quick: must be a mapping of fields to override")

@@ -140,7 +140,7 @@ def test_recipe_errors_are_one_line(tmp_path):
         with pytest.raises(CompressError, match=message) as e:
             load_recipe(bad)
         assert "\n" not in str(e.value)
-    with pytest.raises(CompressError, match="no such recipe"):
+    with pytest.raises(CompressError, match="recipe not found"):
         load_recipe(tmp_path / "absent.yml")
     taken = tmp_path / "taken"
     taken.mkdir()

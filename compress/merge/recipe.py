@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 
 from compress.config import Conditional, MergeConfig, build
 from compress.errors import CompressError
@@ -66,15 +65,9 @@ def layer_position(name: str, num_layers: Optional[int]) -> float:
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise CompressError(f"{path}: no such recipe file") from None
-    except yaml.YAMLError as e:
-        raise CompressError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise CompressError(f"{path}: a recipe is a YAML mapping of fields, got {type(data).__name__}")
-    return data
+    from compress.config import read_mapping
+
+    return read_mapping(path)
 
 
 def _relative(value: Any, root: Path) -> Any:

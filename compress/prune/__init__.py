@@ -25,19 +25,9 @@ def default_sparse_out(out: Path) -> Path:
 def load_prune_recipe(path: str | os.PathLike, **cli):
     """A prune recipe (YAML mapping of ``PruneConfig`` fields; relative paths are relative to the working
     directory, as on the command line); ``cli`` values that are not None win."""
-    import yaml
+    from compress.config import PruneConfig, build, read_mapping
 
-    from compress.config import PruneConfig, build
-
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise CompressError(f"{path}: no such recipe file") from None
-    except yaml.YAMLError as e:
-        raise CompressError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise CompressError(f"{path}: a prune recipe is a YAML mapping of fields")
+    data = read_mapping(path, "prune recipe")
     return build(PruneConfig, **{**data, **{k: v for k, v in cli.items() if v is not None}})
 
 

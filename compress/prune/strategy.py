@@ -46,12 +46,9 @@ class Strategy:
 
     @classmethod
     def load(cls, path: str | Path) -> "Strategy":
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise CompressError(f"strategy file '{path}' does not exist") from None
-        except json.JSONDecodeError as e:
-            raise CompressError(f"strategy file '{path}' is not valid JSON ({e})") from None
+        from compress.config import read_json
+
+        data = read_json(path, "strategy")
         values = data.get("layer_sparsity") if isinstance(data, dict) else data
         if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
             raise CompressError(f"strategy file '{path}' must hold a list of numbers or "

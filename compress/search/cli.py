@@ -29,16 +29,9 @@ def _config(mode: str, recipe: Optional[Path], options: dict):
 
 
 def _read(recipe: Path) -> dict:
-    import yaml
+    from compress.config import read_mapping
 
-    try:
-        raw = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CompressError(f"{recipe}: recipe not found") from None
-    except (OSError, yaml.YAMLError) as e:
-        raise CompressError(f"{recipe}: cannot read as YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(raw, dict):
-        raise CompressError(f"{recipe}: a recipe is a YAML mapping of fields")
+    raw = read_mapping(recipe)
     if raw.get("method", "nps") != "nps":
         raise CompressError(f"{recipe}: method '{raw['method']}' is not nps")
     return raw

@@ -105,12 +105,9 @@ class Protect:
 
     @classmethod
     def load(cls, path: str | Path) -> "Protect":
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise CompressError(f"protect file '{path}' does not exist") from None
-        except json.JSONDecodeError as e:
-            raise CompressError(f"protect file '{path}' is not valid JSON ({e})") from None
+        from compress.config import read_json
+
+        data = read_json(path, "protect")
         if not isinstance(data, dict):
             raise CompressError(f"protect file '{path}' must hold a JSON object with tensors/rows/cols")
         return cls.from_dict(data)

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -204,15 +203,10 @@ def _merge(base: dict, over: dict) -> dict:
 def load_recipe(path: str | Path | None = None, quick: bool = False) -> LmZooRecipe:
     """The recipe at ``path`` (default ``recipes/zoo/lm-zoo.yml``), with its ``quick:`` section applied when
     ``quick``. Both versions are validated, so a broken quick section fails the full build too."""
+    from compress.config import read_mapping
+
     path = Path(path) if path is not None else RECIPE_PATH
-    if not path.is_file():
-        raise CompressError(f"{path}: no such recipe file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise CompressError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise CompressError(f"{path}: a recipe is a mapping of fields")
+    raw = read_mapping(path)
     over = raw.pop("quick", None) or {}
     if not isinstance(over, dict):
         raise CompressError(f"{path}: quick: must be a mapping of fields to override")
