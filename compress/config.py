@@ -467,6 +467,7 @@ class PruneConfig(Compute):
             bad = [v for v in self.layer_sparsity if not 0.0 <= v < 1.0]
             if bad:
                 raise ValueError(f"layer sparsity {bad[0]} is outside [0, 1)")
+        return self
 
 # -- NPS (compress.search) -------------------------------------------------------------------------------------
 
