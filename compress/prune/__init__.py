@@ -85,7 +85,7 @@ def run_prune(cfg) -> dict:
         if sparse_out is not None:
             from compress.io.sparse import write_sparse
 
-            s = write_sparse(cfg.out, sparse_out, overwrite=cfg.overwrite,
+            s = write_sparse(cfg.out, sparse_out, overwrite=cfg.overwrite, quiet=cfg.quiet,
                              metadata={"method": cfg.method, "pattern": cfg.pattern,
                                        "sparsity": f"{result.sparsity:.6f}", "model": str(cfg.model)})
             report["sparse"] = {"path": str(sparse_out), "file_bytes": s.file_bytes, "dense_bytes": s.dense_bytes,
