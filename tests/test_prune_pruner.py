@@ -94,6 +94,13 @@ def test_second_pruner_reads_the_cache_without_a_forward_pass(tiny, calib_file, 
 
     sg = second.prune(0.5, "sparsegpt")  # Hessians were not cached yet: one pass, then cached for the next
     assert second.forward_passes == 1 and len(calls) > 0
+    st = second.stats(hessian=True)  # q/k/v (and gate/up) see one input tensor: one set of statistics each
+    assert st["model.layers.0.self_attn.q_proj"] is st["model.layers.0.self_attn.v_proj"]
+    assert st["model.layers.0.mlp.gate_proj"] is st["model.layers.0.mlp.up_proj"]
+    assert st["model.layers.0.mlp.down_proj"] is not st["model.layers.0.mlp.up_proj"]
+    from safetensors import safe_open
+    with safe_open(str(next(cache.glob("*.hessian.safetensors"))), "pt") as f:
+        assert sum(k.endswith(".hessian") for k in f.keys()) == 4 * 2  # attention in, o in, mlp in, down in
     many = second.prune_many([0.5, [0.3, 0.7], 0.6], "sparsegpt")  # K strategies, one batched solve per layer
     assert second.forward_passes == 1 and [round(r.sparsity, 3) for r in many] == [0.5, 0.5, 0.6]
     for n, w in sg.weights.items():

@@ -13,6 +13,9 @@ small at 50%; it grows with sparsity).
 Calibration windows follow the Wanda/SparseGPT loaders: ``nsamples`` windows of ``seqlen`` tokens starting at
 random offsets of the tokenized text, drawn from a generator seeded by ``seed``.
 
+Layers fed the very same input tensor (q/k/v of an attention block, gate/up of a gated MLP) share one set of
+statistics: they are accumulated once and stored once (the file's ``alias`` metadata maps the others to it).
+
 Cache key: sha256 of (model fingerprint = sha256 of config.json and every weight file, calibration text
 sha256, nsamples, seqlen, seed, the module list). Files: ``<key>.norms.safetensors`` (Σx², tokens) and
 ``<key>.hessian.safetensors`` (Σx² and XᵀX; serves a norms request too).
@@ -140,7 +143,7 @@ def model_fingerprint(model_dir: Path) -> str:
 def cache_key(model_fp: str, text_sha: str, nsamples: int, seqlen: int, seed: int,
               modules: list[Prunable]) -> str:
     spec = {"model": model_fp, "calib": text_sha, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-            "modules": [m.name for m in modules], "version": 1}
+            "modules": [m.name for m in modules], "version": 2}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -161,7 +164,8 @@ class LayerStats:
 def collect_stats(model: nn.Module, modules: list[Prunable], windows: torch.Tensor, *, hessian: bool,
                   batch_size: int = 8, device: str = "cpu", quiet: bool = False) -> dict[str, LayerStats]:
     """One forward pass of the (dense) model over ``windows``; forward hooks on every prunable layer add up
-    Σx² per input feature and, with ``hessian``, XᵀX."""
+    Σx² per input feature and, with ``hessian``, XᵀX. A layer whose input, in the first batch, is the very tensor
+    an earlier layer received gets that layer's statistics (the same object) instead of its own."""
     from compress.progress import track
 
     by_name = dict(model.named_modules())
@@ -170,9 +174,19 @@ def collect_stats(model: nn.Module, modules: list[Prunable], windows: torch.Tens
         z = torch.zeros(p.in_features, dtype=torch.float32, device=device)
         stats[p.name] = LayerStats(z, 0, torch.zeros(p.in_features, p.in_features, dtype=torch.float32,
                                                     device=device) if hessian else None)
+    alias: dict[str, str] = {}
+    first_inputs: dict[int, tuple[torch.Tensor, str]] | None = {}  # None once the first batch is done
 
     def hook(name):
         def fn(_module, args, _output):
+            if first_inputs is not None:
+                seen = first_inputs.get(id(args[0]))
+                if seen is not None and seen[0] is args[0]:
+                    alias[name] = seen[1]
+                    return
+                first_inputs[id(args[0])] = (args[0], name)
+            elif name in alias:
+                return
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             s = stats[name]
             s.sqsum += (x * x).sum(0)
@@ -187,11 +201,20 @@ def collect_stats(model: nn.Module, modules: list[Prunable], windows: torch.Tens
     try:
         for batch in track(list(windows.split(batch_size)), "calibration", quiet=quiet):
             model(input_ids=batch.to(device))
+            first_inputs = None
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    for name, root in alias.items():
+        stats[name] = stats[root]
     return stats
+
+
+def _aliases(stats: dict[str, LayerStats]) -> dict[str, str]:
+    """{layer: the first layer holding the same statistics object}."""
+    first: dict[int, str] = {}
+    return {name: first[id(s)] for name, s in stats.items() if first.setdefault(id(s), name) != name}
 
 
 def save_stats(stats: dict[str, LayerStats], path: Path, meta: dict) -> None:
@@ -199,15 +222,19 @@ def save_stats(stats: dict[str, LayerStats], path: Path, meta: dict) -> None:
 
     from compress.io.writer import atomic_file
 
+    alias = _aliases(stats)
     tensors = {}
     for name, s in stats.items():
+        if name in alias:
+            continue
         tensors[f"{name}.sqsum"] = s.sqsum.cpu().contiguous()
         if s.hessian is not None:
             tensors[f"{name}.hessian"] = s.hessian.cpu().contiguous()
     tokens = {name: s.tokens for name, s in stats.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path, overwrite=True) as tmp:
-        save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta), "tokens": json.dumps(tokens)})
+        save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta), "tokens": json.dumps(tokens),
+                                               "alias": json.dumps(alias)})
 
 
 def load_stats(path: Path, modules: list[Prunable], hessian: bool, device: str = "cpu"
@@ -220,13 +247,21 @@ def load_stats(path: Path, modules: list[Prunable], hessian: bool, device: str =
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             tokens = json.loads(f.metadata()["tokens"])
+            alias = json.loads(f.metadata().get("alias", "{}"))
             keys = set(f.keys())
             out = {}
             for p in modules:
+                if p.name in alias:
+                    continue
                 if f"{p.name}.sqsum" not in keys or (hessian and f"{p.name}.hessian" not in keys):
                     return None
                 h = f.get_tensor(f"{p.name}.hessian").to(device) if hessian else None
                 out[p.name] = LayerStats(f.get_tensor(f"{p.name}.sqsum").to(device), int(tokens[p.name]), h)
+            for p in modules:
+                if p.name in alias:
+                    if alias[p.name] not in out:
+                        return None
+                    out[p.name] = out[alias[p.name]]
             return out
     except (OSError, KeyError, ValueError, json.JSONDecodeError):
         return None  # an unreadable cache entry is recomputed, not an error

@@ -107,7 +107,7 @@ class Pruner:
         self._dense = {p.name: self._weight(p).detach().float().clone() for p in self.modules}
         self._stats: dict[str, C.LayerStats] | None = None
         self._has_hessian = False
-        self._hinv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._hinv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by statistics object: q/k/v share one
         self._key: str | None = None
         self.forward_passes = 0  # calibration forward passes this Pruner ran (0 on a cache hit)
         self.calibration_seconds = 0.0
@@ -161,6 +161,7 @@ class Pruner:
             got = C.load_stats(paths[kind], self.modules, kind == "hessian", self.device)
             if got is not None:
                 self._stats, self._has_hessian = got, kind == "hessian"
+                self._hinv.clear()
                 return got
         windows = self.windows()  # before any work: a too-short text fails here
         t0 = time.perf_counter()
@@ -173,6 +174,7 @@ class Pruner:
                 "seqlen": self.seqlen, "seed": self.seed}
         C.save_stats(stats, paths["hessian" if hessian else "norms"], meta)
         self._stats, self._has_hessian = stats, hessian
+        self._hinv.clear()
         return stats
 
     # -- strategies ----------------------------------------------------------------------------------------
@@ -262,10 +264,11 @@ class Pruner:
                     mask = M.wanda_mask(w, stats[p.name].col_norm, ss[b], nm, keep)
                     out[b] = (w * mask, mask)
             elif todo:
-                if p.name not in self._hinv:
-                    self._hinv[p.name] = M.inverse_hessian_factor(stats[p.name].hessian, self.percdamp)
+                hkey = id(stats[p.name])
+                if hkey not in self._hinv:
+                    self._hinv[hkey] = M.inverse_hessian_factor(stats[p.name].hessian, self.percdamp)
                 new, masks = M.sparsegpt_prune_many(w, None, [ss[b] for b in todo], nm, blocksize=self.blocksize,
-                                                    keep=keep, hinv=self._hinv[p.name])
+                                                    keep=keep, hinv=self._hinv[hkey])
                 for j, b in enumerate(todo):
                     out[b] = (new[j] * masks[j], masks[j])
             for b, (new, mask) in enumerate(out):
