@@ -306,22 +306,24 @@ def extract_delta(base: Checkpoint, tv: TaskVector, out: str | os.PathLike, *, d
     meta = {"base": str(base.path), "method": method, "density": repr(density), "seed": str(seed),
             **(extra_metadata or {})}
 
+    def item(name: str) -> SparseDelta:
+        # a function, not the generator's body: its locals die on return, so while write_delta encodes the kept
+        # entries it holds the only reference to the full tensors and can drop them
+        b = base.get(name, device=device)
+        out_dtype = tv.info(name).dtype
+        if exact_ft is not None:
+            # read each input once: τ from the same tensors the exactness check compares against
+            target = exact_ft.get(name, device=device)
+            ct = compute_dtype(b.dtype, target.dtype)
+            d = target.to(ct) - b.to(ct)
+        else:
+            d = tv.get(name, device=device)
+            target = reconstruct(b, d, out_dtype)
+        return SparseDelta(name, b, d, sparsify(d, density, method, seed=seed, name=name), out_dtype, target)
+
     def items():
         for name in track(tv.names() + list(carried), "extract", quiet=quiet):
-            if name in carried:
-                yield name, carried[name].full(name)
-                continue
-            b = base.get(name, device=device)
-            out_dtype = tv.info(name).dtype
-            if exact_ft is not None:
-                # read each input once: τ from the same tensors the exactness check compares against
-                target = exact_ft.get(name, device=device)
-                ct = compute_dtype(b.dtype, target.dtype)
-                d = target.to(ct) - b.to(ct)
-            else:
-                d = tv.get(name, device=device)
-                target = reconstruct(b, d, out_dtype)
-            yield SparseDelta(name, b, d, sparsify(d, density, method, seed=seed, name=name), out_dtype, target)
+            yield (name, carried[name].full(name)) if name in carried else item(name)
 
     return write_delta(out, items(), metadata=meta, value_dtype=value_dtype, overwrite=overwrite)
 

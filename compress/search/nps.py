@@ -474,10 +474,13 @@ def write_nps_delta(out, base, layout: Layout, delta: torch.Tensor, mask: torch.
     rebuilds exactly the tensors of ``write_model``."""
     from compress.delta import SparseDelta, write_delta
 
+    def item(name, sl, shape) -> SparseDelta:  # locals die on return: write_delta holds the only reference
+        b = base.get(name, device=delta.device)
+        return SparseDelta(name, b, delta[sl].reshape(shape), mask[sl].reshape(shape), b.dtype)
+
     def items():
         for _, name, sl, shape in layout.slices():
-            b = base.get(name, device=delta.device)
-            yield SparseDelta(name, b, delta[sl].reshape(shape), mask[sl].reshape(shape), b.dtype)
+            yield item(name, sl, shape)
 
     return write_delta(out, items(), metadata=metadata, overwrite=overwrite)
 

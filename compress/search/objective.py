@@ -67,10 +67,9 @@ class TaskObjective:
         return out
 
     def value(self, m: dict[str, float]) -> float:
-        if self.kind in ("kl", "accuracy") and "kl" not in m:
-            if self.kind == "kl":
-                raise CompressError(f"objective kl on task '{self.task}' needs the fine-tuned reference "
-                                    "(set_reference)")
+        if self.kind == "kl" and "kl" not in m:
+            raise CompressError(f"objective kl on task '{self.task}' needs the fine-tuned reference "
+                                "(set_reference)")
         if self.kind == "kl":
             return m["kl"]
         if self.kind == "loss":
