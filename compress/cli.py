@@ -10,6 +10,17 @@ from typing import Optional
 
 import click
 import typer
+
+# typer >= 0.29 vendors click and raises its own copies of click's exceptions: catch both families.
+_EXIT, _CLICK_ERROR, _ABORT = [click.exceptions.Exit], [click.ClickException], [click.exceptions.Abort]
+try:
+    import typer._click.exceptions as _tce
+    import typer.exceptions as _te
+
+    _EXIT.append(_te.Exit), _CLICK_ERROR.append(_tce.ClickException), _ABORT.append(_te.Abort)
+except (ImportError, AttributeError):
+    pass
+_EXIT, _CLICK_ERROR, _ABORT = tuple(_EXIT), tuple(_CLICK_ERROR), tuple(_ABORT)
 from rich.console import Console
 from rich.table import Table
 
@@ -847,12 +858,12 @@ def main(argv: list[str] | None = None) -> None:
     except CompressError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except _CLICK_ERROR as e:
         e.show()
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except _ABORT:
         print("aborted", file=sys.stderr)
         sys.exit(130)
 

@@ -155,3 +155,9 @@ def test_bad_dtype_and_device(llama_pair, tmp_path):
     if not torch.cuda.is_available():
         _expect_error(tmp_path, out, "extract", "--base", base, "--finetuned", ft, "--out", out, "--device", "cuda",
                       match="CUDA is not available")
+
+
+def test_unknown_option_is_a_usage_error_not_a_traceback():
+    code, _out, err = run_cli("zoo", "build", "lm-zoo", "--no-such-flag")
+    assert code == 2
+    assert "No such option: --no-such-flag" in err and "Traceback" not in err
