@@ -268,7 +268,15 @@ def merge(
     tasks: Optional[list[str]] = typer.Option(None, help="nps: the task of each model (--tasks sst2 trec …)."),
     heads: Optional[list[Path]] = typer.Option(None, help="nps: head folder per model (default: the model folders)."),
     budget: Optional[int] = typer.Option(None, help="nps: evaluations of the search."),
-    protect: Optional[Path] = typer.Option(None, help="nps: JSON of tensors/rows/columns kept dense."),
+    protect: Optional[Path] = typer.Option(None, help="Protect JSON: tensors/rows/columns whose task-vector "
+                                                      "entries skip sparsification."),
+    protect_heads: Optional[Path] = typer.Option(None, help="Head scores file (`compress heads score`): keep its "
+                                                           "top heads' q/k/v rows and o_proj columns."),
+    protect_top: Optional[float] = typer.Option(None, help="--protect-heads: fraction of heads to protect "
+                                                           "(default 0.1)."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="--protect-heads: the top fraction of each layer."),
+    protect_sparsity: Optional[float] = typer.Option(None, help="Prune the protected slices to this sparsity "
+                                                                "instead of keeping them dense."),
     overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ):
     """Merge task-tuned checkpoints into one model (TIES, DARE, task arithmetic, SLERP, NPS, …), streaming."""
@@ -280,7 +288,8 @@ def merge(
 
         nps_merge_command(base=base, models=models or None, tasks=tasks or None, heads=heads or None,
                           density=density[0] if density else None, out=out_path, device=device, recipe=recipe,
-                          protect=protect, overwrite=overwrite, quiet=quiet, budget=budget, seed=seed)
+                          protect=protect, overwrite=overwrite, quiet=quiet, budget=budget, seed=seed,
+                          **_protect_flags(protect_heads, protect_top, per_layer, protect_sparsity))
         return
 
     params: dict = {}
@@ -292,7 +301,8 @@ def merge(
         params["t"] = t
     flags = dict(base=base, method=method, variant=variant, topk=topk, sign_on=sign_on, consensus=consensus,
                  disjoint=disjoint, rescale=rescale, tie_break=tie_break, seed=seed, vocab=vocab, dtype=dtype,
-                 shard_size=shard_size,
+                 shard_size=shard_size, protect=protect,
+                 **_protect_flags(protect_heads, protect_top, per_layer, protect_sparsity),
                  out=out_path, device=device, overwrite=overwrite or None, quiet=quiet or None)
     if recipe is not None:
         cfg = load_recipe(recipe, **flags)
@@ -310,6 +320,14 @@ def merge(
     extra = f"; dropped rows: {s.dropped_rows}" if s.dropped_rows else ""
     out.print(f"wrote {s.out}: {s.tensors} tensors, {s.params:,} parameters, {cfg.method} of {len(cfg.models)} "
               f"models in {s.seconds:.1f} s ({s.gb_per_s:.2f} GB/s read){extra}")
+
+
+def _protect_flags(protect_heads, protect_top, per_layer, protect_sparsity) -> dict:
+    """The head-protection flags shared by prune, merge and NPS, as config fields (None: not given)."""
+    if protect_heads is None and (protect_top is not None or per_layer):
+        raise CompressError("--protect-top/--per-layer choose among the heads of --protect-heads SCORES; give it")
+    return dict(protect_heads=protect_heads, protect_top=protect_top, protect_per_layer=per_layer or None,
+                protect_sparsity=protect_sparsity)
 
 
 def _recipe_method(recipe: Path) -> Optional[str]:
@@ -640,6 +658,13 @@ def prune(
     ignore: Optional[str] = typer.Option(None, help="Regex of linear layers to leave dense (default: lm_head, "
                                                     "classifier, pooler)."),
     protect: Optional[Path] = typer.Option(None, help="Protect JSON: tensors / row / column ranges kept dense."),
+    protect_heads: Optional[Path] = typer.Option(None, help="Head scores file (`compress heads score`): keep its "
+                                                           "top heads' q/k/v rows and o_proj columns."),
+    protect_top: Optional[float] = typer.Option(None, help="--protect-heads: fraction of heads to protect "
+                                                           "(default 0.1)."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="--protect-heads: the top fraction of each layer."),
+    protect_sparsity: Optional[float] = typer.Option(None, help="Prune the protected slices to this sparsity "
+                                                                "instead of keeping them dense."),
     cache_dir: Optional[Path] = typer.Option(None, help="Calibration statistics cache "
                                                         "(default checkpoints/cache/calib)."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Folder to write (Hugging Face layout)."),
@@ -676,7 +701,8 @@ def prune(
         if model is not None and not is_recipe:
             raise CompressError("--method nps prunes a task vector: give --base and --finetuned, not MODEL")
         nps_prune_command(out=out_path, device=device, recipe=model, protect=protect, overwrite=overwrite,
-                          quiet=quiet, **nps_only)
+                          quiet=quiet, **nps_only, **_protect_flags(protect_heads, protect_top, per_layer,
+                                                                     protect_sparsity))
         return
     given = [f"--{k.replace('_', '-')}" for k, v in nps_only.items() if v is not None]
     if given:
@@ -694,6 +720,7 @@ def prune(
     flags = dict(sparsity=sparsity, method=method, pattern=pattern, layer_sparsity=vector, strategy=strategy,
                  owl=owl or None, owl_m=owl_m, owl_lambda=owl_lambda, calib=calib, nsamples=nsamples, seqlen=seqlen,
                  seed=seed, targets=targets, ignore=ignore, protect=protect, cache_dir=cache_dir, out=out_path,
+                 **_protect_flags(protect_heads, protect_top, per_layer, protect_sparsity),
                  sparse_out=sparse_out, no_sparse=no_sparse or None, eval_perplexity=eval_perplexity, dtype=dtype,
                  device=device, overwrite=overwrite or None, quiet=quiet or None)
     if model is None:

@@ -37,8 +37,6 @@ def run_prune(cfg) -> dict:
     from compress.config import resolve_device, torch_dtype
     from compress.io.writer import check_output
     from compress.progress import console
-    from compress.sparsify.protect import Protect
-
     device = resolve_device(cfg.device)
     sparse_out = None
     if cfg.out is not None:
@@ -48,7 +46,7 @@ def run_prune(cfg) -> dict:
             check_output(sparse_out, cfg.overwrite)
     elif cfg.eval_perplexity is None:
         raise CompressError("nothing to do: give --out DIR (and/or --eval-perplexity TEXT)")
-    protect = Protect.load(cfg.protect) if cfg.protect is not None else None
+    protect = cfg.resolve_protect(cfg.model)
     eval_text = resolve_text(cfg.eval_perplexity)[1] if cfg.eval_perplexity else None
     from compress.prune.calib import DEFAULT_IGNORE
 
