@@ -565,3 +565,39 @@ class NpsConfig(Compute, ProtectOptions):
             raise ValueError("search.objective: kl needs a fine-tuned reference per task; with keep tasks use "
                              "loss or accuracy")
         return self
+
+
+# -- head scores (compress.heads) -------------------------------------------------------------------------------
+
+class HeadsScoreConfig(Compute):
+    """`compress heads score MODEL`: one score per attention head from a probes file (``compress.heads``)."""
+
+    model: Path
+    method: Literal["vhd", "chd", "nhar", "seekr", "sink"]
+    probes: Path
+    out: Path
+    base: Optional[Path] = Field(None, description="seekr: the model before fine-tuning")
+    limit: Optional[int] = Field(None, ge=1)
+    epsilon: float = Field(0.3, gt=0, lt=1, description="sink: first-token attention above ε marks a sink head")
+    anchors: int = Field(3, ge=1, description="nhar: anchor words per layer")
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.method == "seekr" and self.base is None:
+            raise ValueError("seekr needs --base (the model before fine-tuning) for its forgettability")
+        if self.method != "seekr" and self.base is not None:
+            raise ValueError("--base goes with --method seekr")
+        return self
+
+
+class HeadsReinforceConfig(Compute):
+    """`compress heads reinforce MODEL`: VHR's head scaling baked into the output projection."""
+
+    model: Path
+    scores: Path
+    out: Path
+    alpha: float = Field(2.0, gt=0)
+    top_per_layer: float = Field(0.5, gt=0, le=1)
+    layers: Optional[list[int]] = None
+    overwrite: bool = False
