@@ -227,3 +227,47 @@ def test_baked_reinforcement_equals_runtime_scaling(tmp_path, arch):
         got = baked(ids).logits
     assert not torch.allclose(plain, runtime, atol=1e-3)
     assert torch.allclose(got, runtime, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_probes_score_reinforce(tmp_path):
+    import json
+    import shutil
+
+    from conftest import run_cli, save_llama
+
+    from compress.data import stories260k_files
+    from compress.heads.scorefile import load_scores
+    from compress.io.llama2c import convert_llama2c
+    from compress.zoo.lm import load_recipe
+    from compress.zoo.recall_task import RecallTask
+
+    code, out, err = run_cli("heads", "probes", "lm-zoo", "--quick", "--n", "6", "--out", tmp_path / "p.jsonl")
+    assert code == 0, err
+    items = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    rec = load_recipe(quick=True)
+    evals = {it["prompt"] for it in RecallTask(rec.recall.spec(rec.seed)).items(
+        rec.recall.eval_size, seed=rec.recall.eval_seed, mix=rec.recall.eval_mix)}
+    assert len(items) == 6 and all(it["context"] in it["prompt"] and it["prompt"] not in evals for it in items)
+    assert run_cli("heads", "probes", "lm-zoo", "--quick", "--seed", "2", "--out", tmp_path / "q.jsonl")[0] == 2
+
+    convert_llama2c(*stories260k_files(), tmp_path / "stories")
+    model = save_llama(tmp_path / "m", seed=0, vocab_size=512)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "stories" / f, model / f)
+    code, out, err = run_cli("heads", "score", model, "--method", "chd", "--probes", tmp_path / "p.jsonl",
+                             "--out", tmp_path / "s.safetensors", "--quiet")
+    assert code == 0, err
+    sf = load_scores(tmp_path / "s.safetensors")
+    assert sf.scores.shape == (2, 4) and sf.kv_scores.shape == (2, 2) and sf.metadata["method"] == "chd"
+    assert torch.allclose(sf.kv_scores, sf.scores.reshape(2, 2, 2).mean(-1))
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    code, out, err = run_cli("heads", "reinforce", model, "--scores", tmp_path / "s.safetensors", "--alpha", "2",
+                             "--top-per-layer", "0.5", "--layers", "1", "--out", tmp_path / "r", "--quiet")
+    assert code == 0, err
+    assert "2 heads scaled" in out
+    # errors: one line, exit 2
+    code, _, err = run_cli("heads", "score", model, "--method", "seekr", "--probes", tmp_path / "p.jsonl",
+                           "--out", tmp_path / "x.safetensors")
+    assert code == 2 and "--base" in err
+    code, _, err = run_cli("prune", model, "--sparsity", "0.5", "--protect-top", "0.2", "--out", tmp_path / "y")
+    assert code == 2 and "--protect-heads" in err
