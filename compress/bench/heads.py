@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from compress.errors import CompressError
 from compress.progress import console
