@@ -268,7 +268,15 @@ def merge(
     tasks: Optional[list[str]] = typer.Option(None, help="nps: the task of each model (--tasks sst2 trec …)."),
     heads: Optional[list[Path]] = typer.Option(None, help="nps: head folder per model (default: the model folders)."),
     budget: Optional[int] = typer.Option(None, help="nps: evaluations of the search."),
-    protect: Optional[Path] = typer.Option(None, help="nps: JSON of tensors/rows/columns kept dense."),
+    protect: Optional[Path] = typer.Option(None, help="Protect JSON: tensors/rows/columns whose task-vector "
+                                                      "entries skip sparsification."),
+    protect_heads: Optional[Path] = typer.Option(None, help="Head scores file (`compress heads score`): keep its "
+                                                           "top heads' q/k/v rows and o_proj columns."),
+    protect_top: Optional[float] = typer.Option(None, help="--protect-heads: fraction of heads to protect "
+                                                           "(default 0.1)."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="--protect-heads: the top fraction of each layer."),
+    protect_sparsity: Optional[float] = typer.Option(None, help="Prune the protected slices to this sparsity "
+                                                                "instead of keeping them dense."),
     overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ):
     """Merge task-tuned checkpoints into one model (TIES, DARE, task arithmetic, SLERP, NPS, …), streaming."""
@@ -280,7 +288,8 @@ def merge(
 
         nps_merge_command(base=base, models=models or None, tasks=tasks or None, heads=heads or None,
                           density=density[0] if density else None, out=out_path, device=device, recipe=recipe,
-                          protect=protect, overwrite=overwrite, quiet=quiet, budget=budget, seed=seed)
+                          protect=protect, overwrite=overwrite, quiet=quiet, budget=budget, seed=seed,
+                          **_protect_flags(protect_heads, protect_top, per_layer, protect_sparsity))
         return
 
     params: dict = {}
@@ -292,7 +301,8 @@ def merge(
         params["t"] = t
     flags = dict(base=base, method=method, variant=variant, topk=topk, sign_on=sign_on, consensus=consensus,
                  disjoint=disjoint, rescale=rescale, tie_break=tie_break, seed=seed, vocab=vocab, dtype=dtype,
-                 shard_size=shard_size,
+                 shard_size=shard_size, protect=protect,
+                 **_protect_flags(protect_heads, protect_top, per_layer, protect_sparsity),
                  out=out_path, device=device, overwrite=overwrite or None, quiet=quiet or None)
     if recipe is not None:
         cfg = load_recipe(recipe, **flags)
@@ -310,6 +320,14 @@ def merge(
     extra = f"; dropped rows: {s.dropped_rows}" if s.dropped_rows else ""
     out.print(f"wrote {s.out}: {s.tensors} tensors, {s.params:,} parameters, {cfg.method} of {len(cfg.models)} "
               f"models in {s.seconds:.1f} s ({s.gb_per_s:.2f} GB/s read){extra}")
+
+
+def _protect_flags(protect_heads, protect_top, per_layer, protect_sparsity) -> dict:
+    """The head-protection flags shared by prune, merge and NPS, as config fields (None: not given)."""
+    if protect_heads is None and (protect_top is not None or per_layer):
+        raise CompressError("--protect-top/--per-layer choose among the heads of --protect-heads SCORES; give it")
+    return dict(protect_heads=protect_heads, protect_top=protect_top, protect_per_layer=per_layer or None,
+                protect_sparsity=protect_sparsity)
 
 
 def _recipe_method(recipe: Path) -> Optional[str]:
@@ -583,6 +601,105 @@ def _eval_recall(cfg: EvalConfig) -> tuple[dict, str]:
 EVALUATOR_RUNNERS = {"task": _eval_task, "perplexity": _eval_perplexity, "kl_to": _eval_kl, "recall": _eval_recall}
 
 
+heads_app = typer.Typer(no_args_is_help=True, help="Attention-head importance: score, reinforce, probes.")
+app.add_typer(heads_app, name="heads")
+
+
+@heads_app.command("score")
+def heads_score(
+    model: Path = typer.Argument(..., help="Model folder (Llama-like, GPT-2, BERT, LLaVA)."),
+    method: str = typer.Option(..., help="vhd (LLaVA: with/without the image), chd (with/without the context), "
+                                         "nhar, seekr (needs --base), sink."),
+    probes: Path = typer.Option(..., help="Probes JSON lines (prompt, context, answer, image); see the README."),
+    out_path: Path = typer.Option(..., "--out", help="Scores file to write (.safetensors; a .png heatmap beside)."),
+    base: Optional[Path] = typer.Option(None, help="seekr: the model before fine-tuning."),
+    limit: Optional[int] = typer.Option(None, help="Use the first N probes."),
+    epsilon: float = typer.Option(0.3, help="sink: ε of the sink-head rate."),
+    anchors: int = typer.Option(3, help="nhar: anchor words per layer (most frequent logit-lens decodings)."),
+    device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+):
+    """One importance score per attention head ([layers, heads] + KV-group scores) and a heatmap."""
+    from compress.config import HeadsScoreConfig
+    from compress.heads.cli import run_score
+
+    run_score(build(HeadsScoreConfig, model=model, method=method, probes=probes, out=out_path, base=base,
+                    limit=limit, epsilon=epsilon, anchors=anchors, device=device, overwrite=overwrite, quiet=quiet))
+
+
+@heads_app.command("reinforce")
+def heads_reinforce(
+    model: Path = typer.Argument(..., help="Model folder."),
+    scores: Path = typer.Option(..., help="Scores file from `compress heads score`."),
+    out_path: Path = typer.Option(..., "--out", help="Folder to write."),
+    alpha: float = typer.Option(2.0, help="Scale of the chosen heads' outputs."),
+    top_per_layer: float = typer.Option(0.5, help="Fraction of each chosen layer's heads, by score."),
+    layers: Optional[str] = typer.Option(None, help="Layers to reinforce: 0,1,2 or 2-5 (default: all)."),
+    overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+):
+    """VHR: scale the top heads' outputs by α, baked into the output projection's columns."""
+    from compress.config import HeadsReinforceConfig
+    from compress.heads.cli import run_reinforce
+
+    run_reinforce(build(HeadsReinforceConfig, model=model, scores=scores, out=out_path, alpha=alpha,
+                        top_per_layer=top_per_layer, layers=_int_list(layers, "--layers") if layers else None,
+                        overwrite=overwrite, quiet=quiet))
+
+
+@heads_app.command("probes")
+def heads_probes(
+    zoo: str = typer.Argument("lm-zoo", help="lm-zoo (recall task probes from its recipe)."),
+    out_path: Path = typer.Option(..., "--out", help="Probes file to write (.jsonl)."),
+    n: int = typer.Option(64, help="Number of probes."),
+    seed: int = typer.Option(7, help="Probe seed (must differ from the recipe's training and evaluation seeds)."),
+    quick: bool = typer.Option(False, "--quick", help="The recipe's quick: section (the CPU zoo)."),
+    recipe: Optional[Path] = typer.Option(None, help="Zoo recipe (default recipes/zoo/lm-zoo.yml)."),
+    overwrite: bool = OVERWRITE,
+):
+    """Write head-scoring probes (with a context span and an answer) from a zoo recipe, held out from eval."""
+    from compress.heads.probes import recall_probes, write_probes
+
+    if zoo != "lm-zoo":
+        raise CompressError(f"probes for '{zoo}': only lm-zoo (its recall task) has a probe generator")
+    write_probes(recall_probes(n, seed, quick, recipe), out_path, overwrite)
+    print(f"wrote {n} probes to {out_path}")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part.strip()[1:]:
+                a, b = part.split("-")
+                out += list(range(int(a), int(b) + 1))
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise CompressError(f"{flag} '{text}': give layer numbers like 0,1,2 or 2-5") from None
+    return out
+
+
+@bench_app.command("heads")
+def bench_heads(
+    zoo: str = typer.Argument("lm-zoo", help="lm-zoo (built by `compress zoo build lm-zoo`)."),
+    zoo_root: Path = typer.Option(Path("checkpoints/zoo"), help="Where the zoo models are."),
+    results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON, markdown and the plot go."),
+    sparsity: float = typer.Option(0.6, help="Wanda sparsity."),
+    top: float = typer.Option(0.1, help="Fraction of heads protected."),
+    method: str = typer.Option("chd", help="Head score that chooses the protected heads."),
+    seeds: int = typer.Option(5, help="Random-protection baselines (seeds 0..N-1)."),
+    n_probes: int = typer.Option(64, help="Probes for the head scores (held-out seed)."),
+    nsamples: int = typer.Option(128, help="Calibration windows."),
+    limit: Optional[int] = typer.Option(None, help="Recall prompts to evaluate (default: all)."),
+    quick: bool = typer.Option(False, "--quick", help="The zoo was built with --quick."),
+    device: str = DEVICE, quiet: bool = QUIET,
+):
+    """Recall model pruned with Wanda: protected top heads vs random heads vs none, same overall sparsity."""
+    from compress.bench.heads import run
+
+    run(zoo, zoo_root=zoo_root, results=results, sparsity=sparsity, top=top, method=method, seeds=seeds,
+        n_probes=n_probes, nsamples=nsamples, limit=limit, quick=quick, device=resolve_device(device), quiet=quiet)
+
+
 @app.command("eval")
 def eval_cmd(
     model: Path = typer.Argument(..., help="Model folder: a zoo task folder, an encoder with --head, or a causal "
@@ -640,6 +757,13 @@ def prune(
     ignore: Optional[str] = typer.Option(None, help="Regex of linear layers to leave dense (default: lm_head, "
                                                     "classifier, pooler)."),
     protect: Optional[Path] = typer.Option(None, help="Protect JSON: tensors / row / column ranges kept dense."),
+    protect_heads: Optional[Path] = typer.Option(None, help="Head scores file (`compress heads score`): keep its "
+                                                           "top heads' q/k/v rows and o_proj columns."),
+    protect_top: Optional[float] = typer.Option(None, help="--protect-heads: fraction of heads to protect "
+                                                           "(default 0.1)."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="--protect-heads: the top fraction of each layer."),
+    protect_sparsity: Optional[float] = typer.Option(None, help="Prune the protected slices to this sparsity "
+                                                                "instead of keeping them dense."),
     cache_dir: Optional[Path] = typer.Option(None, help="Calibration statistics cache "
                                                         "(default checkpoints/cache/calib)."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Folder to write (Hugging Face layout)."),
@@ -676,7 +800,8 @@ def prune(
         if model is not None and not is_recipe:
             raise CompressError("--method nps prunes a task vector: give --base and --finetuned, not MODEL")
         nps_prune_command(out=out_path, device=device, recipe=model, protect=protect, overwrite=overwrite,
-                          quiet=quiet, **nps_only)
+                          quiet=quiet, **nps_only, **_protect_flags(protect_heads, protect_top, per_layer,
+                                                                     protect_sparsity))
         return
     given = [f"--{k.replace('_', '-')}" for k, v in nps_only.items() if v is not None]
     if given:
@@ -694,6 +819,7 @@ def prune(
     flags = dict(sparsity=sparsity, method=method, pattern=pattern, layer_sparsity=vector, strategy=strategy,
                  owl=owl or None, owl_m=owl_m, owl_lambda=owl_lambda, calib=calib, nsamples=nsamples, seqlen=seqlen,
                  seed=seed, targets=targets, ignore=ignore, protect=protect, cache_dir=cache_dir, out=out_path,
+                 **_protect_flags(protect_heads, protect_top, per_layer, protect_sparsity),
                  sparse_out=sparse_out, no_sparse=no_sparse or None, eval_perplexity=eval_perplexity, dtype=dtype,
                  device=device, overwrite=overwrite or None, quiet=quiet or None)
     if model is None:

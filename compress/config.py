@@ -312,6 +312,35 @@ def _param_names(allowed: tuple[str, ...]):
     return check
 
 
+class ProtectOptions(_Config):
+    """What stays dense (or is pruned to ``protect_sparsity``) in pruning, merging and NPS: a ``Protect`` JSON
+    (``protect``), and/or the heads a scores file (``compress heads score``) ranks highest (``protect_heads``:
+    the top ``protect_top`` fraction of all heads, or of each layer's with ``protect_per_layer``)."""
+
+    protect: Optional[Path] = None
+    protect_heads: Optional[Path] = None
+    protect_top: float = Field(0.1, gt=0, le=1)
+    protect_per_layer: bool = False
+    protect_sparsity: Annotated[Optional[float], AfterValidator(lambda v: _sparsity(v))] = None
+
+    def resolve_protect(self, model):
+        """The ``Protect`` these options describe for ``model`` (a folder, checkpoint or module); None if none."""
+        from dataclasses import replace
+
+        from compress.sparsify.protect import Protect
+
+        p = Protect.load(self.protect) if self.protect is not None else None
+        if self.protect_heads is not None:
+            from compress.heads.select import protect_from_scores
+
+            hp = protect_from_scores(self.protect_heads, model, top=self.protect_top, per_layer=self.protect_per_layer,
+                                     sparsity=self.protect_sparsity)
+            p = hp if p is None else replace(p, sparsity=self.protect_sparsity).union(hp)
+        elif p is not None and self.protect_sparsity is not None:
+            p = replace(p, sparsity=self.protect_sparsity)
+        return p
+
+
 class MergeModel(_Config):
     """One input: a full checkpoint or a PEFT LoRA adapter folder, with its own parameters."""
 
@@ -331,7 +360,7 @@ def _method(v: str) -> str:
     return v
 
 
-class MergeConfig(Compute):
+class MergeConfig(Compute, ProtectOptions):
     """`compress merge`: one recipe for the CLI, YAML recipes (ours and mergekit's) and the API.
 
     Variant switches left unset take the method's default in ``variant`` (see ``compress.merge.methods``).
@@ -406,7 +435,7 @@ def _sparsity(v: Optional[float]) -> Optional[float]:
     return v
 
 
-class PruneConfig(Compute):
+class PruneConfig(Compute, ProtectOptions):
     """`compress prune MODEL` (whole-weight pruning; ``compress.prune``): one source of sparsity (``sparsity``
     uniform or with ``owl``, ``layer_sparsity``, ``strategy``), a method and a pattern. Shared by the CLI, recipes
     (``recipes/prune/``) and ``compress.prune.run_prune``."""
@@ -428,7 +457,6 @@ class PruneConfig(Compute):
     batch_size: int = Field(8, ge=1)
     targets: Optional[str] = None
     ignore: Optional[str] = None
-    protect: Optional[Path] = None
     cache_dir: Path = Path("checkpoints/cache/calib")
     blocksize: int = Field(128, ge=1)
     percdamp: float = Field(0.01, gt=0)
@@ -501,7 +529,7 @@ class NpsSearch(_Config):
                      self.rescale, self.select, self.seed, self.task_weights, self.combine)
 
 
-class NpsConfig(Compute):
+class NpsConfig(Compute, ProtectOptions):
     """`compress prune|interpolate|merge --method nps`: one model (prune, interpolate) or several (merge), each
     scored on the dev split of its task with its own head (``heads``: default the model folders); ``keep``: for
     interpolation, more tasks whose dev score the search also averages (their heads in ``keep_heads``)."""
@@ -515,7 +543,6 @@ class NpsConfig(Compute):
     keep_heads: list[Path] = Field(default_factory=list)
     density: Density = 0.1
     search: NpsSearch = NpsSearch()
-    protect: Optional[Path] = None
     out: Optional[Path] = None
     shard_size: str = "5GB"
     overwrite: bool = False
@@ -538,3 +565,39 @@ class NpsConfig(Compute):
             raise ValueError("search.objective: kl needs a fine-tuned reference per task; with keep tasks use "
                              "loss or accuracy")
         return self
+
+
+# -- head scores (compress.heads) -------------------------------------------------------------------------------
+
+class HeadsScoreConfig(Compute):
+    """`compress heads score MODEL`: one score per attention head from a probes file (``compress.heads``)."""
+
+    model: Path
+    method: Literal["vhd", "chd", "nhar", "seekr", "sink"]
+    probes: Path
+    out: Path
+    base: Optional[Path] = Field(None, description="seekr: the model before fine-tuning")
+    limit: Optional[int] = Field(None, ge=1)
+    epsilon: float = Field(0.3, gt=0, lt=1, description="sink: first-token attention above ε marks a sink head")
+    anchors: int = Field(3, ge=1, description="nhar: anchor words per layer")
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.method == "seekr" and self.base is None:
+            raise ValueError("seekr needs --base (the model before fine-tuning) for its forgettability")
+        if self.method != "seekr" and self.base is not None:
+            raise ValueError("--base goes with --method seekr")
+        return self
+
+
+class HeadsReinforceConfig(Compute):
+    """`compress heads reinforce MODEL`: VHR's head scaling baked into the output projection."""
+
+    model: Path
+    scores: Path
+    out: Path
+    alpha: float = Field(2.0, gt=0)
+    top_per_layer: float = Field(0.5, gt=0, le=1)
+    layers: Optional[list[int]] = None
+    overwrite: bool = False

@@ -143,6 +143,13 @@ class Merger:
         self.out_dtype = torch_dtype(cfg.dtype)
         self.compute_dtype = torch_dtype(cfg.compute_dtype) or torch.float32
         self._global: Optional[list[GlobalThreshold]] = None
+        self.protect = cfg.resolve_protect(self.ref.root if self.ref.root is not None else self.ref.path)
+
+    def _protected(self, name: str, like: torch.Tensor) -> Optional[torch.Tensor]:
+        if not self.protect:
+            return None
+        keep = self.protect.keep(name, like.shape, device=like.device)
+        return keep if keep is not None and bool(keep.any()) else None
 
     # -- parameters ------------------------------------------------------------------------------------
     def param(self, key: str, name: str, model: Optional[int] = None) -> float:
@@ -171,12 +178,17 @@ class Merger:
                                         "use topk: per_tensor for per-layer densities")
         g = [GlobalThreshold(self.param("density", "", i)) for i in range(len(self.inputs))]
         names = self._merged_names()
+        from compress.merge.methods import protected_kept
+
+        x = self.protect.sparsity if self.protect else None
         for pass_name, fn in (("global top-k 1/2", GlobalThreshold.add), ("global top-k 2/2", GlobalThreshold.refine)):
             for name in track(names, pass_name, quiet=quiet):
                 base = self._base_tensor(name)
+                pm = self._protected(name, base)
+                kp = None if pm is None else protected_kept(int(pm.sum()), x)
                 for i, inp in enumerate(self.inputs):
                     d = inp.delta(name, base, self.device)
-                    fn(g[i], d if d is not None else torch.zeros_like(base))
+                    fn(g[i], d if d is not None else torch.zeros_like(base), pm, kp)
         return g
 
     # -- one tensor ------------------------------------------------------------------------------------
@@ -233,15 +245,17 @@ class Merger:
                 out = base
             else:
                 keep = None
+                pm = self._protected(name, base)
                 if self._global is not None:
-                    keep = [g.mask(stacked[i]) for i, g in enumerate(self._global)]
+                    keep = [g.mask(stacked[i], pm) for i, g in enumerate(self._global)]
                 out = task_vector_merge(
                     stacked, weights, self.method,
                     density=[self.param("density", name, i) for i in range(n)],
                     gamma=[self.param("gamma", name, i) for i in range(n)],
                     epsilon=[self.param("epsilon", name, i) for i in range(n)],
                     lam=self.param("lambda", name), keep=keep,
-                    generator=seeded_generator(self.cfg.seed, name), inplace=True).add_(base)
+                    generator=seeded_generator(self.cfg.seed, name), inplace=True, protect=pm,
+                    protect_sparsity=self.protect.sparsity if self.protect else None).add_(base)
         out = self._extra_rows(name, out)
         if not all_finite(out):
             self._name_nonfinite(name)

@@ -23,6 +23,17 @@ rescale (DARE)   inverse_keep (1/p)      inverse_keep            l1 (norm matchi
 rescale (DELLA)  inverse_keep (1/p_i)    n/a                     l1
 ===============  ======================  ======================  =========================================
 
+**Protection** (``protect``: a bool mask per tensor, ``compress.sparsify.protect``, e.g. the q/k/v rows and
+o_proj columns of chosen heads): protected entries of every task vector skip step 1. They are neither trimmed,
+dropped nor rescaled, so each protected entry of the merged tensor is exactly (bit for bit) what the same merge
+gives at density 1: steps 2–4 (sign election, disjoint mean, weights, λ) still apply to them as to every entry,
+since a merge of several models has no single "original" value to keep. The protected entries count towards the
+kept total: magnitude top-k keeps ⌊density·n⌋ − P of the free entries (the global top-k likewise over the
+model), DARE keeps each free entry with p' = (density·n − P)/(n − P) and rescales by 1/p', an l1 rescale
+matches the free entries' norm; Breadcrumbs and DELLA apply their own rule to the free entries only. With a
+protect ``sparsity`` x the protected entries are sparsified too, by the same rule at density 1 − x, separately
+from the free ones.
+
 Top-k keeps ⌊density·n⌋ entries (at least one), as PEFT and mergekit do; equal magnitudes at the threshold are
 kept lowest index first unless ``tie_break: argsort`` asks for mergekit's (sort-order) choice. Functions take stacked deltas
 ``[n_models, *shape]`` in a float dtype and return the merged delta; nothing here reads a checkpoint.
@@ -99,15 +110,75 @@ def della_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torc
     return ((density - epsilon) + ranks / span * 2 * epsilon).reshape(delta.shape)
 
 
+def protected_kept(n_protected: int, protect_sparsity: Optional[float]) -> int:
+    """Protected entries a task vector keeps: all, or all but round(P·x) with a protect sparsity x."""
+    return n_protected - int(round(n_protected * (protect_sparsity or 0.0)))
+
+
+def _sparsify_protected(delta: torch.Tensor, method: Sparsify, density: float, rescale: Rescale, gamma: float,
+                        epsilon: float, generator: Optional[torch.Generator], keep: Optional[torch.Tensor],
+                        tie_break: str, protect: torch.Tensor, x: Optional[float]) -> torch.Tensor:
+    free = ~protect
+    n, P = delta.numel(), int(protect.sum())
+    kp = protected_kept(P, x)
+    if method in ("magnitude", "outliers"):
+        mask = torch.zeros_like(protect)
+        if keep is not None:  # a global threshold, already over the free entries
+            mask |= keep & free
+        elif method == "magnitude":
+            k = max(0, min(n - P, topk_count(n, density) - kp))
+            mask[free] = topk_mask(delta[free], k) if tie_break == "index" else _argsort_keep(delta[free], k)
+        else:
+            mask[free] = outlier_keep(delta[free], density, gamma)
+        if kp == P:
+            mask |= protect
+        elif kp:
+            mask[protect] = topk_mask(delta[protect], kp)
+        kept = delta * mask
+        if rescale == "l1":
+            kept = torch.where(free, _l1_rescale(kept * free, delta * free), kept)
+        return kept
+    if method == "random":
+        pf = (density * n - kp) / (n - P) if n > P else 0.0
+        p = torch.full(delta.shape, float(min(max(pf, 0.0), 1.0)), dtype=torch.float32)
+    else:
+        p = della_keep_prob(delta.cpu(), density, epsilon)
+    p[protect.cpu()] = 1.0 - (x or 0.0)
+    mask = torch.bernoulli(p, generator=generator).to(delta.device, delta.dtype)
+    kept = delta * mask
+    if rescale == "inverse_keep":
+        return kept / p.to(delta.device, delta.dtype).clamp(min=torch.finfo(torch.float32).tiny)
+    if rescale == "l1":
+        fm = free.to(delta.dtype)
+        return torch.where(free, _l1_rescale(kept * fm, delta * fm), kept)
+    return kept
+
+
+def _argsort_keep(delta: torch.Tensor, k: int) -> torch.Tensor:
+    w = delta.abs().reshape(-1)
+    if w.device.type == "cpu":
+        w = w.float()
+    mask = torch.zeros(w.numel(), dtype=torch.bool, device=delta.device)
+    mask[torch.argsort(w, descending=True)[:k]] = True
+    return mask.reshape(delta.shape)
+
+
 def sparsify_delta(delta: torch.Tensor, method: Optional[Sparsify], density: float, *, rescale: Rescale = "none",
                    gamma: float = 0.01, epsilon: float = 0.15, generator: Optional[torch.Generator] = None,
-                   keep: Optional[torch.Tensor] = None, tie_break: str = "index") -> torch.Tensor:
+                   keep: Optional[torch.Tensor] = None, tie_break: str = "index",
+                   protect: Optional[torch.Tensor] = None, protect_sparsity: Optional[float] = None) -> torch.Tensor:
     """One task-vector tensor after step 1. ``keep`` overrides the magnitude mask (a global top-k threshold).
+    ``protect``: entries that skip step 1 (see the module docstring; ``protect_sparsity`` sparsifies them too).
 
     Random draws (DARE, DELLA) come from ``generator`` on the CPU, so they do not depend on the device; a
     ``torch.bernoulli`` per tensor, the same call PEFT makes, so a generator seeded like PEFT's global RNG
     reproduces PEFT's masks.
     """
+    if method is not None and protect is not None and bool(protect.any()):
+        if method not in ("magnitude", "outliers", "random", "della"):
+            raise CompressError(f"unknown sparsification '{method}' (choose magnitude, random, outliers, della)")
+        return _sparsify_protected(delta, method, density, rescale, gamma, epsilon, generator, keep, tie_break,
+                                   protect, protect_sparsity)
     if method is None or (density >= 1.0 and method != "della" and keep is None):
         return delta
     if method == "magnitude":
@@ -244,12 +315,14 @@ def method_preset(name: str, variant: str = "paper", **overrides) -> Method:
 
 def task_vector_merge(deltas: torch.Tensor, weights, method: Method, *, density=1.0, lam: float = 1.0,
                       gamma=0.01, epsilon=0.15, generator: Optional[torch.Generator] = None,
-                      keep: Optional[list[Optional[torch.Tensor]]] = None, inplace: bool = False) -> torch.Tensor:
+                      keep: Optional[list[Optional[torch.Tensor]]] = None, inplace: bool = False,
+                      protect: Optional[torch.Tensor] = None, protect_sparsity: Optional[float] = None
+                      ) -> torch.Tensor:
     """The merged delta of stacked task-vector tensors ``[n, *shape]`` under a ``Method`` preset.
 
     ``density``, ``gamma`` and ``epsilon`` may be one value or one per model; ``keep`` gives per-model
     precomputed masks (global top-k). Random draws consume ``generator`` model by model, in order. ``inplace``:
-    ``deltas`` may be overwritten.
+    ``deltas`` may be overwritten. ``protect``: a bool mask of the tensor's protected entries (skip step 1).
     """
     n = deltas.shape[0]
 
@@ -264,7 +337,7 @@ def task_vector_merge(deltas: torch.Tensor, weights, method: Method, *, density=
         deltas = torch.stack([
             sparsify_delta(deltas[i], method.sparsify, dens[i], rescale=method.rescale, gamma=gams[i],
                            epsilon=epss[i], generator=generator, keep=None if keep is None else keep[i],
-                           tie_break=method.tie_break)
+                           tie_break=method.tie_break, protect=protect, protect_sparsity=protect_sparsity)
             for i in range(n)])
         inplace = True  # the stack is a new tensor now
     return combine(deltas, weights, consensus=method.consensus, sign_on=method.sign_on, disjoint=method.disjoint,

@@ -37,8 +37,6 @@ def run_prune(cfg) -> dict:
     from compress.config import resolve_device, torch_dtype
     from compress.io.writer import check_output
     from compress.progress import console
-    from compress.sparsify.protect import Protect
-
     device = resolve_device(cfg.device)
     sparse_out = None
     if cfg.out is not None:
@@ -48,7 +46,6 @@ def run_prune(cfg) -> dict:
             check_output(sparse_out, cfg.overwrite)
     elif cfg.eval_perplexity is None:
         raise CompressError("nothing to do: give --out DIR (and/or --eval-perplexity TEXT)")
-    protect = Protect.load(cfg.protect) if cfg.protect is not None else None
     eval_text = resolve_text(cfg.eval_perplexity)[1] if cfg.eval_perplexity else None
     from compress.prune.calib import DEFAULT_IGNORE
 
@@ -56,6 +53,7 @@ def run_prune(cfg) -> dict:
                     targets=cfg.targets, ignore=DEFAULT_IGNORE if cfg.ignore is None else (cfg.ignore or None),
                     device=device, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, blocksize=cfg.blocksize,
                     percdamp=cfg.percdamp, quiet=cfg.quiet)
+    protect = cfg.resolve_protect(pruner.model)  # named as the loaded model names its parameters
     strategy = pruner.strategy(cfg.sparsity, cfg.layer_sparsity, cfg.strategy, cfg.owl, cfg.owl_m, cfg.owl_lambda)
     result = pruner.prune(strategy, cfg.method, cfg.pattern, protect)
     report = {**result.summary(), "layers": len(pruner.modules), "blocks": pruner.n_blocks,

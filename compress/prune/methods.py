@@ -17,6 +17,14 @@ entries are protected than the target allows.
   pruned weight's error is spread over the not-yet-processed columns through the upper Cholesky factor of
   (H + λI)⁻¹ with λ = ``percdamp``·mean(diag H). Unlike the reference, which prunes ``int(s·n)+1`` entries per
   block (``<= thresh``), exactly ``round(s·n)`` are pruned.
+- Protection (``keep``: True where an entry is protected, ``compress.sparsify.protect``): a layer is pruned to
+  a **zero budget** ``zeros = (z_free, z_protected)``: z_protected lowest-scoring protected entries (0 keeps
+  them dense; ``--protect-sparsity`` sets more) and z_free lowest-scoring free entries, each selection within
+  the method's comparison group (Wanda: each row takes its share of z_free in proportion to its free entries,
+  so rows whose entries are all protected push their share onto the others; magnitude: the layer; SparseGPT:
+  each column block). Without ``zeros`` a protected layer keeps the layer total round(numel·s), all from the
+  free entries (``layer_zeros``); ``allot_zeros`` moves what a layer cannot take to the other layers of its
+  block, so that the requested sparsity is met exactly over the pruned parameters.
 - N:M patterns (``nm=(n, m)``: keep n of every m consecutive inputs of a row, NVIDIA's "2:4" = 2 kept of 4):
   within each group the m−n lowest scores are pruned, for every method (the papers' semi-structured setting);
   a trailing partial group (input size not a multiple of m) prunes its share (``nm_prune_count``).
@@ -44,6 +52,93 @@ def parse_pattern(pattern: str) -> NM | None:
     if not 0 < n < m:
         raise CompressError(f"pattern '{pattern}': N:M needs 0 < N < M (N weights kept of every M)")
     return n, m
+
+
+Zeros = tuple[int, int]  # (zeros among free entries, zeros among protected entries)
+
+
+def split_counts(total: int, capacity: torch.Tensor) -> torch.Tensor:
+    """``total`` spread over groups in proportion to ``capacity`` (int tensor): floors, then one more to the
+    groups with the largest remainders (lowest index first on ties), never above a group's capacity."""
+    capacity = capacity.to(torch.long)
+    cap = int(capacity.sum())
+    if total > cap:
+        raise CompressError(f"cannot prune {total} entries out of {cap}")
+    if total <= 0 or cap == 0:
+        return torch.zeros_like(capacity)
+    exact = capacity.double() * total / cap
+    counts = torch.minimum(exact.floor().long(), capacity)
+    rest = total - int(counts.sum())
+    if rest:
+        frac = torch.where(counts < capacity, exact - counts.double(), torch.full_like(exact, -1.0))
+        order = torch.sort(-frac, stable=True).indices[:rest]
+        counts[order] += 1
+    return counts
+
+
+def layer_zeros(numel: int, sparsity: float, protected: int, protect_sparsity: float = 0.0) -> Zeros:
+    """A layer's zero budget: round(numel·s) zeros in all, round(protected·x) of them among the protected entries,
+    the rest among the free entries (as many as there are, at most)."""
+    zp = int(round(protected * protect_sparsity))
+    return max(0, min(int(round(numel * sparsity)) - zp, numel - protected)), zp
+
+
+def allot_zeros(numel: Sequence[int], protected: Sequence[int], groups: Sequence, sparsity: Sequence[float],
+                protect_sparsity: float = 0.0) -> list[Zeros]:
+    """Zero budgets of many layers so that every group (a block) still prunes Σ round(numel·s) entries, and the
+    whole model Σ over all layers, when protected entries take fewer zeros than their share: what a layer's free
+    entries cannot take goes to the other layers of its group in proportion to their spare free entries, then to
+    every layer; a surplus (protected entries pruned harder than their layer) is taken back in proportion to the
+    free zeros. Raises when the free entries of the whole model cannot take the request."""
+    n = len(numel)
+    target = [int(round(numel[i] * sparsity[i])) for i in range(n)]
+    zp = [int(round(protected[i] * protect_sparsity)) for i in range(n)]
+    free = torch.tensor([numel[i] - protected[i] for i in range(n)], dtype=torch.long)
+    zu = torch.tensor([min(max(target[i] - zp[i], 0), int(free[i])) for i in range(n)], dtype=torch.long)
+
+    def settle(idx: list[int], want: int) -> None:
+        have = int(zu[idx].sum())
+        if want > have:
+            add = min(want - have, int((free[idx] - zu[idx]).sum()))
+            zu[idx] += split_counts(add, free[idx] - zu[idx])
+        elif want < have:
+            zu[idx] -= split_counts(min(have - want, have), zu[idx].clone())
+
+    for g in dict.fromkeys(groups):
+        idx = [i for i in range(n) if groups[i] == g]
+        settle(idx, sum(target[i] - zp[i] for i in idx))
+    everything = list(range(n))
+    want = sum(target) - sum(zp)
+    settle(everything, want)
+    if int(zu.sum()) != want:
+        raise CompressError(f"protection leaves {int(free.sum()):,} free weights, fewer than the "
+                            f"{want:,} zeros the requested sparsity needs among them; protect fewer heads or "
+                            "set --protect-sparsity")
+    return [(int(zu[i]), zp[i]) for i in range(n)]
+
+
+def _select_lowest(scores: torch.Tensor, among: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per row, the ``counts[r]`` lowest scores among the entries where ``among`` is True (stable order)."""
+    rows, cols = scores.shape
+    order = torch.sort(scores.masked_fill(~among, float("inf")), dim=1, stable=True).indices
+    ranks = torch.arange(cols, device=scores.device).expand(rows, cols)
+    chosen = ranks < counts.to(scores.device)[:, None]
+    return torch.zeros_like(among).scatter_(1, order, chosen)
+
+
+def budget_mask(scores: torch.Tensor, keep: torch.Tensor, zeros: Zeros, per_row: bool) -> torch.Tensor:
+    """Keep-mask that prunes ``zeros = (z_free, z_protected)`` lowest scores among the free and the protected
+    entries, per output row (each row's share in proportion to its entries of either kind) or over the whole
+    matrix."""
+    zu, zp = zeros
+    if not per_row:
+        flat, k = scores.reshape(1, -1), keep.reshape(1, -1)
+        pruned = (_select_lowest(flat, ~k, torch.tensor([zu])) |
+                  _select_lowest(flat, k, torch.tensor([zp])))
+        return ~pruned.reshape(scores.shape)
+    cu = split_counts(zu, (~keep).sum(1))
+    cp = split_counts(zp, keep.sum(1))
+    return ~(_select_lowest(scores, ~keep, cu) | _select_lowest(scores, keep, cp))
 
 
 def _protected_scores(scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -92,9 +187,13 @@ def row_counts(rows: int, cols: int, sparsity: float) -> torch.Tensor:
     return counts
 
 
-def row_mask(scores: torch.Tensor, sparsity: float, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Prune the lowest scores of every output row (Wanda's comparison group), ``row_counts`` per row."""
+def row_mask(scores: torch.Tensor, sparsity: float, keep: torch.Tensor | None = None,
+             zeros: Zeros | None = None) -> torch.Tensor:
+    """Prune the lowest scores of every output row (Wanda's comparison group), ``row_counts`` per row; with
+    protection, the layer's zero budget (``budget_mask``, default ``layer_zeros``)."""
     rows, cols = scores.shape
+    if keep is not None:
+        return budget_mask(scores, keep, zeros or layer_zeros(scores.numel(), sparsity, int(keep.sum())), True)
     counts = row_counts(rows, cols, sparsity).to(scores.device)
     order = torch.sort(_protected_scores(scores, keep), dim=1, stable=True).indices
     ranks = torch.arange(cols, device=scores.device).expand(rows, cols)
@@ -103,9 +202,12 @@ def row_mask(scores: torch.Tensor, sparsity: float, keep: torch.Tensor | None = 
     return _with_keep(mask, keep)
 
 
-def tensor_mask(scores: torch.Tensor, sparsity: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+def tensor_mask(scores: torch.Tensor, sparsity: float, keep: torch.Tensor | None = None,
+                zeros: Zeros | None = None) -> torch.Tensor:
     """Prune the ``round(numel·s)`` lowest scores of the whole matrix (per-layer comparison, magnitude
-    pruning; SparseGPT's block selection)."""
+    pruning; SparseGPT's block selection); with protection, the zero budget (``budget_mask``)."""
+    if keep is not None:
+        return budget_mask(scores, keep, zeros or layer_zeros(scores.numel(), sparsity, int(keep.sum())), False)
     k = int(round(scores.numel() * sparsity))
     mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if k:
@@ -124,15 +226,15 @@ def wanda_scores(w: torch.Tensor, col_norm: torch.Tensor) -> torch.Tensor:
 
 
 def magnitude_mask(w: torch.Tensor, sparsity: float, nm: NM | None = None,
-                   keep: torch.Tensor | None = None) -> torch.Tensor:
+                   keep: torch.Tensor | None = None, zeros: Zeros | None = None) -> torch.Tensor:
     s = magnitude_scores(w)
-    return nm_mask(s, nm, keep) if nm else tensor_mask(s, sparsity, keep)
+    return nm_mask(s, nm, keep) if nm else tensor_mask(s, sparsity, keep, zeros)
 
 
 def wanda_mask(w: torch.Tensor, col_norm: torch.Tensor, sparsity: float, nm: NM | None = None,
-               keep: torch.Tensor | None = None) -> torch.Tensor:
+               keep: torch.Tensor | None = None, zeros: Zeros | None = None) -> torch.Tensor:
     s = wanda_scores(w, col_norm)
-    return nm_mask(s, nm, keep) if nm else row_mask(s, sparsity, keep)
+    return nm_mask(s, nm, keep) if nm else row_mask(s, sparsity, keep, zeros)
 
 
 def inverse_hessian_factor(h: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,13 +265,19 @@ def sparsegpt_prune(w: torch.Tensor, h: torch.Tensor | None, sparsity: float, nm
 
 def sparsegpt_prune_many(w: torch.Tensor, h: torch.Tensor | None, sparsities: Sequence[float],
                          nm: NM | None = None, *, blocksize: int = 128, percdamp: float = 0.01,
-                         keep: torch.Tensor | None = None, hinv: tuple[torch.Tensor, torch.Tensor] | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         keep: torch.Tensor | None = None, hinv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         zeros: Sequence[Zeros] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT for several sparsities of one layer at once: (weights [B, out, in], keep-masks [B, out, in]).
 
     Each slice b is exactly ``sparsegpt_prune(w, h, sparsities[b])``; the B problems share the column loop, so on a
     GPU (where the loop is bound by kernel launches, not arithmetic) B strategies cost about what one does. This
     is what makes K strategies from one calibration cheap for SparseGPT (``Pruner.prune_many``).
+
+    With ``keep`` (unstructured), strategy b prunes its zero budget ``zeros[b]`` (default ``layer_zeros``), each
+    column block taking its share in proportion to its free and protected entries. When no protected entry is
+    to be pruned (z_protected = 0) the protected entries come back exactly as they were in ``w``: a protected row
+    has nothing pruned and so no error to spread, and the caller drops wholly protected columns from the problem
+    (``Pruner``: H restricted to the free columns, the OBS solution with those columns held fixed).
     """
     B = len(sparsities)
     W = w.detach().float().unsqueeze(0).repeat(B, 1, 1)
@@ -180,7 +288,15 @@ def sparsegpt_prune_many(w: torch.Tensor, h: torch.Tensor | None, sparsities: Se
     Hinv, dead = hinv if hinv is not None else inverse_hessian_factor(h, percdamp)
     W[:, :, dead] = 0
     pruned = torch.zeros_like(W, dtype=torch.bool)
-    for i1 in range(0, cols, blocksize):
+    blocks = list(range(0, cols, blocksize))
+    shares = None
+    if keep is not None and nm is None:
+        budgets = list(zeros) if zeros is not None else [
+            layer_zeros(w.numel(), s, int(keep.sum())) for s in sparsities]
+        free_b = torch.tensor([int((~keep[:, i:i + blocksize]).sum()) for i in blocks])
+        prot_b = torch.tensor([int(keep[:, i:i + blocksize].sum()) for i in blocks])
+        shares = [(split_counts(zu, free_b), split_counts(zp, prot_b)) for zu, zp in budgets]
+    for nb, i1 in enumerate(blocks):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, :, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
@@ -188,8 +304,12 @@ def sparsegpt_prune_many(w: torch.Tensor, h: torch.Tensor | None, sparsities: Se
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
         keep1 = None if keep is None else keep[:, i1:i2]
-        if nm is None:
-            score = _protected_scores(W1 ** 2 / d.reshape(1, 1, -1) ** 2, keep1)
+        if nm is None and shares is not None:
+            score = W1 ** 2 / d.reshape(1, 1, -1) ** 2
+            mask1 = torch.stack([~budget_mask(score[b], keep1, (int(shares[b][0][nb]), int(shares[b][1][nb])), False)
+                                 for b in range(B)])
+        elif nm is None:
+            score = W1 ** 2 / d.reshape(1, 1, -1) ** 2
             # True = pruned, as in the reference
             mask1 = torch.stack([~tensor_mask(score[b], s) for b, s in enumerate(sparsities)])
         else:
@@ -201,7 +321,7 @@ def sparsegpt_prune_many(w: torch.Tensor, h: torch.Tensor | None, sparsities: Se
                 count = nm_prune_count(score.shape[2], nm)
                 if count:
                     mask1.scatter_(2, i + torch.topk(score, count, dim=2, largest=False).indices, True)
-            if keep1 is not None:
+            if keep1 is not None and nm is not None:
                 mask1[:, :, i] &= ~keep1[:, i]
             col = W1[:, :, i]
             q = col.masked_fill(mask1[:, :, i], 0.0)
@@ -213,9 +333,13 @@ def sparsegpt_prune_many(w: torch.Tensor, h: torch.Tensor | None, sparsities: Se
         pruned[:, :, i1:i2] = mask1
         W[:, :, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     mask = ~pruned & ~dead.reshape(1, 1, -1)
-    # Protected entries are never pruned; like every kept weight they take the OBS update (a protected row has
-    # nothing pruned, so it is left exactly as it was; a protected column absorbs earlier columns' errors).
-    return W.to(w.dtype), _with_keep(mask, keep)
+    if keep is not None:
+        # protected entries not chosen for pruning keep their dense value (also in dead columns); where nothing
+        # in their row was pruned this is what the update left anyway
+        hold = keep.unsqueeze(0) & ~pruned
+        W = torch.where(hold, w.detach().float().unsqueeze(0), W)
+        mask |= hold
+    return W.to(w.dtype), mask
 
 
 def reconstruction_error(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> float:

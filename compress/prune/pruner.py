@@ -120,6 +120,16 @@ class Pruner:
     def param_name(self, p: C.Prunable) -> str:
         return f"{p.name}.weight"
 
+    def _keep(self, p: C.Prunable, protect: Protect | None) -> torch.Tensor | None:
+        """The protection mask of a layer in [out, in] layout (None: nothing of it protected)."""
+        if not protect:
+            return None
+        stored = (p.in_features, p.out_features) if p.transposed else (p.out_features, p.in_features)
+        keep = protect.keep(self.param_name(p), stored, device=self._dense[p.name].device)
+        if keep is None or not bool(keep.any()):
+            return None
+        return keep.T if p.transposed else keep
+
     @torch.no_grad()
     def load(self, result: PruneResult | None) -> None:
         """Put ``result``'s weights into ``self.model`` (None: the dense weights back)."""
@@ -239,6 +249,17 @@ class Pruner:
                                         f"({st.source}) asks for other sparsities")
         stats = self.stats(hessian=method == "sparsegpt") if method != "magnitude" else None
         means = [st.mean(self.block_params) for st in sts]
+        keeps = {p.name: self._keep(p, protect) for p in self.modules} if protect else {}
+        x = (protect.sparsity or 0.0) if protect else 0.0
+        budgets: list[dict] = [{} for _ in sts]
+        if keeps and nm is None:
+            # protected entries take fewer zeros than their share: the free ones of the same block (then of the
+            # model) take the rest, so each block and the whole model still meet the requested sparsity
+            prot = [0 if keeps[p.name] is None else int(keeps[p.name].sum()) for p in self.modules]
+            for b, (st, mean) in enumerate(zip(sts, means)):
+                ss = [st.layer_sparsity[p.block] if p.block is not None else mean for p in self.modules]
+                got = M.allot_zeros([p.numel for p in self.modules], prot, [p.block for p in self.modules], ss, x)
+                budgets[b] = {p.name: z for p, z in zip(self.modules, got)}
         t0 = time.perf_counter()
         weights: list[dict] = [{} for _ in sts]
         kept: list[dict] = [{} for _ in sts]
@@ -246,29 +267,46 @@ class Pruner:
         for p in self.modules:
             ss = [st.layer_sparsity[p.block] if p.block is not None else mean for st, mean in zip(sts, means)]
             w = self._dense[p.name]
-            keep = None
-            if protect:
-                stored = (p.in_features, p.out_features) if p.transposed else (p.out_features, p.in_features)
-                keep = protect.keep(self.param_name(p), stored, device=w.device)
-                if keep is not None and p.transposed:
-                    keep = keep.T
-            dense = [(x == 0 and nm is None) or (keep is not None and bool(keep.all())) for x in ss]
+            keep = keeps.get(p.name)
+            zs = [bud.get(p.name) for bud in budgets]
+            if keep is None and budgets[0]:
+                # nothing of this layer is protected, but it may take zeros that protected layers of its block
+                # could not: pruned to its budget like the others
+                keep = torch.zeros_like(w, dtype=torch.bool)
+            if keep is None or nm is not None:
+                dense = [(x_ == 0 and nm is None) or (keep is not None and bool(keep.all())) for x_ in ss]
+            else:
+                dense = [z == (0, 0) for z in zs]
             out: list = [(w.clone(), torch.ones_like(w, dtype=torch.bool)) if d else None for d in dense]
             todo = [b for b, d in enumerate(dense) if not d]
             if method == "magnitude":
                 for b in todo:
-                    mask = M.magnitude_mask(w, ss[b], nm, keep)
+                    mask = M.magnitude_mask(w, ss[b], nm, keep, zs[b])
                     out[b] = (w * mask, mask)
             elif method == "wanda":
                 for b in todo:
-                    mask = M.wanda_mask(w, stats[p.name].col_norm, ss[b], nm, keep)
+                    mask = M.wanda_mask(w, stats[p.name].col_norm, ss[b], nm, keep, zs[b])
                     out[b] = (w * mask, mask)
             elif todo:
-                hkey = id(stats[p.name])
-                if hkey not in self._hinv:
-                    self._hinv[hkey] = M.inverse_hessian_factor(stats[p.name].hessian, self.percdamp)
-                new, masks = M.sparsegpt_prune_many(w, None, [ss[b] for b in todo], nm, blocksize=self.blocksize,
-                                                    keep=keep, hinv=self._hinv[hkey])
+                fixed = keep.all(0) if keep is not None and nm is None and x == 0 else None
+                if fixed is not None and bool(fixed.any()):
+                    # wholly protected input columns (a kept head's o_proj columns) are held fixed: OBS over
+                    # the free columns alone, with H restricted to them
+                    free = ~fixed
+                    hinv = M.inverse_hessian_factor(stats[p.name].hessian[free][:, free], self.percdamp)
+                    new_f, masks_f = M.sparsegpt_prune_many(
+                        w[:, free], None, [ss[b] for b in todo], nm, blocksize=self.blocksize, keep=keep[:, free],
+                        hinv=hinv, zeros=[zs[b] for b in todo])
+                    new = w.unsqueeze(0).repeat(len(todo), 1, 1)
+                    masks = torch.ones_like(new, dtype=torch.bool)
+                    new[:, :, free], masks[:, :, free] = new_f, masks_f
+                else:
+                    hkey = id(stats[p.name])
+                    if hkey not in self._hinv:
+                        self._hinv[hkey] = M.inverse_hessian_factor(stats[p.name].hessian, self.percdamp)
+                    new, masks = M.sparsegpt_prune_many(
+                        w, None, [ss[b] for b in todo], nm, blocksize=self.blocksize, keep=keep,
+                        hinv=self._hinv[hkey], zeros=None if keep is None or nm is not None else [zs[b] for b in todo])
                 for j, b in enumerate(todo):
                     out[b] = (new[j] * masks[j], masks[j])
             for b, (new, mask) in enumerate(out):

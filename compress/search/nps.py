@@ -498,7 +498,10 @@ def run_nps(cfg) -> dict:
     device = resolve_device(cfg.device)
     if cfg.out is not None:
         check_output(cfg.out, cfg.overwrite)
-    protect = Protect.load(cfg.protect) if cfg.protect is not None else None
+    protect = cfg.resolve_protect(cfg.base)
+    if protect is not None and protect.sparsity:
+        raise CompressError("nps: --protect-sparsity is not supported; protected entries stay dense (counted in "
+                            "the density)")
     base = open_checkpoint(cfg.base)
     encoder, tok = load_encoder(cfg.base, device=device)
     if tok is None:

@@ -8,6 +8,10 @@ weights (Hugging Face ``nn.Linear`` layout, ``[out_features, in_features]``): a 
 Every consumer (whole-weight pruning, NPS, task-vector sparsification) asks ``keep(name, shape)`` for a bool
 tensor that is True where entries must survive, and ORs it into its own keep-mask; the protected entries count
 towards the kept total, so a requested density is still met over the tensor, not exceeded.
+
+``sparsity`` (optional, ``--protect-sparsity``): the protected entries are not kept whole but pruned to this
+sparsity by the consumer's own rule, separately from the rest (``keep`` still marks where they are). A 1-D
+tensor (a bias) takes ``rows`` ranges as index ranges, so a head's q/k/v bias entries can be protected too.
 """
 
 from __future__ import annotations
@@ -44,8 +48,13 @@ class Protect:
     tensors: tuple[str, ...] = ()
     rows: Ranges = field(default_factory=dict)
     cols: Ranges = field(default_factory=dict)
+    sparsity: float | None = None
 
     def __post_init__(self):
+        if self.sparsity is not None and not 0.0 <= float(self.sparsity) < 1.0:
+            raise CompressError(f"protect: sparsity of the protected entries must be in [0, 1), got {self.sparsity}")
+        if self.sparsity is not None:
+            object.__setattr__(self, "sparsity", float(self.sparsity) or None)
         for pattern in self.tensors:
             try:
                 re.compile(pattern)
@@ -69,6 +78,13 @@ class Protect:
         rows, cols = self.rows.get(name), self.cols.get(name)
         if not rows and not cols:
             return None
+        if len(shape) == 1 and not cols:
+            mask = torch.zeros(shape, dtype=torch.bool, device=device)
+            for start, stop in rows:
+                if stop > shape[0]:
+                    raise CompressError(f"protect: range [{start}, {stop}) is outside '{name}' of shape {list(shape)}")
+                mask[start:stop] = True
+            return mask
         if len(shape) != 2:
             raise CompressError(f"protect: row/column ranges need a 2-D weight, but '{name}' has shape {list(shape)}")
         mask = torch.zeros(shape, dtype=torch.bool, device=device)
@@ -86,19 +102,30 @@ class Protect:
     def union(self, other: "Protect") -> "Protect":
         rows = {k: list(self.rows.get(k, [])) + list(other.rows.get(k, [])) for k in {*self.rows, *other.rows}}
         cols = {k: list(self.cols.get(k, [])) + list(other.cols.get(k, [])) for k in {*self.cols, *other.cols}}
-        return Protect(tuple(dict.fromkeys(self.tensors + other.tensors)), rows, cols)
+        if self.sparsity is not None and other.sparsity is not None and self.sparsity != other.sparsity:
+            raise CompressError(f"protect: cannot combine protections of sparsity {self.sparsity} and "
+                                f"{other.sparsity}")
+        sparsity = self.sparsity if self.sparsity is not None else other.sparsity
+        return Protect(tuple(dict.fromkeys(self.tensors + other.tensors)), rows, cols, sparsity)
+
+    def count(self, name: str, shape) -> int:
+        """How many entries of ``name`` are protected."""
+        keep = self.keep(name, shape)
+        return 0 if keep is None else int(keep.sum())
 
     def to_dict(self) -> dict:
         return {"tensors": list(self.tensors),
                 "rows": {k: [list(s) for s in v] for k, v in self.rows.items()},
-                "cols": {k: [list(s) for s in v] for k, v in self.cols.items()}}
+                "cols": {k: [list(s) for s in v] for k, v in self.cols.items()},
+                **({"sparsity": self.sparsity} if self.sparsity is not None else {})}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Protect":
-        unknown = set(data) - {"tensors", "rows", "cols"}
+        unknown = set(data) - {"tensors", "rows", "cols", "sparsity"}
         if unknown:
-            raise CompressError(f"protect: unknown field(s) {sorted(unknown)}; expected tensors, rows, cols")
-        return cls(tuple(data.get("tensors", ())), dict(data.get("rows", {})), dict(data.get("cols", {})))
+            raise CompressError(f"protect: unknown field(s) {sorted(unknown)}; expected tensors, rows, cols, sparsity")
+        return cls(tuple(data.get("tensors", ())), dict(data.get("rows", {})), dict(data.get("cols", {})),
+                   data.get("sparsity"))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))

@@ -71,6 +71,10 @@ class GlobalThreshold:
     ``add(t)`` for every tensor (pass 1), then ``refine(t)`` for every tensor (pass 2), then ``threshold``;
     keep ``magnitude_bits(t) >= threshold`` (ties all kept, as the TIES reference code's ``>= kthvalue``).
     At density 1 the second pass can be skipped.
+
+    Protection (``protected``: a bool mask of entries kept regardless, ``protected_kept`` of them counted as kept):
+    the k of the request is over every entry, the protected ones take ``protected_kept`` of it, and the threshold
+    is the (k − protected_kept)-th largest among the free entries alone.
     """
 
     def __init__(self, density: float):
@@ -82,13 +86,18 @@ class GlobalThreshold:
         self._lo = torch.zeros(_BINS, dtype=torch.int64)
         self._bin: int | None = None
         self._above = 0
+        self.reserved = 0  # protected entries counted as kept
 
     @property
     def k(self) -> int:
-        return max(1, int(self.density * self.numel)) if self.numel else 0
+        """Free entries to keep: the request over every entry, less what protected entries take."""
+        return max(1, int(self.density * self.numel)) - self.reserved if self.numel else 0
 
-    def add(self, t: torch.Tensor) -> None:
+    def add(self, t: torch.Tensor, protected: torch.Tensor | None = None, protected_kept: int | None = None) -> None:
         self.numel += t.numel()
+        if protected is not None:
+            self.reserved += int(protected.sum()) if protected_kept is None else protected_kept
+            t = t[~protected]
         self._hi += torch.bincount(magnitude_bits(t) >> 16, minlength=_BINS).cpu()
 
     def _boundary(self) -> tuple[int, int]:
@@ -98,18 +107,24 @@ class GlobalThreshold:
             self._bin, self._above = _largest_bin_reaching(self._hi, self.k)
         return self._bin, self._above
 
-    def refine(self, t: torch.Tensor) -> None:
+    def refine(self, t: torch.Tensor, protected: torch.Tensor | None = None, protected_kept: int | None = None) -> None:
+        if self.k <= 0 or self.density >= 1.0:
+            return
         b, _ = self._boundary()
-        bits = magnitude_bits(t)
+        bits = magnitude_bits(t if protected is None else t[~protected])
         self._lo += torch.bincount(bits[(bits >> 16) == b] & 0xFFFF, minlength=_BINS).cpu()
 
     @property
     def threshold(self) -> int:
         if self.density >= 1.0:
             return 0
+        if self.k <= 0:
+            return (1 << 31) - 1  # protected entries take the whole budget: no free entry is kept
         b, above = self._boundary()
         low, _ = _largest_bin_reaching(self._lo, self.k - above)
         return (b << 16) | low
 
-    def mask(self, t: torch.Tensor) -> torch.Tensor:
-        return (magnitude_bits(t) >= self.threshold).reshape(t.shape)
+    def mask(self, t: torch.Tensor, protected: torch.Tensor | None = None) -> torch.Tensor:
+        """Kept free entries (protected entries are False here: the caller keeps them by its own rule)."""
+        m = (magnitude_bits(t) >= self.threshold).reshape(t.shape)
+        return m if protected is None else m & ~protected
