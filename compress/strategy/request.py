@@ -41,7 +41,7 @@ def read_requests(path: str | os.PathLike) -> list[CompressionRequest]:
         try:
             req = build(CompressionRequest, **data)
         except CompressError as e:
-            raise CompressError(f"{path} line {no}: {e}") from None
+            raise CompressError(f"{path} line {no}: {str(e).removeprefix('config: ')}") from None
         if req.id is None:
             req = req.model_copy(update={"id": f"req-{no:03d}"})
         if req.id in seen:

@@ -60,7 +60,10 @@ class Surrogate:
     def __len__(self) -> int:
         return len(self.X)
 
-    def fit(self) -> "Surrogate":
+    def fit(self, hyperparameters: bool = True) -> "Surrogate":
+        """Fit the GP to all pairs so far. ``hyperparameters=False`` keeps the kernel, mean and noise
+        hyperparameters of the last fit (the active rounds: new data, no new marginal-likelihood optimization,
+        a Cholesky instead of an L-BFGS run)."""
         import time
 
         from botorch.fit import fit_gpytorch_mll
@@ -75,18 +78,44 @@ class Surrogate:
         gp = SingleTaskGP(X, Y, mean_module=LinearMean(self.n_blocks),
                           input_transform=Normalize(self.n_blocks, bounds=self.bounds),
                           outcome_transform=Standardize(1))
-        fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp))
+        if hyperparameters or self.gp is None:
+            fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp))
+            self.fits += 1
+        else:
+            gp.load_state_dict({k: v for k, v in self.gp.state_dict().items()
+                                if not k.startswith(("outcome_transform", "input_transform"))}, strict=False)
         gp.eval()
         for p in gp.parameters():
             p.requires_grad_(False)
         self.gp = gp
+        # the posterior mean in closed form, m(x) + k(x, X)·α with α = (K + σ²I)⁻¹(y − m(X)) on the normalized,
+        # standardized data: what gp.posterior(x).mean computes, without its per-call machinery (StratNet calls it
+        # thousands of times; tested equal)
+        with torch.no_grad():
+            xn = self._normalize(X)
+            yt = gp.outcome_transform(Y)[0].squeeze(-1)
+            K = gp.covar_module(xn, xn).to_dense() + gp.likelihood.noise * torch.eye(len(xn), dtype=torch.float64)
+            self._alpha = torch.cholesky_solve((yt - gp.mean_module(xn)).unsqueeze(-1), torch.linalg.cholesky(K))
+            self._xn = xn
+            self._y_mean = gp.outcome_transform.means.squeeze()
+            self._y_std = gp.outcome_transform.stdvs.squeeze()
         self.fit_seconds += time.perf_counter() - t0
-        self.fits += 1
         return self
+
+    def _normalize(self, X: torch.Tensor) -> torch.Tensor:
+        return (X - self.bounds[0]) / (self.bounds[1] - self.bounds[0])
 
     def mean(self, X: torch.Tensor) -> torch.Tensor:
         """Posterior mean of log KL at strategies [..., n_blocks]; differentiable in X."""
         if self.gp is None:
             raise RuntimeError("Surrogate.fit() first")
+        shape = X.shape[:-1]
+        xn = self._normalize(X.reshape(-1, self.n_blocks).to(torch.float64))
+        k = self.gp.covar_module(xn, self._xn).to_dense()
+        m = self.gp.mean_module(xn) + (k @ self._alpha).squeeze(-1)
+        return (m * self._y_std + self._y_mean).reshape(shape)
+
+    def posterior_mean(self, X: torch.Tensor) -> torch.Tensor:
+        """The same through botorch's ``posterior`` (slower; the reference ``mean`` is tested against)."""
         shape = X.shape[:-1]
         return self.gp.posterior(X.reshape(-1, self.n_blocks).to(torch.float64)).mean.reshape(shape)

@@ -24,10 +24,12 @@ def make_pruner(model, calib, *, nsamples, seqlen, seed, device, cache_dir, batc
 
 
 def train_unicuco(evaluator, *, sparsity_range=(0.3, 0.7), spread=0.2, max_block=0.95, budget=160, rounds=2,
-                  active_fraction=0.25, steps=400, hidden=64, lr=0.01, batch_requests=64, seed=0, meta=None,
-                  quiet=False):
-    """(StratNetModel, report): the design, the GP, StratNet, the active rounds; every evaluation goes through
-    ``evaluator`` (and its log)."""
+                  active_fraction=0.25, steps=400, round_steps=None, hidden=64, lr=0.01, batch_requests=64, seed=0,
+                  refit="first", meta=None, quiet=False):
+    """(StratNetModel, surrogate, report): the design, the GP, StratNet, the active rounds; every evaluation goes
+    through ``evaluator`` (and its log). ``steps`` Adam steps after the design, ``round_steps`` (default
+    steps // 2) after each active round, continuing from the current weights; ``refit``: "first" fits the GP's
+    hyperparameters on the design only (the rounds add data), "always" refits them every round."""
     from compress.strategy.stratnet import StratNet, StratNetModel, train_through
     from compress.strategy.surrogate import Surrogate, design
 
@@ -51,9 +53,10 @@ def train_unicuco(evaluator, *, sparsity_range=(0.3, 0.7), spread=0.2, max_block
 
     def fit_and_train(round_no):
         t0 = time.perf_counter()
-        surrogate.fit()
+        surrogate.fit(hyperparameters=round_no == 0 or refit == "always")
         t1 = time.perf_counter()
-        losses = train_through(model, surrogate, steps=steps, lr=lr, batch=batch_requests, seed=seed + round_no)
+        n_steps = steps if round_no == 0 else (round_steps if round_steps is not None else max(1, steps // 2))
+        losses = train_through(model, surrogate, steps=n_steps, lr=lr, batch=batch_requests, seed=seed + round_no)
         seconds["gp_fit"] += t1 - t0
         seconds["stratnet_train"] += time.perf_counter() - t1
         return losses
