@@ -45,6 +45,15 @@ def _model_dir(zoo: str, zoo_root: Path) -> tuple[Path, str]:
     return folder, folder.name
 
 
+def _warm_imports() -> None:
+    """Import what either side needs (cma, botorch, torch.optim's first-use imports) before any timing, so that
+    neither side pays the other's one-off import cost."""
+    import botorch.fit  # noqa: F401
+    import cma  # noqa: F401
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -79,6 +88,7 @@ def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path
     with tempfile.TemporaryDirectory() as tmpcache:
         # -- shared setup: model, calibration statistics, dense log-probs on the evaluation windows ----------
         t0 = time.perf_counter()
+        _warm_imports()
         pruner = make_pruner(model_dir, calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                              cache_dir=cache_dir or tmpcache, batch_size=8, quiet=quiet)
         pruner.stats(hessian=method == "sparsegpt")

@@ -39,8 +39,8 @@ import torch
 
 from compress.errors import CompressError
 
-HEADER_PER_TENSOR = 400
-HEADER_BASE = 8192
+HEADER_PER_TENSOR = 200
+HEADER_BASE = 2048
 
 
 def band(target: torch.Tensor, spread: float, max_block: float) -> tuple[torch.Tensor, torch.Tensor]:
