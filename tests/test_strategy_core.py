@@ -173,3 +173,18 @@ def test_request_fields_and_requests_file(tmp_path):
     p.write_text('{"id": "a", "sparsity": 0.4}\n{"id": "a", "sparsity": 0.5}\n')
     with pytest.raises(CompressError, match=r"line 2: id 'a' is already used on line 1"):
         read_requests(p)
+
+
+def test_strategy_recipe_validates():
+    from pathlib import Path
+
+    from compress.config import StrategyTrainConfig, read_mapping
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "strategy"
+    cfg = build(StrategyTrainConfig, **read_mapping(root / "lm-zoo.yml"))
+    assert cfg.sparsity_range == (0.3, 0.7) and cfg.budget == 160 and cfg.method == "wanda"
+    from compress.strategy.request import read_requests
+
+    assert [r.target for r in read_requests(root / "requests.jsonl")] == ["sparsity"] * 3 + ["preference"] * 2
+    with pytest.raises(CompressError, match="sparsity_range"):
+        build(StrategyTrainConfig, model="m", sparsity_range=(0.7, 0.3))

@@ -192,7 +192,7 @@ def markdown(report: dict) -> str:
              f"| UniCuCo: design + active rounds ({u['design']} + {u['active']}) | {u['evaluations']} | "
              f"{sec['evaluations']:.2f} |",
              f"| UniCuCo: GP fits ({u['gp_fits']}) | | {sec['gp_fit']:.2f} |",
-             f"| UniCuCo: StratNet training ({u['rounds'] + 1} × {report['steps']} steps) | | "
+             f"| UniCuCo: StratNet training ({' + '.join(str(n) for n in u.get('steps', []))} Adam steps) | | "
              f"{sec['stratnet_train']:.2f} |",
              f"| UniCuCo: answering {report['requests']} requests | | {u['serve_seconds']:.4f} |",
              f"| **UniCuCo total** | {u['evaluations']} | **{u['total_seconds']:.2f}** |",
