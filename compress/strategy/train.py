@@ -20,8 +20,9 @@ from compress.progress import console, track
 @contextlib.contextmanager
 def one_thread():
     """torch on one CPU thread inside the block: the GP fit and StratNet's steps are many tiny float64
-    operations, for which waking a pool of threads costs more than the arithmetic (measured: the GP fit took
-    2.2 s with a 16-core machine's default threads, 0.6 s on one thread of a slower machine)."""
+    operations, for which a pool of threads is expected to cost more than the arithmetic (seen: the GP fit took
+    2.2 s on the 16-core H200 host with torch's default threads, 0.6 s on one thread of the 2-core development
+    machine)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
