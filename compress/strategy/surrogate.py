@@ -1,11 +1,12 @@
 """The GP surrogate of the evaluation (UniCuCo, Ye & Tang 2025): strategy → log KL to the dense model.
 
-A botorch ``SingleTaskGP`` (Matérn-5/2 ARD kernel, botorch's defaults) on the per-block sparsity vector, inputs
+A botorch ``SingleTaskGP`` (botorch's default kernel: RBF with one lengthscale per block and a
+dimension-scaled log-normal lengthscale prior) on the per-block sparsity vector, inputs
 normalized to the unit cube over the box every feasible strategy lies in, outputs standardized. The target is
-log KL: KL spans orders of magnitude between 30% and 70% sparsity, its logarithm is close to linear in the
-per-block sparsities. The mean function is linear (``gpytorch.means.LinearMean``) instead of botorch's constant:
+log KL: KL grows fifteenfold between 30% and 70% sparsity on lm-zoo (0.07 to 1.1 nats), its logarithm stays on
+one scale over the range. The mean function is linear (``gpytorch.means.LinearMean``) instead of botorch's constant:
 far from the data the posterior mean falls back to that trend, not to the average of all evaluations, so
-StratNet cannot profit from strategies at high sparsity that merely lie away from the design points.
+StratNet is not drawn to strategies at high sparsity that merely lie away from the design points.
 
 The design is space-filling over the feasible set: a scrambled Sobol sequence in [0, 1]^(n+1), the first
 coordinate the mean sparsity over the range, the others raw values σ⁻¹(u) mapped by the exact projection

@@ -193,7 +193,8 @@ def run_search(cfg) -> dict:
             raise CompressError(f"sparsity {t:g} is outside (0, {cfg.max_block_sparsity:g})")
         res = search_sparsity(ev, t, pruner.block_params, **opts)
     line = (f"searched {res['evaluations']} strategies ({res['optimizer']}) in {res['seconds']:.1f} s: KL "
-            f"{res['kl']:.5f}" + (f" (uniform {res['uniform_kl']:.5f})" if "uniform_kl" in res else "")
+            f"{res['kl']:.5f}" + (f" (uniform {res['uniform_kl']:.5f})" if "uniform_kl" in res else
+                                  f" at mean sparsity {res['mean']:.4f}")
             + "\n  strategy: " + " ".join(f"{v:.3f}" for v in res["strategy"]))
     print(line)
     if cfg.out is not None:
