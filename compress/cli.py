@@ -444,6 +444,119 @@ def bench_devices(
 
 # --- the benchmark zoo ----------------------------------------------------------------------------------------
 
+strategy_app = typer.Typer(no_args_is_help=True, help="Per-block pruning strategies for compression requests "
+                                                             "(UniCuCo: StratNet trained through a GP surrogate).")
+app.add_typer(strategy_app, name="strategy")
+
+
+def _pair(text: Optional[str], flag: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    vals = _csv(text, flag)
+    if len(vals) != 2:
+        raise CompressError(f"{flag}: give two comma-separated numbers, e.g. 0.3,0.7")
+    return [float(v) for v in vals]
+
+
+def _strategy_cfg(cls, model: Path, flags: dict):
+    """A strategy config from MODEL (a folder) or a recipe (.yml, its fields; flags given win)."""
+    from compress.config import read_mapping
+
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if model.suffix in (".yml", ".yaml"):
+        data = read_mapping(model, "strategy recipe")
+        return build(cls, **{**data, **flags})
+    return build(cls, model=model, **flags)
+
+
+@strategy_app.command("train")
+def strategy_train(
+    model: Path = typer.Argument(..., help="Model folder (Hugging Face causal LM), or a strategy recipe (.yml)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="StratNet file to write (e.g. stratnet.pt)."),
+    calib: Optional[str] = typer.Option(None, help="Calibration text: file or bundled corpus (default wikitext2.valid); "
+                                                   "its held-out windows score every evaluation."),
+    budget: Optional[int] = typer.Option(None, help="True evaluations for the GP: design + active rounds (default 160)."),
+    method: Optional[str] = typer.Option(None, help="Pruning method: magnitude, wanda (default) or sparsegpt."),
+    sparsity_range: Optional[str] = typer.Option(None, help="Mean sparsities StratNet answers (default 0.3,0.7)."),
+    spread: Optional[float] = typer.Option(None, help="Each block within mean ± spread (default 0.2)."),
+    rounds: Optional[int] = typer.Option(None, help="Active rounds (default 2)."),
+    active_fraction: Optional[float] = typer.Option(None, help="Share of the budget for active rounds (default 0.25)."),
+    steps: Optional[int] = typer.Option(None, help="Adam steps per round (default 400)."),
+    nsamples: Optional[int] = typer.Option(None, help="Calibration windows (default 128)."),
+    seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window."),
+    eval_windows: Optional[int] = typer.Option(None, help="Held-out windows the KL runs on (default 32)."),
+    eval_seqlen: Optional[int] = typer.Option(None, help="Tokens per held-out window (default min(256, max positions))."),
+    seed: Optional[int] = typer.Option(None, help="Seed (calibration windows, design, training)."),
+    log: Optional[Path] = typer.Option(None, help="JSON lines file of every true evaluation."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Calibration statistics cache."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N"),
+    overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+):
+    """Train a StratNet: evaluate a space-filling design of strategies, fit a GP, train through its mean."""
+    from compress.config import StrategyTrainConfig
+    from compress.strategy.train import run_train
+
+    cfg = _strategy_cfg(StrategyTrainConfig, model, dict(
+        out=out_path, calib=calib, budget=budget, method=method,
+        sparsity_range=_pair(sparsity_range, "--sparsity-range"), spread=spread, rounds=rounds,
+        active_fraction=active_fraction, steps=steps, nsamples=nsamples, seqlen=seqlen, eval_windows=eval_windows,
+        eval_seqlen=eval_seqlen, seed=seed, log=log, cache_dir=cache_dir, device=device,
+        overwrite=overwrite or None, quiet=quiet or None))
+    run_train(cfg)
+
+
+@strategy_app.command("search")
+def strategy_search(
+    model: Path = typer.Argument(..., help="Model folder (Hugging Face causal LM)."),
+    sparsity: Optional[float] = typer.Option(None, help="Target sparsity over pruned parameters, in (0, 1)."),
+    size_bytes: Optional[int] = typer.Option(None, help="Target sparse-file size in bytes."),
+    preference: Optional[float] = typer.Option(None, help="Size/quality preference λ in [0, 1] (1: smallest)."),
+    budget: int = typer.Option(100, help="Evaluations of the search (the uniform start included)."),
+    optimizer: str = typer.Option("cma", help="cma (CMA-ES) or bayes (botorch BO)."),
+    calib: Optional[str] = typer.Option(None, help="Calibration text (default wikitext2.valid)."),
+    method: str = typer.Option("wanda", help="Pruning method: magnitude, wanda or sparsegpt."),
+    spread: float = typer.Option(0.2, help="Each block within mean ± spread."),
+    nsamples: int = typer.Option(128, help="Calibration windows."),
+    seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window."),
+    eval_windows: int = typer.Option(32, help="Held-out windows the KL runs on."),
+    seed: int = typer.Option(0, help="Seed."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Strategy JSON to write (`compress prune --strategy`)."),
+    log: Optional[Path] = typer.Option(None, help="JSON lines file of every evaluation."),
+    dtype: Optional[str] = typer.Option(None, help="--size-bytes: dtype of the sparse file (default: as stored)."),
+    device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+):
+    """Search one request's strategy (CMA-ES or BO over the same evaluator as StratNet): the per-request baseline."""
+    from compress.config import CompressionRequest, StrategySearchConfig
+    from compress.strategy.train import run_search
+
+    req = build(CompressionRequest, sparsity=sparsity, size_bytes=size_bytes, preference=preference)
+    cfg = build(StrategySearchConfig, model=model, request=req, calib=calib, method=method, spread=spread,
+                nsamples=nsamples, seqlen=seqlen, eval_windows=eval_windows, optimizer=optimizer, budget=budget,
+                seed=seed, out=out_path, log=log, dtype=dtype, device=device, overwrite=overwrite, quiet=quiet)
+    run_search(cfg)
+
+
+@app.command("batch")
+def batch_cmd(
+    model: Path = typer.Argument(..., help="Model folder the StratNet was trained for."),
+    stratnet: Path = typer.Option(..., help="StratNet file (`compress strategy train`)."),
+    requests: Path = typer.Option(..., help="JSON lines: one request per line, e.g. {\"id\": \"a\", \"sparsity\": 0.5}."),
+    out_path: Path = typer.Option(..., "--out", help="Folder to write: one output per request and a summary."),
+    fmt: str = typer.Option("sparse", "--format", help="sparse (one sparse file per request), folder or both."),
+    dtype: Optional[str] = typer.Option(None, help="dtype of the outputs (default: as stored)."),
+    calib: Optional[str] = typer.Option(None, help="Calibration text (default: the one the StratNet was trained on)."),
+    cache_dir: Path = typer.Option(Path("checkpoints/cache/calib"), help="Calibration statistics cache."),
+    device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+):
+    """Answer every request of a JSON-lines file with a StratNet: one pruned model per request, a summary table."""
+    from compress.config import BatchConfig
+    from compress.strategy.batch import run_batch
+
+    cfg = build(BatchConfig, model=model, stratnet=stratnet, requests=requests, out=out_path, format=fmt,
+                dtype=dtype, calib=calib, cache_dir=cache_dir, device=device, overwrite=overwrite, quiet=quiet)
+    run_batch(cfg)
+
+
 zoo_app = typer.Typer(no_args_is_help=True, help="The benchmark zoo: real models built by recipe (recipes/zoo).")
 app.add_typer(zoo_app, name="zoo")
 
@@ -956,6 +1069,38 @@ def _csv(text: str, flag: str) -> list[str]:
         if flag not in ("--tasks", "--parts") and not _is_number(v):
             raise CompressError(f"{flag}: '{v}' is not a number")
     return items
+
+
+@bench_app.command("unicuco")
+def bench_unicuco(
+    zoo: str = typer.Argument("lm-zoo", help="lm-zoo (built by `compress zoo build`) or a model folder."),
+    zoo_root: Path = typer.Option(Path("checkpoints/zoo"), help="Where the zoo models are."),
+    results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON, markdown and the plot go."),
+    requests: int = typer.Option(64, help="Sparsity requests, evenly spaced over --sparsity-range."),
+    sparsity_range: str = typer.Option("0.3,0.7", help="Range of the requests (and of StratNet)."),
+    budget: int = typer.Option(100, help="Evaluations of each per-request search."),
+    train_budget: int = typer.Option(160, help="UniCuCo's true evaluations in all (design + active rounds)."),
+    rounds: int = typer.Option(2, help="UniCuCo active rounds."),
+    steps: int = typer.Option(300, help="StratNet Adam steps per round."),
+    optimizer: str = typer.Option("cma", help="Per-request search: cma or bayes."),
+    nsamples: int = typer.Option(128, help="Calibration windows."),
+    eval_windows: int = typer.Option(32, help="Held-out windows the KL runs on."),
+    seed: int = typer.Option(0, help="Seed."),
+    device: str = DEVICE, quiet: bool = QUIET,
+):
+    """UniCuCo (StratNet through a GP) against a search per request: total time, KL, sparsity error, Pareto plot."""
+    from compress.bench.unicuco import run
+
+    if optimizer not in ("cma", "bayes"):
+        raise CompressError(f"--optimizer {optimizer}: choose cma or bayes")
+    if requests < 1 or budget < 2 or train_budget < 8:
+        raise CompressError("--requests >= 1, --budget >= 2 and --train-budget >= 8")
+    lo, hi = _pair(sparsity_range, "--sparsity-range")
+    if not 0 < lo < hi < 0.95:
+        raise CompressError(f"--sparsity-range {sparsity_range}: need 0 < low < high < 0.95")
+    run(zoo, zoo_root=zoo_root, results=results, device=resolve_device(device), requests=requests,
+        sparsity_range=(lo, hi), budget=budget, train_budget=train_budget, rounds=rounds, steps=steps,
+        optimizer=optimizer, nsamples=nsamples, eval_windows=eval_windows, seed=seed, quiet=quiet)
 
 
 @bench_app.command("merge-speed")

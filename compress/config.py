@@ -6,6 +6,7 @@ bodies; all validate here, so an error reads the same everywhere (``format_valid
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -600,4 +601,139 @@ class HeadsReinforceConfig(Compute):
     alpha: float = Field(2.0, gt=0)
     top_per_layer: float = Field(0.5, gt=0, le=1)
     layers: Optional[list[int]] = None
+    overwrite: bool = False
+
+
+# -- strategy prediction (compress.strategy, UniCuCo) ---------------------------------------------------------
+
+def _head_pairs(v: Optional[list]) -> Optional[list[tuple[int, int]]]:
+    if v is None:
+        return None
+    out = []
+    for pair in v:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in pair):
+            raise ValueError(f"each protected head is a pair [layer, head] of non-negative integers, got {pair!r}")
+        out.append((int(pair[0]), int(pair[1])))
+    return out
+
+
+TARGETS = ("sparsity", "size_bytes", "preference")
+
+
+class CompressionRequest(_Config):
+    """One compression request (UniCuCo): exactly one target.
+
+    * ``sparsity`` in (0, 1): zeros over the pruned parameters (the parameter-weighted mean of the per-block
+      strategy equals it exactly);
+    * ``size_bytes`` > 0: a budget for the sparse weight file (``compress.io.sparse``), turned into the sparsity
+      whose encoded size meets it (``compress.strategy.project.sparsity_for_size``);
+    * ``preference`` λ in [0, 1]: the Tchebycheff trade-off between size and quality loss (λ = 1: smallest model,
+      λ = 0: best quality), answered within the StratNet's sparsity range.
+
+    ``protect_heads``: attention heads ``[layer, head]`` kept dense (head-importance stage). ``id``/``name`` label
+    the outputs. The CLI (``compress strategy search``, ``compress batch``), the recipes, the Python API and the
+    HTTP server all validate requests through this class."""
+
+    id: Optional[str] = None
+    name: Optional[str] = None
+    sparsity: Optional[float] = None
+    size_bytes: Optional[int] = None
+    preference: Optional[float] = None
+    protect_heads: Annotated[Optional[list], AfterValidator(_head_pairs)] = None
+
+    @model_validator(mode="after")
+    def _one_target(self):
+        given = [t for t in TARGETS if getattr(self, t) is not None]
+        if not given:
+            raise ValueError("no target: give exactly one of sparsity (0 < s < 1), size_bytes or preference (0..1)")
+        if len(given) > 1:
+            raise ValueError(f"give exactly one target, got {' and '.join(given)}")
+        if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in (0, 1), got {self.sparsity}")
+        if self.size_bytes is not None and self.size_bytes <= 0:
+            raise ValueError(f"size_bytes must be a positive number of bytes, got {self.size_bytes}")
+        if self.preference is not None and not 0.0 <= self.preference <= 1.0:
+            raise ValueError(f"preference must be in [0, 1], got {self.preference}")
+        if self.id is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.id):
+            raise ValueError(f"id '{self.id}' may hold only letters, digits, '_', '-' and '.' (it names files)")
+        return self
+
+    @property
+    def target(self) -> str:
+        return next(t for t in TARGETS if getattr(self, t) is not None)
+
+
+def _range(v: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = v
+    if not 0.0 < lo < hi < 1.0:
+        raise ValueError(f"sparsity range must satisfy 0 < low < high < 1, got {list(v)}")
+    return v
+
+
+class StrategyTrainConfig(Compute):
+    """`compress strategy train MODEL` (``compress.strategy.train``): the evaluator (pruning method, calibration,
+    held-out windows), the GP surrogate's budget of true evaluations and StratNet's training."""
+
+    model: Path
+    out: Optional[Path] = None
+    calib: Optional[str] = None
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    nsamples: int = Field(128, ge=1)
+    seqlen: Optional[int] = Field(None, ge=2)
+    eval_windows: int = Field(32, ge=1, description="held-out windows of the calibration text the KL runs on")
+    eval_seqlen: Optional[int] = Field(None, ge=2)
+    sparsity_range: Annotated[tuple[float, float], AfterValidator(_range)] = (0.3, 0.7)
+    spread: float = Field(0.2, gt=0, lt=1, description="each block's sparsity within mean ± spread")
+    max_block_sparsity: float = Field(0.95, gt=0, lt=1)
+    budget: int = Field(160, ge=8, description="true evaluations for the GP: design + active rounds")
+    rounds: int = Field(2, ge=0, description="active rounds refining the GP with StratNet's proposals")
+    active_fraction: float = Field(0.25, ge=0, lt=1, description="share of the budget spent in active rounds")
+    steps: int = Field(400, ge=1, description="Adam steps of StratNet training per round")
+    hidden: int = Field(64, ge=4)
+    lr: float = Field(0.01, gt=0)
+    batch_requests: int = Field(64, ge=1)
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    cache_dir: Path = Path("checkpoints/cache/calib")
+    log: Optional[Path] = Field(None, description="JSON lines file: every true evaluation")
+    overwrite: bool = False
+
+
+class StrategySearchConfig(Compute):
+    """`compress strategy search MODEL`: one request answered by a per-request search (CMA-ES or BO) over the
+    same evaluator and feasible set as StratNet (the UniCuCo baseline)."""
+
+    model: Path
+    request: CompressionRequest
+    calib: Optional[str] = None
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    nsamples: int = Field(128, ge=1)
+    seqlen: Optional[int] = Field(None, ge=2)
+    eval_windows: int = Field(32, ge=1)
+    eval_seqlen: Optional[int] = Field(None, ge=2)
+    spread: float = Field(0.2, gt=0, lt=1)
+    max_block_sparsity: float = Field(0.95, gt=0, lt=1)
+    sparsity_range: Annotated[tuple[float, float], AfterValidator(_range)] = (0.3, 0.7)
+    optimizer: Literal["cma", "bayes"] = "cma"
+    budget: int = Field(100, ge=2)
+    seed: int = 0
+    batch_size: int = Field(16, ge=1)
+    cache_dir: Path = Path("checkpoints/cache/calib")
+    out: Optional[Path] = None
+    log: Optional[Path] = None
+    overwrite: bool = False
+
+
+class BatchConfig(Compute):
+    """`compress batch MODEL --stratnet FILE --requests FILE.jsonl --out DIR`: one pruned output per request."""
+
+    model: Path
+    stratnet: Path
+    requests: Path
+    out: Path
+    format: Literal["sparse", "folder", "both"] = "sparse"
+    calib: Optional[str] = None
+    nsamples: Optional[int] = Field(None, ge=1)
+    cache_dir: Path = Path("checkpoints/cache/calib")
     overwrite: bool = False

@@ -114,9 +114,14 @@ def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: 
     if ids.numel() < seqlen:
         raise CompressError(f"{source} has {ids.numel()} tokens, fewer than one calibration sample of --seqlen "
                             f"{seqlen}; give a longer text or a smaller --seqlen")
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=g)
+    starts = calibration_starts(ids.numel(), nsamples, seqlen, seed)
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def calibration_starts(n_tokens: int, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Start offsets of the calibration windows in a text of ``n_tokens`` tokens (seeded; see above)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n_tokens - seqlen + 1, (nsamples,), generator=g)
 
 
 def _sha256_file(path: Path, h=None):

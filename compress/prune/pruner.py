@@ -328,6 +328,23 @@ class Pruner:
             out.append(1 - sum(result.kept[x] for x in names) / n if n else 0.0)
         return out
 
+    def checkpoint_names(self, ck=None) -> dict[str, "C.Prunable"]:
+        """{tensor name in the checkpoint: prunable layer} (the loaded model may add or drop a prefix)."""
+        from compress.io.reader import open_checkpoint
+
+        ck = ck if ck is not None else open_checkpoint(self.model_dir)
+        by_ck = {}
+        prefix = getattr(self.model, "base_model_prefix", "") or ""
+        for p in self.modules:
+            name = self.param_name(p)
+            for cand in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+                if cand in ck:
+                    by_ck[cand] = p
+                    break
+            else:
+                raise CompressError(f"{self.model_dir}: weight '{name}' of the loaded model is not in the checkpoint")
+        return by_ck
+
     # -- output --------------------------------------------------------------------------------------------
     def save(self, result: PruneResult, out: str | os.PathLike, *, dtype: torch.dtype | None = None,
              overwrite: bool = False, shard_size: str = "5GB", extra: dict | None = None) -> Path:
@@ -339,16 +356,7 @@ class Pruner:
         from compress.io.writer import ShardedWriter, atomic_dir, copy_aux, write_model_card
 
         ck = open_checkpoint(self.model_dir)
-        by_ck = {}
-        prefix = getattr(self.model, "base_model_prefix", "") or ""
-        for p in self.modules:
-            name = self.param_name(p)
-            for cand in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
-                if cand in ck:
-                    by_ck[cand] = p
-                    break
-            else:
-                raise CompressError(f"{self.model_dir}: weight '{name}' of the loaded model is not in the checkpoint")
+        by_ck = self.checkpoint_names(ck)
         info = {**result.summary(), "layer_sparsity_measured": self.layer_sparsity(result),
                 "model": str(self.model_dir), "calib": str(self.calib or DEFAULT_CALIB), "nsamples": self.nsamples,
                 "seqlen": self.seqlen, "seed": self.seed, **(extra or {})}

@@ -1,0 +1,196 @@
+"""The true evaluation of a strategy: prune with the cached-calibration ``Pruner``, then measure the pruned
+model's KL divergence to the dense model on held-out windows of the calibration text.
+
+*Held out*: the windows are cut from the calibration text where no calibration window (``calib.calibration_starts``)
+reaches, consecutive and non-overlapping, then ``eval_windows`` of them are taken evenly spread over the text. The
+dense model's next-token log-probabilities on them are computed once, kept on the device, and reused by every
+evaluation, so one evaluation is one pruning pass (masks from the cached statistics) and one forward pass of the
+pruned model. The KL is ``compress.eval.kl``'s: mean over positions of KL(p_dense ‖ p_pruned) in nats, over the
+first ``eval_seqlen − 1`` positions of every window.
+
+*Fast masks.* Wanda's per-row order of the scores |W_ij|·‖X_j‖₂ (and magnitude's per-layer order of |W|) does not
+depend on the sparsity, so the evaluator ranks every weight's entries once (``RankedWeights``) and an evaluation
+only compares ranks with each row's prune count: the very masks ``Pruner.prune`` computes (``methods.row_mask``/
+``tensor_mask``, same counts, same stable tie order; tested equal), without a sort per evaluation. SparseGPT
+and protected heads go through ``Pruner.prune``. Every evaluation is logged (strategy, mean sparsity, KL,
+seconds) in ``Evaluator.history`` and, when a log path is given, appended to a JSON lines file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from compress.errors import CompressError
+
+
+def heldout_windows(ids: torch.Tensor, calib_starts: torch.Tensor, calib_seqlen: int, seqlen: int,
+                    n: int) -> torch.Tensor:
+    """[k, seqlen] windows of ``ids`` that share no token with any calibration window, k = min(n, available),
+    evenly spread over the text; an error when none fits."""
+    covered = torch.zeros(ids.numel() + 1, dtype=torch.int64)
+    for s in calib_starts.tolist():
+        covered[s] += 1
+        covered[s + calib_seqlen] -= 1
+    covered = covered.cumsum(0)[: ids.numel()] > 0
+    prefix = torch.cat([torch.zeros(1, dtype=torch.int64), covered.long().cumsum(0)])
+    starts, i = [], 0
+    while i + seqlen <= ids.numel():
+        if prefix[i + seqlen] - prefix[i] == 0:
+            starts.append(i)
+            i += seqlen
+        else:
+            # jump past the last covered token of this span
+            span = covered[i:i + seqlen].nonzero()
+            i += int(span[-1]) + 1
+    if not starts:
+        raise CompressError(f"the calibration text has no {seqlen}-token stretch outside the calibration windows; "
+                            "give a longer --calib text, fewer --nsamples or a smaller --eval-seqlen")
+    if len(starts) > n:
+        pick = torch.linspace(0, len(starts) - 1, n).round().long().tolist()
+        starts = [starts[j] for j in pick]
+    return torch.stack([ids[s:s + seqlen] for s in starts])
+
+
+class RankedWeights:
+    """Every prunable weight's entries ranked once in the order Wanda (per row) or magnitude (per layer) prunes
+    them; ``load(strategy)`` writes the pruned weights into ``pruner.model`` and returns the sparsity."""
+
+    def __init__(self, pruner, method: str):
+        from compress.prune import methods as M
+
+        self.pruner, self.method = pruner, method
+        stats = pruner.stats() if method == "wanda" else None
+        self.ranks: dict[str, torch.Tensor] = {}
+        for p in pruner.modules:
+            w = pruner._dense[p.name]
+            if method == "wanda":
+                scores = M.wanda_scores(w, stats[p.name].col_norm)
+                order = torch.sort(scores, dim=1, stable=True).indices
+                pos = torch.arange(w.shape[1], device=w.device, dtype=torch.int32).expand_as(order)
+                self.ranks[p.name] = torch.empty(order.shape, dtype=torch.int32, device=w.device).scatter_(1, order, pos)
+            else:
+                order = torch.sort(M.magnitude_scores(w).reshape(-1), stable=True).indices
+                pos = torch.arange(w.numel(), device=w.device, dtype=torch.int32)
+                self.ranks[p.name] = torch.empty(order.shape, dtype=torch.int32,
+                                                 device=w.device).scatter_(0, order, pos).reshape(w.shape)
+
+    @torch.no_grad()
+    def load(self, strategy: Sequence[float]) -> float:
+        pr = self.pruner
+        mean = sum(v * n for v, n in zip(strategy, pr.block_params)) / sum(pr.block_params)
+        pruned = total = 0
+        for p in pr.modules:
+            s = strategy[p.block] if p.block is not None else mean
+            w, rank = pr._dense[p.name], self.ranks[p.name]
+            rows, cols = w.shape
+            if self.method == "wanda":  # methods.row_counts: int(cols·s) a row, one more in the first rows
+                base = int(cols * s)
+                extra = min(max(int(round(rows * cols * s)) - rows * base, 0), rows)
+                mask = rank >= base
+                if extra:
+                    mask[:extra] = rank[:extra] >= base + 1
+                pruned += rows * base + extra
+            else:
+                k = int(round(w.numel() * s))
+                mask = rank >= k
+                pruned += k
+            total += w.numel()
+            pr._weight(p).copy_(w * mask)
+        return pruned / total
+
+
+class Evaluator:
+    """``evaluator(strategy) -> KL`` for per-block strategies of ``pruner``'s model (see the module docstring)."""
+
+    def __init__(self, pruner, method: str = "wanda", *, eval_windows: int = 32, eval_seqlen: int | None = None,
+                 batch_size: int = 16, protect=None, log: str | os.PathLike | None = None,
+                 windows: torch.Tensor | None = None):
+        from compress.prune import calib as C
+        from compress.prune.pruner import resolve_text
+
+        self.pruner, self.method, self.protect, self.batch_size = pruner, method, protect, batch_size
+        self.device = pruner.device
+        max_pos = getattr(pruner.model.config, "max_position_embeddings", None) or 256
+        self.eval_seqlen = eval_seqlen or min(256, max_pos)
+        if windows is None:
+            text, label = resolve_text(pruner.calib)
+            ids = torch.tensor(pruner.tokenizer()(text, verbose=False)["input_ids"], dtype=torch.long)
+            if ids.numel() < pruner.seqlen:
+                raise CompressError(f"{label} has {ids.numel()} tokens, fewer than one calibration window")
+            starts = C.calibration_starts(ids.numel(), pruner.nsamples, pruner.seqlen, pruner.seed)
+            windows = heldout_windows(ids, starts, pruner.seqlen, self.eval_seqlen, eval_windows)
+        self.windows = windows
+        self.history: list[dict] = []
+        self.ranked = RankedWeights(pruner, method) if method in ("wanda", "magnitude") else None
+        self.log_path = Path(log) if log is not None else None
+        self.seconds = {"dense": 0.0, "prune": 0.0, "forward": 0.0}
+        t0 = time.perf_counter()
+        pruner.load(None)
+        self.ref = self._logprobs()
+        self.seconds["dense"] = time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _logprobs(self) -> torch.Tensor:
+        model = self.pruner.model
+        model.eval()
+        out = [torch.log_softmax(model(input_ids=b.to(self.device), use_cache=False).logits[:, :-1].float(), -1)
+               for b in self.windows.split(self.batch_size)]
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def kl(self) -> float:
+        """KL(dense ‖ the model as it is now in ``pruner.model``)."""
+        model = self.pruner.model
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        for b, ref in zip(self.windows.split(self.batch_size), self.ref.split(self.batch_size)):
+            logp = torch.log_softmax(model(input_ids=b.to(self.device), use_cache=False).logits[:, :-1].float(), -1)
+            kl = torch.nn.functional.kl_div(logp, ref, reduction="none", log_target=True).sum(-1)
+            total += kl.double().sum()
+            count += kl.numel()
+        return float(total) / count
+
+    def sync(self) -> None:
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def evaluate(self, strategy: Sequence[float], phase: str = "", **info) -> dict:
+        """Prune to ``strategy`` (one sparsity per block), load, measure KL, restore nothing (the next evaluation
+        overwrites every pruned weight; ``pruner.load(None)`` gives the dense model back)."""
+        from compress.prune.strategy import Strategy
+
+        t0 = time.perf_counter()
+        st = Strategy(tuple(float(v) for v in strategy), phase or "evaluation")
+        if self.ranked is not None and not self.protect:
+            sparsity = self.ranked.load(st.layer_sparsity)
+        else:
+            result = self.pruner.prune(st, self.method, protect=self.protect)
+            self.pruner.load(result)
+            sparsity = result.sparsity
+        self.sync()
+        t1 = time.perf_counter()
+        kl = self.kl()
+        t2 = time.perf_counter()
+        self.seconds["prune"] += t1 - t0
+        self.seconds["forward"] += t2 - t1
+        rec = {"i": len(self.history), "phase": phase, "strategy": [round(v, 6) for v in st.layer_sparsity],
+               "mean": st.mean(self.pruner.block_params), "sparsity": sparsity, "kl": kl,
+               "seconds": t2 - t0, **info}
+        self.history.append(rec)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        return rec
+
+    def __call__(self, strategy: Sequence[float], phase: str = "", **info) -> float:
+        return self.evaluate(strategy, phase, **info)["kl"]
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.history)

@@ -1,0 +1,122 @@
+"""The GP surrogate of the evaluation (UniCuCo, Ye & Tang 2025): strategy → log KL to the dense model.
+
+A botorch ``SingleTaskGP`` (botorch's default kernel: RBF with one lengthscale per block and a
+dimension-scaled log-normal lengthscale prior) on the per-block sparsity vector, inputs
+normalized to the unit cube over the box every feasible strategy lies in, outputs standardized. The target is
+log KL: KL grows fifteenfold between 30% and 70% sparsity on lm-zoo (0.07 to 1.1 nats), its logarithm stays on
+one scale over the range. The mean function is linear (``gpytorch.means.LinearMean``) instead of botorch's constant:
+far from the data the posterior mean falls back to that trend, not to the average of all evaluations, so
+StratNet is not drawn to strategies at high sparsity that merely lie away from the design points.
+
+The design is space-filling over the feasible set: a scrambled Sobol sequence in [0, 1]^(n+1), the first
+coordinate the mean sparsity over the range, the others raw values σ⁻¹(u) mapped by the exact projection
+(``project.project``), plus a few uniform strategies evenly spaced over the range (anchors: the baseline every
+request is compared with). Active rounds add StratNet's own proposals (``add``), then ``fit`` again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from compress.strategy.project import project
+
+
+def design(n: int, block_params: Sequence[int], sparsity_range: tuple[float, float], *, spread: float,
+           max_block: float, anchors: int = 0, seed: int = 0) -> torch.Tensor:
+    """[n, blocks] feasible strategies: ``anchors`` uniform ones, then Sobol points (see the module docstring)."""
+    lo, hi = sparsity_range
+    d = len(block_params)
+    out = []
+    if anchors:
+        for t in torch.linspace(lo, hi, anchors, dtype=torch.float64):
+            out.append(torch.full((d,), float(t), dtype=torch.float64))
+    k = n - len(out)
+    if k > 0:
+        u = torch.quasirandom.SobolEngine(d + 1, scramble=True, seed=seed).draw(k).to(torch.float64)
+        t = lo + (hi - lo) * u[:, 0]
+        z = torch.logit(u[:, 1:].clamp(0.02, 0.98))
+        out.extend(project(z, t, block_params, spread=spread, max_block=max_block))
+    return torch.stack(out)
+
+
+class Surrogate:
+    """(strategy, KL) pairs and the GP fitted to (strategy, log KL)."""
+
+    def __init__(self, n_blocks: int, bounds: tuple[float, float]):
+        self.n_blocks = n_blocks
+        self.bounds = torch.tensor([[bounds[0]] * n_blocks, [bounds[1]] * n_blocks], dtype=torch.float64)
+        self.X: list[torch.Tensor] = []
+        self.kl: list[float] = []
+        self.gp = None
+        self.fit_seconds = 0.0
+        self.fits = 0
+
+    def add(self, strategy: Sequence[float] | torch.Tensor, kl: float) -> None:
+        self.X.append(torch.as_tensor(strategy, dtype=torch.float64).reshape(-1))
+        self.kl.append(float(kl))
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def fit(self, hyperparameters: bool = True) -> "Surrogate":
+        """Fit the GP to all pairs so far. ``hyperparameters=False`` keeps the kernel, mean and noise
+        hyperparameters of the last fit (the active rounds: new data, no new marginal-likelihood optimization,
+        a Cholesky instead of an L-BFGS run)."""
+        import time
+
+        from botorch.fit import fit_gpytorch_mll
+        from botorch.models import SingleTaskGP
+        from botorch.models.transforms import Normalize, Standardize
+        from gpytorch.means import LinearMean
+        from gpytorch.mlls import ExactMarginalLogLikelihood
+
+        t0 = time.perf_counter()
+        X = torch.stack(self.X)
+        Y = torch.tensor([math.log(max(v, 1e-12)) for v in self.kl], dtype=torch.float64).unsqueeze(-1)
+        gp = SingleTaskGP(X, Y, mean_module=LinearMean(self.n_blocks),
+                          input_transform=Normalize(self.n_blocks, bounds=self.bounds),
+                          outcome_transform=Standardize(1))
+        if hyperparameters or self.gp is None:
+            fit_gpytorch_mll(ExactMarginalLogLikelihood(gp.likelihood, gp))
+            self.fits += 1
+        else:
+            gp.load_state_dict({k: v for k, v in self.gp.state_dict().items()
+                                if not k.startswith(("outcome_transform", "input_transform"))}, strict=False)
+        gp.eval()
+        for p in gp.parameters():
+            p.requires_grad_(False)
+        self.gp = gp
+        # the posterior mean in closed form, m(x) + k(x, X)·α with α = (K + σ²I)⁻¹(y − m(X)) on the normalized,
+        # standardized data: what gp.posterior(x).mean computes, without its per-call machinery (StratNet calls it
+        # thousands of times; tested equal)
+        with torch.no_grad():
+            xn = self._normalize(X)
+            yt = gp.outcome_transform(Y)[0].squeeze(-1)
+            K = gp.covar_module(xn, xn).to_dense() + gp.likelihood.noise * torch.eye(len(xn), dtype=torch.float64)
+            self._alpha = torch.cholesky_solve((yt - gp.mean_module(xn)).unsqueeze(-1), torch.linalg.cholesky(K))
+            self._xn = xn
+            self._y_mean = gp.outcome_transform.means.squeeze()
+            self._y_std = gp.outcome_transform.stdvs.squeeze()
+        self.fit_seconds += time.perf_counter() - t0
+        return self
+
+    def _normalize(self, X: torch.Tensor) -> torch.Tensor:
+        return (X - self.bounds[0]) / (self.bounds[1] - self.bounds[0])
+
+    def mean(self, X: torch.Tensor) -> torch.Tensor:
+        """Posterior mean of log KL at strategies [..., n_blocks]; differentiable in X."""
+        if self.gp is None:
+            raise RuntimeError("Surrogate.fit() first")
+        shape = X.shape[:-1]
+        xn = self._normalize(X.reshape(-1, self.n_blocks).to(torch.float64))
+        k = self.gp.covar_module(xn, self._xn).to_dense()
+        m = self.gp.mean_module(xn) + (k @ self._alpha).squeeze(-1)
+        return (m * self._y_std + self._y_mean).reshape(shape)
+
+    def posterior_mean(self, X: torch.Tensor) -> torch.Tensor:
+        """The same through botorch's ``posterior`` (slower; the reference ``mean`` is tested against)."""
+        shape = X.shape[:-1]
+        return self.gp.posterior(X.reshape(-1, self.n_blocks).to(torch.float64)).mean.reshape(shape)
