@@ -1078,7 +1078,8 @@ def bench_unicuco(
     results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON, markdown and the plot go."),
     requests: int = typer.Option(64, help="Sparsity requests, evenly spaced over --sparsity-range."),
     sparsity_range: str = typer.Option("0.3,0.7", help="Range of the requests (and of StratNet)."),
-    budget: int = typer.Option(100, help="Evaluations of each per-request search."),
+    budget: int = typer.Option(160, help="Evaluations of each per-request search (default: as many as UniCuCo "
+                                         "spends in all)."),
     train_budget: int = typer.Option(160, help="UniCuCo's true evaluations in all (design + active rounds)."),
     rounds: int = typer.Option(2, help="UniCuCo active rounds."),
     steps: int = typer.Option(300, help="StratNet Adam steps per round."),
