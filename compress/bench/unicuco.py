@@ -61,7 +61,7 @@ def _sync(device: str) -> None:
 
 def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path("checkpoints/bench"), *,
         device: str = "cpu", requests: int = 64, sparsity_range: tuple[float, float] = (0.3, 0.7),
-        budget: int = 100, train_budget: int = 160, rounds: int = 2, steps: int = 300, optimizer: str = "cma",
+        budget: int = 160, train_budget: int = 160, rounds: int = 2, steps: int = 300, optimizer: str = "cma",
         method: str = "wanda", nsamples: int = 128, seqlen: Optional[int] = None, eval_windows: int = 32,
         eval_seqlen: Optional[int] = None, spread: float = 0.2, max_block: float = 0.95, calib: str = "wikitext2.valid",
         seed: int = 0, batch_size: int = 16, cache_dir: Optional[Path] = None, quiet: bool = False) -> dict:
