@@ -42,6 +42,18 @@ def design(n: int, block_params: Sequence[int], sparsity_range: tuple[float, flo
     return torch.stack(out)
 
 
+def _rbf_parameters(covar) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(output scale, lengthscales) when the kernel is an RBF, bare (botorch >= 0.12) or scaled; else None."""
+    from gpytorch.kernels import RBFKernel, ScaleKernel
+
+    scale = torch.ones((), dtype=torch.float64)
+    if isinstance(covar, ScaleKernel):
+        scale, covar = covar.outputscale.detach().to(torch.float64), covar.base_kernel
+    if type(covar) is not RBFKernel or covar.active_dims is not None:
+        return None
+    return scale, covar.lengthscale.detach().to(torch.float64).reshape(1, -1)
+
+
 class Surrogate:
     """(strategy, KL) pairs and the GP fitted to (strategy, log KL)."""
 
@@ -53,6 +65,7 @@ class Surrogate:
         self.gp = None
         self.fit_seconds = 0.0
         self.fits = 0
+        self._rbf = None
 
     def add(self, strategy: Sequence[float] | torch.Tensor, kl: float) -> None:
         self.X.append(torch.as_tensor(strategy, dtype=torch.float64).reshape(-1))
@@ -98,6 +111,7 @@ class Surrogate:
             K = gp.covar_module(xn, xn).to_dense() + gp.likelihood.noise * torch.eye(len(xn), dtype=torch.float64)
             self._alpha = torch.cholesky_solve((yt - gp.mean_module(xn)).unsqueeze(-1), torch.linalg.cholesky(K))
             self._xn = xn
+            self._rbf = _rbf_parameters(gp.covar_module)
             self._y_mean = gp.outcome_transform.means.squeeze()
             self._y_std = gp.outcome_transform.stdvs.squeeze()
         self.fit_seconds += time.perf_counter() - t0
@@ -112,7 +126,11 @@ class Surrogate:
             raise RuntimeError("Surrogate.fit() first")
         shape = X.shape[:-1]
         xn = self._normalize(X.reshape(-1, self.n_blocks).to(torch.float64))
-        k = self.gp.covar_module(xn, self._xn).to_dense()
+        if self._rbf is not None:  # gpytorch's lazy-kernel machinery costs more than the arithmetic here
+            scale, ls = self._rbf
+            k = scale * torch.exp(-0.5 * ((xn / ls).unsqueeze(-2) - (self._xn / ls)).square().sum(-1))  # cdist's grad is NaN at 0
+        else:
+            k = self.gp.covar_module(xn, self._xn).to_dense()
         m = self.gp.mean_module(xn) + (k @ self._alpha).squeeze(-1)
         return (m * self._y_std + self._y_mean).reshape(shape)
 
