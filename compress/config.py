@@ -267,6 +267,34 @@ def read_json(path: str | Path, what: str):
         raise CompressError(f"{what} file '{path}' is not valid JSON ({e})") from None
 
 
+def read_jsonl(path: str | Path, what: str, hint: str = "", limit: Optional[int] = None) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-empty line of a JSON-lines file (the first ``limit``); a missing file,
+    a line that is not a JSON object, or an empty file is one line naming the file (and the line: ``path:N:``).
+    The recall items, head probes and compression requests all read through it; each checks its own fields."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"{path}: no such file (a {what} JSON-lines file{f'; {hint}' if hint else ''})")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CompressError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            if not isinstance(item, dict):
+                raise CompressError(f"{path}:{lineno}: a {what} line is one JSON object")
+            out.append((lineno, item))
+            if limit is not None and len(out) >= limit:
+                break
+    if not out:
+        raise CompressError(f"{path}: no {what} lines{f' ({hint})' if hint else ''}")
+    return out
+
+
 def load_recipe(path: str | Path, cls: type[_Config], quick: bool = False, require_quick: bool = True) -> _Config:
     """A YAML recipe validated into ``cls``. ``quick=True`` deep-merges the recipe's ``quick:`` section over the
     rest first (so the quick variant lives in the same file); errors name the file and the field."""

@@ -138,7 +138,7 @@ def test_train_then_batch_meets_every_request(tiny, calib, tmp_path):
     # a bad line: one line naming it, exit 2, nothing written
     reqs.write_text('{"sparsity": 0.4}\n{"sparsity": 1.4}\n')
     code, out, err = run_cli("batch", tiny, "--stratnet", sn, "--requests", reqs, "--out", tmp_path / "bad")
-    assert code == 2 and "line 2: sparsity must be in (0, 1), got 1.4" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "r.jsonl:2: sparsity must be in (0, 1), got 1.4" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad").exists()
     # a target outside the trained range
     reqs.write_text('{"sparsity": 0.9}\n')

@@ -165,13 +165,13 @@ def test_request_fields_and_requests_file(tmp_path):
     reqs = read_requests(p)
     assert [x.id for x in reqs] == ["req-001", "small", "req-004"]
     p.write_text('{"sparsity": 0.4}\n{"sparsity": 0.4, "preference": 0.5}\n')
-    with pytest.raises(CompressError, match=r"r.jsonl line 2: give exactly one target"):
+    with pytest.raises(CompressError, match=r"r.jsonl:2: give exactly one target"):
         read_requests(p)
     p.write_text('{"sparsity": 0.4}\n{"sparsity": 0.4,\n')
-    with pytest.raises(CompressError, match=r"line 2: not JSON"):
+    with pytest.raises(CompressError, match=r"r.jsonl:2: not JSON"):
         read_requests(p)
     p.write_text('{"id": "a", "sparsity": 0.4}\n{"id": "a", "sparsity": 0.5}\n')
-    with pytest.raises(CompressError, match=r"line 2: id 'a' is already used on line 1"):
+    with pytest.raises(CompressError, match=r"r.jsonl:2: id 'a' is already used on line 1"):
         read_requests(p)
 
 

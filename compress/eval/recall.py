@@ -24,10 +24,8 @@ were answered with it; ``chance`` the accuracy of picking one of the context's v
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from pathlib import Path
 
 import torch
 
@@ -39,27 +37,15 @@ _TRAILING = ".,;:!?\"')]"
 
 def read_recall_items(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     """The items of a recall jsonl file (the first ``limit`` when given), each checked for its fields."""
-    path = Path(path)
-    if not path.is_file():
-        raise CompressError(f"{path}: no such file (a recall jsonl, e.g. checkpoints/zoo/lm-zoo/recall_eval.jsonl)")
+    from compress.config import read_jsonl
+
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CompressError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) \
-                    or not isinstance(item.get("answer"), str) or not isinstance(item.get("context_values"), list):
-                raise CompressError(f"{path}:{lineno}: a recall item needs 'prompt' (str), 'answer' (str) and "
-                                    f"'context_values' (list)")
-            items.append(item)
-            if limit is not None and len(items) >= limit:
-                break
-    if not items:
-        raise CompressError(f"{path}: no recall items")
+    for lineno, item in read_jsonl(path, "recall", "e.g. checkpoints/zoo/lm-zoo/recall_eval.jsonl", limit):
+        if not isinstance(item.get("prompt"), str) or not isinstance(item.get("answer"), str) \
+                or not isinstance(item.get("context_values"), list):
+            raise CompressError(f"{path}:{lineno}: a recall item needs 'prompt' (str), 'answer' (str) and "
+                                f"'context_values' (list)")
+        items.append(item)
     return items
 
 

@@ -29,29 +29,17 @@ from compress.heads.capture import Probe
 
 
 def read_probes(path: str | os.PathLike, limit: Optional[int] = None) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise CompressError(f"{path}: no such probes file (JSON lines with a 'prompt' each; "
-                            "`compress heads probes lm-zoo` writes one)")
+    from compress.config import read_jsonl
+
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CompressError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-                raise CompressError(f"{path}:{lineno}: a probe needs a 'prompt' (string)")
-            ctx = item.get("context")
-            if ctx is not None and (not isinstance(ctx, str) or ctx not in item["prompt"]):
-                raise CompressError(f"{path}:{lineno}: 'context' must be a substring of 'prompt'")
-            out.append(item)
-            if limit is not None and len(out) >= limit:
-                break
-    if not out:
-        raise CompressError(f"{path}: no probes")
+    for lineno, item in read_jsonl(path, "probes", "JSON lines with a 'prompt' each; `compress heads probes "
+                                   "lm-zoo` writes one", limit):
+        if not isinstance(item.get("prompt"), str):
+            raise CompressError(f"{path}:{lineno}: a probe needs a 'prompt' (string)")
+        ctx = item.get("context")
+        if ctx is not None and (not isinstance(ctx, str) or ctx not in item["prompt"]):
+            raise CompressError(f"{path}:{lineno}: 'context' must be a substring of 'prompt'")
+        out.append(item)
     return out
 
 

@@ -11,9 +11,7 @@ reqs = read_requests("requests.jsonl")               # one JSON object per line;
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 from compress.config import BatchConfig, CompressionRequest, StrategySearchConfig, StrategyTrainConfig, build
 from compress.errors import CompressError
@@ -25,31 +23,20 @@ __all__ = ["CompressionRequest", "StrategyTrainConfig", "StrategySearchConfig", 
 def read_requests(path: str | os.PathLike) -> list[CompressionRequest]:
     """Every non-empty line of ``path`` as a request; ids default to ``req-<line>``; duplicate ids and bad lines
     are one-line errors naming the file and the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise CompressError(f"{path}: no such requests file (one JSON object per line)")
+    from compress.config import read_jsonl
+
     out, seen = [], {}
-    for no, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CompressError(f"{path} line {no}: not JSON ({e.msg})") from None
-        if not isinstance(data, dict):
-            raise CompressError(f"{path} line {no}: a request is a JSON object, e.g. {{\"sparsity\": 0.5}}")
+    for no, data in read_jsonl(path, "requests", 'one JSON object per line, e.g. {"sparsity": 0.5}'):
         try:
             req = build(CompressionRequest, **data)
         except CompressError as e:
-            raise CompressError(f"{path} line {no}: {str(e).removeprefix('config: ')}") from None
+            raise CompressError(f"{path}:{no}: {str(e).removeprefix('config: ')}") from None
         if req.id is None:
             req = req.model_copy(update={"id": f"req-{no:03d}"})
         if req.id in seen:
-            raise CompressError(f"{path} line {no}: id '{req.id}' is already used on line {seen[req.id]}")
+            raise CompressError(f"{path}:{no}: id '{req.id}' is already used on line {seen[req.id]}")
         seen[req.id] = no
         out.append(req)
-    if not out:
-        raise CompressError(f"{path}: no requests (one JSON object per line)")
     return out
 
 
