@@ -1,1 +1,16 @@
 """Benchmarks that print what they measure and save it as JSON and markdown (``compress bench ...``)."""
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+
+def save_results(results: Path, stem: str, report: dict, md: str,
+                 plot: Optional[Callable[[dict, Path], Optional[Path]]] = None) -> list[Path]:
+    """RESULTS/STEM.json, .md and (when ``plot`` draws one) .png; the paths written."""
+    results.mkdir(parents=True, exist_ok=True)
+    paths = [results / f"{stem}.json", results / f"{stem}.md"]
+    paths[0].write_text(json.dumps(report, indent=1) + "\n")
+    paths[1].write_text(md)
+    png = plot(report, results / f"{stem}.png") if plot else None
+    return paths + ([png] if png else [])

@@ -244,10 +244,6 @@ def plot(report: dict, path: Path) -> Optional[Path]:
 
 
 def save(report: dict, results: Path, md: str) -> list[Path]:
-    results.mkdir(parents=True, exist_ok=True)
-    stem = results / f"prune_{report['zoo']}"
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
-    paths[0].write_text(json.dumps(report, indent=1) + "\n")
-    paths[1].write_text(md)
-    png = plot(report, stem.with_suffix(".png"))
-    return paths + ([png] if png else [])
+    from compress.bench import save_results
+
+    return save_results(results, f"prune_{report['zoo']}", report, md, plot)

@@ -19,7 +19,6 @@ Saves ``unicuco_<name>.json``, ``.md`` and ``.png`` (size against KL: served, se
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -248,10 +247,6 @@ def plot(report: dict, path: Path) -> Optional[Path]:
 
 
 def save(report: dict, results: Path, md: str) -> list[Path]:
-    results.mkdir(parents=True, exist_ok=True)
-    stem = results / f"unicuco_{report['name']}"
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
-    paths[0].write_text(json.dumps(report, indent=1) + "\n")
-    paths[1].write_text(md)
-    png = plot(report, stem.with_suffix(".png"))
-    return paths + ([png] if png else [])
+    from compress.bench import save_results
+
+    return save_results(results, f"unicuco_{report['name']}", report, md, plot)
