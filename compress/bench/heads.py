@@ -54,7 +54,7 @@ def run(zoo: str, *, zoo_root: Path, results: Path, sparsity: float = 0.6, top: 
     tok = pruner.tokenizer()
     layout = attention_layout(pruner.model)
     items = recall_probes(n_probes, probe_seed, quick)
-    probes = [encode_text_probe(tok, it, method, i + 1) for i, it in enumerate(items)]
+    probes = [encode_text_probe(tok, it, method, f"recall probe {i + 1}") for i, it in enumerate(items)]
     t0 = time.perf_counter()
     scores, meta = score_heads(pruner.model, probes, method, layout=layout, quiet=quiet)
     score_seconds = time.perf_counter() - t0

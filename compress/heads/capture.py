@@ -40,7 +40,16 @@ def _forward(model, ids: torch.Tensor, pixel_values=None, **kw):
     args = {"input_ids": ids.reshape(1, -1).to(device)}
     if pixel_values is not None:
         args["pixel_values"] = pixel_values.to(device=device, dtype=next(model.parameters()).dtype)
-    return model(**args, **kw)
+    try:
+        return model(**args, **kw)
+    except ValueError as e:
+        if pixel_values is None or "image" not in str(e).lower():
+            raise
+        # LLaVA checks that the prompt's image tokens match the vision tower's features; a processor saved with
+        # another patch_size / num_additional_image_tokens / feature selection than the model gets here
+        raise CompressError(f"{type(model).__name__}: {str(e).splitlines()[0]}; the processor's patch_size, "
+                            "num_additional_image_tokens and vision_feature_select_strategy must match the "
+                            "model's config") from None
 
 
 @contextlib.contextmanager

@@ -9,8 +9,9 @@ import torch
 from compress.errors import CompressError
 
 
-def load_model(path: Path, device: str):
-    """(model, tokenizer or processor, is_llava) in float32, eval mode: LLaVA, a causal LM, or an encoder."""
+def load_model(path: Path, device: str, tokenizer: bool = True):
+    """(model, tokenizer or processor, is_llava) in float32, eval mode: LLaVA, a causal LM, or an encoder.
+    ``tokenizer=False`` (seekr's base model: weights only): no tokenizer/processor is looked for (None)."""
     from transformers import AutoConfig
 
     from compress.eval.classify import hf_quiet
@@ -24,6 +25,8 @@ def load_model(path: Path, device: str):
             from transformers import AutoProcessor, LlavaForConditionalGeneration
 
             model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+            if not tokenizer:
+                return model.to(device).eval(), None, True
             try:
                 proc = AutoProcessor.from_pretrained(path)
             except (OSError, ValueError) as e:
@@ -32,6 +35,8 @@ def load_model(path: Path, device: str):
         from compress.prune.pruner import _load_model
 
         model = _load_model(Path(path), device)
+    if not tokenizer:
+        return model, None, False
     from transformers import AutoTokenizer
 
     try:
@@ -44,7 +49,7 @@ def load_model(path: Path, device: str):
 def run_score(cfg) -> dict:
     from compress.config import resolve_device
     from compress.heads.layout import attention_layout
-    from compress.heads.probes import encode_image_probe, encode_text_probe, read_probes
+    from compress.heads.probes import encode_probes, read_probes
     from compress.heads.score import score_heads
     from compress.heads.scorefile import save_scores
     from compress.io.writer import check_output
@@ -54,13 +59,12 @@ def run_score(cfg) -> dict:
     check_output(cfg.out, cfg.overwrite)
     items = read_probes(cfg.probes, cfg.limit)
     model, tok, llava = load_model(cfg.model, device)
+    image_token = None
     if llava:
-        image_token = model.config.image_token_id if hasattr(model.config, "image_token_id") else \
-            model.config.image_token_index
-        probes = [encode_image_probe(tok, it, image_token, Path(cfg.probes).parent) for it in items]
-    else:
-        probes = [encode_text_probe(tok, it, cfg.method, i + 1) for i, it in enumerate(items)]
-    base = load_model(cfg.base, device)[0] if cfg.base is not None else None
+        image_token = getattr(model.config, "image_token_id", None)
+        image_token = image_token if image_token is not None else model.config.image_token_index
+    probes = encode_probes(tok, items, cfg.method, cfg.probes, image_token)
+    base = load_model(cfg.base, device, tokenizer=False)[0] if cfg.base is not None else None
     layout = attention_layout(model)
     scores, meta = score_heads(model, probes, cfg.method, layout=layout, base_model=base, epsilon=cfg.epsilon,
                                n_anchors=cfg.anchors, quiet=cfg.quiet)
