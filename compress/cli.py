@@ -523,6 +523,7 @@ def strategy_search(
     out_path: Optional[Path] = typer.Option(None, "--out", help="Strategy JSON to write (`compress prune --strategy`)."),
     log: Optional[Path] = typer.Option(None, help="JSON lines file of every evaluation."),
     dtype: Optional[str] = typer.Option(None, help="--size-bytes: dtype of the sparse file (default: as stored)."),
+    cache_dir: Path = typer.Option(Path("checkpoints/cache/calib"), help="Calibration statistics cache."),
     device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ):
     """Search one request's strategy (CMA-ES or BO over the same evaluator as StratNet): the per-request baseline."""
@@ -532,7 +533,8 @@ def strategy_search(
     req = build(CompressionRequest, sparsity=sparsity, size_bytes=size_bytes, preference=preference)
     cfg = build(StrategySearchConfig, model=model, request=req, calib=calib, method=method, spread=spread,
                 nsamples=nsamples, seqlen=seqlen, eval_windows=eval_windows, optimizer=optimizer, budget=budget,
-                seed=seed, out=out_path, log=log, dtype=dtype, device=device, overwrite=overwrite, quiet=quiet)
+                seed=seed, out=out_path, log=log, dtype=dtype, cache_dir=cache_dir, device=device, overwrite=overwrite,
+                quiet=quiet)
     run_search(cfg)
 
 

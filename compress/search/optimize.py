@@ -9,7 +9,8 @@ found is never worse than the start.
   4 + ⌊3 ln D⌋), ``sigma0`` in the units of the search space, box bounds handled by ``cma``'s ``BoundTransform``.
 * ``bayes``: Bayesian optimization with ``botorch``: a ``SingleTaskGP`` on inputs scaled to the unit box and
   standardized outcomes, ``LogExpectedImprovement`` maximized by ``optimize_acqf``; ``init`` Sobol points around
-  the start (inside the box) before the first fit.
+  the start (inside the box) before the first fit; the whole run is a function of ``seed`` (botorch's draws from
+  the global RNG are seeded inside, the caller's RNG left as it was).
 """
 
 from __future__ import annotations
@@ -123,12 +124,6 @@ def bayes(f: Objective, x0: Sequence[float], lower: Sequence[float], upper: Sequ
     """Bayesian optimization from ``x0`` (evaluated first): ``init`` Sobol points in a box of ``radius`` (a
     fraction of each bound's width) around ``x0``, then one LogEI point per step over the whole box."""
     import torch
-    from botorch.acquisition import LogExpectedImprovement
-    from botorch.fit import fit_gpytorch_mll
-    from botorch.models import SingleTaskGP
-    from botorch.models.transforms import Normalize, Standardize
-    from botorch.optim import optimize_acqf
-    from gpytorch.mlls import ExactMarginalLogLikelihood
 
     _check(x0, lower, upper, budget)
     ev = _Log(f, budget, log)
@@ -148,6 +143,24 @@ def bayes(f: Objective, x0: Sequence[float], lower: Sequence[float], upper: Sequ
             ys.append(ev(p.tolist()))
     bounds = torch.stack([lo, hi])
     g = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        # botorch's acquisition restarts and the fit's retries draw from the global RNG: seeded here (and the
+        # caller's RNG left as it was) so that one seed gives one run
+        torch.manual_seed(seed)
+        _bayes_steps(ev, xs, ys, lo, hi, bounds, g)
+    return ev.result("bayes")
+
+
+def _bayes_steps(ev, xs, ys, lo, hi, bounds, g):
+    import torch
+    from botorch.acquisition import LogExpectedImprovement
+    from botorch.fit import fit_gpytorch_mll
+    from botorch.models import SingleTaskGP
+    from botorch.models.transforms import Normalize, Standardize
+    from botorch.optim import optimize_acqf
+    from gpytorch.mlls import ExactMarginalLogLikelihood
+
+    d = len(lo)
     while ev.left > 0:
         X = torch.stack(xs)
         Y = -torch.tensor(ys, dtype=torch.float64).unsqueeze(-1)  # botorch maximizes
@@ -161,7 +174,6 @@ def bayes(f: Objective, x0: Sequence[float], lower: Sequence[float], upper: Sequ
             p = lo + (hi - lo) * torch.rand(d, generator=g, dtype=torch.float64)
         xs.append(p)
         ys.append(ev(p.tolist()))
-    return ev.result("bayes")
 
 
 OPTIMIZERS = {"cma": cma_es, "bayes": bayes}

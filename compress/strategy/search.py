@@ -48,7 +48,9 @@ def search_sparsity(evaluator, target: float, block_params: Sequence[int], *, sp
 def search_preference(evaluator, lam: float, block_params: Sequence[int], sparsity_range: tuple[float, float], *,
                       spread: float, max_block: float, optimizer: str = "cma", budget: int = 100, seed: int = 0,
                       sigma0: float = 1.0) -> dict:
-    """Best Tchebycheff trade-off for preference λ (see the module docstring)."""
+    """Best Tchebycheff trade-off for preference λ (see the module docstring): minimizes
+    max(λ·(hi − t)/(hi − lo), (1 − λ)·normalized log KL) over the mean sparsity t ∈ ``sparsity_range`` and the
+    strategy at t, so a larger λ (more weight on size) gives a sparser answer, λ = 1 the top of the range."""
     from compress.search.optimize import minimize
 
     lo, hi = sparsity_range
