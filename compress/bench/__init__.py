@@ -14,3 +14,18 @@ def save_results(results: Path, stem: str, report: dict, md: str,
     paths[1].write_text(md)
     png = plot(report, results / f"{stem}.png") if plot else None
     return paths + ([png] if png else [])
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), or None with a note when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from compress.progress import console
+
+        console.print("[yellow]matplotlib is not installed; no plot (pip install matplotlib)")
+        return None
+    return plt

@@ -147,13 +147,10 @@ def markdown_minilm(report: dict) -> str:
 
 def plot(report: dict, path: Path, metric_key: str = "acc", title: str = "") -> Optional[Path]:
     """A grouped bar chart: one group per column, one bar per row. None when matplotlib is missing."""
-    try:
-        import matplotlib
+    from compress.bench import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        console.print("[yellow]matplotlib is not installed; no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return None
     rows = report["rows"]
     cols = list(report.get("columns") or report["tasks"]) + ["avg"]

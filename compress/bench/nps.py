@@ -226,12 +226,10 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
+    from compress.bench import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     comp = report.get("compress", {})
     if not comp:

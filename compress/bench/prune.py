@@ -221,13 +221,10 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
+    from compress.bench import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        console.print("[yellow]matplotlib is not installed; no plot (pip install matplotlib)")
+    plt = pyplot()
+    if plt is None:
         return None
     labels = list(report["rows"])
     values = [report["rows"][k]["perplexity"] for k in labels]
