@@ -36,6 +36,8 @@ out = Console(soft_wrap=True)
 
 DEVICE = typer.Option("cpu", help="cpu, cuda or cuda:N")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+ZOO_ROOT = typer.Option(Path("checkpoints/zoo"), help="Where the zoo models are.")
+RESULTS = typer.Option(Path("checkpoints/bench"), help="Where JSON, markdown and the plot go.")
 OVERWRITE = typer.Option(False, help="Replace OUT if it exists.")
 
 
@@ -796,8 +798,8 @@ def _int_list(text: str, flag: str) -> list[int]:
 @bench_app.command("heads")
 def bench_heads(
     zoo: str = typer.Argument("lm-zoo", help="lm-zoo (built by `compress zoo build lm-zoo`)."),
-    zoo_root: Path = typer.Option(Path("checkpoints/zoo"), help="Where the zoo models are."),
-    results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON, markdown and the plot go."),
+    zoo_root: Path = ZOO_ROOT,
+    results: Path = RESULTS,
     sparsity: float = typer.Option(0.6, help="Wanda sparsity."),
     top: float = typer.Option(0.1, help="Fraction of heads protected."),
     method: str = typer.Option("chd", help="Head score that chooses the protected heads."),
@@ -978,8 +980,8 @@ def _is_number(s: str) -> bool:
 @bench_app.command("merge")
 def bench_merge(
     zoo: str = typer.Argument("minilm-8task", help="minilm-8task or lm-zoo (built by `compress zoo build`)."),
-    zoo_root: Path = typer.Option(Path("checkpoints/zoo"), help="Where the zoo models are."),
-    results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON, markdown and the plot go."),
+    zoo_root: Path = ZOO_ROOT,
+    results: Path = RESULTS,
     dev_limit: Optional[int] = typer.Option(500, help="Dev rows per task for choosing λ (0: all)."),
     test_limit: Optional[int] = typer.Option(None, help="Test rows per task (default: all)."),
     device: str = DEVICE, quiet: bool = QUIET,
@@ -994,8 +996,8 @@ def bench_merge(
 @bench_app.command("prune")
 def bench_prune(
     zoo: str = typer.Argument("stories260k", help="stories260k or lm-zoo (built by `compress zoo build`)."),
-    zoo_root: Path = typer.Option(Path("checkpoints/zoo"), help="Where the zoo models are."),
-    results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON, markdown and the plot go."),
+    zoo_root: Path = ZOO_ROOT,
+    results: Path = RESULTS,
     nsamples: int = typer.Option(128, help="Calibration windows."),
     seqlen: Optional[int] = typer.Option(None, help="Calibration window (default min(512, max positions))."),
     max_tokens: Optional[int] = typer.Option(None, help="Score the first N held-out tokens only (default: all on CUDA, 65536 on a CPU)."),
@@ -1012,7 +1014,7 @@ def bench_prune(
 @bench_app.command("nps")
 def bench_nps(
     zoo: str = typer.Argument("minilm-8task", help="minilm-8task (built by `compress zoo build`)."),
-    zoo_root: Path = typer.Option(Path("checkpoints/zoo"), help="Where the zoo models are."),
+    zoo_root: Path = ZOO_ROOT,
     results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON, markdown and the plot go (results "
                                                                  "already there are kept: runs resume)."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks (default: all built)."),
@@ -1076,8 +1078,8 @@ def _csv(text: str, flag: str) -> list[str]:
 @bench_app.command("unicuco")
 def bench_unicuco(
     zoo: str = typer.Argument("lm-zoo", help="lm-zoo (built by `compress zoo build`) or a model folder."),
-    zoo_root: Path = typer.Option(Path("checkpoints/zoo"), help="Where the zoo models are."),
-    results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON, markdown and the plot go."),
+    zoo_root: Path = ZOO_ROOT,
+    results: Path = RESULTS,
     requests: int = typer.Option(64, help="Sparsity requests, evenly spaced over --sparsity-range."),
     sparsity_range: str = typer.Option("0.3,0.7", help="Range of the requests (and of StratNet)."),
     budget: int = typer.Option(160, help="Evaluations of each per-request search (default: as many as UniCuCo "

@@ -16,6 +16,16 @@ def save_results(results: Path, stem: str, report: dict, md: str,
     return paths + ([png] if png else [])
 
 
+def publish(results: Path, stem: str, report: dict, md: str, plot=None, label: str = "bench") -> list[Path]:
+    """Print the markdown table, save it with the JSON (and plot), and say where they went."""
+    from compress.progress import console
+
+    paths = save_results(results, stem, report, md, plot)
+    print(md)
+    console.print(f"[{label}] wrote {', '.join(str(p) for p in paths)}")
+    return paths
+
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed), or None with a note when matplotlib is missing."""
     try:

@@ -181,10 +181,9 @@ def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path
         with tempfile.TemporaryDirectory() as work:
             report["sizes"] = sparse_sizes(pruner, keep_for_size, Path(work))
     report["seconds"] = time.perf_counter() - t_start
-    md = markdown(report)
-    paths = save(report, results, md)
-    print(md)
-    console.print(f"[bench prune] wrote {', '.join(str(p) for p in paths)}")
+    from compress.bench import publish
+
+    publish(results, f"prune_{report['zoo']}", report, markdown(report), plot, "bench prune")
     return report
 
 
@@ -238,9 +237,3 @@ def plot(report: dict, path: Path) -> Optional[Path]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def save(report: dict, results: Path, md: str) -> list[Path]:
-    from compress.bench import save_results
-
-    return save_results(results, f"prune_{report['zoo']}", report, md, plot)

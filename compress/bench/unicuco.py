@@ -146,10 +146,9 @@ def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path
         report["rows"] = rows
     report["summary"] = summarize(report)
     report["seconds"] = time.perf_counter() - t_all
-    md = markdown(report)
-    paths = save(report, results, md)
-    print(md)
-    console.print(f"[bench unicuco] wrote {', '.join(str(p) for p in paths)}")
+    from compress.bench import publish
+
+    publish(results, f"unicuco_{report['name']}", report, markdown(report), plot, "bench unicuco")
     return report
 
 
@@ -241,9 +240,3 @@ def plot(report: dict, path: Path) -> Optional[Path]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def save(report: dict, results: Path, md: str) -> list[Path]:
-    from compress.bench import save_results
-
-    return save_results(results, f"unicuco_{report['name']}", report, md, plot)

@@ -24,8 +24,15 @@ from compress.errors import CompressError
 from compress.eval.perplexity import text_windows
 
 
-def _vocab_logits(model, batch: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+def next_token_logprobs(model, batch: torch.Tensor) -> torch.Tensor:
+    """[B, T−1, V] float32 log-probabilities of each next token of ``batch``."""
+    return torch.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
+
+
+def token_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """[B, T] KL(q ‖ p) per position from log-probabilities (q: the reference)."""
+    # kl_div(input=log p_model, target=log p_ref, log_target=True) = Σ p_ref (log p_ref − log p_model)
+    return torch.nn.functional.kl_div(logp, logq, reduction="none", log_target=True).sum(-1)
 
 
 @torch.no_grad()
@@ -42,13 +49,12 @@ def kl_divergence(model, ref_model, tokenizer, text: str | os.PathLike, seqlen: 
     try:
         for batch in windows.split(batch_size):
             batch = batch.to(device)
-            logp = torch.log_softmax(_vocab_logits(model, batch), dim=-1)
-            logq = torch.log_softmax(_vocab_logits(ref_model, batch), dim=-1)
+            logp = next_token_logprobs(model, batch)
+            logq = next_token_logprobs(ref_model, batch)
             if logp.shape[-1] != logq.shape[-1]:
                 raise CompressError(f"model and reference have different vocabulary sizes ({logp.shape[-1]} vs "
                                     f"{logq.shape[-1]}); KL needs the same tokenizer")
-            # kl_div(input=log p_model, target=log p_ref, log_target=True) = Σ p_ref (log p_ref − log p_model)
-            kl = torch.nn.functional.kl_div(logp, logq, reduction="none", log_target=True).sum(-1)
+            kl = token_kl(logp, logq)
             total += kl.double().sum().item()
             count += kl.numel()
     finally:

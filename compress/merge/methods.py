@@ -79,12 +79,7 @@ def magnitude_keep(delta: torch.Tensor, density: float, tie_break: str = "index"
     k = topk_count(delta.numel(), density)
     if tie_break == "index":
         return topk_mask(delta, k)
-    w = delta.abs().reshape(-1)
-    if w.device.type == "cpu":
-        w = w.float()
-    mask = torch.zeros(w.numel(), dtype=torch.bool, device=delta.device)
-    mask[torch.argsort(w, descending=True)[:k]] = True
-    return mask.reshape(delta.shape)
+    return _argsort_keep(delta, k)
 
 
 def outlier_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:

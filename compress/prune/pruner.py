@@ -107,7 +107,7 @@ class Pruner:
         self._dense = {p.name: self._weight(p).detach().float().clone() for p in self.modules}
         self._stats: dict[str, C.LayerStats] | None = None
         self._has_hessian = False
-        self._hinv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by statistics object: q/k/v share one
+        self._hinv: dict = {}  # by statistics object (q/k/v share one), and its free columns under protection
         self._key: str | None = None
         self.forward_passes = 0  # calibration forward passes this Pruner ran (0 on a cache hit)
         self.calibration_seconds = 0.0
@@ -293,7 +293,11 @@ class Pruner:
                     # wholly protected input columns (a kept head's o_proj columns) are held fixed: OBS over
                     # the free columns alone, with H restricted to them
                     free = ~fixed
-                    hinv = M.inverse_hessian_factor(stats[p.name].hessian[free][:, free], self.percdamp)
+                    fkey = (id(stats[p.name]), free.cpu().numpy().tobytes())  # each request of a batch reuses it
+                    if fkey not in self._hinv:
+                        self._hinv[fkey] = M.inverse_hessian_factor(stats[p.name].hessian[free][:, free],
+                                                                    self.percdamp)
+                    hinv = self._hinv[fkey]
                     new_f, masks_f = M.sparsegpt_prune_many(
                         w[:, free], None, [ss[b] for b in todo], nm, blocksize=self.blocksize, keep=keep[:, free],
                         hinv=hinv, zeros=[zs[b] for b in todo])

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from compress.errors import CompressError
+from compress.eval.kl import next_token_logprobs, token_kl
 
 
 def heldout_windows(ids: torch.Tensor, calib_starts: torch.Tensor, calib_seqlen: int, seqlen: int,
@@ -139,8 +140,7 @@ class Evaluator:
     def _logprobs(self) -> torch.Tensor:
         model = self.pruner.model
         model.eval()
-        out = [torch.log_softmax(model(input_ids=b.to(self.device), use_cache=False).logits[:, :-1].float(), -1)
-               for b in self.windows.split(self.batch_size)]
+        out = [next_token_logprobs(model, b.to(self.device)) for b in self.windows.split(self.batch_size)]
         return torch.cat(out)
 
     @torch.no_grad()
@@ -149,8 +149,7 @@ class Evaluator:
         model = self.pruner.model
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for b, ref in zip(self.windows.split(self.batch_size), self.ref.split(self.batch_size)):
-            logp = torch.log_softmax(model(input_ids=b.to(self.device), use_cache=False).logits[:, :-1].float(), -1)
-            kl = torch.nn.functional.kl_div(logp, ref, reduction="none", log_target=True).sum(-1)
+            kl = token_kl(next_token_logprobs(model, b.to(self.device)), ref)
             total += kl.double().sum()
             count += kl.numel()
         return float(total) / count
