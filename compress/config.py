@@ -765,3 +765,87 @@ class BatchConfig(Compute):
     nsamples: Optional[int] = Field(None, ge=1)
     cache_dir: Path = Path("checkpoints/cache/calib")
     overwrite: bool = False
+
+
+# -- serving ---------------------------------------------------------------------------------------------------
+
+#: a registered model's name: what clients ask for; never a path (no '/', '\\', '..', no leading '.')
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def model_name_problem(name: str) -> Optional[str]:
+    """Why ``name`` cannot be a registered model's name (it looks like a path, or has other characters), or None."""
+    if any(c in name for c in "/\\") or ".." in name or name.startswith(("~", ".")) or ":" in name:
+        return f"model name '{name[:80]}' looks like a path; ask for a registered model by its name (GET /v1/models)"
+    if not MODEL_NAME.fullmatch(name):
+        return (f"model name '{name[:80]}' may hold only letters, digits, '_', '-' and '.' (at most 64, starting "
+                "with a letter or digit)")
+    return None
+
+
+def _model_name(v: str) -> str:
+    problem = model_name_problem(v)
+    if problem:
+        raise ValueError(problem)
+    return v
+
+
+class ServeModel(_Config):
+    """One entry of the server's registry (``models.yml``): a model folder, the StratNet trained for it
+    (``compress strategy train``) and how to prune and measure. Paths are the operator's; clients only see the name."""
+
+    model: Path
+    stratnet: Path
+    calib: Optional[str] = None          # default: the StratNet's calibration text
+    nsamples: Optional[int] = Field(None, ge=1)
+    dtype: DType = None                  # dtype of the artifacts (default: as stored)
+    eval_windows: int = Field(16, ge=0)  # held-out windows for the measured KL (0: skip the measurement)
+    description: str = ""
+
+
+class ServeRegistry(_Config):
+    """``compress serve --registry models.yml``: ``models: {name: ServeModel}``."""
+
+    models: dict[Annotated[str, AfterValidator(_model_name)], ServeModel]
+
+    @model_validator(mode="after")
+    def _some(self):
+        if not self.models:
+            raise ValueError("the registry names no model")
+        return self
+
+
+class ServeRequest(CompressionRequest):
+    """The body of ``POST /v1/requests``: a ``CompressionRequest`` for a registered ``model``, the artifact
+    ``format`` (sparse: a sparse weight file, ``compress apply`` rebuilds the folder; dense: a tar of the pruned
+    Hugging Face folder) and an optional ``idempotency_key`` (a repeat with the same key and body returns the
+    same job)."""
+
+    model: str
+    format: Literal["sparse", "dense"] = "sparse"
+    idempotency_key: Optional[str] = Field(None, min_length=1, max_length=128)
+
+
+class ServeConfig(Compute):
+    """`compress serve`: the HTTP API, the job store and the batching worker."""
+
+    registry: Path
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    db: Path = Path("checkpoints/serve.db")
+    artifacts: Optional[Path] = None       # default: <db>.artifacts/ beside the database
+    token: Optional[str] = None
+    backend: Literal["local", "ray"] = "local"
+    ray_address: Optional[str] = None      # join this Ray cluster; a local Ray instance otherwise
+    ray_gpus: Optional[float] = Field(None, ge=0)  # GPUs a group task asks for (default: 1 with --device cuda)
+    workers: int = Field(1, ge=1)          # groups run at once (ray); the local backend runs one
+    max_queue: int = Field(1000, ge=1)     # queued jobs beyond this: 429
+    max_batch: int = Field(64, ge=1)       # jobs answered in one group
+    max_body: int = Field(64 * 1024, ge=256)  # bytes: larger request bodies get 413
+    cache_dir: Path = Path("checkpoints/cache/calib")
+
+    @model_validator(mode="after")
+    def _token(self):
+        if self.token is not None and len(self.token) < 8:
+            raise ValueError("token: at least 8 characters")
+        return self

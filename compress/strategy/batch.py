@@ -44,9 +44,11 @@ def run_batch(cfg) -> dict:
     if any(r.size_bytes is not None for r in requests):
         sm = size_model(cfg.model, {n: p.numel for n, p in pruner.checkpoint_names().items()}, dtype)
     answers = []
-    for r in requests:
+    for r, answer in zip(requests, net.answer_many(requests, sm)):  # one StratNet pass for the whole file
         try:
-            strategy, target = net.answer(r, sm)
+            if isinstance(answer, CompressError):
+                raise answer
+            strategy, target = answer
             protect = head_protect(pruner, r.protect_heads)
         except CompressError as e:
             raise CompressError(f"{cfg.requests}: request '{r.id}': {e}") from None

@@ -109,6 +109,40 @@ class StratNetModel:
                                 "train one with a wider --sparsity-range")
         return self.for_sparsity([t])[0].tolist(), float(t)
 
+    @torch.no_grad()
+    def answer_many(self, requests, size_model=None) -> list:
+        """``answer`` for many requests in one forward pass per kind (targets, preferences): a list holding, per
+        request, (strategy, target) or the ``CompressError`` that request gets (the others are still answered)."""
+        from compress.strategy.project import sparsity_for_size
+
+        lo, hi = self.sparsity_range
+        out: list = [None] * len(requests)
+        sp, pref = [], []
+        for i, r in enumerate(requests):
+            if r.preference is not None:
+                pref.append((i, r.preference))
+                continue
+            if r.size_bytes is not None:
+                if size_model is None:
+                    out[i] = CompressError("a size_bytes request needs the model's sparse-file size model")
+                    continue
+                t = sparsity_for_size(r.size_bytes, size_model, lo, hi)
+            else:
+                t = r.sparsity
+            if not lo <= t <= hi:
+                out[i] = CompressError(f"sparsity {t:g} is outside the range this StratNet was trained for "
+                                       f"[{lo:g}, {hi:g}]; train one with a wider --sparsity-range")
+            else:
+                sp.append((i, t))
+        if sp:
+            for (i, t), s in zip(sp, self.for_sparsity([t for _, t in sp]).tolist()):
+                out[i] = (s, float(t))
+        if pref:
+            s, t = self.for_preference([lam for _, lam in pref])
+            for (i, _), si, ti in zip(pref, s.tolist(), t.tolist()):
+                out[i] = (si, float(ti))
+        return out
+
     # -- file ----------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, overwrite: bool = True) -> Path:
         from compress.io.writer import atomic_file
