@@ -61,6 +61,21 @@ def llama_pair_bf16(tmp_path_factory) -> tuple[Path, Path]:
     return base, ft
 
 
+def tiny_stories_llama(root: Path) -> Path:
+    """A tiny random Llama (4 blocks, GQA) with stories260K's real 512-token tokenizer, in ``root/tiny``."""
+    import shutil
+
+    from compress.data import stories260k_files
+    from compress.io.llama2c import convert_llama2c
+
+    stories = convert_llama2c(*stories260k_files(), root / "stories") or root / "stories"
+    path = save_llama(root / "tiny", seed=0, vocab_size=512, num_hidden_layers=4, hidden_size=48,
+                      intermediate_size=96)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(stories) / f, path / f)
+    return path
+
+
 def run_cli(*args: str):
     """Run the CLI in-process; returns (exit code, stdout, stderr)."""
     import contextlib

@@ -5,29 +5,18 @@ search, and bad input (a bad requests line, a StratNet for another model)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, save_llama
+from conftest import run_cli, save_llama, tiny_stories_llama
 
 from compress.data import corpus_path, read_text
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    """A tiny random Llama (4 blocks, GQA) with stories260K's real 512-token tokenizer."""
-    from compress.data import stories260k_files
-    from compress.io.llama2c import convert_llama2c
-
-    root = tmp_path_factory.mktemp("unicuco")
-    stories = convert_llama2c(*stories260k_files(), root / "stories") or root / "stories"
-    path = save_llama(root / "tiny", seed=0, vocab_size=512, num_hidden_layers=4, hidden_size=48,
-                      intermediate_size=96)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(stories) / f, path / f)
-    return path
+    return tiny_stories_llama(tmp_path_factory.mktemp("unicuco"))
 
 
 @pytest.fixture(scope="module")

@@ -42,33 +42,33 @@ class BodyLimit:
                 if declared > self.limit:
                     return await _plain(send, 413, f"request body of {declared} bytes is over the limit of "
                                                    f"{self.limit} bytes")
-        seen = 0
-        started = False
+        seen, started, too_large = 0, False, False
 
         async def counted_receive():
-            nonlocal seen
+            nonlocal seen, too_large
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge()
+                    too_large = True  # the app sees a disconnect; its answer is replaced by the 413 below
+                    return {"type": "http.disconnect"}
             return msg
 
         async def tracked_send(msg):
             nonlocal started
+            if too_large:
+                return
             if msg["type"] == "http.response.start":
                 started = True
             await send(msg)
 
         try:
             await self.app(scope, counted_receive, tracked_send)
-        except _TooLarge:
-            if not started:
-                await _plain(send, 413, f"request body over the limit of {self.limit} bytes")
-
-
-class _TooLarge(Exception):
-    pass
+        except BaseException:
+            if not too_large:
+                raise
+        if too_large and not started:
+            await _plain(send, 413, f"request body over the limit of {self.limit} bytes")
 
 
 async def _plain(send, status: int, detail: str):
