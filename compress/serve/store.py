@@ -102,6 +102,8 @@ class Store:
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
         except sqlite3.DatabaseError as e:
+            if self._lockfile is not None:
+                self._lockfile.close()
             raise CompressError(f"{self.path}: not a job database ({e})") from None
         self.db.row_factory = sqlite3.Row
         self._mutex = threading.RLock()
