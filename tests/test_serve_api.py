@@ -179,6 +179,9 @@ def test_security_answers(served, tmp_path):
         assert r.status_code == 413
         r = h.post("/v1/requests", headers=ok, json={"model": "tiny", "sparsity": 0.5, "preference": 0.2})
         assert r.status_code == 422 and r.json()["detail"].endswith("give exactly one target, got sparsity and preference")
+        r = h.post("/v1/requests", headers=ok, json={"model": "tiny", "sparsity": 0.9})
+        assert r.status_code == 422 and r.json()["detail"] == ("sparsity 0.9 is outside the range model 'tiny' "
+                                                               "answers [0.3, 0.7]")
         r = h.post("/v1/requests", headers=ok, json={"model": "tiny", "sparsity": 0.5, "format": "zip"})
         assert r.status_code == 422 and r.json()["detail"].startswith("format:")
         assert h.get("/docs", headers=ok).status_code == 200

@@ -169,22 +169,23 @@ def create_app(cfg, registry, store, dispatcher=None, *, public_docs: bool = Fal
         return {"ok": True, "queued": counts["queued"], "running": counts["running"],
                 "backend": cfg.backend}
 
+    catalog = {}
+    for name, entry in registry.models.items():
+        from compress.strategy.stratnet import StratNetModel
+
+        item = {"name": name, "description": entry.description, "formats": ["sparse", "dense"]}
+        try:
+            net = StratNetModel.load(entry.stratnet)
+            item.update(method=net.meta.get("method", "wanda"), sparsity_range=list(net.sparsity_range),
+                        blocks=len(net.block_params), parameters=sum(net.block_params))
+        except Exception as e:  # noqa: BLE001 - one broken entry must not hide the others
+            item["error"] = str(e)
+        catalog[name] = item
+
     @app.get("/v1/models", tags=["models"], dependencies=[Depends(auth)])
     def models():
         """The registered models a request may name, with what their StratNet answers."""
-        from compress.strategy.stratnet import StratNetModel
-
-        out = []
-        for name, entry in registry.models.items():
-            item = {"name": name, "description": entry.description, "formats": ["sparse", "dense"]}
-            try:
-                net = StratNetModel.load(entry.stratnet)
-                item.update(method=net.meta.get("method", "wanda"), sparsity_range=list(net.sparsity_range),
-                            blocks=len(net.block_params), parameters=sum(net.block_params))
-            except Exception as e:  # noqa: BLE001 - one broken entry must not hide the others
-                item["error"] = str(e)
-            out.append(item)
-        return {"models": out}
+        return {"models": list(catalog.values())}
 
     body_schema = {"requestBody": {"required": True, "content": {"application/json": {
         "schema": ServeRequest.model_json_schema(),
@@ -214,6 +215,10 @@ def create_app(cfg, registry, store, dispatcher=None, *, public_docs: bool = Fal
             raise HTTPException(422, format_validation_error(e)) from None
         if req.model not in registry.models:
             raise HTTPException(404, f"model '{req.model}' is not registered (GET /v1/models lists them)")
+        lo_hi = catalog[req.model].get("sparsity_range")
+        if req.sparsity is not None and lo_hi and not lo_hi[0] <= req.sparsity <= lo_hi[1]:
+            raise HTTPException(422, f"sparsity {req.sparsity:g} is outside the range model '{req.model}' answers "
+                                     f"[{lo_hi[0]:g}, {lo_hi[1]:g}]")
         payload = req.model_dump(exclude_none=True, exclude={"model", "format", "idempotency_key"})
 
         def accept():
