@@ -1240,6 +1240,34 @@ def bench_unicuco(
         optimizer=optimizer, nsamples=nsamples, eval_windows=eval_windows, seed=seed, quiet=quiet)
 
 
+@bench_app.command("serve")
+def bench_serve(
+    zoo: str = typer.Argument("stories260k", help="Zoo model under --zoo-root (or a model folder)."),
+    zoo_root: Path = ZOO_ROOT,
+    results: Path = RESULTS,
+    requests: int = typer.Option(200, help="Requests of the load test (and of the batch baseline)."),
+    clients: int = typer.Option(8, help="Concurrent client threads of the load test."),
+    stratnet: Optional[Path] = typer.Option(None, help="StratNet file (default: checkpoints/serve/<model>.stratnet.pt, "
+                                                       "trained when missing)."),
+    fault_requests: int = typer.Option(60, help="Requests of the fault test."),
+    fault: bool = typer.Option(True, "--fault/--no-fault", help="Run the kill -9 fault test."),
+    fault_batch: int = typer.Option(8, help="The fault test server's --max-batch (small, so that jobs wait)."),
+    eval_windows: int = typer.Option(0, help="The server's KL windows per request (0: the same work as batch)."),
+    timeout: float = typer.Option(600.0, help="Seconds the load test (and each other phase) may take."),
+    threads: int = typer.Option(1, help="Torch threads of the server and batch processes."),
+    cache_dir: Path = typer.Option(Path("checkpoints/cache/calib"), help="Calibration statistics cache."),
+    keep: bool = typer.Option(False, help="Keep the work folder (databases, logs, artifacts) under --results."),
+    device: str = DEVICE, quiet: bool = QUIET,
+):
+    """`compress serve` under load (N requests, C clients) and a kill -9, against `compress batch`, in one run."""
+    from compress.bench.serve import run
+
+    run(zoo, zoo_root=zoo_root, results=results, requests=requests, clients=clients, stratnet=stratnet,
+        fault_requests=fault_requests, fault=fault, fault_batch=fault_batch, eval_windows=eval_windows,
+        timeout=timeout, threads=threads, device=resolve_device(device), cache_dir=cache_dir, keep=keep,
+        quiet=quiet)
+
+
 @bench_app.command("merge-speed")
 def bench_merge_speed(
     params: float = typer.Option(0.5e9, help="Parameters per model (three bf16 Llama checkpoints)."),
