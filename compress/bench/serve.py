@@ -294,8 +294,7 @@ def check_artifact(path: Path, target: float, pruned: list[str], request: dict) 
 
 
 # -- load test -----------------------------------------------------------------------------------------------------
-def load_test(server: Server, token: str, name: str, requests: list[dict], clients: int, timeout: float,
-              db: Path) -> dict:
+def load_test(server: Server, token: str, name: str, requests: list[dict], clients: int, timeout: float) -> dict:
     from compress.serve.client import Client
 
     shares = [requests[c::clients] for c in range(clients)]
@@ -310,10 +309,9 @@ def load_test(server: Server, token: str, name: str, requests: list[dict], clien
             mine = []
             barrier.wait()
             for r in share:
-                body = {k: v for k, v in r.items()}
                 ts = time.perf_counter()
                 try:
-                    job = c.submit(name, format="sparse", **body)
+                    job = c.submit(name, format="sparse", **r)
                     mine.append((r["id"], job["id"], ts))
                 except CompressError as e:
                     with lock:
@@ -352,12 +350,14 @@ def server_side(db: Path, ids: set[str]) -> dict:
     mine = [j for j in jobs if j["id"] in ids]
     lat = [j["finished"] - j["created"] for j in mine if j["state"] == "done"]
     groups = Counter(j["started"] for j in mine if j["started"] is not None)
+    compute = [j["result"]["seconds"] for j in mine if j["state"] == "done" and j["result"]]
     first_created = min((j["created"] for j in mine), default=0.0)
     first_done = min((j["finished"] for j in mine if j["finished"]), default=None)
     return {"jobs": len(jobs), "latency": percentiles(lat), "latencies": sorted(lat), "groups": len(groups),
             "group_sizes": [groups[k] for k in sorted(groups)],
             "first_done_after": None if first_done is None else first_done - first_created,
-            "attempts": dict(Counter(j["attempts"] for j in mine)), "by_id": {j["id"]: j for j in mine},
+            "attempts": dict(Counter(j["attempts"] for j in mine)),
+            "job_seconds_mean": sum(compute) / len(compute) if compute else None, "by_id": {j["id"]: j for j in mine},
             "events": len(events)}
 
 
@@ -390,7 +390,8 @@ def batch_baseline(model: Path, stratnet: Path, reqs_file: Path, out: Path, *, d
         completions.append(acc)
     return {"wall_seconds": wall, "summary_seconds": summary["seconds"], "answer_seconds": summary["answer_seconds"],
             "completed": n, "throughput_wall": n / wall, "throughput_summary": n / summary["seconds"],
-            "completions": completions, "rows": {r["id"]: r for r in summary["rows"]}}
+            "completions": completions, "rows": {r["id"]: r for r in summary["rows"]},
+            "job_seconds_mean": sum(r["seconds"] for r in summary["rows"]) / max(1, n)}
 
 
 # -- fault test ----------------------------------------------------------------------------------------------------
@@ -564,7 +565,7 @@ def run(zoo: str = "stories260k", *, zoo_root: Path = Path("checkpoints/zoo"), r
         server = Server(workdir, registry, db, token=token, device=device, threads=threads, cache_dir=cache_dir,
                         max_batch=64, tag="load")
         try:
-            load = load_test(server, token, name, reqs, clients, timeout, db)
+            load = load_test(server, token, name, reqs, clients, timeout)
             load["server_start_seconds"] = server.start_seconds
             # artifacts while the server is up: downloaded through the API
             from compress.serve.client import Client
@@ -642,7 +643,7 @@ def run(zoo: str = "stories260k", *, zoo_root: Path = Path("checkpoints/zoo"), r
     report["load"] = {**load, "server": {**srv, "latency": lat_server}, "completions": completions,
                       "latencies": latencies, "server_latencies": server_latencies,
                       "errors": [{"id": k, **v} for k, v in load_rows.items() if v.get("state") != "done"][:10]}
-    bt = batch.pop("rows")
+    batch.pop("rows")
     report["batch"] = batch
     report["artifacts"] = checks
     report["ratios"] = {
@@ -655,7 +656,6 @@ def run(zoo: str = "stories260k", *, zoo_root: Path = Path("checkpoints/zoo"), r
     report["all_complete"] = load["completed"] == requests and checks["load_within_tol"] == requests
     report["fault"] = fault_rep
     report["seconds"] = time.perf_counter() - t_all
-    del bt
     publish(results, f"serve-{name}", report, markdown(report), plot, label="bench serve")
     return report
 
@@ -687,6 +687,9 @@ def markdown(r: dict) -> str:
              f"{_f(ld['latency']['p95'])} / {_f(ld['latency']['max'])} | | |",
              f"| latency p50 / p95 / max, s (server: created → finished) | {_f(s['latency']['p50'])} / "
              f"{_f(s['latency']['p95'])} / {_f(s['latency']['max'])} | | |",
+             f"| mean seconds per request inside the worker (prune, write; server: + its share of the StratNet "
+             f"pass) | {_f(s['job_seconds_mean'], '.4f')} | {b['job_seconds_mean']:.4f} | "
+             f"{_f(s['job_seconds_mean'] / b['job_seconds_mean'] if s['job_seconds_mean'] else None)} |",
              f"| groups formed (sizes) | {s['groups']} ({', '.join(map(str, s['group_sizes']))}) | 1 | |",
              f"| first job done after its submit, s (includes the model load) | {_f(s['first_done_after'])} | | |",
              f"| artifacts downloaded, loaded, sparsity within 0.5 pt of target | {a['load_within_tol']}/"
