@@ -76,3 +76,21 @@ def test_one_server_per_database(tmp_path):
     (tmp_path / "junk.db").write_bytes(b"not a database at all" * 100)
     with pytest.raises(CompressError, match="not a job database"):
         Store(tmp_path / "junk.db")
+
+
+def test_start_clears_what_a_killed_server_was_writing(tmp_path):
+    from compress.config import ServeConfig
+    from compress.serve.worker import Dispatcher
+
+    art = tmp_path / "art"
+    (art / ".work" / "job-1-123").mkdir(parents=True)
+    (art / ".work" / "job-1-123" / "model.safetensors").write_bytes(b"half")
+    (art / ".x.sparse.safetensors.tmp-abc").write_bytes(b"half")
+    (art / ".y.tar.tmp-def").mkdir()
+    (art / "done.sparse.safetensors").write_bytes(b"kept")
+    s = Store(tmp_path / "s.db")
+    d = Dispatcher(s, None, ServeConfig(registry=tmp_path / "r.yml"), art)
+    d.start()
+    d.stop()
+    s.close()
+    assert sorted(p.name for p in art.iterdir()) == ["done.sparse.safetensors"]

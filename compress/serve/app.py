@@ -243,9 +243,12 @@ def create_app(cfg, registry, store, dispatcher=None, *, public_docs: bool = Fal
         loop = asyncio.get_running_loop()
         job = await loop.run_in_executor(None, known, job_id)
         deadline = time.monotonic() + wait
+        seen = store.version
         while job["state"] not in FINAL and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-            job = await loop.run_in_executor(None, known, job_id)
+            if store.version != seen:
+                seen = store.version
+                job = await loop.run_in_executor(None, known, job_id)
         return view(job)
 
     @app.get("/v1/requests/{job_id}/artifact", tags=["requests"], dependencies=[Depends(auth)])

@@ -11,6 +11,7 @@ each group through ``session.run_group`` on a backend, recording every outcome i
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,10 @@ class Dispatcher:
 
     def start(self) -> None:
         self.artifacts.mkdir(parents=True, exist_ok=True)
+        # what a killed server was writing: no job runs before start, and its job re-runs from the queue
+        shutil.rmtree(self.artifacts / ".work", ignore_errors=True)
+        for stale in self.artifacts.glob(".*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         self.backend.start()
         self._thread = threading.Thread(target=self._loop, name="compress-serve-worker", daemon=True)
         self._thread.start()
