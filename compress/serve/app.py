@@ -96,8 +96,24 @@ def create_app(cfg, registry, store, dispatcher=None, *, public_docs: bool = Fal
     artifacts = dispatcher.artifacts if dispatcher is not None else Path(cfg.artifacts)
     token = cfg.token
 
+    # long-polls wait on futures that the store's commits resolve (no polling while nothing changes)
+    waiters: set = set()
+
+    def wake_all():
+        for f in waiters:
+            if not f.done():
+                f.set_result(None)
+        waiters.clear()
+
     @asynccontextmanager
     async def lifespan(app):
+        loop = asyncio.get_running_loop()
+
+        def changed():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(wake_all)
+
+        store.listeners.append(changed)
         resumed = store.resume()
         if resumed:
             import logging
@@ -108,7 +124,8 @@ def create_app(cfg, registry, store, dispatcher=None, *, public_docs: bool = Fal
             dispatcher.wake()
         yield
         if dispatcher is not None:
-            await asyncio.get_running_loop().run_in_executor(None, dispatcher.stop)
+            await loop.run_in_executor(None, dispatcher.stop)
+        store.listeners.remove(changed)
 
     docs_open = public_docs or token is None
     app = FastAPI(title="compress serve", version="1", lifespan=lifespan,
@@ -241,15 +258,19 @@ def create_app(cfg, registry, store, dispatcher=None, *, public_docs: bool = Fal
                                                       description="seconds to wait for a final state")):
         """A request's state, strategy, measured KL and artifact size, or its error; ``wait`` long-polls."""
         loop = asyncio.get_running_loop()
-        job = await loop.run_in_executor(None, known, job_id)
         deadline = time.monotonic() + wait
-        seen = store.version
-        while job["state"] not in FINAL and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-            if store.version != seen:
-                seen = store.version
-                job = await loop.run_in_executor(None, known, job_id)
-        return view(job)
+        while True:
+            change = loop.create_future()
+            waiters.add(change)  # before the read: a commit right after it still wakes us
+            job = await loop.run_in_executor(None, known, job_id)
+            left = deadline - time.monotonic()
+            if job["state"] in FINAL or left <= 0:
+                change.cancel()
+                return view(job)
+            try:
+                await asyncio.wait_for(change, left)
+            except asyncio.TimeoutError:
+                pass
 
     @app.get("/v1/requests/{job_id}/artifact", tags=["requests"], dependencies=[Depends(auth)])
     def artifact(job_id: str):

@@ -107,8 +107,8 @@ class Store:
             raise CompressError(f"{self.path}: not a job database ({e})") from None
         self.db.row_factory = sqlite3.Row
         self._mutex = threading.RLock()
-        # bumped after every committed change: a long-poll re-reads its job only when this moved
-        self.version = 0
+        # called after every committed change (the server wakes its long-polls with it)
+        self.listeners: list = []
 
     def close(self) -> None:
         with self._mutex:
@@ -129,9 +129,11 @@ class Store:
             def __exit__(self, kind, value, tb):
                 try:
                     store.db.execute("COMMIT" if kind is None else "ROLLBACK")
-                    store.version += 1
                 finally:
                     store._mutex.release()
+                if kind is None:
+                    for listener in store.listeners:
+                        listener()
                 return False
 
         return _Tx()
