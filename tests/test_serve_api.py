@@ -6,15 +6,14 @@ and `compress request` from the command line."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_cli, tiny_stories_llama
 
+from compress.bench.serve import free_port
 from compress.data import corpus_path, read_text
 
 TOKEN = "test-token-0123456789"
@@ -36,12 +35,6 @@ def served(tmp_path_factory):
     reg.write_text(f"models:\n  tiny:\n    model: {tiny}\n    stratnet: {sn}\n    eval_windows: 4\n"
                    f"    description: a tiny Llama\n")
     return reg, tiny, sn, root / "cache"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Running:

@@ -95,12 +95,10 @@ def ensure_stratnet(model: Path, name: str, given: Optional[Path], *, cache_dir:
 def warm_pruner(model: Path, stratnet: Path, *, cache_dir: Path, device: str, quiet: bool):
     """The pruner the server and `compress batch` build (same calibration key), its statistics now in the cache."""
     from compress.strategy.stratnet import StratNetModel
-    from compress.strategy.train import make_pruner
+    from compress.strategy.train import stratnet_pruner
 
     net = StratNetModel.load(stratnet, model)
-    meta = net.meta
-    pruner = make_pruner(model, meta.get("calib"), nsamples=meta.get("nsamples", 128), seqlen=meta.get("seqlen"),
-                         seed=meta.get("seed", 0), device=device, cache_dir=cache_dir, quiet=quiet)
+    pruner = stratnet_pruner(net, model, device=device, cache_dir=cache_dir, quiet=quiet)
     pruner.stats()
     return net, pruner
 

@@ -31,7 +31,7 @@ class ModelSession:
                  quiet: bool = True):
         from compress.config import resolve_device, torch_dtype
         from compress.strategy.stratnet import StratNetModel
-        from compress.strategy.train import make_pruner
+        from compress.strategy.train import stratnet_pruner
 
         t0 = time.perf_counter()
         self.name, self.entry = name, entry
@@ -39,13 +39,8 @@ class ModelSession:
         meta = self.net.meta
         self.method = meta.get("method", "wanda")
         self.dtype = torch_dtype(entry.dtype)
-        self.pruner = make_pruner(entry.model, entry.calib or meta.get("calib"),
-                                  nsamples=entry.nsamples or meta.get("nsamples", 128), seqlen=meta.get("seqlen"),
-                                  seed=meta.get("seed", 0), device=resolve_device(device), cache_dir=cache_dir,
-                                  quiet=quiet)
-        if self.pruner.block_params != self.net.block_params:
-            raise CompressError(f"{entry.stratnet}: trained for blocks of {self.net.block_params} parameters, "
-                                f"{entry.model} has {self.pruner.block_params}")
+        self.pruner = stratnet_pruner(self.net, entry.model, calib=entry.calib, nsamples=entry.nsamples,
+                                      device=resolve_device(device), cache_dir=cache_dir, quiet=quiet)
         self.pruner.stats()  # calibration now (from the cache when trained here), not in the first request
         self._size_model = None
         self.evaluator = None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from pathlib import Path
 
 from compress.errors import CompressError
 from compress.progress import console, track
@@ -26,7 +25,7 @@ def run_batch(cfg) -> dict:
     from compress.strategy.project import size_model
     from compress.strategy.request import head_protect, read_requests
     from compress.strategy.stratnet import StratNetModel
-    from compress.strategy.train import make_pruner
+    from compress.strategy.train import stratnet_pruner
 
     t_start = time.perf_counter()
     requests = read_requests(cfg.requests)
@@ -34,12 +33,11 @@ def run_batch(cfg) -> dict:
     net = StratNetModel.load(cfg.stratnet, cfg.model)
     meta = net.meta
     dtype = torch_dtype(cfg.dtype)
-    pruner = make_pruner(cfg.model, cfg.calib or meta.get("calib"), nsamples=cfg.nsamples or meta.get("nsamples", 128),
-                         seqlen=meta.get("seqlen"), seed=meta.get("seed", 0), device=resolve_device(cfg.device),
-                         cache_dir=cfg.cache_dir, quiet=cfg.quiet)
-    if pruner.block_params != net.block_params:
-        raise CompressError(f"{cfg.stratnet}: trained for blocks of {net.block_params} parameters, the model has "
-                            f"{pruner.block_params}")
+    try:
+        pruner = stratnet_pruner(net, cfg.model, calib=cfg.calib, nsamples=cfg.nsamples,
+                                 device=resolve_device(cfg.device), cache_dir=cfg.cache_dir, quiet=cfg.quiet)
+    except CompressError as e:
+        raise CompressError(f"{cfg.stratnet}: {e}") from None
     sm = None
     if any(r.size_bytes is not None for r in requests):
         sm = size_model(cfg.model, {n: p.numel for n, p in pruner.checkpoint_names().items()}, dtype)

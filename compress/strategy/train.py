@@ -38,6 +38,20 @@ def make_pruner(model, calib, *, nsamples, seqlen, seed, device, cache_dir, batc
                   batch_size=batch_size, quiet=quiet)
 
 
+def stratnet_pruner(net, model, *, calib=None, nsamples=None, device, cache_dir, quiet=False):
+    """The ``Pruner`` ``net`` was trained with (its calibration, windows, seed from the StratNet file; ``calib``/
+    ``nsamples`` override), checked to have the StratNet's blocks. `compress batch`, the server's model sessions
+    and `compress bench serve` all build it here, so they share one calibration cache key."""
+    meta = net.meta
+    pruner = make_pruner(model, calib or meta.get("calib"), nsamples=nsamples or meta.get("nsamples", 128),
+                         seqlen=meta.get("seqlen"), seed=meta.get("seed", 0), device=device, cache_dir=cache_dir,
+                         quiet=quiet)
+    if pruner.block_params != net.block_params:
+        raise CompressError(f"StratNet trained for blocks of {net.block_params} parameters, {model} has "
+                            f"{pruner.block_params}")
+    return pruner
+
+
 def train_unicuco(evaluator, *, sparsity_range=(0.3, 0.7), spread=0.2, max_block=0.95, budget=160, rounds=2,
                   active_fraction=0.25, steps=400, round_steps=None, hidden=64, lr=0.01, batch_requests=64, seed=0,
                   refit="first", meta=None, quiet=False):
