@@ -209,7 +209,7 @@ def extract_lora(
 @app.command("convert-llama2c")
 def convert_llama2c_cmd(
     out_path: Path = typer.Option(Path("checkpoints/stories260K"), "--out", help="Folder to write."),
-    model_bin: Optional[Path] = typer.Option(None, help="llama2.c model .bin (default: shared stories260K)."),
+    model_bin: Optional[Path] = typer.Option(None, help="llama2.c model .bin (default: the bundled stories260K)."),
     tokenizer_bin: Optional[Path] = typer.Option(None, help="llama2.c tokenizer .bin (default: tok512.bin)."),
     overwrite: bool = OVERWRITE,
 ):
@@ -769,8 +769,8 @@ def zoo_carry(
     if name == "minilm-8task":
         print("GPU build, two calls back to back (the machine stays warm about 30 s between them):\n"
                   f"  1. carry [{out_path}/minilm-a]: mkdir -p /tmp/minilm && cp {out_path}/minilm-a/* /tmp/minilm/\n"
-                  f"  2. carry [{out_path}/minilm-b, {out_path}/data, .whl]: cp {out_path}/minilm-b/* /tmp/minilm/ && "
-                  f"COMPRESS_MINILM=/tmp/minilm COMPRESS_DATA={out_path}/data python3 -m compress.cli zoo build "
+                  f"  2. carry [{out_path}/minilm-b, .whl]: cp {out_path}/minilm-b/* /tmp/minilm/ && "
+                  f"COMPRESS_MINILM=/tmp/minilm python3 -m compress.cli zoo build "
                   "minilm-8task --device cuda  (see README, 'The benchmark zoo')")
 
 

@@ -1,7 +1,8 @@
-"""Where the bundled real assets live (``../shared/data``: corpora, llama2.c stories260K, the eight classification
-tasks) and how to read them.
+"""Where the bundled real assets live and how to read them.
 
-No hub is reachable, so benchmarks and tests read these files; ``COMPRESS_DATA`` points elsewhere.
+The assets ship inside the package (``compress/assets``: corpora, llama2.c stories260K, the eight classification
+tasks; origins and licences in ``compress/assets/SOURCES.md``), so a wheel, an editable install and a plain clone
+all carry them. No hub is reachable, so benchmarks and tests read these files; ``COMPRESS_DATA`` points elsewhere.
 """
 
 from __future__ import annotations
@@ -15,22 +16,21 @@ from pathlib import Path
 
 from compress.errors import CompressError
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def data_dir() -> Path:
-    """``$COMPRESS_DATA`` if set, else ``<repo>/../shared/data``, else ``<cwd>/../shared/data``."""
+    """``$COMPRESS_DATA`` if set, else the package's own ``assets`` folder."""
     env = os.environ.get("COMPRESS_DATA")
     if env:
         path = Path(env).expanduser()
         if not path.is_dir():
             raise CompressError(f"COMPRESS_DATA={env}: not a folder")
         return path
-    for path in (_REPO_ROOT.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
-        if path.is_dir():
-            return path
-    raise CompressError("shared data folder not found (looked for ../shared/data beside the repository and the "
-                        "working directory); set COMPRESS_DATA to the folder holding corpus/ and stories260K/")
+    if not (ASSETS / "corpus").is_dir():
+        raise CompressError(f"{ASSETS}: the package's data folder is missing (a broken install?); reinstall, or set "
+                            "COMPRESS_DATA to a folder holding corpus/, stories260K/ and tasks/")
+    return ASSETS
 
 
 def corpus_names() -> list[str]:
@@ -68,7 +68,7 @@ def stories260k_files() -> tuple[Path, Path]:
     files = folder / "stories260K.bin", folder / "tok512.bin"
     for f in files:
         if not f.is_file():
-            raise CompressError(f"{f}: missing; the shared data folder should hold stories260K/")
+            raise CompressError(f"{f}: missing; the data folder should hold stories260K/")
     return files
 
 
@@ -84,7 +84,7 @@ def task_dir(name: str) -> Path:
         raise CompressError(f"unknown task '{name}' (choose one of {', '.join(TASKS)})")
     folder = data_dir() / "tasks" / name
     if not (folder / "task.json").is_file():
-        raise CompressError(f"{folder}: missing task.json; the shared data folder should hold tasks/{name}/")
+        raise CompressError(f"{folder}: missing task.json; the data folder should hold tasks/{name}/")
     return folder
 
 

@@ -271,7 +271,8 @@ def carry(out: str | Path = ".carry", overwrite: bool = False) -> dict:
     The pretrained weights (91 MB) are re-sharded, tensors unchanged, into two Hugging Face shards in two folders:
     ``out/minilm-a`` (config, tokenizer, index, shard 1 = the word embeddings, 47 MB) and ``out/minilm-b`` (shard 2,
     the rest, 44 MB), each carried by its own call; copied into one folder they load as the original model
-    (``COMPRESS_MINILM`` points the builder there). The task data goes to ``out/data/tasks`` (``COMPRESS_DATA``)."""
+    (``COMPRESS_MINILM`` points the builder there). The task data ships inside the package and travels with the
+    checkout."""
     from safetensors import safe_open
 
     out = Path(out)
@@ -300,17 +301,7 @@ def carry(out: str | Path = ".carry", overwrite: bool = False) -> dict:
                 raise CompressError(f"{weights}: expected two shards, got {len(shards)}")
             shutil.move(str(shards[1]), tmp_b / shards[1].name)
             copy_aux(src, tmp_a)
-    data = out / "data" / "tasks"
-    data.mkdir(parents=True, exist_ok=True)
-    for task in TASKS:
-        dst = data / task
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(task_dir(task), dst)
-        for p in [dst, *dst.iterdir()]:
-            p.chmod(0o755 if p.is_dir() else 0o644)  # the shared files are read-only; the copies need not be
-
     def size(folder: Path) -> int:
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
-    return {"minilm-a": size(part_a), "minilm-b": size(part_b), "data/tasks": size(data), "out": str(out)}
+    return {"minilm-a": size(part_a), "minilm-b": size(part_b), "out": str(out)}
