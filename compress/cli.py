@@ -139,11 +139,13 @@ def inspect(
         keys = [k for k in info["tensors"][0]] if info["tensors"] else []
         for k in keys:
             t.add_column(k)
-        for r in info["tensors"]:
+        for r in info["tensors"] + info.get("aux", []):
             t.add_row(*[f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys])
         out.print(t)
     s = Table(title=f"{info['kind']}: {path}", show_header=False)
     s.add_row("tensors", str(len(info["tensors"])))
+    if info.get("aux"):
+        s.add_row("auxiliary files", ", ".join(f"{r['name']} ({r['bytes']:,} B)" for r in info["aux"]))
     s.add_row("parameters" + (" covered" if info["kind"] == "delta" else ""), f"{info['params']:,}")
     if "kept" in info:
         s.add_row("kept", f"{info['kept']:,}")

@@ -35,6 +35,8 @@ from compress.sparsify import sparsify
 from compress.taskvec import CheckpointDelta, TaskVector, compute_dtype
 
 FORMAT = "delta/1"
+# the entries one tensor may have in a delta file (``<name>::<part>``)
+ENTRY_PARTS = ("values", "mask", "gaps", "nm24", "fix_idx", "fix_val", "full")
 
 
 # -- pure encoders ------------------------------------------------------------------------------------
@@ -340,10 +342,36 @@ class DeltaFile:
         if self.metadata.get("compress.format") != FORMAT:
             raise CompressError(f"{self.path}: not a compress delta file (no compress.format={FORMAT} metadata)")
         self.table: dict[str, dict] = json.loads(self.metadata["tensors"])
+        self._check_entries()
+
+    def _check_entries(self) -> None:
+        """Every entry in the file belongs to a table row or is an allowed auxiliary file (a 1-D uint8 tensor);
+        anything else is refused, since an entry's name may be written back as a file name."""
+        from compress.io.writer import AUX_PREFIX, aux_entry_name
+
+        for key, info in self._file.infos.items():
+            if key.startswith(AUX_PREFIX):
+                aux_entry_name(key, self.path)
+                if info.dtype != torch.uint8 or len(info.shape) != 1:
+                    raise CompressError(f"{self.path}: auxiliary entry '{key}' must be a 1-D uint8 tensor "
+                                        f"(got {str(info.dtype).removeprefix('torch.')} {list(info.shape)})")
+                continue
+            name, sep, part = key.rpartition("::")
+            if not sep or name not in self.table or part not in ENTRY_PARTS:
+                raise CompressError(f"{self.path}: entry '{key}' belongs to no tensor in the file's table; "
+                                    "not a delta file this tool wrote")
+
+    def aux_entries(self) -> list[str]:
+        """The ``__aux__::<file>`` entries (config and tokenizer files carried by a sparse weight file)."""
+        from compress.io.writer import AUX_PREFIX
+
+        return [k for k in self._file.infos if k.startswith(AUX_PREFIX)]
+
+    def aux_bytes(self, key: str) -> int:
+        return self._file.infos[key].nbytes
 
     def _entries(self, name: str) -> dict[str, torch.Tensor]:
-        return {k: self._file.read(f"{name}::{k}") for k in ("values", "mask", "gaps", "nm24", "fix_idx", "fix_val", "full")
-                if f"{name}::{k}" in self._file.infos}
+        return {k: self._file.read(f"{name}::{k}") for k in ENTRY_PARTS if f"{name}::{k}" in self._file.infos}
 
     def names(self) -> list[str]:
         return [n for n, r in self.table.items() if r["encoding"] != "full"]

@@ -38,17 +38,19 @@ def inspect_delta(path: Path) -> dict:
         rows.append({"name": name, "shape": r["shape"], "dtype": r["dtype"], "encoding": r["encoding"],
                      "density": (r["nnz"] / numel if numel else 1.0) if r["encoding"] != "full" else 1.0,
                      "bytes": nbytes, "bits_per_param": 8 * nbytes / max(numel, 1)})
+    aux = [{"name": k, "shape": [d.aux_bytes(k)], "dtype": "U8", "encoding": "aux", "density": 1.0,
+            "bytes": d.aux_bytes(k), "bits_per_param": 8.0} for k in d.aux_entries()]
     size = path.stat().st_size
     d.close()
     if d.metadata.get("compress.kind") == "sparse":
-        return _sparse_summary(path, d, rows, size)
+        return _sparse_summary(path, d, rows, aux, size)
     return {"kind": "delta", "path": str(path), "metadata": {k: v for k, v in d.metadata.items() if k != "tensors"},
-            "tensors": rows, "params": params, "kept": kept, "density": kept / max(params, 1),
+            "tensors": rows, "aux": aux, "params": params, "kept": kept, "density": kept / max(params, 1),
             "file_bytes": size, "dense_bytes": dense_bytes, "delta_bytes": stored,
             "bits_per_param": 8 * size / max(params, 1), "compression": dense_bytes / max(size, 1)}
 
 
-def _sparse_summary(path: Path, d, rows: list[dict], size: int) -> dict:
+def _sparse_summary(path: Path, d, rows: list[dict], aux: list[dict], size: int) -> dict:
     """A sparse weight file: every tensor counts; pruned tensors (those stored with positions) also on their own."""
     params = sum(math.prod(r["shape"]) for r in rows)
     dense = sum(math.prod(r["shape"]) * SAFETENSORS_DTYPES[r["dtype"]].itemsize for r in rows)
@@ -57,7 +59,7 @@ def _sparse_summary(path: Path, d, rows: list[dict], size: int) -> dict:
     p_bytes = sum(r["bytes"] for r in pruned)
     nonzero = sum(round(r["density"] * math.prod(r["shape"])) for r in rows)
     return {"kind": "sparse", "path": str(path),
-            "metadata": {k: v for k, v in d.metadata.items() if k != "tensors"}, "tensors": rows,
+            "metadata": {k: v for k, v in d.metadata.items() if k != "tensors"}, "tensors": rows, "aux": aux,
             "params": params, "kept": nonzero, "density": nonzero / max(params, 1), "file_bytes": size,
             "dense_bytes": dense, "bits_per_param": 8 * size / max(params, 1), "compression": dense / max(size, 1),
             "file_vs_dense": size / max(dense, 1), "pruned_tensors": len(pruned),

@@ -25,10 +25,9 @@ import torch
 from compress.delta import FORMAT, DeltaFile, decode_delta, encode_gaps, encode_nm24, nm24_fill, pack_mask
 from compress.errors import CompressError
 from compress.io.reader import DTYPE_CODES, SAFETENSORS_DTYPES, open_checkpoint
-from compress.io.writer import AUX_FILES
+from compress.io.writer import AUX_FILES, AUX_PREFIX, aux_entry_name
 
 KIND = "sparse"
-AUX_PREFIX = "__aux__::"
 
 
 def encode_sparse(name: str, t: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict]:
@@ -157,9 +156,8 @@ def apply_sparse(delta: DeltaFile, out: str | os.PathLike, *, device: str = "cpu
         if aux_from is not None:
             copy_aux(aux_from, tmp)
         else:
-            for key in delta._file.infos:
-                if key.startswith(AUX_PREFIX):
-                    (tmp / key[len(AUX_PREFIX):]).write_bytes(delta._file.read(key).numpy().tobytes())
+            for key in delta.aux_entries():
+                (tmp / aux_entry_name(key, delta.path)).write_bytes(delta._file.read(key).numpy().tobytes())
         write_model_card(tmp, "Model rebuilt from a sparse weight file", "compress apply",
                          {"sparse file": str(delta.path)})
     return Path(out)

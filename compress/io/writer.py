@@ -43,6 +43,20 @@ AUX_FILES = (
     "preprocessor_config.json",
 )
 
+# Sparse weight files carry these files as ``__aux__::<name>`` entries. Only names in AUX_FILES are ever written
+# back, as plain names inside the output folder: an entry's name comes from a file that may be hostile.
+AUX_PREFIX = "__aux__::"
+
+
+def aux_entry_name(key: str, source: str | os.PathLike) -> str:
+    """The file name an ``__aux__::`` entry may be written as, or a one-line error naming the entry."""
+    name = key[len(AUX_PREFIX):]
+    if name not in AUX_FILES:
+        raise CompressError(f"{source}: entry '{key}' is not an auxiliary file this tool writes (allowed: "
+                            f"{', '.join(AUX_FILES)}); refusing a file that names another path")
+    return name
+
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
