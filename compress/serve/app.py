@@ -73,14 +73,13 @@ class BodyLimit:
             await _plain(send, 413, f"request body over the limit of {self.limit} bytes")
 
 
-def _or_error(build):
-    """``build()``, or the ``CompressError`` (one line) it stopped with."""
-    from compress.serve.session import reason
-
+def _or_none(build):
+    """``build()``, or None when it fails: what cannot be known at submit is left to the worker, where such a
+    request fails alone with its reason."""
     try:
         return build()
-    except Exception as e:  # noqa: BLE001 - kept: requests that need it are refused with this reason
-        return CompressError(reason(e))
+    except Exception:  # noqa: BLE001
+        return None
 
 
 async def _plain(send, status: int, detail: str):
@@ -199,7 +198,7 @@ def create_app(cfg, registry, store, dispatcher=None, *, public_docs: bool = Fal
                 "backend": cfg.backend}
 
     # what a request can be checked against before it is accepted: the StratNet's range, the sparse-file size
-    # model (size_bytes) and the attention geometry (protect_heads), each from headers and configs, no weights
+    # model (size_bytes) and the attention geometry (protect_heads), from headers and configs, no weights
     catalog, sizes, layouts = {}, {}, {}
     for name, entry in registry.models.items():
         from compress.heads.layout import attention_layout
@@ -213,9 +212,9 @@ def create_app(cfg, registry, store, dispatcher=None, *, public_docs: bool = Fal
                         blocks=len(net.block_params), parameters=sum(net.block_params))
         except Exception as e:  # noqa: BLE001 - one broken entry must not hide the others
             item["error"] = str(e)
-        sizes[name] = _or_error(lambda: folder_size_model(entry))
-        layouts[name] = _or_error(lambda: attention_layout(entry.model))
-        if "sparsity_range" in item and not isinstance(sizes[name], CompressError):
+        sizes[name] = _or_none(lambda: folder_size_model(entry))
+        layouts[name] = _or_none(lambda: attention_layout(entry.model))
+        if "sparsity_range" in item and sizes[name] is not None:
             item["size_bytes_range"] = list(sizes[name].budgets(*net.sparsity_range))
         catalog[name] = item
 
@@ -227,18 +226,13 @@ def create_app(cfg, registry, store, dispatcher=None, *, public_docs: bool = Fal
         lo_hi = catalog[req.model].get("sparsity_range")
         if req.sparsity is not None and lo_hi and not lo_hi[0] <= req.sparsity <= lo_hi[1]:
             return f"sparsity {req.sparsity:g} is outside the range {m} answers [{lo_hi[0]:g}, {lo_hi[1]:g}]"
-        if req.size_bytes is not None and lo_hi:
-            sm = sizes[req.model]
-            if isinstance(sm, CompressError):
-                return f"{m} cannot answer size_bytes requests: {sm}"
+        if req.size_bytes is not None and lo_hi and sizes[req.model] is not None:
             try:
-                sparsity_for_size(req.size_bytes, sm, *lo_hi)
+                sparsity_for_size(req.size_bytes, sizes[req.model], *lo_hi)
             except CompressError as e:
                 return f"{m}: {e}"
-        if req.protect_heads:
+        if req.protect_heads and layouts[req.model] is not None:
             layout = layouts[req.model]
-            if isinstance(layout, CompressError):
-                return f"{m} cannot protect heads: {layout}"
             try:
                 for layer, head in req.protect_heads:
                     layout.check(int(layer), int(head))
