@@ -337,17 +337,7 @@ class Pruner:
         from compress.io.reader import open_checkpoint
 
         ck = ck if ck is not None else open_checkpoint(self.model_dir)
-        by_ck = {}
-        prefix = getattr(self.model, "base_model_prefix", "") or ""
-        for p in self.modules:
-            name = self.param_name(p)
-            for cand in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
-                if cand in ck:
-                    by_ck[cand] = p
-                    break
-            else:
-                raise CompressError(f"{self.model_dir}: weight '{name}' of the loaded model is not in the checkpoint")
-        return by_ck
+        return _checkpoint_names(self.model, self.modules, ck, self.model_dir)
 
     # -- output --------------------------------------------------------------------------------------------
     def save(self, result: PruneResult, out: str | os.PathLike, *, dtype: torch.dtype | None = None,
@@ -392,8 +382,38 @@ class Pruner:
         return Path(out)
 
 
-def _load_model(path: Path, device: str):
-    """The model in float32, eval mode: a causal LM head when the config names one, else the bare encoder."""
+def _checkpoint_names(model, modules, ck, model_dir) -> dict[str, "C.Prunable"]:
+    by_ck = {}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    for p in modules:
+        name = f"{p.name}.weight"
+        for cand in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+            if cand in ck:
+                by_ck[cand] = p
+                break
+        else:
+            raise CompressError(f"{model_dir}: weight '{name}' of the loaded model is not in the checkpoint")
+    return by_ck
+
+
+def prunable_numels(path: str | os.PathLike, targets: str | None = None, ignore: str | None = C.DEFAULT_IGNORE
+                    ) -> dict[str, int]:
+    """{checkpoint name: numel} of the weights a ``Pruner`` of ``path`` prunes, without reading any weight (the
+    model is built on the meta device only to list its layers)."""
+    from compress.eval.classify import hf_quiet
+    from compress.io.reader import open_checkpoint
+
+    path = Path(path)
+    cfg, cls = _model_class(path)
+    with hf_quiet(), torch.device("meta"):
+        model = cls.from_config(cfg)
+    modules, _ = C.find_prunable(model, targets, ignore)
+    with open_checkpoint(path) as ck:
+        return {n: p.numel for n, p in _checkpoint_names(model, modules, ck, path).items()}
+
+
+def _model_class(path: Path):
+    """(config, the Auto class to load it with): a causal LM head when the config names one, else the encoder."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     try:
@@ -402,7 +422,12 @@ def _load_model(path: Path, device: str):
         raise CompressError(f"{path}: cannot read config.json ({e})") from None
     archs = getattr(cfg, "architectures", None) or []
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-    cls = AutoModelForCausalLM if causal else AutoModel
+    return cfg, AutoModelForCausalLM if causal else AutoModel
+
+
+def _load_model(path: Path, device: str):
+    """The model in float32, eval mode: a causal LM head when the config names one, else the bare encoder."""
+    _, cls = _model_class(path)
     try:
         model = cls.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:

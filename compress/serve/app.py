@@ -6,7 +6,8 @@
 Security: with a token, every route but /healthz needs ``Authorization: Bearer <token>`` (401 otherwise; the
 docs too, unless ``public_docs``); bodies over ``max_body`` bytes get 413 before they are read; a model name
 that looks like a path gets 400, one not in the registry 404. Clients never name files: artifacts are served by
-job id from the server's own folder.
+job id from the server's own folder. A request the model cannot answer (a sparsity outside its StratNet's range, a
+``size_bytes`` budget no file of it meets, a head it lacks) gets 422 with the reason, before it is stored.
 """
 
 
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from compress.errors import CompressError
 from compress.serve.store import FINAL, IdempotencyConflict, QueueFull
 
 OPEN_PATHS = {"/healthz"}
@@ -69,6 +71,15 @@ class BodyLimit:
                 raise
         if too_large and not started:
             await _plain(send, 413, f"request body over the limit of {self.limit} bytes")
+
+
+def _or_none(build):
+    """``build()``, or None when it fails: what cannot be known at submit is left to the worker, where such a
+    request fails alone with its reason."""
+    try:
+        return build()
+    except Exception:  # noqa: BLE001
+        return None
 
 
 async def _plain(send, status: int, detail: str):
@@ -186,8 +197,12 @@ def create_app(cfg, registry, store, dispatcher=None, *, public_docs: bool = Fal
         return {"ok": True, "queued": counts["queued"], "running": counts["running"],
                 "backend": cfg.backend}
 
-    catalog = {}
+    # what a request can be checked against before it is accepted: the StratNet's range, the sparse-file size
+    # model (size_bytes) and the attention geometry (protect_heads), from headers and configs, no weights
+    catalog, sizes, layouts = {}, {}, {}
     for name, entry in registry.models.items():
+        from compress.heads.layout import attention_layout
+        from compress.serve.session import folder_size_model
         from compress.strategy.stratnet import StratNetModel
 
         item = {"name": name, "description": entry.description, "formats": ["sparse", "dense"]}
@@ -197,7 +212,33 @@ def create_app(cfg, registry, store, dispatcher=None, *, public_docs: bool = Fal
                         blocks=len(net.block_params), parameters=sum(net.block_params))
         except Exception as e:  # noqa: BLE001 - one broken entry must not hide the others
             item["error"] = str(e)
+        sizes[name] = _or_none(lambda: folder_size_model(entry))
+        layouts[name] = _or_none(lambda: attention_layout(entry.model))
+        if "sparsity_range" in item and sizes[name] is not None:
+            item["size_bytes_range"] = list(sizes[name].budgets(*net.sparsity_range))
         catalog[name] = item
+
+    def refusal(req) -> Optional[str]:
+        """Why the model cannot answer ``req`` (None: it can), as the worker would find out after accepting it."""
+        from compress.strategy.project import sparsity_for_size
+
+        m = f"model '{req.model}'"
+        lo_hi = catalog[req.model].get("sparsity_range")
+        if req.sparsity is not None and lo_hi and not lo_hi[0] <= req.sparsity <= lo_hi[1]:
+            return f"sparsity {req.sparsity:g} is outside the range {m} answers [{lo_hi[0]:g}, {lo_hi[1]:g}]"
+        if req.size_bytes is not None and lo_hi and sizes[req.model] is not None:
+            try:
+                sparsity_for_size(req.size_bytes, sizes[req.model], *lo_hi)
+            except CompressError as e:
+                return f"{m}: {e}"
+        if req.protect_heads and layouts[req.model] is not None:
+            layout = layouts[req.model]
+            try:
+                for layer, head in req.protect_heads:
+                    layout.check(int(layer), int(head))
+            except CompressError as e:
+                return f"{m}: protect_heads: {e}"
+        return None
 
     @app.get("/v1/models", tags=["models"], dependencies=[Depends(auth)])
     def models():
@@ -232,10 +273,9 @@ def create_app(cfg, registry, store, dispatcher=None, *, public_docs: bool = Fal
             raise HTTPException(422, format_validation_error(e)) from None
         if req.model not in registry.models:
             raise HTTPException(404, f"model '{req.model}' is not registered (GET /v1/models lists them)")
-        lo_hi = catalog[req.model].get("sparsity_range")
-        if req.sparsity is not None and lo_hi and not lo_hi[0] <= req.sparsity <= lo_hi[1]:
-            raise HTTPException(422, f"sparsity {req.sparsity:g} is outside the range model '{req.model}' answers "
-                                     f"[{lo_hi[0]:g}, {lo_hi[1]:g}]")
+        problem = refusal(req)
+        if problem:
+            raise HTTPException(422, problem)
         payload = req.model_dump(exclude_none=True, exclude={"model", "format", "idempotency_key"})
 
         def accept():

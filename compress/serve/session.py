@@ -51,6 +51,8 @@ class ModelSession:
         self.load_seconds = time.perf_counter() - t0
 
     def size_model(self):
+        """The sparse-file size model of this session's pruner (``folder_size_model`` computes the same without
+        loading the model)."""
         if self._size_model is None:
             from compress.strategy.project import size_model
 
@@ -72,10 +74,26 @@ class ModelSession:
             except Exception as e:  # noqa: BLE001 - validated on accept; a schema change must not kill the group
                 outcomes[job["id"]] = {"error": f"request no longer valid: {e}"}
                 requests.append(None)
-        live = [r for r in requests if r is not None]
         t0 = time.perf_counter()
-        sm = self.size_model() if any(r.size_bytes is not None for r in live) else None
-        answers = iter(self.net.answer_many(live, sm))  # the group's one StratNet pass
+        sm = None
+        if any(r is not None and r.size_bytes is not None for r in requests):
+            try:
+                sm = self.size_model()
+            except Exception as e:  # noqa: BLE001 - fails the size budgets only
+                for i, (job, r) in enumerate(zip(jobs, requests)):
+                    if r is not None and r.size_bytes is not None:
+                        outcomes[job["id"]] = {"error": f"size_bytes: {reason(e)}"}
+                        requests[i] = None
+        live = [r for r in requests if r is not None]
+        try:
+            answers = iter(self.net.answer_many(live, sm))  # the group's one StratNet pass
+        except Exception as e:  # noqa: BLE001 - every job of the group gets the reason; none is left running
+            why = f"the group's strategy step failed: {reason(e)}"
+            for job in jobs:
+                if stop is not None and stop():
+                    return
+                on_result(job, outcomes.get(job["id"], {"error": why}))
+            return
         answer_seconds = (time.perf_counter() - t0) / max(1, len(live))
         planned = [(job, r, next(answers) if r is not None else None) for job, r in zip(jobs, requests)]
         for job, r, answer in planned:
@@ -92,7 +110,7 @@ class ModelSession:
             except CompressError as e:
                 outcome = {"error": str(e)}
             except Exception as e:  # noqa: BLE001 - one job's crash (e.g. out of memory) fails that job only
-                outcome = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}
+                outcome = {"error": reason(e)}
             on_result(job, outcome)
 
     def _one(self, job: dict, request, answer, artifacts: Path, answer_seconds: float) -> dict:
@@ -129,6 +147,22 @@ class ModelSession:
         return {"result": {"strategy": strategy, "target_sparsity": target, "sparsity": result.sparsity,
                            "kl": kl, "method": self.method, "seconds": time.perf_counter() - t0 + answer_seconds},
                 "artifact": name, "artifact_bytes": path.stat().st_size, "artifact_sha256": sha256_file(path)}
+
+
+def folder_size_model(entry):
+    """The sparse-file size model of a registry entry, from its config and checkpoint headers alone."""
+    from compress.config import torch_dtype
+    from compress.prune.pruner import prunable_numels
+    from compress.strategy.project import size_model
+
+    return size_model(entry.model, prunable_numels(entry.model), torch_dtype(entry.dtype))
+
+
+def reason(e: BaseException) -> str:
+    """One line for a job's error: a ``CompressError``'s message, else the exception's type and message."""
+    if isinstance(e, CompressError):
+        return str(e)
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
 
 
 def sha256_file(path: Path) -> str:
@@ -172,9 +206,9 @@ def run_group(name: str, entry, jobs: list[dict], artifacts: str | os.PathLike, 
 
     try:
         s = session(name, entry, device=device, cache_dir=cache_dir, quiet=quiet)
-    except CompressError as e:
+    except Exception as e:  # noqa: BLE001 - whatever stops the load fails the group with why, none left running
         for job in jobs:
-            record(job, {"error": f"model '{name}' could not be loaded: {e}"})
+            record(job, {"error": f"model '{name}' could not be loaded: {reason(e)}"})
         return out
     s.run(jobs, artifacts, record, stop)
     return out

@@ -16,6 +16,9 @@ import threading
 import time
 from pathlib import Path
 
+from compress.errors import CompressError
+from compress.serve.session import reason
+
 log = logging.getLogger("compress.serve")
 
 
@@ -67,10 +70,23 @@ class Dispatcher:
                 model, jobs = group
                 self.groups += 1
                 log.info("group of %d job(s) for %s", len(jobs), model)
-                self.backend.submit(model, self.registry.models[model], jobs)
-            except Exception:  # noqa: BLE001 - keep serving; the jobs stay running and resume on restart
+                try:
+                    entry = self.registry.models.get(model)
+                    if entry is None:
+                        raise CompressError(f"model '{model}' is not in this server's registry (removed since the "
+                                            "request was accepted)")
+                    self.backend.submit(model, entry, jobs)
+                except Exception as e:  # noqa: BLE001 - the group fails with why; none of its jobs stays running
+                    log.exception("group of %d job(s) for %s", len(jobs), model)
+                    self.fail_group(jobs, reason(e))
+            except Exception:  # noqa: BLE001 - keep serving (the store itself failed)
                 log.exception("worker loop")
                 time.sleep(1.0)
+
+    def fail_group(self, jobs: list[dict], why: str) -> None:
+        """Fail each job of a claimed group that its claim still holds (the ones already answered keep theirs)."""
+        for job in jobs:
+            self.store.finish(job["id"], job["attempts"], error=why)
 
     # -- outcomes ----------------------------------------------------------------------------------------------
     def record(self, job_id: str, attempt: int, outcome: dict) -> None:
@@ -132,8 +148,6 @@ class RayBackend:
         self._started_ray = False
 
     def start(self) -> None:
-        from compress.errors import CompressError
-
         try:
             import ray
         except ImportError:

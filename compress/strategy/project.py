@@ -114,6 +114,16 @@ class SizeModel:
     def sparsity(self, size_bytes: int) -> float:
         return 1 - (size_bytes - self.fixed_bytes) / (self.itemsize * self.pruned_params)
 
+    def budgets(self, lo: float, hi: float) -> tuple[int, int]:
+        """The smallest and the largest ``size_bytes`` whose sparsity lies in [lo, hi]."""
+        small = self.fixed_bytes + math.ceil(self.itemsize * (1 - hi) * self.pruned_params)
+        big = self.fixed_bytes + math.floor(self.itemsize * (1 - lo) * self.pruned_params)
+        while self.sparsity(small) > hi:  # float rounding at the edges: as sparsity_for_size will see them
+            small += 1
+        while self.sparsity(big) < lo:
+            big -= 1
+        return small, big
+
 
 def size_model(model_dir: str | os.PathLike, pruned: dict[str, int], dtype: torch.dtype | None = None) -> SizeModel:
     """The sparse-file size model of ``model_dir`` when the tensors ``pruned`` ({checkpoint name: numel}) are
@@ -148,8 +158,12 @@ def size_model(model_dir: str | os.PathLike, pruned: dict[str, int], dtype: torc
 
 def sparsity_for_size(size_bytes: int, model: SizeModel, lo: float, hi: float) -> float:
     """The sparsity whose sparse file meets ``size_bytes``; a one-line error when it falls outside [lo, hi]."""
-    t = model.sparsity(size_bytes)
+    try:
+        t = model.sparsity(size_bytes)
+    except OverflowError:  # a budget beyond any float: more than any file needs
+        t = -math.inf
     if not lo <= t <= hi:
-        raise CompressError(f"size_bytes {size_bytes:,} needs sparsity {t:.4f}, outside the range [{lo:g}, {hi:g}]: "
-                            f"reachable sizes are {model.bytes(hi):,} to {model.bytes(lo):,} bytes")
+        given = f"{size_bytes:,}" if size_bytes < 10 ** 18 else f"of {len(str(size_bytes))} digits"
+        raise CompressError(f"size_bytes {given} needs sparsity {t:.4f}, outside the range [{lo:g}, {hi:g}]: "
+                            "reachable sizes are {:,} to {:,} bytes".format(*model.budgets(lo, hi)))
     return t

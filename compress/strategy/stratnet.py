@@ -126,7 +126,11 @@ class StratNetModel:
                 if size_model is None:
                     out[i] = CompressError("a size_bytes request needs the model's sparse-file size model")
                     continue
-                t = sparsity_for_size(r.size_bytes, size_model, lo, hi)
+                try:
+                    t = sparsity_for_size(r.size_bytes, size_model, lo, hi)
+                except CompressError as e:  # this request's budget only: the others are still answered
+                    out[i] = e
+                    continue
             else:
                 t = r.sparsity
             if not lo <= t <= hi:
