@@ -142,16 +142,19 @@ def _file_size_limit(nbytes: int = 40_000):
         signal.signal(signal.SIGXFSZ, previous)
 
 
-@pytest.mark.parametrize("command", ["apply", "extract", "merge"])
+@pytest.mark.parametrize("command", ["apply", "extract", "merge", "interpolate"])
 def test_failing_write_is_one_line_and_leaves_nothing(small, tmp_path, command):
     out = tmp_path / ("d.safetensors" if command == "extract" else "o")
     base, ft = small / "base.safetensors", small / "ft.safetensors"
     args = {"apply": ["apply", "--base", base, "--delta", small / "d.safetensors"],
             "extract": ["extract", "--base", base, "--finetuned", ft],
             "merge": ["merge", "--base", base, "--models", ft, ft, "--method", "ties"],
+            "interpolate": ["interpolate", "--base", base, "--finetuned", ft, "--alpha", "0.5", "1"],
             }[command]
     with _file_size_limit():
         code, _, err = run_cli(*args, "--out", out)
     assert code == 2, err
-    assert err.strip().splitlines() == [f"error: {out}: cannot write the output (file too large); nothing was written"]
-    assert list(tmp_path.iterdir()) == []
+    failed = out / "alpha-0.5" if command == "interpolate" else out  # several α: one folder each, inside OUT
+    assert err.strip().splitlines() == [f"error: {failed}: cannot write the output (file too large); nothing was "
+                                        "written"]
+    assert list(tmp_path.iterdir()) == []  # not even OUT, made for the α folders

@@ -89,8 +89,11 @@ def check_output(out: str | os.PathLike, overwrite: bool = False,
     one of ``inputs`` (with or without ``overwrite``)."""
     out = Path(out)
     real = out.resolve()
-    cwd = Path.cwd().resolve()
-    if out.name in ("", ".", "..") or real == cwd or cwd.is_relative_to(real):
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the working folder was deleted: nothing of it to protect
+        cwd = None
+    if out.name in ("", ".", "..") or (cwd is not None and cwd.is_relative_to(real)):
         raise CompressError(f"{out}: is the working folder or holds it; name a new folder or file to write")
     for inp in inputs:
         if inp is not None:
@@ -314,14 +317,29 @@ def _write_error(e: OSError, out: Path, tmp: Path) -> CompressError | None:
     return CompressError(f"{out}: cannot write the output ({reason}); nothing was written")
 
 
-def _prepare(out: str | os.PathLike, overwrite: bool) -> Path:
+def _prepare(out: str | os.PathLike, overwrite: bool) -> tuple[Path, list[Path]]:
+    """``out`` checked, its folder made (returned: the folders made, deepest first) and dead writers' orphans
+    removed."""
     out = check_output(out, overwrite)
+    made, p = [], out.parent
+    while not p.exists():
+        made.append(p)
+        p = p.parent
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CompressError(f"{out}: cannot write here ({(e.strerror or str(e)).lower()})") from None
     remove_orphans(out)
-    return out
+    return out, made
+
+
+def _unmake(folders: list[Path]) -> None:
+    """Remove the folders ``_prepare`` made for an output that failed, where still empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def _remove(p: Path) -> None:
@@ -334,16 +352,18 @@ def _remove(p: Path) -> None:
 @contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; rename it to ``out`` when the block ends without error."""
-    out = _prepare(out, overwrite)
+    out, made = _prepare(out, overwrite)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
     except OSError as e:
+        _unmake(made)
         raise CompressError(f"{out}: cannot write here ({e.strerror})") from None
     try:
         yield tmp
         _rename_into_place(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _unmake(made)
         err = _write_error(e, out, tmp) if isinstance(e, OSError) else None
         if err is not None:
             raise err from None
@@ -367,11 +387,12 @@ def _rename_into_place(tmp: Path, out: Path) -> None:
 @contextmanager
 def atomic_file(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary file path beside ``out``; move it to ``out`` when the block ends without error."""
-    out = _prepare(out, overwrite)
+    out, made = _prepare(out, overwrite)
     try:
         fd, name = tempfile.mkstemp(prefix=_temp_prefix(out), dir=out.parent)
         os.close(fd)
     except OSError as e:
+        _unmake(made)
         raise CompressError(f"{out}: cannot write here ({e.strerror})") from None
     tmp = Path(name)
     try:
@@ -384,6 +405,7 @@ def atomic_file(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         for p in (tmp, tmp.with_name(tmp.name + ".data")):
             if p.exists():
                 p.unlink()
+        _unmake(made)
         err = _write_error(e, out, tmp) if isinstance(e, OSError) else None
         if err is not None:
             raise err from None
