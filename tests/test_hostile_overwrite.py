@@ -49,6 +49,9 @@ CASES = {
     "prune's sparse file into the model": (
         "prune {r}/base --method magnitude --sparsity 0.5 --out {r}/p --sparse-out {r}/base/model.safetensors",
         "{r}/base/model.safetensors", "{r}/base", "lies inside the input"),
+    "prune over its calibration text": (
+        "prune {r}/base --method magnitude --sparsity 0.5 --calib {r}/requests.jsonl --out {r}/requests.jsonl",
+        "{r}/requests.jsonl", "{r}/requests.jsonl", "is the input"),
     "extract-lora over the fine-tuned model": (
         "extract-lora --base {r}/base --finetuned {r}/ft --out {r}/ft", "{r}/ft", "{r}/ft", "is the input"),
     "heads reinforce over the model": (

@@ -133,6 +133,8 @@ def _check_not_input(out: Path, real: Path, inp: Path) -> None:
 # Fields of a configuration that name something written, not read (everything else that is a path is an input).
 OUTPUT_FIELDS = frozenset({"out", "sparse_out", "log", "cache_dir", "out_root", "results", "artifacts", "db",
                            "workdir"})
+# Text fields that name a file to read, or a bundled corpus (then no path of the user's)
+TEXT_INPUT_FIELDS = frozenset({"calib", "eval_perplexity", "perplexity"})
 
 
 def config_inputs(cfg) -> list[Path]:
@@ -151,8 +153,11 @@ def config_inputs(cfg) -> list[Path]:
                 walk(v)
         elif hasattr(type(value), "model_fields"):
             for name in type(value).model_fields:
-                if name not in OUTPUT_FIELDS:
-                    walk(getattr(value, name))
+                v = getattr(value, name)
+                if name in TEXT_INPUT_FIELDS and isinstance(v, str) and os.path.exists(v):
+                    found.append(Path(v))
+                elif name not in OUTPUT_FIELDS:
+                    walk(v)
 
     walk(cfg)
     return found

@@ -43,7 +43,7 @@ def run_prune(cfg) -> dict:
         check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
         if not cfg.no_sparse:
             sparse_out = cfg.sparse_out or default_sparse_out(cfg.out)
-            check_output(sparse_out, cfg.overwrite, config_inputs(cfg) + [cfg.out])
+            check_output(sparse_out, cfg.overwrite, config_inputs(cfg))
     elif cfg.eval_perplexity is None:
         raise CompressError("nothing to do: give --out DIR (and/or --eval-perplexity TEXT)")
     eval_text = resolve_text(cfg.eval_perplexity)[1] if cfg.eval_perplexity else None
