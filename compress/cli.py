@@ -65,12 +65,12 @@ def extract(
     """Store θ_ft − θ_base compactly: kept values plus a bitmask or delta-coded indices."""
     from compress.delta import extract_delta
     from compress.io.reader import open_checkpoint
-    from compress.io.writer import check_output
+    from compress.io.writer import check_output, config_inputs
     from compress.taskvec import TaskVector
 
     cfg = build(ExtractConfig, base=base, finetuned=finetuned, out=out_path, density=density, method=method,
                 seed=seed, dtype=dtype, extra=extra, vocab=vocab, device=device, overwrite=overwrite, quiet=quiet)
-    check_output(cfg.out, cfg.overwrite)
+    check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
     base_ck = open_checkpoint(cfg.base)
     tv = TaskVector.from_paths(base_ck, cfg.finetuned, extra=cfg.extra, vocab=cfg.vocab)
     s = extract_delta(base_ck, tv, cfg.out, density=cfg.density, method=cfg.method, seed=cfg.seed,
@@ -98,12 +98,12 @@ def apply_cmd(
     from compress.delta import DeltaFile, apply_delta
     from compress.io.reader import open_checkpoint
     from compress.io.sparse import apply_sparse, is_sparse_file
-    from compress.io.writer import check_output, parse_size
+    from compress.io.writer import check_output, config_inputs, parse_size
 
     cfg = build(ApplyConfig, base=base, delta=delta, out=out_path, dtype=dtype, shard_size=shard_size,
                 config_from=config_from, device=device, overwrite=overwrite, quiet=quiet)
     parse_size(cfg.shard_size)
-    check_output(cfg.out, cfg.overwrite)
+    check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
     if cfg.config_from is not None and not cfg.config_from.is_dir():
         raise CompressError(f"{cfg.config_from}: --config-from must be a folder holding config.json")
     delta_file = DeltaFile(cfg.delta)
@@ -186,12 +186,12 @@ def extract_lora(
     """Turn a dense task vector into a PEFT LoRA adapter by truncated SVD (loadable by PeftModel)."""
     from compress.io.lora import write_lora_adapter
     from compress.io.reader import open_checkpoint
-    from compress.io.writer import check_output
+    from compress.io.writer import check_output, config_inputs
     from compress.taskvec import TaskVector
 
     cfg = build(ExtractLoraConfig, base=base, finetuned=finetuned, out=out_path, rank=rank, targets=targets,
                 dtype=dtype, extra=extra, device=device, overwrite=overwrite, quiet=quiet)
-    check_output(cfg.out, cfg.overwrite)
+    check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
     dev = resolve_device(cfg.device)
     base_ck = open_checkpoint(cfg.base)
     tv = TaskVector.from_paths(base_ck, cfg.finetuned, extra=cfg.extra)
@@ -382,7 +382,7 @@ def interpolate(
 ):
     """θ_base + α·(θ_ft − θ_base) for one or several α: written, or only evaluated when an evaluator is given."""
     from compress.config import InterpolateConfig
-    from compress.merge.interpolate import evaluate_alphas, write_alphas
+    from compress.merge.interpolate import best_alpha, evaluate_alphas, write_alphas
 
     if method == "nps" or (recipe is not None and _recipe_method(recipe) == "nps"):
         from compress.search.cli import nps_interpolate_command
@@ -404,8 +404,11 @@ def interpolate(
             out.print(f"wrote {p}")
         return
     from compress.eval.perplexity import load_causal_lm, perplexity
+    from compress.io.writer import check_output, config_inputs
     from compress.taskvec import TaskVector
 
+    if cfg.out is not None:  # before the evaluation: the best α is written there
+        check_output(cfg.out, cfg.overwrite, config_inputs(cfg) + [eval_perplexity])
     dev = resolve_device(cfg.device)
     model, tok = load_causal_lm(cfg.base, device=dev)
     tv = TaskVector.from_paths(cfg.base, cfg.finetuned)
@@ -417,7 +420,7 @@ def interpolate(
         table.add_row(f"{a:g}", f"{sc:.3f}")
     out.print(table)
     if out_path is not None:
-        best = cfg.alphas[min(range(len(scores)), key=scores.__getitem__)]
+        best = best_alpha(cfg.alphas, scores)
         for p in write_alphas(cfg.model_copy(update={"alphas": [best]})):
             out.print(f"wrote {p} (best α = {best:g})")
 
@@ -716,6 +719,9 @@ def zoo_build(
     cfg = build(ZooBuildConfig, name=name, out_root=out_root, recipe=recipe, quick=quick, only=only,
                 device=device, overwrite=overwrite, quiet=quiet)
     zoo.entry(cfg.name)
+    from compress.io.writer import check_output
+
+    check_output(cfg.out_root / cfg.name, cfg.overwrite, [cfg.recipe])
     summary = zoo.build(cfg.name, device=resolve_device(cfg.device), quick=cfg.quick, out_root=cfg.out_root,
                         recipe=cfg.recipe, overwrite=cfg.overwrite, quiet=cfg.quiet, only=cfg.only)
     if summary.get("table"):
@@ -908,9 +914,11 @@ def heads_probes(
 ):
     """Write head-scoring probes (with a context span and an answer) from a zoo recipe, held out from eval."""
     from compress.heads.probes import recall_probes, write_probes
+    from compress.io.writer import check_output
 
     if zoo != "lm-zoo":
         raise CompressError(f"probes for '{zoo}': only lm-zoo (its recall task) has a probe generator")
+    check_output(out_path, overwrite, [recipe])
     write_probes(recall_probes(n, seed, quick, recipe), out_path, overwrite)
     print(f"wrote {n} probes to {out_path}")
 
@@ -1287,8 +1295,24 @@ def bench_merge_speed(
         venv=venv)
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM → SystemExit(143) in the main thread, so the atomic writers' cleanup runs and no temporary is left;
+    a second SIGTERM during the cleanup kills at once. A process that handles SIGTERM itself keeps its handler."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print("error: terminated by SIGTERM; unfinished outputs are removed", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input → one line on stderr and exit code 2; never a traceback for the user's mistake."""
+    _exit_on_sigterm()
     cmd = typer.main.get_command(app)
     argv = expand_multi(list(sys.argv[1:] if argv is None else argv))
     try:

@@ -6,6 +6,7 @@ bodies; all validate here, so an error reads the same everywhere (``format_valid
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -429,12 +430,18 @@ class MergeConfig(Compute, ProtectOptions):
                                              "tie_break")}
 
 
+def _finite(v: float) -> float:
+    if not math.isfinite(v):
+        raise ValueError(f"must be a finite number, got {v}")
+    return v
+
+
 class InterpolateConfig(Compute):
     """`compress interpolate`: θ_base + α·τ for one or several α (one output each), or evaluation only."""
 
     base: Path
     finetuned: Path
-    alphas: list[float] = Field(min_length=1)
+    alphas: list[Annotated[float, AfterValidator(_finite)]] = Field(min_length=1)
     out: Optional[Path] = None
     shard_size: str = "5GB"
     overwrite: bool = False

@@ -182,7 +182,8 @@ def test_cli_bad_input(tmp_path):
     code, _, err = run_cli("prune", "--method", "nps", "--base", tmp_path, "--finetuned", tmp_path, "--task", "trec",
                            "--density", "1.5", "--out", tmp_path / "o")
     assert code == 2 and "density: must be in (0, 1]" in err
-    code, _, err = run_cli("prune", "--method", "nps", "--base", tmp_path / "none", "--finetuned", tmp_path,
+    (tmp_path / "ft").mkdir()  # an input folder may not hold the output
+    code, _, err = run_cli("prune", "--method", "nps", "--base", tmp_path / "none", "--finetuned", tmp_path / "ft",
                            "--task", "trec", "--density", "0.1", "--out", tmp_path / "o")
     assert code == 2 and "none" in err
     code, _, err = run_cli("merge", "--method", "nps", "--base", tmp_path, "--models", tmp_path, tmp_path,

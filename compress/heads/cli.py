@@ -52,11 +52,11 @@ def run_score(cfg) -> dict:
     from compress.heads.probes import encode_probes, read_probes
     from compress.heads.score import score_heads
     from compress.heads.scorefile import save_scores
-    from compress.io.writer import check_output
+    from compress.io.writer import check_output, config_inputs
     from compress.progress import console
 
     device = resolve_device(cfg.device)
-    check_output(cfg.out, cfg.overwrite)
+    check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
     items = read_probes(cfg.probes, cfg.limit)
     model, tok, llava = load_model(cfg.model, device)
     image_token = None
@@ -84,7 +84,9 @@ def run_reinforce(cfg) -> dict:
     from compress.heads.layout import attention_layout
     from compress.heads.reinforce import reinforce, reinforce_heads
     from compress.heads.scorefile import load_scores
+    from compress.io.writer import check_output, config_inputs
 
+    check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
     layout = attention_layout(cfg.model)
     sf = load_scores(cfg.scores)
     if tuple(sf.scores.shape) != (layout.n_layers, layout.n_heads):

@@ -200,7 +200,7 @@ def convert_llama2c(model_bin: str | os.PathLike, tokenizer_bin: str | os.PathLi
     from transformers import GenerationConfig
 
     model_bin, tokenizer_bin = Path(model_bin), Path(tokenizer_bin)
-    check_output(out_dir, overwrite)
+    check_output(out_dir, overwrite, (model_bin, tokenizer_bin))
     c = read_llama2c_header(model_bin)
     pieces, scores = read_llama2c_tokenizer(tokenizer_bin, c["vocab_size"])
     raw = np.memmap(model_bin, dtype="<f4", mode="r", offset=_HEADER.size)

@@ -5,7 +5,12 @@ first) is written when the shard closes and the data is copied behind it in chun
 
 Atomicity (DESIGN principle 6): everything is written into a hidden temporary folder (or file) beside the target
 and renamed into place only when complete; on any error the temporary is removed, so a crash never leaves half a
-model where a model is expected.
+model where a model is expected. A temporary's name carries the host and pid of its writer
+(``.NAME.tmp-HOST-PID-XXXX``, ``.NAME.old-HOST-PID``), so that a later run for the same target removes those a
+killed process left (pid no longer alive on this host) and leaves a live concurrent writer's alone.
+
+Every float tensor is checked finite before it is written, and an OSError while writing (a full disk) is one line
+naming the output; an output that is, holds or lies inside one of the inputs is refused (``check_output``).
 """
 
 from __future__ import annotations
@@ -14,16 +19,17 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Iterator
+from typing import Iterable, Iterator, Optional
 
 import torch
 
 from compress.errors import CompressError
-from compress.io.reader import DTYPE_CODES
+from compress.io.reader import DTYPE_CODES, all_finite
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 
@@ -77,9 +83,21 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-def check_output(out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Fail early (before any work) if ``out`` cannot be written."""
+def check_output(out: str | os.PathLike, overwrite: bool = False,
+                 inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Fail early (before any work) if ``out`` cannot be written, or writing it could destroy the working folder or
+    one of ``inputs`` (with or without ``overwrite``)."""
     out = Path(out)
+    real = out.resolve()
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the working folder was deleted: nothing of it to protect
+        cwd = None
+    if out.name in ("", ".", "..") or (cwd is not None and cwd.is_relative_to(real)):
+        raise CompressError(f"{out}: is the working folder or holds it; name a new folder or file to write")
+    for inp in inputs:
+        if inp is not None:
+            _check_not_input(out, real, Path(inp))
     if out.exists() and not overwrite:
         raise CompressError(f"{out}: already exists; pass --overwrite to replace it")
     parent = out.parent
@@ -90,11 +108,83 @@ def check_output(out: str | os.PathLike, overwrite: bool = False) -> Path:
     return out
 
 
+def _check_not_input(out: Path, real: Path, inp: Path) -> None:
+    """Refuse an output that is, holds or lies inside ``inp`` (paths compared with symlinks resolved)."""
+    guarded = inp.resolve()
+    if inp.is_file() and not inp.name.endswith(".index.json"):
+        # a weights file alone: the folder it sits in may hold outputs; a shard index stands for its folder
+        same = real == guarded or (out.exists() and os.path.samefile(out, inp))
+        if same or guarded.is_relative_to(real):
+            raise CompressError(f"{out}: {'is' if same else 'holds'} the input {inp}; writing it would destroy "
+                                "the input, so choose another output")
+        return
+    if inp.is_file():
+        guarded = guarded.parent
+    if real == guarded or (out.exists() and inp.exists() and os.path.samefile(out, inp)):
+        raise CompressError(f"{out}: is the input {inp}; writing it would destroy the input, so choose another "
+                            "output")
+    if guarded.is_relative_to(real):
+        raise CompressError(f"{out}: holds the input {inp}; writing it would destroy the input, so choose another "
+                            "output")
+    if real.is_relative_to(guarded):
+        raise CompressError(f"{out}: lies inside the input {inp}; choose an output outside it")
+
+
+# Fields of a configuration that name something written, not read (everything else that is a path is an input).
+OUTPUT_FIELDS = frozenset({"out", "sparse_out", "log", "cache_dir", "out_root", "results", "artifacts", "db",
+                           "workdir"})
+# Text fields that name a file to read, or a bundled corpus (then no path of the user's)
+TEXT_INPUT_FIELDS = frozenset({"calib", "eval_perplexity", "perplexity"})
+
+
+def config_inputs(cfg) -> list[Path]:
+    """Every path a configuration (a pydantic model from ``compress.config``) reads: its path fields, nested
+    models' included, except those in ``OUTPUT_FIELDS``."""
+    found: list[Path] = []
+
+    def walk(value) -> None:
+        if isinstance(value, Path):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif hasattr(type(value), "model_fields"):
+            for name in type(value).model_fields:
+                v = getattr(value, name)
+                if name in TEXT_INPUT_FIELDS and isinstance(v, str) and os.path.exists(v):
+                    found.append(Path(v))
+                elif name not in OUTPUT_FIELDS:
+                    walk(v)
+
+    walk(cfg)
+    return found
+
+
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.view(torch.uint8).numpy())
+
+
+def check_finite_output(name: str, t: torch.Tensor) -> None:
+    """A one-line error naming ``name`` when the float tensor ``t`` holds NaN or Inf (checked on its device)."""
+    if not t.is_floating_point() or all_finite(t):
+        return
+    name = name.split("::")[0]  # a delta or sparse file's entry: name the model's tensor
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    dtype = str(t.dtype).removeprefix("torch.")
+    if nan:
+        what = f"{nan} NaN" + (f" and {inf} Inf" if inf else "")
+        raise CompressError(f"tensor '{name}' came out with {what} of {t.numel()} values; refusing to write a "
+                            "non-finite model (check scales such as α, λ and weights)")
+    # the readers refuse non-finite inputs, so an Inf here is a finite result too large for the dtype
+    raise CompressError(f"tensor '{name}' overflows {dtype}: {inf} of {t.numel()} values exceed its largest "
+                        f"finite value {torch.finfo(t.dtype).max:.4g}; choose a wider --dtype or smaller scales")
 
 
 class SafetensorsStreamWriter:
@@ -110,9 +200,23 @@ class SafetensorsStreamWriter:
         self._data_path = self.path if self.reserve else self.path.with_name(self.path.name + ".data")
         self._data = open(self._data_path, "wb")
         if self.reserve:
-            self._data.write(b"\0" * (8 + self.reserve))
+            self._write(b"\0" * (8 + self.reserve))
         self._header: dict[str, dict] = {}
         self.nbytes = 0
+
+    def _write(self, data) -> None:
+        try:
+            self._data.write(data)
+        except OSError:
+            self._close_quietly()
+            raise
+
+    def _close_quietly(self) -> None:
+        # a failed flush must not be retried when the file object is collected (a second error on stderr)
+        try:
+            self._data.close()
+        except OSError:
+            pass
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._header:
@@ -120,14 +224,19 @@ class SafetensorsStreamWriter:
         code = DTYPE_CODES.get(tensor.dtype)
         if code is None:
             raise CompressError(f"tensor '{name}' has dtype {tensor.dtype}, which safetensors cannot store")
+        check_finite_output(name, tensor)
         data = _tensor_bytes(tensor)
-        self._data.write(data)
+        self._write(data)
         self._header[name] = {"dtype": code, "shape": list(tensor.shape),
                               "data_offsets": [self.nbytes, self.nbytes + len(data)]}
         self.nbytes += len(data)
 
     def close(self) -> None:
-        self._data.close()
+        try:
+            self._data.close()
+        except OSError:
+            self._close_quietly()
+            raise
         header = dict(self._header)
         if self.metadata:
             header["__metadata__"] = self.metadata
@@ -150,53 +259,161 @@ class SafetensorsStreamWriter:
         os.remove(self._data_path)
 
     def abort(self) -> None:
-        self._data.close()
+        self._close_quietly()
         for p in (self._data_path, self.path):
             if p.exists():
                 p.unlink()
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+# .NAME.tmp-HOST-PID-XXXX (mkdtemp/mkstemp's suffix: letters, digits, '_'), maybe + '.data'; .NAME.old-HOST-PID
+_TEMP_RE = re.compile(r"(?:tmp-(?P<host>\w+)-(?P<pid>\d+)-\w+(?:\.data)?|old-(?P<ohost>\w+)-(?P<opid>\d+))")
+
+
+def _temp_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-{_HOST}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_orphans(out: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that writers of ``out`` on this host left when they died (kill -9, power loss);
+    those of live processes (a concurrent run) and of other hosts are kept. Returns what was removed."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    head = f".{out.name}."
+    for p in out.parent.iterdir():
+        if not p.name.startswith(head):
+            continue
+        m = _TEMP_RE.fullmatch(p.name[len(head):])
+        if m is None:
+            continue
+        host, pid = (m["host"], m["pid"]) if m["host"] else (m["ohost"], m["opid"])
+        if host != _HOST or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        try:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        except FileNotFoundError:  # another run cleaned it first
+            continue
+        removed.append(p)
+    return removed
+
+
+def _write_error(e: OSError, out: Path, tmp: Path) -> CompressError | None:
+    """The one-line error for an OSError met while writing ``out`` (None: it names another path, e.g. an input)."""
+    absolute = lambda p: Path(os.path.abspath(os.fsdecode(p)))  # noqa: E731  (symlinks as written)
+    names = [absolute(n) for n in (e.filename, getattr(e, "filename2", None)) if n is not None]
+    target, tmp = absolute(out), absolute(tmp)
+    ours = lambda p: p == target or p.is_relative_to(tmp) or (p.parent == target.parent and  # noqa: E731
+                                                             p.name.startswith(f".{target.name}."))
+    if names and not any(ours(n) for n in names):
+        return None
+    reason = (e.strerror or str(e)).lower()
+    return CompressError(f"{out}: cannot write the output ({reason}); nothing was written")
+
+
+def _prepare(out: str | os.PathLike, overwrite: bool) -> tuple[Path, list[Path]]:
+    """``out`` checked, its folder made (returned: the folders made, deepest first) and dead writers' orphans
+    removed."""
+    out = check_output(out, overwrite)
+    made, p = [], out.parent
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CompressError(f"{out}: cannot write here ({(e.strerror or str(e)).lower()})") from None
+    remove_orphans(out)
+    return out, made
+
+
+def _unmake(folders: list[Path]) -> None:
+    """Remove the folders ``_prepare`` made for an output that failed, where still empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
 @contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; rename it to ``out`` when the block ends without error."""
-    out = check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out, made = _prepare(out, overwrite)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out), dir=out.parent))
     except OSError as e:
+        _unmake(made)
         raise CompressError(f"{out}: cannot write here ({e.strerror})") from None
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.rename(tmp, out)
-    except BaseException:
+        _rename_into_place(tmp, out)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _unmake(made)
+        err = _write_error(e, out, tmp) if isinstance(e, OSError) else None
+        if err is not None:
+            raise err from None
         raise
+
+
+def _rename_into_place(tmp: Path, out: Path) -> None:
+    if not (out.exists() or out.is_symlink()):
+        os.rename(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{_HOST}-{os.getpid()}")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)  # the previous output stays where it was
+        raise
+    _remove(old)
 
 
 @contextmanager
 def atomic_file(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary file path beside ``out``; move it to ``out`` when the block ends without error."""
-    out = check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out, made = _prepare(out, overwrite)
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(out), dir=out.parent)
         os.close(fd)
     except OSError as e:
+        _unmake(made)
         raise CompressError(f"{out}: cannot write here ({e.strerror})") from None
     tmp = Path(name)
     try:
         yield tmp
-        os.replace(tmp, out)
-    except BaseException:
+        if out.is_dir() and not out.is_symlink():
+            _rename_into_place(tmp, out)  # a file replacing a folder (--overwrite)
+        else:
+            os.replace(tmp, out)
+    except BaseException as e:
         for p in (tmp, tmp.with_name(tmp.name + ".data")):
             if p.exists():
                 p.unlink()
+        _unmake(made)
+        err = _write_error(e, out, tmp) if isinstance(e, OSError) else None
+        if err is not None:
+            raise err from None
         raise
 
 

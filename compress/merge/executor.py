@@ -376,7 +376,7 @@ def run_merge(cfg: MergeConfig, quiet: Optional[bool] = None) -> MergeSummary:
     """Write the merge that ``cfg`` describes to ``cfg.out`` (atomically)."""
     if cfg.out is None:
         raise CompressError("no output folder: pass --out DIR (or set out: in the recipe)")
-    from compress.io.writer import check_output
+    from compress.io.writer import check_output, config_inputs
 
-    check_output(cfg.out, cfg.overwrite)
+    check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
     return Merger(cfg).write(cfg.out, quiet=quiet if quiet is not None else cfg.quiet)

@@ -7,6 +7,7 @@ loaded once, τ read once, and each α costs only a weight update plus the evalu
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,13 +27,13 @@ def write_alphas(cfg: InterpolateConfig) -> list[Path]:
     """θ_base + α·τ for each α: into ``out`` for a single α, else into ``out/alpha-<α>/``."""
     if cfg.out is None:
         raise CompressError("no output folder: pass --out DIR, or an evaluator to only evaluate")
-    from compress.io.writer import check_output
+    from compress.io.writer import check_output, config_inputs
 
     base = open_checkpoint(cfg.base)
     tv = TaskVector.from_paths(base, cfg.finetuned)
     targets = [cfg.out] if len(cfg.alphas) == 1 else [alpha_dir(cfg.out, a) for a in cfg.alphas]
     for t in targets:
-        check_output(t, cfg.overwrite)
+        check_output(t, cfg.overwrite, config_inputs(cfg))
     device = resolve_device(cfg.device)
     for alpha, target in zip(cfg.alphas, targets):
         card = {"title": f"Interpolated model (α = {alpha:g})", "method": "θ_base + α·(θ_ft − θ_base)",
@@ -40,6 +41,14 @@ def write_alphas(cfg: InterpolateConfig) -> list[Path]:
         tv.apply(base, target, scale=alpha, device=device, dtype=torch_dtype(cfg.dtype), shard_size=cfg.shard_size,
                  overwrite=cfg.overwrite, quiet=cfg.quiet, card=card)
     return targets
+
+
+def best_alpha(alphas: list[float], scores: list[float]) -> float:
+    """The α of the lowest score, among finite scores only (a diverged model scores NaN or Inf and is never best)."""
+    finite = [i for i, sc in enumerate(scores) if math.isfinite(sc)]
+    if not finite:
+        raise CompressError(f"no α gave a finite score (α = {', '.join(f'{a:g}' for a in alphas)}); nothing written")
+    return alphas[min(finite, key=scores.__getitem__)]
 
 
 @torch.no_grad()

@@ -35,15 +35,15 @@ def run_prune(cfg) -> dict:
     """Prune ``cfg.model`` as ``cfg`` says, write ``cfg.out`` (and the sparse file), print a summary line per
     step; returns what was done (sparsity, sizes, perplexities)."""
     from compress.config import resolve_device, torch_dtype
-    from compress.io.writer import check_output
+    from compress.io.writer import check_output, config_inputs
     from compress.progress import console
     device = resolve_device(cfg.device)
     sparse_out = None
     if cfg.out is not None:
-        check_output(cfg.out, cfg.overwrite)
+        check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
         if not cfg.no_sparse:
             sparse_out = cfg.sparse_out or default_sparse_out(cfg.out)
-            check_output(sparse_out, cfg.overwrite)
+            check_output(sparse_out, cfg.overwrite, config_inputs(cfg))
     elif cfg.eval_perplexity is None:
         raise CompressError("nothing to do: give --out DIR (and/or --eval-perplexity TEXT)")
     eval_text = resolve_text(cfg.eval_perplexity)[1] if cfg.eval_perplexity else None

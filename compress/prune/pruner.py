@@ -91,6 +91,7 @@ class Pruner:
         self.calib = calib
         with hf_quiet():
             self.model = _load_model(self.model_dir, device)
+        _check_finite_model(self.model, self.model_dir)
         self.modules, self.n_blocks = C.find_prunable(self.model, targets, ignore)
         max_pos = getattr(self.model.config, "max_position_embeddings", None)
         if seqlen is None:
@@ -380,6 +381,15 @@ class Pruner:
                              {"sparsity": f"{result.sparsity:.4f}", "strategy": result.strategy.source,
                               "nsamples": self.nsamples, "seqlen": self.seqlen})
         return Path(out)
+
+
+def _check_finite_model(model: torch.nn.Module, path: Path) -> None:
+    """Refuse NaN/Inf weights, as the checkpoint readers do: pruning would keep them (a mask cannot rank NaN)."""
+    from compress.io.reader import all_finite
+
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not all_finite(t):
+            raise CompressError(f"{path}: tensor '{name}' contains NaN or Inf")
 
 
 def _checkpoint_names(model, modules, ck, model_dir) -> dict[str, "C.Prunable"]:

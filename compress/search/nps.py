@@ -492,12 +492,12 @@ def run_nps(cfg) -> dict:
     from compress.config import resolve_device
     from compress.eval.classify import load_encoder
     from compress.io.reader import open_checkpoint
-    from compress.io.writer import check_output
+    from compress.io.writer import check_output, config_inputs
     from compress.progress import console
 
     device = resolve_device(cfg.device)
     if cfg.out is not None:
-        check_output(cfg.out, cfg.overwrite)
+        check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
     protect = cfg.resolve_protect(cfg.base)
     if protect is not None and protect.sparsity:
         raise CompressError("nps: --protect-sparsity is not supported; protected entries stay dense (counted in "

@@ -21,7 +21,7 @@ from compress.progress import console, track
 def run_batch(cfg) -> dict:
     from compress.config import resolve_device, torch_dtype
     from compress.io.sparse import write_sparse
-    from compress.io.writer import atomic_dir, check_output
+    from compress.io.writer import atomic_dir, check_output, config_inputs
     from compress.strategy.project import size_model
     from compress.strategy.request import head_protect, read_requests
     from compress.strategy.stratnet import StratNetModel
@@ -29,7 +29,7 @@ def run_batch(cfg) -> dict:
 
     t_start = time.perf_counter()
     requests = read_requests(cfg.requests)
-    check_output(cfg.out, cfg.overwrite)
+    check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
     net = StratNetModel.load(cfg.stratnet, cfg.model)
     meta = net.meta
     dtype = torch_dtype(cfg.dtype)

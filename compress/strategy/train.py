@@ -140,13 +140,13 @@ def _pruner_and_evaluator(cfg, log=None):
 
 def run_train(cfg) -> dict:
     """`compress strategy train`: train and save the StratNet file; returns the report."""
-    from compress.io.writer import check_output
+    from compress.io.writer import check_output, config_inputs
     from compress.prune.calib import model_fingerprint
     from compress.prune.pruner import DEFAULT_CALIB
 
     if cfg.out is None:
         raise CompressError("give --out FILE (the StratNet file to write)")
-    check_output(cfg.out, cfg.overwrite)
+    check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
     t0 = time.perf_counter()
     pruner, ev, calib_seconds = _pruner_and_evaluator(cfg, cfg.log)
     meta = {"model": str(cfg.model), "fingerprint": model_fingerprint(cfg.model), "method": cfg.method,
@@ -180,13 +180,13 @@ def run_search(cfg) -> dict:
     """`compress strategy search`: one request, searched; prints and optionally writes the strategy JSON."""
     import json
 
-    from compress.io.writer import atomic_file, check_output
+    from compress.io.writer import atomic_file, check_output, config_inputs
     from compress.strategy.project import size_model, sparsity_for_size
     from compress.strategy.request import head_protect
     from compress.strategy.search import search_preference, search_sparsity
 
     if cfg.out is not None:
-        check_output(cfg.out, cfg.overwrite)
+        check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
     req = cfg.request
     pruner, ev, _ = _pruner_and_evaluator(cfg, cfg.log)
     ev.protect = head_protect(pruner, req.protect_heads)
