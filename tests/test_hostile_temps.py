@@ -158,3 +158,21 @@ def test_failing_write_is_one_line_and_leaves_nothing(small, tmp_path, command):
     assert err.strip().splitlines() == [f"error: {failed}: cannot write the output (file too large); nothing was "
                                         "written"]
     assert list(tmp_path.iterdir()) == []  # not even OUT, made for the α folders
+
+
+def test_outputs_get_the_modes_of_ordinary_files(tmp_path, llama_pair):
+    """mkdtemp's private 0700 temporaries are not what a finished model folder should be: 0755 / 0644 here."""
+    import stat
+
+    base, ft = llama_pair
+    old = os.umask(0o022)
+    try:
+        code, _, err = run_cli("extract", "--base", base, "--finetuned", ft, "--out", tmp_path / "d.safetensors")
+        assert code == 0, err
+        code, _, err = run_cli("apply", "--base", base, "--delta", tmp_path / "d.safetensors", "--out", tmp_path / "m")
+        assert code == 0, err
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "d.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()} == {0o644}

@@ -375,7 +375,35 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         raise
 
 
+def _umask() -> int:
+    # read, not set-and-restore: os.umask(0) would open a window in which other threads create world-writable files
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _public_modes(tmp: Path) -> None:
+    """mkstemp and mkdtemp create private (0600 / 0700) temporaries; a finished output gets the modes any file
+    this user creates would get (0644 / 0755 under the usual umask 022)."""
+    mask = _umask()
+    if tmp.is_dir():
+        os.chmod(tmp, 0o777 & ~mask)
+        for root, dirs, files in os.walk(tmp):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~mask)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o666 & ~mask)
+    else:
+        os.chmod(tmp, 0o666 & ~mask)
+
+
 def _rename_into_place(tmp: Path, out: Path) -> None:
+    _public_modes(tmp)
     if not (out.exists() or out.is_symlink()):
         os.rename(tmp, out)
         return
@@ -405,6 +433,7 @@ def atomic_file(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         if out.is_dir() and not out.is_symlink():
             _rename_into_place(tmp, out)  # a file replacing a folder (--overwrite)
         else:
+            _public_modes(tmp)
             os.replace(tmp, out)
     except BaseException as e:
         for p in (tmp, tmp.with_name(tmp.name + ".data")):
