@@ -24,8 +24,8 @@ _EXIT, _CLICK_ERROR, _ABORT = tuple(_EXIT), tuple(_CLICK_ERROR), tuple(_ABORT)
 from rich.console import Console
 from rich.table import Table
 
-from compress.config import (ApplyConfig, EvalConfig, ExtractConfig, ExtractLoraConfig, ZooBuildConfig, build,
-                             resolve_device, torch_dtype)
+from compress.config import ApplyConfig, EvalConfig, ExtractConfig, ExtractLoraConfig, ZooBuildConfig, build
+from compress.runtime import resolve_device, torch_dtype
 from compress.errors import CompressError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -913,8 +913,9 @@ def heads_probes(
     overwrite: bool = OVERWRITE,
 ):
     """Write head-scoring probes (with a context span and an answer) from a zoo recipe, held out from eval."""
-    from compress.heads.probes import recall_probes, write_probes
+    from compress.heads.probes import write_probes
     from compress.io.writer import check_output
+    from compress.zoo.lm import recall_probes
 
     if zoo != "lm-zoo":
         raise CompressError(f"probes for '{zoo}': only lm-zoo (its recall task) has a probe generator")
@@ -1129,7 +1130,7 @@ def bench_merge(
     device: str = DEVICE, quiet: bool = QUIET,
 ):
     """Zero-shot, individual, average, task arithmetic, TIES and DARE-TIES on the zoo's fine-tuned models."""
-    from compress.bench.merge_zoo import run
+    from compress.bench.merge import run
 
     run(zoo, zoo_root=zoo_root, results=results, device=resolve_device(device), dev_limit=dev_limit or None,
         test_limit=test_limit, quiet=quiet)

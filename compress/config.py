@@ -11,16 +11,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from compress.errors import CompressError
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float64": torch.float64, "fp64": torch.float64,
+# dtype names a schema accepts, each with its torch name (``compress.runtime.torch_dtype`` maps them)
+DTYPE_NAMES: dict[str, str] = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64",
 }
 
 
@@ -31,7 +31,7 @@ def _density(v: float) -> float:
 
 
 def _dtype(v: Optional[str]) -> Optional[str]:
-    if v is not None and v.lower() not in DTYPES:
+    if v is not None and v.lower() not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype '{v}' (choose one of float32, float16, bfloat16, float64)")
     return None if v is None else v.lower()
 
@@ -46,17 +46,6 @@ def _device(v: str) -> str:
 Density = Annotated[float, AfterValidator(_density)]
 DType = Annotated[Optional[str], AfterValidator(_dtype)]
 Device = Annotated[str, AfterValidator(_device)]
-
-
-def torch_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    return None if name is None else DTYPES[name.lower()]
-
-
-def resolve_device(device: str) -> str:
-    """The device string, after checking it exists here (a one-line error otherwise)."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CompressError(f"device '{device}' asked for, but CUDA is not available on this machine")
-    return device
 
 
 class _Config(BaseModel):
@@ -156,10 +145,9 @@ class EvalConfig(Compute):
 # --- zoo recipes (recipes/zoo/*.yml) --------------------------------------------------------------------------
 
 def _task_name(v: str) -> str:
-    from compress.data import TASKS
-
-    if v not in TASKS:
-        raise ValueError(f"unknown task '{v}' (choose one of {', '.join(TASKS)})")
+    # which tasks exist is the data layer's to say (compress.data.task_dir); a schema only refuses a path here
+    if not v or any(c in v for c in "/\\") or v.startswith("."):
+        raise ValueError(f"task '{v}' must be a task's name, not a path")
     return v
 
 
@@ -353,23 +341,6 @@ class ProtectOptions(_Config):
     protect_per_layer: bool = False
     protect_sparsity: Annotated[Optional[float], AfterValidator(lambda v: _sparsity(v))] = None
 
-    def resolve_protect(self, model):
-        """The ``Protect`` these options describe for ``model`` (a folder, checkpoint or module); None if none."""
-        from dataclasses import replace
-
-        from compress.sparsify.protect import Protect
-
-        p = Protect.load(self.protect) if self.protect is not None else None
-        if self.protect_heads is not None:
-            from compress.heads.select import protect_from_scores
-
-            hp = protect_from_scores(self.protect_heads, model, top=self.protect_top, per_layer=self.protect_per_layer,
-                                     sparsity=self.protect_sparsity)
-            p = hp if p is None else replace(p, sparsity=self.protect_sparsity).union(hp)
-        elif p is not None and self.protect_sparsity is not None:
-            p = replace(p, sparsity=self.protect_sparsity)
-        return p
-
 
 class MergeModel(_Config):
     """One input: a full checkpoint or a PEFT LoRA adapter folder, with its own parameters."""
@@ -377,17 +348,6 @@ class MergeModel(_Config):
     model: Path
     parameters: Annotated[dict[str, Setting], AfterValidator(_param_names(MODEL_PARAMS))] = Field(
         default_factory=dict)
-
-
-def _methods() -> tuple[str, ...]:
-    from compress.merge.methods import ALL_METHODS
-    return ALL_METHODS
-
-
-def _method(v: str) -> str:
-    if v not in _methods():
-        raise ValueError(f"unknown merge method '{v}' (choose one of {', '.join(_methods())})")
-    return v
 
 
 class MergeConfig(Compute, ProtectOptions):
@@ -398,7 +358,7 @@ class MergeConfig(Compute, ProtectOptions):
     float32; a mergekit recipe's ``dtype`` sets it, since mergekit merges in that dtype).
     """
 
-    method: Annotated[str, AfterValidator(_method)]
+    method: str = Field(description="a merge method's name (the registry: compress.merge.methods)")
     base: Optional[Path] = None
     models: list[MergeModel] = Field(min_length=1)
     parameters: Annotated[dict[str, Setting], AfterValidator(_param_names(SHARED_PARAMS))] = Field(
@@ -536,7 +496,8 @@ class PruneConfig(Compute, ProtectOptions):
 # -- NPS (compress.search) -------------------------------------------------------------------------------------
 
 class NpsSearch(_Config):
-    """How NPS searches (``compress.search.nps``): the partition, the mask rule, the optimizer and its objective."""
+    """How NPS searches (``compress.search.nps``): the partition, the mask rule, the optimizer and its objective.
+    The one definition of these settings: ``NpsProblem`` takes this object as its search space."""
 
     partition: Literal["magnitude", "svd"] = "magnitude"
     parts: int = Field(8, ge=1, le=64, description="M, the number of subspaces of each task vector")
@@ -558,11 +519,11 @@ class NpsSearch(_Config):
     batch_size: int = Field(256, ge=1)
     seed: int = 0
 
-    def space(self):
-        from compress.search.nps import Space
-
-        return Space(self.partition, self.parts, self.edges, self.span, self.grouping, self.topk, self.values,
-                     self.rescale, self.select, self.seed, self.task_weights, self.combine)
+    @model_validator(mode="after")
+    def _check_search(self):
+        if self.task_weights == "per_task" and self.select == "random":
+            raise ValueError("task_weights per_task needs select topk")
+        return self
 
 
 class NpsConfig(Compute, ProtectOptions):

@@ -9,7 +9,8 @@ import torch
 
 from compress.errors import CompressError
 from compress.search import partition as P
-from compress.search.nps import ModelSetter, NpsProblem, Space, load_flat, make_layout, search
+from compress.config import NpsSearch as Space, build
+from compress.search.nps import ModelSetter, NpsProblem, load_flat, make_layout, search
 from compress.sparsify.protect import Protect
 from tests.conftest import run_cli
 
@@ -168,9 +169,9 @@ def test_problem_and_config_errors():
     layout = make_layout(["a"], [(4,)], [torch.float32])
     with pytest.raises(CompressError, match="density"):
         NpsProblem(layout, [torch.ones(4)], 0.0)
-    with pytest.raises(CompressError, match="select"):
-        NpsProblem(layout, [torch.ones(4)], 0.5, Space(select="best"))
-    from compress.config import NpsConfig, build
+    with pytest.raises(CompressError, match="select: Input should be 'topk' or 'random'"):
+        build(Space, select="best")
+    from compress.config import NpsConfig
 
     with pytest.raises(CompressError, match="exactly one fine-tuned model"):
         build(NpsConfig, mode="prune", base="b", models=["x", "y"], tasks=["trec", "subj"])
@@ -204,7 +205,6 @@ def test_prune_command_keeps_nps_and_whole_weight_options_apart(tmp_path):
 
 
 def test_per_task_part_weights_act_on_their_own_vector_only():
-    from compress.search.nps import Space
 
     layout = make_layout(["a", "b"], [(4, 4), (8,)], [torch.float32] * 2)
     g = torch.Generator().manual_seed(0)
@@ -219,12 +219,11 @@ def test_per_task_part_weights_act_on_their_own_vector_only():
     changed = (problem.delta(x) - (taus[0] + taus[1])).abs() > 1e-7
     assert bool(changed[:16].any()) and not bool(changed[16:].any())  # only tensor 'a' of task 0 moved
     with pytest.raises(CompressError, match="per_task needs select topk"):
-        NpsProblem(layout, taus, 0.5, Space(task_weights="per_task", select="random"))
+        build(Space, task_weights="per_task", select="random")
 
 
 def test_ties_combine_matches_the_merge_functions():
     from compress.merge.methods import combine
-    from compress.search.nps import Space
 
     layout = make_layout(["a"], [(6, 5)], [torch.float32])
     g = torch.Generator().manual_seed(1)

@@ -28,7 +28,8 @@ def run(zoo: str, *, zoo_root: Path, results: Path, sparsity: float = 0.6, top: 
         device: str = "cpu", quiet: bool = False, probe_seed: int = 7) -> dict:
     from compress.eval.recall import recall_eval
     from compress.heads.layout import attention_layout, head_protect
-    from compress.heads.probes import encode_text_probe, recall_probes
+    from compress.heads.probes import encode_text_probe
+    from compress.zoo.lm import recall_probes
     from compress.heads.score import score_heads
     from compress.heads.scorefile import draw_heatmap, save_scores
     from compress.heads.select import random_heads, top_heads

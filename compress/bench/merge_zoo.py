@@ -180,25 +180,3 @@ def save(report: dict, results: Path, md: str) -> dict[str, Path]:
     if png is not None:
         paths["png"] = png
     return paths
-
-
-def run(zoo_name: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path("checkpoints/bench"), *,
-        device: str = "cpu", dev_limit: Optional[int] = 500, test_limit: Optional[int] = None, quiet: bool = False,
-        lambdas=LAMBDAS) -> dict:
-    zoo = zoo_root / zoo_name
-    if zoo_name == "minilm-8task":
-        report = run_minilm(zoo, device=device, dev_limit=dev_limit, test_limit=test_limit, lambdas=lambdas,
-                            quiet=quiet)
-        md = markdown_minilm(report)
-    elif zoo_name == "lm-zoo":
-        from compress.bench.merge_lm import markdown_lm, run_lm
-
-        report = run_lm(zoo, device=device, dev_limit=dev_limit, test_limit=test_limit, lambdas=lambdas,
-                        quiet=quiet)
-        md = markdown_lm(report)
-    else:
-        raise CompressError(f"bench merge runs on minilm-8task or lm-zoo, not '{zoo_name}'")
-    paths = save(report, results, md)
-    print(md)
-    console.print(f"[bench merge] wrote {', '.join(str(p) for p in paths.values())}")
-    return report

@@ -90,11 +90,7 @@ class _Zoo:
 def _search(zoo: _Zoo, taus: list[torch.Tensor], density: float, search, objective, budget=None, parts=None):
     from compress.search.nps import NpsProblem, search as nps_search
 
-    space = search.space()
-    if parts is not None:
-        from dataclasses import replace
-
-        space = replace(space, parts=parts)
+    space = search if parts is None else search.model_copy(update={"parts": parts})
     problem = NpsProblem(zoo.layout, taus, density, space)
     res = nps_search(problem, zoo.setter, objective, optimizer=search.optimizer, budget=budget or search.budget,
                      sigma0=search.sigma0, popsize=search.popsize, seed=search.seed)

@@ -47,7 +47,7 @@ def load_model(path: Path, device: str, tokenizer: bool = True):
 
 
 def run_score(cfg) -> dict:
-    from compress.config import resolve_device
+    from compress.runtime import resolve_device
     from compress.heads.layout import attention_layout
     from compress.heads.probes import encode_probes, read_probes
     from compress.heads.score import score_heads

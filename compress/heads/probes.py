@@ -147,27 +147,6 @@ def encode_image_probe(processor, item: dict, image_token_id: int, root: Path, m
     return Probe(ids, span, ids[~span], enc["pixel_values"])
 
 
-def recall_probes(n: int = 64, seed: int = 7, quick: bool = False, recipe: Optional[str | os.PathLike] = None
-                  ) -> list[dict]:
-    """``n`` probes of lm-zoo's recall task (novel keys and counterfactual prompts as in its evaluation mix)
-    from a seed that is neither the recipe's training nor its evaluation seed, evaluation prompts excluded."""
-    from compress.zoo.lm import load_recipe
-    from compress.zoo.recall_task import RecallTask
-
-    rec = load_recipe(recipe, quick=quick)
-    r = rec.recall
-    if seed in (r.train_seed, r.eval_seed):
-        raise CompressError(f"probe seed {seed} is the recall recipe's {'training' if seed == r.train_seed else 'evaluation'} "
-                            "seed; pick another so scoring never sees those prompts")
-    task = RecallTask(r.spec(rec.seed))
-    heldout = {it["prompt"] for it in task.items(r.eval_size, seed=r.eval_seed, mix=r.eval_mix)}
-    out = []
-    for it in task.items(n, seed=seed, mix=r.eval_mix, exclude=heldout):
-        ctx = it["prompt"].split(" Question:")[0]
-        out.append({"prompt": it["prompt"], "context": ctx, "answer": it["answer"], "kind": it["kind"]})
-    return out
-
-
 def write_probes(items: list[dict], out: str | os.PathLike, overwrite: bool = False) -> Path:
     from compress.io.writer import atomic_file
 

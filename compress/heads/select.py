@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import torch
 
 from compress.errors import CompressError
+from compress.sparsify.protect import Protect
 
 Heads = list[tuple[int, int]]
 
@@ -69,3 +71,16 @@ def protect_from_scores(path: str | os.PathLike, model, top: float = 0.1, per_la
         raise CompressError(f"{path}: scores are {list(sf.scores.shape)} [layers, heads] but the model has "
                             f"{layout.n_layers} layers of {layout.n_heads} heads")
     return head_protect(layout, top_heads(sf.scores, top, per_layer), sparsity=sparsity)
+
+
+def resolve_protect(opts, model) -> Optional[Protect]:
+    """The ``Protect`` that ``opts`` (a ``config.ProtectOptions``: a prune, merge or NPS config) describe for
+    ``model`` (a folder, checkpoint or module); None if none."""
+    p = Protect.load(opts.protect) if opts.protect is not None else None
+    if opts.protect_heads is not None:
+        hp = protect_from_scores(opts.protect_heads, model, top=opts.protect_top, per_layer=opts.protect_per_layer,
+                                 sparsity=opts.protect_sparsity)
+        p = hp if p is None else replace(p, sparsity=opts.protect_sparsity).union(hp)
+    elif p is not None and opts.protect_sparsity is not None:
+        p = replace(p, sparsity=opts.protect_sparsity)
+    return p

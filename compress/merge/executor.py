@@ -14,15 +14,17 @@ from typing import Optional
 
 import torch
 
-from compress.config import MergeConfig, resolve_device, torch_dtype
+from compress.config import MergeConfig
+from compress.runtime import resolve_device, torch_dtype
 from compress.errors import CompressError
 from compress.io.reader import Checkpoint, all_finite, is_peft_adapter, open_checkpoint
-from compress.merge.methods import METHODS, Method, linear, method_preset, slerp, task_vector_merge
+from compress.merge.methods import METHODS, Method, check_method, linear, method_preset, slerp, task_vector_merge
 from compress.merge.recipe import layer_position, resolve_setting
 from compress.progress import console, track
 from compress.sparsify.masks import seeded_generator
 from compress.sparsify.topk import GlobalThreshold
 from compress.taskvec import VOCAB_TENSOR_RE, check_same_architecture
+from compress.heads.select import resolve_protect
 
 DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0, "t": 0.5}
 
@@ -120,6 +122,7 @@ class Merger:
     """Plans a merge from a ``MergeConfig`` and writes it, or yields merged tensors (``tensors()``)."""
 
     def __init__(self, cfg: MergeConfig):
+        check_method(cfg.method)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.base = open_checkpoint(cfg.base) if cfg.base is not None else None
@@ -143,7 +146,7 @@ class Merger:
         self.out_dtype = torch_dtype(cfg.dtype)
         self.compute_dtype = torch_dtype(cfg.compute_dtype) or torch.float32
         self._global: Optional[list[GlobalThreshold]] = None
-        self.protect = cfg.resolve_protect(self.ref.root if self.ref.root is not None else self.ref.path)
+        self.protect = resolve_protect(cfg, self.ref.root if self.ref.root is not None else self.ref.path)
 
     def _protected(self, name: str, like: torch.Tensor) -> Optional[torch.Tensor]:
         if not self.protect:

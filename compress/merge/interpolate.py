@@ -13,7 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
-from compress.config import InterpolateConfig, resolve_device, torch_dtype
+from compress.config import InterpolateConfig
+from compress.runtime import resolve_device, torch_dtype
 from compress.errors import CompressError
 from compress.io.reader import open_checkpoint
 from compress.taskvec import TaskVector

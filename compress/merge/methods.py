@@ -288,10 +288,18 @@ FULL_WEIGHT_METHODS = ("linear", "slerp")
 ALL_METHODS = tuple(METHODS) + FULL_WEIGHT_METHODS
 
 
+def check_method(name: str) -> str:
+    """``name`` if the registry has it, else the one-line error every entry point gives."""
+    if name not in ALL_METHODS:
+        raise CompressError(f"unknown merge method '{name}' (choose one of {', '.join(ALL_METHODS)})")
+    return name
+
+
 def method_preset(name: str, variant: str = "paper", **overrides) -> Method:
     """The preset for ``name`` in a ``variant`` (paper | peft | mergekit), with explicit overrides on top."""
     if name not in METHODS:
-        raise CompressError(f"unknown merge method '{name}' (choose one of {', '.join(ALL_METHODS)})")
+        check_method(name)
+        raise CompressError(f"merge method '{name}' averages full weights; it has no task-vector preset")
     m = METHODS[name]
     if variant == "peft":
         m = replace(m, topk="per_tensor")

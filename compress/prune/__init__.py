@@ -14,6 +14,7 @@ from pathlib import Path
 from compress.errors import CompressError
 from compress.prune.pruner import METHODS, Pruner, PruneResult, resolve_text
 from compress.prune.strategy import Strategy
+from compress.heads.select import resolve_protect
 
 __all__ = ["METHODS", "Pruner", "PruneResult", "Strategy", "run_prune", "load_prune_recipe", "default_sparse_out"]
 
@@ -34,8 +35,8 @@ def load_prune_recipe(path: str | os.PathLike, **cli):
 def run_prune(cfg) -> dict:
     """Prune ``cfg.model`` as ``cfg`` says, write ``cfg.out`` (and the sparse file), print a summary line per
     step; returns what was done (sparsity, sizes, perplexities)."""
-    from compress.config import resolve_device, torch_dtype
     from compress.io.writer import check_output, config_inputs
+    from compress.runtime import resolve_device, torch_dtype
     from compress.progress import console
     device = resolve_device(cfg.device)
     sparse_out = None
@@ -53,7 +54,7 @@ def run_prune(cfg) -> dict:
                     targets=cfg.targets, ignore=DEFAULT_IGNORE if cfg.ignore is None else (cfg.ignore or None),
                     device=device, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, blocksize=cfg.blocksize,
                     percdamp=cfg.percdamp, quiet=cfg.quiet)
-    protect = cfg.resolve_protect(pruner.model)  # named as the loaded model names its parameters
+    protect = resolve_protect(cfg, pruner.model)  # named as the loaded model names its parameters
     strategy = pruner.strategy(cfg.sparsity, cfg.layer_sparsity, cfg.strategy, cfg.owl, cfg.owl_m, cfg.owl_lambda)
     result = pruner.prune(strategy, cfg.method, cfg.pattern, protect)
     report = {**result.summary(), "layers": len(pruner.modules), "blocks": pruner.n_blocks,

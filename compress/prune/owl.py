@@ -14,32 +14,13 @@ from typing import Mapping, Sequence
 
 import torch
 
-from compress.prune.strategy import Strategy, weighted_mean
+from compress.prune.strategy import Strategy, recenter
 
 
 def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
     """Fraction of the concatenated ``scores`` above ``m`` × their mean."""
     flat = torch.cat([s.reshape(-1).float() for s in scores])
     return float((flat > m * flat.mean()).float().mean())
-
-
-def recenter(values: Sequence[float], weights: Sequence[int], target: float, lo: float, hi: float) -> list[float]:
-    """clip(v + c, lo, hi) with the offset c chosen so that the weighted mean is ``target`` (bisection; the
-    mean is monotone in c)."""
-    if not lo <= target <= hi:
-        raise ValueError(f"target {target} outside [{lo}, {hi}]")
-
-    def at(c: float) -> list[float]:
-        return [min(max(v + c, lo), hi) for v in values]
-
-    a, b = lo - max(values), hi - min(values)
-    for _ in range(200):
-        c = (a + b) / 2
-        if weighted_mean(at(c), weights) < target:
-            a = c
-        else:
-            b = c
-    return at((a + b) / 2)
 
 
 def owl_allocation(ratios: Sequence[float], block_params: Sequence[int], sparsity: float, lam: float = 0.08

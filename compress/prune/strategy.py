@@ -77,12 +77,29 @@ def validate(strategy: Strategy, block_params: Sequence[int], target: float | No
     return strategy
 
 
+def recenter(values: Sequence[float], weights: Sequence[int], target: float, lo: float, hi: float) -> list[float]:
+    """clip(v + c, lo, hi) with the offset c chosen so that the weighted mean is ``target`` (bisection; the
+    mean is monotone in c)."""
+    if not lo <= target <= hi:
+        raise ValueError(f"target {target} outside [{lo}, {hi}]")
+
+    def at(c: float) -> list[float]:
+        return [min(max(v + c, lo), hi) for v in values]
+
+    a, b = lo - max(values), hi - min(values)
+    for _ in range(200):
+        c = (a + b) / 2
+        if weighted_mean(at(c), weights) < target:
+            a = c
+        else:
+            b = c
+    return at((a + b) / 2)
+
+
 def random_strategies(k: int, target: float, block_params: Sequence[int], spread: float = 0.1,
                       seed: int = 0) -> list[Strategy]:
     """``k`` random per-block vectors with parameter-weighted mean exactly ``target`` (deviations drawn in
     [−spread, spread], centred, clipped to [0, 0.99] and re-centred by bisection)."""
-    from compress.prune.owl import recenter
-
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(k):

@@ -34,7 +34,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from compress.config import NpsSearch
 from compress.errors import CompressError
+from compress.heads.select import resolve_protect
 from compress.search import partition as P
 from compress.sparsify.masks import keep_count
 from compress.sparsify.protect import Protect
@@ -73,45 +75,15 @@ def make_layout(names, shapes, dtypes) -> Layout:
     return Layout(list(names), [tuple(s) for s in shapes], list(dtypes), offsets)
 
 
-@dataclass(frozen=True)
-class Space:
-    """The search space's settings (the recipe's ``search`` fields that shape it)."""
-
-    partition: str = "magnitude"  # magnitude | svd
-    parts: int = 8
-    edges: str = "quantile"
-    span: float = 4.0  # magnitude bins cover the top min(1, span·density) of |τ|
-    grouping: str = "none"
-    topk: str = "global"
-    values: str = "weighted"
-    rescale: str = "none"
-    select: str = "topk"  # topk (the paper's) | random (DARE generalized: a searched keep rate per part)
-    seed: int = 0
-    task_weights: str = "shared"  # shared: one [G, M] table for all task vectors | per_task: one per task vector
-    combine: str = "sum"  # merging: sum (the paper's Σ_k λ_k kept_k) | ties (sign election, disjoint mean)
-
-
 class NpsProblem:
     """K flat task vectors with their partitions; ``delta(x)`` is the flat Σ_k λ_k kept_k for a point x."""
 
-    def __init__(self, layout: Layout, taus: list[torch.Tensor], density: float, space: Space = Space(),
+    def __init__(self, layout: Layout, taus: list[torch.Tensor], density: float, space: NpsSearch = NpsSearch(),
                  protect: Optional[Protect] = None):
         if not taus:
             raise CompressError("nps: no task vectors")
         if not 0.0 < density <= 1.0:
             raise CompressError(f"nps: density must be in (0, 1], got {density}")
-        if space.partition not in ("magnitude", "svd"):
-            raise CompressError(f"nps: unknown partition '{space.partition}' (choose magnitude or svd)")
-        for key, allowed in (("select", ("topk", "random")), ("topk", ("global", "per_tensor")), ("values", ("weighted", "plain")),
-                             ("rescale", ("none", "inverse_keep", "l1"))):
-            if getattr(space, key) not in allowed:
-                raise CompressError(f"nps: {key} must be one of {', '.join(allowed)} (got '{getattr(space, key)}')")
-        if space.task_weights not in ("shared", "per_task"):
-            raise CompressError(f"nps: task_weights must be shared or per_task (got '{space.task_weights}')")
-        if space.combine not in ("sum", "ties"):
-            raise CompressError(f"nps: combine must be sum or ties (got '{space.combine}')")
-        if space.task_weights == "per_task" and space.select == "random":
-            raise CompressError("nps: task_weights per_task needs select topk")
         self.layout, self.taus, self.density, self.space = layout, taus, density, space
         device = taus[0].device
         self.device = device
@@ -489,7 +461,7 @@ def run_nps(cfg) -> dict:
     """Search (``cfg``: ``compress.config.NpsConfig``), write ``cfg.out`` when given, and return a summary."""
     import json
 
-    from compress.config import resolve_device
+    from compress.runtime import resolve_device
     from compress.eval.classify import load_encoder
     from compress.io.reader import open_checkpoint
     from compress.io.writer import check_output, config_inputs
@@ -498,7 +470,7 @@ def run_nps(cfg) -> dict:
     device = resolve_device(cfg.device)
     if cfg.out is not None:
         check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
-    protect = cfg.resolve_protect(cfg.base)
+    protect = resolve_protect(cfg, cfg.base)
     if protect is not None and protect.sparsity:
         raise CompressError("nps: --protect-sparsity is not supported; protected entries stay dense (counted in "
                             "the density)")
@@ -510,7 +482,7 @@ def run_nps(cfg) -> dict:
     setter = ModelSetter(encoder, layout, base_flat)
     objective = build_objectives(cfg, encoder, tok, setter, taus)
     s = cfg.search
-    problem = NpsProblem(layout, taus, cfg.density, s.space(), protect)
+    problem = NpsProblem(layout, taus, cfg.density, s, protect)
     log_file = open(cfg.log, "w") if cfg.log is not None else None
     try:
         def log(rec):

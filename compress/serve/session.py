@@ -29,7 +29,7 @@ MAX_SESSIONS = 2
 class ModelSession:
     def __init__(self, name: str, entry, *, device: str = "cpu", cache_dir: str | os.PathLike = "checkpoints/cache/calib",
                  quiet: bool = True):
-        from compress.config import resolve_device, torch_dtype
+        from compress.runtime import resolve_device, torch_dtype
         from compress.strategy.stratnet import StratNetModel
         from compress.strategy.train import stratnet_pruner
 
@@ -151,7 +151,7 @@ class ModelSession:
 
 def folder_size_model(entry):
     """The sparse-file size model of a registry entry, from its config and checkpoint headers alone."""
-    from compress.config import torch_dtype
+    from compress.runtime import torch_dtype
     from compress.prune.pruner import prunable_numels
     from compress.strategy.project import size_model
 

@@ -19,7 +19,7 @@ from compress.progress import console, track
 
 
 def run_batch(cfg) -> dict:
-    from compress.config import resolve_device, torch_dtype
+    from compress.runtime import resolve_device, torch_dtype
     from compress.io.sparse import write_sparse
     from compress.io.writer import atomic_dir, check_output, config_inputs
     from compress.strategy.project import size_model

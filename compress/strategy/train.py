@@ -124,7 +124,7 @@ def train_unicuco(evaluator, *, sparsity_range=(0.3, 0.7), spread=0.2, max_block
 
 
 def _pruner_and_evaluator(cfg, log=None):
-    from compress.config import resolve_device
+    from compress.runtime import resolve_device
     from compress.strategy.evaluate import Evaluator
 
     device = resolve_device(cfg.device)
@@ -198,7 +198,7 @@ def run_search(cfg) -> dict:
     else:
         t = req.sparsity
         if req.size_bytes is not None:
-            from compress.config import torch_dtype
+            from compress.runtime import torch_dtype
 
             sm = size_model(cfg.model, {n: p.numel for n, p in pruner.checkpoint_names().items()},
                             torch_dtype(cfg.dtype))

@@ -27,6 +27,7 @@ import copy
 import gzip
 import json
 import math
+import os
 import platform
 import random
 import time
@@ -39,7 +40,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from compress.config import Compute, format_validation_error, resolve_device
+from compress.config import Compute, format_validation_error
+from compress.runtime import resolve_device
 from compress.config import build as build_config
 from compress.data import corpus_path, data_dir, read_text
 from compress.errors import CompressError
@@ -620,3 +622,21 @@ def build(out_dir: str | Path, *, recipe: str | Path | None = None, device: str 
     summary = build_lm_zoo(out_dir, device=device, quick=quick, recipe_path=recipe, overwrite=overwrite,
                            quiet=quiet)
     return summary
+
+
+def recall_probes(n: int = 64, seed: int = 7, quick: bool = False, recipe: Optional[str | os.PathLike] = None
+                  ) -> list[dict]:
+    """``n`` probes of lm-zoo's recall task (novel keys and counterfactual prompts as in its evaluation mix)
+    from a seed that is neither the recipe's training nor its evaluation seed, evaluation prompts excluded."""
+    rec = load_recipe(recipe, quick=quick)
+    r = rec.recall
+    if seed in (r.train_seed, r.eval_seed):
+        raise CompressError(f"probe seed {seed} is the recall recipe's {'training' if seed == r.train_seed else 'evaluation'} "
+                            "seed; pick another so scoring never sees those prompts")
+    task = RecallTask(r.spec(rec.seed))
+    heldout = {it["prompt"] for it in task.items(r.eval_size, seed=r.eval_seed, mix=r.eval_mix)}
+    out = []
+    for it in task.items(n, seed=seed, mix=r.eval_mix, exclude=heldout):
+        ctx = it["prompt"].split(" Question:")[0]
+        out.append({"prompt": it["prompt"], "context": ctx, "answer": it["answer"], "kind": it["kind"]})
+    return out

@@ -34,7 +34,8 @@ from typing import Optional
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from compress.config import ClassifierTrain, MiniLMRecipe, load_recipe, resolve_device
+from compress.config import ClassifierTrain, MiniLMRecipe, load_recipe
+from compress.runtime import resolve_device
 from compress.data import TASKS, load_task, task_dir, task_info
 from compress.errors import CompressError
 from compress.eval.classify import (Head, TaskEvaluator, hf_quiet, encode_rows, load_tokenizer, pooled_output)
@@ -194,12 +195,24 @@ def _table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def load_minilm_recipe(recipe: str | Path, quick: bool = False) -> MiniLMRecipe:
+    """The recipe, with every task it names (tasks, per_task, targets) checked against the data folder."""
+    rec: MiniLMRecipe = load_recipe(recipe, MiniLMRecipe, quick=quick)
+    for where, names in (("tasks", rec.tasks), ("per_task", rec.per_task), ("targets", rec.targets)):
+        for name in names:
+            try:
+                task_dir(name)
+            except CompressError as e:
+                raise CompressError(f"{recipe}: {where}: {e}") from None
+    return rec
+
+
 def build(out_dir: str | Path, *, recipe: str | Path, device: str = "cpu", quick: bool = False,
           overwrite: bool = False, quiet: bool = False, only: Optional[list[str]] = None) -> dict:
     """Build minilm-8task (or the tasks in ``only``) into ``out_dir``; returns the summary written to build.json."""
     from transformers import __version__ as transformers_version
 
-    rec: MiniLMRecipe = load_recipe(recipe, MiniLMRecipe, quick=quick)
+    rec = load_minilm_recipe(recipe, quick=quick)
     tasks = list(rec.tasks)
     if only:
         unknown = [t for t in only if t not in TASKS]
