@@ -10,16 +10,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from compress.errors import CompressError
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float64": torch.float64, "fp64": torch.float64,
+# names of torch dtypes, not the dtypes: the schemas import no torch (`compress request` validates through them)
+DTYPES: dict[str, str] = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64",
 }
 
 
@@ -47,14 +47,22 @@ DType = Annotated[Optional[str], AfterValidator(_dtype)]
 Device = Annotated[str, AfterValidator(_device)]
 
 
-def torch_dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    return None if name is None else DTYPES[name.lower()]
+def torch_dtype(name: Optional[str]):
+    """The ``torch.dtype`` named (None for None)."""
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, DTYPES[name.lower()])
 
 
 def resolve_device(device: str) -> str:
     """The device string, after checking it exists here (a one-line error otherwise)."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CompressError(f"device '{device}' asked for, but CUDA is not available on this machine")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CompressError(f"device '{device}' asked for, but CUDA is not available on this machine")
     return device
 
 
