@@ -187,7 +187,7 @@ def test_eval_cli_reports_mcc_for_cola_and_f1_for_mrpc(zoo_quick, tmp_path):
 def test_bench_merge_reports_the_official_metric_beside_accuracy(zoo_quick, tmp_path):
     """A zoo of one 'cola' model (subj's encoder with a cola head; one task keeps the merges cheap): the table
     gains a cola MCC column beside cola's accuracy."""
-    from compress.bench.merge_zoo import run
+    from compress.bench.merge_zoo import markdown_minilm, run_minilm, save
 
     zoo = tmp_path / "zoo" / "minilm-8task"
     zoo.mkdir(parents=True)
@@ -198,8 +198,8 @@ def test_bench_merge_reports_the_official_metric_beside_accuracy(zoo_quick, tmp_
             (zoo / "cola" / f.name).symlink_to(f)
     subj = Head.load(zoo_quick / "subj")
     Head(subj.weight, subj.bias, task="cola", labels=["0", "1"]).save(zoo / "cola")
-    report = run("minilm-8task", zoo_root=zoo.parent, results=tmp_path / "r", dev_limit=20, test_limit=100,
-                 lambdas=(1.0,), quiet=True)
+    report = run_minilm(zoo, dev_limit=20, test_limit=100, lambdas=(1.0,), quiet=True)
+    save(report, tmp_path / "r", markdown_minilm(report))
     assert report["tasks"] == ["cola"] and report["official_metrics"] == {"cola": "mcc"}
     rows = report["rows"]
     assert all(set(r["official"]) == {"cola"} for r in rows.values())
