@@ -27,6 +27,7 @@ from rich.table import Table
 from compress.config import ApplyConfig, EvalConfig, ExtractConfig, ExtractLoraConfig, ZooBuildConfig, build
 from compress.runtime import resolve_device, torch_dtype
 from compress.errors import CompressError
+from compress.extras import require
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress and recombine fine-tuned transformer checkpoints.")
@@ -290,6 +291,7 @@ def merge(
     if method == "nps" or (method is None and recipe is not None and _recipe_method(recipe) == "nps"):
         from compress.search.cli import nps_merge_command
 
+        require("search", "compress merge --method nps")
         nps_merge_command(base=base, models=models or None, tasks=tasks or None, heads=heads or None,
                           density=density[0] if density else None, out=out_path, device=device, recipe=recipe,
                           protect=protect, overwrite=overwrite, quiet=quiet, budget=budget, seed=seed,
@@ -387,6 +389,7 @@ def interpolate(
     if method == "nps" or (recipe is not None and _recipe_method(recipe) == "nps"):
         from compress.search.cli import nps_interpolate_command
 
+        require("search", "compress interpolate --method nps")
         nps_interpolate_command(base=base, finetuned=finetuned, task=task, density=density, out=out_path,
                                 device=device, recipe=recipe, overwrite=overwrite, quiet=quiet, budget=budget)
         return
@@ -503,6 +506,7 @@ def strategy_train(
     from compress.config import StrategyTrainConfig
     from compress.strategy.train import run_train
 
+    require("search", "compress strategy train")
     cfg = _strategy_cfg(StrategyTrainConfig, model, dict(
         out=out_path, calib=calib, budget=budget, method=method,
         sparsity_range=_pair(sparsity_range, "--sparsity-range"), spread=spread, rounds=rounds,
@@ -537,6 +541,7 @@ def strategy_search(
     from compress.config import CompressionRequest, StrategySearchConfig
     from compress.strategy.train import run_search
 
+    require("search", "compress strategy search")
     req = build(CompressionRequest, sparsity=sparsity, size_bytes=size_bytes, preference=preference)
     cfg = build(StrategySearchConfig, model=model, request=req, calib=calib, method=method, spread=spread,
                 nsamples=nsamples, seqlen=seqlen, eval_windows=eval_windows, optimizer=optimizer, budget=budget,
@@ -591,6 +596,9 @@ def serve_cmd(
     from compress.config import ServeConfig
     from compress.serve import TOKEN_ENV, serve
 
+    require("serve", "compress serve", ("fastapi", "uvicorn"))
+    if backend == "ray":
+        require("ray", "compress serve --backend ray")
     cfg = build(ServeConfig, registry=registry, host=host, port=port, db=db, artifacts=artifacts,
                 token=token if token is not None else (os.environ.get(TOKEN_ENV) or None), backend=backend,
                 ray_address=ray_address, ray_gpus=ray_gpus, workers=workers, max_queue=max_queue,
@@ -609,6 +617,7 @@ TOKEN = typer.Option(None, "--token", help="Bearer token (default: $COMPRESS_SER
 def _client(url, token):
     from compress.serve.client import Client
 
+    require("serve", "compress request", ("httpx",))
     return Client(url, token)
 
 
@@ -793,7 +802,7 @@ def _eval_task(cfg: EvalConfig) -> tuple[dict, str]:
                    batch_size=cfg.batch_size, device=resolve_device(cfg.device), dtype=torch_dtype(cfg.dtype))
     info = {"evaluator": "task", "model": str(cfg.model), "head": str(cfg.head or cfg.model), "limit": cfg.limit,
             **res.as_dict()}
-    return info, f"{res.task} {res.split}: accuracy {res.accuracy:.4f} ({res.correct}/{res.n})"
+    return info, res.summary()
 
 
 def _text_or_corpus(value: str, flag: str) -> Path:
@@ -956,6 +965,8 @@ def bench_heads(
     """Recall model pruned with Wanda: protected top heads vs random heads vs none, same overall sparsity."""
     from compress.bench.heads import run
 
+    require("bench", "compress bench heads", ("matplotlib",))
+
     run(zoo, zoo_root=zoo_root, results=results, sparsity=sparsity, top=top, method=method, seeds=seeds,
         n_probes=n_probes, nsamples=nsamples, limit=limit, quick=quick, device=resolve_device(device), quiet=quiet)
 
@@ -965,7 +976,8 @@ def eval_cmd(
     model: Path = typer.Argument(..., help="Model folder: a zoo task folder, an encoder with --head, or a causal "
                                            "LM for --perplexity."),
     task: Optional[str] = typer.Option(None, help="Classification accuracy on this task (sst2, trec, subj, "
-                                                  "agnews, cola, mrpc, sick, emotion)."),
+                                                  "agnews, cola, mrpc, sick, emotion), and its official metric "
+                                                  "(MCC for cola, F1 for mrpc)."),
     perplexity: Optional[str] = typer.Option(None, help="Perplexity on a text file (.txt, .txt.gz) or a bundled "
                                                         "corpus name (wikitext2.test, ptb.test, shakespeare, ...)."),
     kl_to: Optional[Path] = typer.Option(None, help="KL(reference ‖ MODEL) per token, the reference a causal LM "
@@ -983,7 +995,8 @@ def eval_cmd(
     device: str = DEVICE,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """Evaluate a model with exactly one evaluator: --task (accuracy), --perplexity, --kl-to or --recall."""
+    """Evaluate a model with exactly one evaluator: --task (accuracy, official metric), --perplexity, --kl-to or
+    --recall."""
     cfg = build(EvalConfig, model=model, task=task, perplexity=perplexity, kl_to=kl_to, calib=calib, recall=recall,
                 head=head, split=split, limit=limit,
                 seqlen=seqlen, max_tokens=max_tokens, batch_size=batch_size, dtype=dtype, device=device)
@@ -1057,6 +1070,7 @@ def prune(
     if method == "nps" or nps_recipe:
         from compress.search.cli import nps_prune_command
 
+        require("search", "compress prune --method nps")
         if model is not None and not is_recipe:
             raise CompressError("--method nps prunes a task vector: give --base and --finetuned, not MODEL")
         nps_prune_command(out=out_path, device=device, recipe=model, protect=protect, overwrite=overwrite,
@@ -1132,6 +1146,8 @@ def bench_merge(
     """Zero-shot, individual, average, task arithmetic, TIES and DARE-TIES on the zoo's fine-tuned models."""
     from compress.bench.merge import run
 
+    require("bench", "compress bench merge", ("matplotlib",))
+
     run(zoo, zoo_root=zoo_root, results=results, device=resolve_device(device), dev_limit=dev_limit or None,
         test_limit=test_limit, quiet=quiet)
 
@@ -1149,6 +1165,8 @@ def bench_prune(
 ):
     """Perplexity of magnitude / Wanda / SparseGPT (50%, 2:4, 4:8, 70% ± OWL), shared-calibration time, sizes."""
     from compress.bench.prune import run
+
+    require("bench", "compress bench prune", ("matplotlib",))
 
     run(zoo, zoo_root=zoo_root, results=results, device=resolve_device(device), nsamples=nsamples, seqlen=seqlen,
         max_tokens=max_tokens, k=k, quiet=quiet)
@@ -1191,6 +1209,8 @@ def bench_nps(
     from compress.bench.nps import run
     from compress.config import NpsSearch
 
+    require("search", "compress bench nps")
+    require("bench", "compress bench nps", ("matplotlib",))
     if zoo != "minilm-8task":
         raise CompressError(f"bench nps runs on minilm-8task, not '{zoo}'")
     floats = lambda s, flag: [float(v) for v in _csv(s, flag)]  # noqa: E731
@@ -1239,6 +1259,9 @@ def bench_unicuco(
     """UniCuCo (StratNet through a GP) against a search per request: total time, KL, sparsity error, Pareto plot."""
     from compress.bench.unicuco import run
 
+    require("search", "compress bench unicuco")
+    require("bench", "compress bench unicuco", ("matplotlib",))
+
     if optimizer not in ("cma", "bayes"):
         raise CompressError(f"--optimizer {optimizer}: choose cma or bayes")
     if requests < 1 or budget < 2 or train_budget < 8:
@@ -1272,6 +1295,10 @@ def bench_serve(
 ):
     """`compress serve` under load (N requests, C clients) and a kill -9, against `compress batch`, in one run."""
     from compress.bench.serve import run
+
+    require("serve", "compress bench serve")
+    require("search", "compress bench serve")
+    require("bench", "compress bench serve", ("matplotlib",))
 
     run(zoo, zoo_root=zoo_root, results=results, requests=requests, clients=clients, stratnet=stratnet,
         fault_requests=fault_requests, fault=fault, fault_batch=fault_batch, eval_windows=eval_windows,

@@ -76,6 +76,9 @@ def stories260k_files() -> tuple[Path, Path]:
 
 TASKS = ("sst2", "trec", "subj", "agnews", "cola", "mrpc", "sick", "emotion")
 SPLITS = ("train", "dev", "test")
+# a task's official metric (task.json "metric", default accuracy), reported beside accuracy: GLUE's Matthews
+# correlation for CoLA, F1 of label 1 for MRPC (compress.eval.metrics computes them)
+METRICS = ("accuracy", "mcc", "f1")
 
 
 def task_dir(name: str) -> Path:
@@ -102,13 +105,24 @@ def _read_task_info(folder: Path) -> dict:
         raise CompressError(f"{path}: cannot read as JSON ({e})") from None
     if not isinstance(info.get("labels"), list) or not info["labels"]:
         raise CompressError(f"{path}: 'labels' must be a non-empty list of label names")
+    metric = info.setdefault("metric", "accuracy")
+    if metric not in METRICS:
+        raise CompressError(f"{path}: 'metric' must be one of {', '.join(METRICS)} (got {metric!r})")
+    if metric == "f1" and len(info["labels"]) != 2:
+        raise CompressError(f"{path}: 'metric' f1 is the binary F1 of label 1: it needs two labels, not "
+                            f"{len(info['labels'])}")
     return info
 
 
 def task_info(name: str) -> dict:
-    """The task's ``task.json``: ``labels`` (names, index = label id), ``pair`` (text pairs?), ``description``,
-    ``rows`` per split, ``source``."""
+    """The task's ``task.json``: ``labels`` (names, index = label id), ``pair`` (text pairs?), ``metric`` (one of
+    ``METRICS``), ``description``, ``rows`` per split, ``source``."""
     return copy.deepcopy(_task_info(name))
+
+
+def task_metric(name: str) -> str:
+    """The task's official metric: ``accuracy``, ``mcc`` or ``f1`` (task.json ``metric``, default accuracy)."""
+    return _task_info(name)["metric"]
 
 
 @lru_cache(maxsize=None)

@@ -15,7 +15,7 @@ from compress.zoo.minilm import load_minilm_recipe
 from compress.data import TASKS, load_task, task_dir, task_info
 from compress.errors import CompressError
 from compress.eval.classify import (Head, TaskEvaluator, accuracy, evaluate, load_classifier, load_encoder,
-                                    load_heads, set_encoder_weights)
+                                    load_heads, pooled_output, set_encoder_weights)
 from compress.io import open_checkpoint
 from compress.taskvec import TaskVector
 from compress.zoo import default_recipe
@@ -138,6 +138,83 @@ def test_eval_cli(zoo_quick):
     for args, msg in bad:
         code, out, err = run_cli(*args)
         assert code == 2 and msg in err and err.count("\n") == 1, (args, err)
+
+
+def _confusion(labels: torch.Tensor, preds: torch.Tensor) -> tuple[int, int, int, int]:
+    """(TP, FP, FN, TN) with label 1 positive."""
+    tp, fp = int(((preds == 1) & (labels == 1)).sum()), int(((preds == 1) & (labels == 0)).sum())
+    fn, tn = int(((preds == 0) & (labels == 1)).sum()), int(((preds == 0) & (labels == 0)).sum())
+    return tp, fp, fn, tn
+
+
+def _balanced_head(encoder, tok, task: str, folder, limit: int, seed: int):
+    """A random linear head for ``task`` whose bias splits the first ``limit`` test rows about in half, so that
+    both labels are predicted and MCC / F1 are not degenerate."""
+    ev = TaskEvaluator(task, "test", tokenizer=tok, limit=limit)
+    w = torch.randn(2, encoder.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        pooled = pooled_output(encoder, ev.data.batch(torch.arange(len(ev.data))))
+    margin = pooled @ (w[1] - w[0])
+    folder.mkdir()
+    Head(w, torch.tensor([0.0, -float(margin.median())]), task=task, labels=["0", "1"]).save(folder)
+    return folder
+
+
+def test_eval_cli_reports_mcc_for_cola_and_f1_for_mrpc(zoo_quick, tmp_path):
+    base = zoo_quick / "base"
+    encoder, tok = load_encoder(base)
+    for task, seed in (("cola", 0), ("mrpc", 1)):
+        head = _balanced_head(encoder, tok, task, tmp_path / task, 80, seed)
+        res = evaluate(base, head=head, task=task, limit=80)
+        tp, fp, fn, tn = _confusion(torch.tensor([r["label"] for r in load_task(task, "test", 80)]),
+                                    res.predictions)
+        assert min(tp + fp, fn + tn) > 10, (tp, fp, fn, tn)  # both labels predicted
+        if task == "cola":
+            want = (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        else:
+            want = 2 * tp / (2 * tp + fp + fn)
+        # cola as JSON, mrpc as the printed line: the two outputs of the same evaluation
+        code, out, err = run_cli("eval", base, "--task", task, "--head", head, "--limit", "80",
+                                 *(["--json"] if task == "cola" else []))
+        assert code == 0, err
+        if task == "cola":
+            info = json.loads(out)
+            assert info["metric"] == "mcc" and info["mcc"] == pytest.approx(want, abs=1e-12)
+            assert info["accuracy"] == pytest.approx((tp + tn) / 80)
+        else:
+            assert out.strip() == f"mrpc test: accuracy {(tp + tn) / 80:.4f} ({tp + tn}/80), F1 {want:.4f}"
+
+
+def test_bench_merge_reports_the_official_metric_beside_accuracy(zoo_quick, tmp_path):
+    """A zoo of one 'cola' model (subj's encoder with a cola head; one task keeps the merges cheap): the table
+    gains a cola MCC column beside cola's accuracy."""
+    from compress.bench.merge_zoo import markdown_minilm, run_minilm, save
+
+    zoo = tmp_path / "zoo" / "minilm-8task"
+    zoo.mkdir(parents=True)
+    (zoo / "base").symlink_to(zoo_quick / "base")
+    (zoo / "cola").mkdir()
+    for f in (zoo_quick / "subj").iterdir():
+        if not f.name.startswith("head."):
+            (zoo / "cola" / f.name).symlink_to(f)
+    subj = Head.load(zoo_quick / "subj")
+    Head(subj.weight, subj.bias, task="cola", labels=["0", "1"]).save(zoo / "cola")
+    report = run_minilm(zoo, dev_limit=20, test_limit=100, lambdas=(1.0,), quiet=True)
+    save(report, tmp_path / "r", markdown_minilm(report))
+    assert report["tasks"] == ["cola"] and report["official_metrics"] == {"cola": "mcc"}
+    rows = report["rows"]
+    assert all(set(r["official"]) == {"cola"} for r in rows.values())
+    want = {"zero-shot": evaluate(zoo / "base", head=zoo / "cola", limit=100),
+            "individual fine-tuned": evaluate(zoo / "cola", limit=100)}
+    for name, res in want.items():
+        assert rows[name]["acc"]["cola"] == res.accuracy and rows[name]["official"]["cola"] == res.official
+    saved = json.loads((tmp_path / "r" / "merge_minilm-8task.json").read_text())
+    assert saved["rows"]["TIES"]["official"] == rows["TIES"]["official"]
+    md = (tmp_path / "r" / "merge_minilm-8task.md").read_text().splitlines()
+    header = next(line for line in md if line.startswith("| method |"))
+    assert header.startswith("| method | cola | cola MCC | avg |")
+    zero = next(line for line in md if line.startswith("| zero-shot |")).split(" | ")
+    assert zero[1:3] == [f"{100 * want['zero-shot'].accuracy:.1f}", f"{100 * want['zero-shot'].official:.1f}"]
 
 
 def test_zoo_cli_errors_and_list(zoo_quick):

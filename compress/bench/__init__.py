@@ -36,6 +36,6 @@ def pyplot():
     except ImportError:
         from compress.progress import console
 
-        console.print("[yellow]matplotlib is not installed; no plot (pip install matplotlib)")
+        console.print("[yellow]matplotlib is not installed; no plot (pip install 'compress[bench]')")
         return None
     return plt

@@ -3,7 +3,8 @@
 minilm-8task (the shape of the CLIP ViT-B/32 eight-task table of the merging papers): rows zero-shot (the
 pretrained encoder with each task's own head), individual fine-tuned, simple average, task arithmetic, TIES and
 DARE-TIES; columns the eight tasks' test accuracy, their average and the normalized average (accuracy ÷ the
-individual model's accuracy, averaged). λ of task arithmetic, TIES and DARE-TIES is chosen on the dev splits
+individual model's accuracy, averaged), and beside a task whose official metric is not accuracy that metric
+(MCC for CoLA, F1 for MRPC: task.json ``metric``), under ``official`` in the JSON. λ of task arithmetic, TIES and DARE-TIES is chosen on the dev splits
 (best mean dev accuracy over a grid), as the papers do; the merged vectors come from ``compress.merge.Merger``
 (the same code as `compress merge`), computed once at λ = 1 and scaled, since each method is linear in λ.
 
@@ -83,19 +84,27 @@ def run_minilm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500
     def score(split: str, only: Optional[list[str]] = None) -> dict[str, float]:
         return {t: evals[split][t].accuracy(encoder, heads[t]) for t in (only or tasks)}
 
+    def test_scores(only: Optional[list[str]] = None) -> dict:
+        """{"acc": accuracy by task, "official": the official metric of the tasks not scored by accuracy}."""
+        res = {t: evals["test"][t].evaluate(encoder, heads[t]) for t in (only or tasks)}
+        return {"acc": {t: r.accuracy for t, r in res.items()},
+                "official": {t: r.official for t, r in res.items() if r.metric != "accuracy"}}
+
     def load(weights: dict[str, torch.Tensor]) -> None:
         set_encoder_weights(encoder, weights, strict=False)
 
     rows: dict[str, dict] = {}
     t0 = time.perf_counter()
     load(base_sd)
-    rows["zero-shot"] = {"acc": score("test")}
-    individual = {}
+    rows["zero-shot"] = test_scores()
+    individual, individual_official = {}, {}
     for t in tasks:
         ck = open_checkpoint(zoo / t)
         load({n: ck.get(n) for n in base_sd if n in ck})
-        individual[t] = score("test", [t])[t]
-    rows["individual fine-tuned"] = {"acc": individual}
+        s = test_scores([t])
+        individual[t] = s["acc"][t]
+        individual_official.update(s["official"])
+    rows["individual fine-tuned"] = {"acc": individual, "official": individual_official}
     models = [zoo / t for t in tasks]
     for row, (method, params) in MERGES.items():
         start = time.perf_counter()
@@ -103,7 +112,7 @@ def run_minilm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500
         merge_seconds = time.perf_counter() - start
         if method == "linear":
             load(merged)
-            rows[row] = {"acc": score("test"), "method": method, "merge_seconds": merge_seconds}
+            rows[row] = {**test_scores(), "method": method, "merge_seconds": merge_seconds}
             continue
 
         def at(lam: float) -> None:
@@ -115,7 +124,7 @@ def run_minilm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500
 
         best, seen = choose_lambda(at, dev, lambdas)
         at(best)
-        rows[row] = {"acc": score("test"), "method": method, "params": params, "lambda": best,
+        rows[row] = {**test_scores(), "method": method, "params": params, "lambda": best,
                      "dev_by_lambda": {str(k): v for k, v in seen.items()}, "merge_seconds": merge_seconds}
         if not quiet:
             console.print(f"[bench merge] {row}: λ = {best} (dev {seen[best]:.4f})")
@@ -124,19 +133,46 @@ def run_minilm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500
         r["avg"] = sum(accs.values()) / len(accs)
         r["normalized_avg"] = sum(accs[t] / individual[t] for t in accs) / len(accs)
     return {"zoo": "minilm-8task", "zoo_dir": str(zoo), "tasks": tasks, "metric": "test accuracy",
+            "official_metrics": official_metrics(evals["test"]),
             "dev_limit": dev_limit, "test_limit": test_limit, "lambdas": list(lambdas), "device": device,
             "seconds": time.perf_counter() - t0, "rows": rows}
 
 
+def official_metrics(evaluators: dict) -> dict[str, str]:
+    """{task: metric} of the tasks whose official metric is not accuracy (``TaskEvaluator.metric``)."""
+    return {t: ev.metric for t, ev in evaluators.items() if ev.metric != "accuracy"}
+
+
+def task_columns(tasks: list[str], official: dict[str, str]) -> list[str]:
+    """Each task's accuracy column, followed by its official metric's where that is not accuracy."""
+    from compress.eval.metrics import LABELS
+
+    return [c for t in tasks for c in ([t, f"{t} {LABELS[official[t]]}"] if t in official else [t])]
+
+
+def task_cells(row: dict, tasks: list[str], official: dict[str, str]) -> list[str]:
+    """The cells of ``task_columns``, in %: accuracy, then the official metric (MCC, F1) × 100."""
+    cells = []
+    for t in tasks:
+        cells.append(f"{100 * row['acc'][t]:.1f}" if t in row["acc"] else "")
+        if t in official:
+            v = row.get("official", {}).get(t)
+            cells.append("" if v is None else f"{100 * v:.1f}")
+    return cells
+
+
 def markdown_minilm(report: dict) -> str:
     tasks = report["tasks"]
-    head = ["method", *tasks, "avg", "normalized avg", "λ"]
+    official = report.get("official_metrics", {})
+    head = ["method", *task_columns(tasks, official), "avg", "normalized avg", "λ"]
+    note = (" Beside a task's accuracy, its official metric × 100 where it is not accuracy (MCC for CoLA, F1 of "
+            "label 1 for MRPC); avg and normalized average accuracies." if official else "")
     lines = [f"# compress bench merge — {report['zoo']}", "",
              f"Test accuracy (%) per task with each task's own head; λ chosen on dev "
-             f"({report['dev_limit'] or 'all'} rows per task); normalized = accuracy ÷ individual accuracy.", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+             f"({report['dev_limit'] or 'all'} rows per task); normalized = accuracy ÷ individual accuracy.{note}",
+             "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for name, r in report["rows"].items():
-        cells = [f"{100 * r['acc'][t]:.1f}" if t in r["acc"] else "" for t in tasks]
+        cells = task_cells(r, tasks, official)
         lines.append("| " + " | ".join([name, *cells, f"{100 * r['avg']:.1f}", f"{100 * r['normalized_avg']:.1f}",
                                         str(r.get("lambda", ""))]) + " |")
     lines += ["", f"device {report['device']}, {report['seconds']:.0f} s.", ""]

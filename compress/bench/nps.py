@@ -10,7 +10,8 @@ long run can be split over several calls with ``--tasks``/``--densities``):
   searched on the task's dev rows, scored once on test); and each as a % of the individual model's accuracy.
 * ``merge``: NPS merging of all tasks' vectors (λ per task and shared part weights searched on the mean dev
   objective) against ``compress bench merge``'s rows (task arithmetic, TIES, DARE-TIES with λ chosen on dev),
-  computed in the same run with the same heads, dev rows and test splits.
+  computed in the same run with the same heads, dev rows and test splits; like that table, with each task's
+  official metric beside its accuracy where it is not accuracy (MCC for CoLA, F1 for MRPC).
 * ``cost``: one task at one density, seconds and dev/test outcome as M and the budget vary.
 
 Writes ``nps_minilm-8task.json``, ``.md`` and ``.png`` (normalized accuracy against density) into ``results``.
@@ -70,7 +71,7 @@ class _Zoo:
                                                        names=set(self.encoder.state_dict()))
         self.tau = dict(zip(tasks, taus))
         self.setter = ModelSetter(self.encoder, self.layout, self.base_flat)
-        self.dev, self.test, self.individual, self.individual_dev = {}, {}, {}, {}
+        self.dev, self.test, self.individual, self.individual_dev, self.individual_official = {}, {}, {}, {}, {}
         for t in tasks:
             h = self.heads[t]
             ev = TaskEvaluator(t, "dev", tokenizer=tok, limit=dev_limit, max_length=h.max_length)
@@ -80,11 +81,17 @@ class _Zoo:
             self.setter(self.tau[t])
             self.dev[t].set_reference(self.encoder)
             self.individual_dev[t] = self.dev[t].metrics(self.encoder)["acc"]
-            self.individual[t] = self.test_acc(t)
+            res = self.test_eval(t)
+            self.individual[t] = res.accuracy
+            if res.metric != "accuracy":
+                self.individual_official[t] = res.official
         self.setter(None)
 
+    def test_eval(self, task: str):
+        return self.test[task].evaluate(self.encoder, self.heads[task])
+
     def test_acc(self, task: str) -> float:
-        return self.test[task].accuracy(self.encoder, self.heads[task])
+        return self.test_eval(task).accuracy
 
 
 def _search(zoo: _Zoo, taus: list[torch.Tensor], density: float, search, objective, budget=None, parts=None):
@@ -134,22 +141,29 @@ def run_merge(zoo_dir: Path, zoo: _Zoo, report: dict, tasks, search, density, bu
     if "merge" in report:
         return
     ref = run_minilm(zoo_dir, device=device, dev_limit=dev_limit, test_limit=test_limit, quiet=True)
-    rows = {name: {"acc": {t: r["acc"][t] for t in tasks}, "lambda": r.get("lambda")}
+    rows = {name: {"acc": {t: r["acc"][t] for t in tasks}, "lambda": r.get("lambda"),
+                   "official": {t: v for t, v in r["official"].items() if t in tasks}}
             for name, r in ref["rows"].items() if name in ("task arithmetic", "TIES", "DARE-TIES")}
     taus = [zoo.tau[t] for t in tasks]
     for t in tasks:
         zoo.dev[t].kind = search.objective
     problem, res = _search(zoo, taus, density, search, MeanObjective([zoo.dev[t] for t in tasks]), budget=budget)
-    rows["NPS"] = {"acc": {t: zoo.test_acc(t) for t in tasks}, "lambdas": res.lambdas, "weights": res.weights,
+    scored = {t: zoo.test_eval(t) for t in tasks}
+    rows["NPS"] = {"acc": {t: r.accuracy for t, r in scored.items()},
+                   "official": {t: r.official for t, r in scored.items() if r.metric != "accuracy"},
+                   "lambdas": res.lambdas, "weights": res.weights,
                    "density": density, "seconds": res.seconds, "evaluations": res.evaluations,
                    "dev_mean_acc": res.dev.get("mean_acc"), "start_value": res.start_value, "value": res.value}
     zoo.setter(None)
-    rows["individual"] = {"acc": dict(zoo.individual)}
+    rows["individual"] = {"acc": dict(zoo.individual),
+                          "official": {t: v for t, v in zoo.individual_official.items() if t in tasks}}
     rows["NPS"]["objective"] = search.objective
     for r in rows.values():
         r["avg"] = sum(r["acc"].values()) / len(tasks)
         r["normalized_avg"] = sum(r["acc"][t] / zoo.individual[t] for t in tasks) / len(tasks)
-    report["merge"] = {"tasks": tasks, "rows": rows, "baseline_seconds": ref["seconds"]}
+    report["merge"] = {"tasks": tasks, "official_metrics": {t: m for t, m in ref["official_metrics"].items()
+                                                            if t in tasks},
+                       "rows": rows, "baseline_seconds": ref["seconds"]}
     if not quiet:
         console.print("[bench nps] merge: " + ", ".join(f"{k} {100 * r['avg']:.1f}" for k, r in rows.items()))
 
@@ -199,12 +213,16 @@ def markdown(report: dict) -> str:
         lines.append("")
     mg = report.get("merge")
     if mg:
-        tasks = mg["tasks"]
-        lines += ["## Merging: test accuracy (%), same heads and splits", "",
-                  "| method | " + " | ".join(tasks) + " | avg | normalized |",
-                  "|---|" + "---:|" * (len(tasks) + 2)]
+        from compress.bench.merge_zoo import task_cells, task_columns
+
+        tasks, official = mg["tasks"], mg.get("official_metrics", {})
+        cols = task_columns(tasks, official)
+        lines += ["## Merging: test accuracy (%), same heads and splits" +
+                  (" (and official metrics × 100 beside accuracy: MCC, F1)" if official else ""), "",
+                  "| method | " + " | ".join(cols) + " | avg | normalized |",
+                  "|---|" + "---:|" * (len(cols) + 2)]
         for name, r in mg["rows"].items():
-            lines.append(f"| {name} | " + " | ".join(f"{100 * r['acc'][t]:.1f}" for t in tasks) +
+            lines.append(f"| {name} | " + " | ".join(task_cells(r, tasks, official)) +
                          f" | {100 * r['avg']:.1f} | {100 * r['normalized_avg']:.1f} |")
         nps = mg["rows"]["NPS"]
         lines += ["", f"NPS merge: density {nps['density']:g}, λ {[round(v, 3) for v in nps['lambdas']]}, "

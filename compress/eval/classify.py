@@ -1,5 +1,5 @@
 """Sentence classification with an encoder and a linear head on mean pooling: the minilm-8task benchmark's model,
-its on-disk head format, and batched accuracy.
+its on-disk head format, and batched accuracy with each task's official metric beside it (``metrics``).
 
 A task folder (``checkpoints/zoo/minilm-8task/<task>/``) is a Hugging Face encoder folder (``config.json``,
 ``model.safetensors``, tokenizer files) plus the task's head: ``head.safetensors`` (``weight`` [num_labels, hidden],
@@ -27,6 +27,7 @@ import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -289,14 +290,38 @@ class ClassifyResult:
     n: int
     correct: int
     predictions: torch.Tensor = field(repr=False)
+    metric: str = "accuracy"  # the task's official metric (task.json), reported beside accuracy
+    labels: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.n
 
+    @cached_property
+    def official(self) -> float:
+        """The task's official metric (``metric``) on these predictions: MCC for CoLA, F1 for MRPC, else accuracy."""
+        if self.metric == "accuracy":
+            return self.accuracy
+        if self.labels is None:
+            raise CompressError(f"task '{self.task}': {self.metric} needs the labels, and this result has none")
+        from compress.eval.metrics import official_metric
+
+        return official_metric(self.metric, self.labels, self.predictions)
+
     def as_dict(self) -> dict:
-        return {"task": self.task, "split": self.split, "n": self.n, "correct": self.correct,
-                "accuracy": self.accuracy}
+        """JSON fields; a task whose official metric is not accuracy adds it under its name (``"mcc"``, ``"f1"``)."""
+        d = {"task": self.task, "split": self.split, "n": self.n, "correct": self.correct,
+             "accuracy": self.accuracy, "metric": self.metric}
+        if self.metric != "accuracy":
+            d[self.metric] = self.official
+        return d
+
+    def summary(self) -> str:
+        """One line: ``cola test: accuracy 0.8100 (81/100), MCC 0.5203``."""
+        from compress.eval.metrics import LABELS
+
+        line = f"{self.task} {self.split}: accuracy {self.accuracy:.4f} ({self.correct}/{self.n})"
+        return line if self.metric == "accuracy" else f"{line}, {LABELS[self.metric]} {self.official:.4f}"
 
 
 class TaskEvaluator:
@@ -304,9 +329,10 @@ class TaskEvaluator:
 
     def __init__(self, task: str, split: str = "test", *, tokenizer, limit: Optional[int] = None,
                  max_length: int = 128, batch_size: int = 128):
-        from compress.data import load_task
+        from compress.data import load_task, task_metric
 
         self.task, self.split, self.batch_size = task, split, batch_size
+        self.metric = task_metric(task)
         self.rows = load_task(task, split, limit)
         self.data = encode_rows(tokenizer, self.rows, max_length)
 
@@ -318,7 +344,8 @@ class TaskEvaluator:
         if head.task != self.task:
             raise CompressError(f"head was trained for task '{head.task}', not '{self.task}'")
         preds = predict(encoder, head, self.data, self.batch_size)
-        return ClassifyResult(self.task, self.split, len(self.data), int((preds == self.data.labels).sum()), preds)
+        return ClassifyResult(self.task, self.split, len(self.data), int((preds == self.data.labels).sum()), preds,
+                              metric=self.metric, labels=self.data.labels)
 
     def accuracy(self, encoder, head: Head) -> float:
         return self.evaluate(encoder, head).accuracy
@@ -358,7 +385,7 @@ def load_classifier(task_dir: str | os.PathLike, device: str | torch.device = "c
 def evaluate(model, head: str | os.PathLike | Head | None = None, task: Optional[str] = None, split: str = "test",
              limit: Optional[int] = None, batch_size: int = 128, device: str | torch.device = "cpu",
              tokenizer=None, max_length: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> ClassifyResult:
-    """Accuracy of an encoder + head on a task split.
+    """Accuracy of an encoder + head on a task split, and the task's official metric (``.official``).
 
     ``model``: an encoder folder (a zoo task folder, holding its own head; or any encoder folder, e.g. a merge,
     with ``head`` given) or an in-memory encoder module (already on its device; ``device`` is then ignored).

