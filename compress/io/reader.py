@@ -94,7 +94,8 @@ _FOREIGN_DTYPES = {"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "C64", "U16", "U32", "
 
 
 class _DuplicateKey(ValueError):
-    pass
+    def __str__(self) -> str:
+        return f"duplicate key {quote_name(self.args[0])}"
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
@@ -145,8 +146,8 @@ def _check_json_tree(tree) -> None:
             node.encode("utf-8")
 
 
-def parse_header_json(raw: bytes) -> dict:
-    """A safetensors header's JSON as strictly as serde_json parses it (no NaN, no duplicate keys, no lone
+def strict_json(raw: bytes):
+    """JSON as strictly as serde_json parses a safetensors header (no NaN, no duplicate keys, no lone
     surrogates, nesting and number limits); raises ValueError or UnicodeError."""
     tree = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_int=_json_int,
                       parse_float=_json_float, parse_constant=_refuse_constant)
@@ -190,9 +191,9 @@ class SafetensorsFile:
         if len(raw) != n:
             raise self._bad("file shrank while its header was read")
         try:
-            header = parse_header_json(raw)
+            header = strict_json(raw)
         except _DuplicateKey as e:
-            raise self._bad(f"header names {quote_name(str(e))} twice") from None
+            raise self._bad(f"header names {quote_name(e.args[0])} twice") from None
         except (ValueError, UnicodeError, RecursionError) as e:
             reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise self._bad(f"header is not valid JSON ({reason})") from None
@@ -256,13 +257,16 @@ class SafetensorsFile:
                     "leaves a gap after the previous tensor" if begin > start else "ends before it begins")
                 raise self._bad(f"data_offsets [{begin}, {end}] {what} (the data so far ends at {start})", name)
             info = self.infos[name]
+            if end > data_bytes:
+                raise self._bad(f"data_offsets [{begin}, {end}] run past the end of the file, which holds "
+                                f"{data_bytes} bytes of data (truncated, or a header that lies)", name)
             if end - begin != info.nbytes:
                 raise self._bad(f"data_offsets [{begin}, {end}] hold {end - begin} bytes but shape "
                                 f"{list(info.shape)} of {DTYPE_CODES[info.dtype]} needs {info.nbytes}", name)
             start = end
         if start != data_bytes:
             raise self._bad(f"the tensors cover {start} bytes of data but the file holds {data_bytes} after the "
-                            "header (truncated, or bytes no tensor owns)")
+                            "header (bytes no tensor owns)")
 
     def read(self, name: str) -> torch.Tensor:
         info = self.infos[name]
@@ -460,6 +464,12 @@ def resolve_weight_files(path: str | os.PathLike) -> tuple[list[Path], Path | No
     if len(loose) > 1:
         raise CompressError(f"{p}: {len(loose)} safetensors files but no model.safetensors.index.json to join them")
     raise CompressError(f"{p}: folder holds no model weights (no *.safetensors or pytorch_model.bin)")
+
+
+def check_weight_files(path: str | os.PathLike) -> None:
+    """Validate a model folder's weight files (headers only) before a loader that trusts them, such as
+    ``from_pretrained``, which answers a truncated or overlapping file with a traceback."""
+    open_checkpoint(path).close()
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
