@@ -401,8 +401,12 @@ class DeltaFile:
             raise CompressError(f"{self.path}: not a compress delta file (no compress.format={FORMAT} metadata)")
         self.table: dict[str, dict] = self._load_table()
         self._check_entries()
+        parts: dict[str, dict[str, TensorInfo]] = {}
+        for key, info in self._file.infos.items():
+            name, _, part = key.rpartition("::")
+            parts.setdefault(name, {})[part] = info
         for name, row in self.table.items():
-            self._check_row_entries(name, row)
+            self._check_row_entries(name, row, parts.get(name, {}))
 
     def _bad(self, name: str, why: str) -> CompressError:
         return CompressError(f"{self.path}: tensor {quote_name(name)}: {why}")
@@ -452,16 +456,16 @@ class DeltaFile:
         if fixups > nnz:
             raise self._bad(name, f"table field 'fixups' is {fixups}, more than the {nnz} kept entries")
 
-    def _check_row_entries(self, name: str, row: dict) -> None:
-        """The row's entries: exactly those its encoding uses, each of the size and dtype the row implies."""
-        parts = {k.rpartition("::")[2]: info for k, info in self._file.infos.items()
-                 if k.rpartition("::")[0] == name}
+    def _check_row_entries(self, name: str, row: dict, parts: dict[str, TensorInfo]) -> None:
+        """The row's entries (``parts``): exactly those its encoding uses, each of the size and dtype the row
+        implies, so that decoding can check content alone."""
         need = set(ENCODINGS[row["encoding"]]) | ({"fix_idx", "fix_val"} if row["fixups"] else set())
-        for part in sorted(need - set(parts)):
-            raise self._bad(name, f"entry '{part}' is missing (a '{row['encoding']}' row with {row['fixups']} "
-                                  "fix-ups needs it)")
-        for part in sorted(set(parts) - need):
-            raise self._bad(name, f"entry '{part}' has no place in a '{row['encoding']}' row")
+        missing, extra = sorted(need - set(parts)), sorted(set(parts) - need)
+        if missing:
+            raise self._bad(name, f"entry '{missing[0]}' is missing (a '{row['encoding']}' row with "
+                                  f"{row['fixups']} fix-ups needs it)")
+        if extra:
+            raise self._bad(name, f"entry '{extra[0]}' has no place in a '{row['encoding']}' row")
         shape, dtype = tuple(row["shape"]), SAFETENSORS_DTYPES[row["dtype"]]
         numel, nnz, nfix = math.prod(shape), row.get("nnz", 0), row["fixups"]
         if row["encoding"] == "full":
