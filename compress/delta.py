@@ -30,13 +30,22 @@ import numpy as np
 import torch
 
 from compress.errors import CompressError
-from compress.io.reader import SAFETENSORS_DTYPES, DTYPE_CODES, Checkpoint, SafetensorsFile, TensorInfo
+from compress.io.reader import (SAFETENSORS_DTYPES, DTYPE_CODES, Checkpoint, SafetensorsFile, TensorInfo, quote_name,
+                                strict_json)
 from compress.sparsify import sparsify
 from compress.taskvec import CheckpointDelta, TaskVector, compute_dtype
 
 FORMAT = "delta/1"
 # the entries one tensor may have in a delta file (``<name>::<part>``)
 ENTRY_PARTS = ("values", "mask", "gaps", "nm24", "fix_idx", "fix_val", "full")
+# the entries each encoding needs (fix-ups, ``fix_idx`` and ``fix_val``, come on top where the row counts any)
+ENCODINGS = {"dense": ("values",), "mask": ("values", "mask"), "gaps": ("values", "gaps"),
+             "nm24": ("values", "nm24"), "full": ("full",)}
+VARINT_MAX_BYTES = 9  # 63 bits: more than any flat index
+
+
+class EntryError(CompressError):
+    """An entry's content contradicts the table; ``DeltaFile`` adds the file and tensor to the message."""
 
 
 # -- pure encoders ------------------------------------------------------------------------------------
@@ -46,8 +55,17 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    bits = np.unpackbits(packed.cpu().numpy(), count=numel, bitorder="little")
-    return torch.from_numpy(bits.astype(bool))
+    want = -(-numel // 8)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != want:
+        raise EntryError(f"'mask' must be {want} uint8 bytes for {numel} entries (got {_describe(packed)})")
+    bits = np.unpackbits(packed.cpu().numpy(), bitorder="little")
+    if bits[numel:].any():
+        raise EntryError(f"'mask' sets bits past the tensor's {numel} entries")
+    return torch.from_numpy(bits[:numel].astype(bool))
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
 
 
 def encode_gaps(idx: torch.Tensor) -> torch.Tensor:
@@ -67,17 +85,31 @@ def encode_gaps(idx: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def decode_gaps(buf: torch.Tensor) -> torch.Tensor:
+def decode_gaps(buf: torch.Tensor, numel: int | None = None, part: str = "gaps") -> torch.Tensor:
+    """Inverse of ``encode_gaps``; with ``numel``, every index must fall inside a tensor of that many entries."""
+    if buf.dtype != torch.uint8 or buf.dim() != 1:
+        raise EntryError(f"'{part}' must be a 1-D uint8 tensor (got {_describe(buf)})")
     b = buf.cpu().numpy().astype(np.uint64)
     if b.size == 0:
         return torch.zeros(0, dtype=torch.int64)
     last = (b & np.uint64(0x80)) == 0
+    if not last[-1]:
+        raise EntryError(f"'{part}' ends inside a varint (truncated)")
+    ends = np.flatnonzero(last)
+    if int(np.diff(ends, prepend=-1).max()) > VARINT_MAX_BYTES:
+        raise EntryError(f"'{part}' holds a varint longer than {VARINT_MAX_BYTES} bytes")
     element = np.concatenate([[0], np.cumsum(last)[:-1]]).astype(np.int64)
-    first_of = np.concatenate([[0], np.flatnonzero(last)[:-1] + 1])
+    first_of = np.concatenate([[0], ends[:-1] + 1])
     shift = (np.arange(b.size) - first_of[element]).astype(np.uint64) * np.uint64(7)
-    gaps = np.zeros(int(last.sum()), dtype=np.uint64)
+    gaps = np.zeros(ends.size, dtype=np.uint64)
     np.add.at(gaps, element, (b & np.uint64(0x7F)) << shift)
-    return torch.from_numpy((np.cumsum(gaps.astype(np.int64) + 1) - 1).astype(np.int64))
+    if numel is not None and bool((gaps >= np.uint64(numel)).any()):
+        raise EntryError(f"'{part}' decodes to positions past the tensor's {numel} entries")
+    idx = np.cumsum(gaps.astype(np.int64) + 1) - 1
+    # int64 wrap-around shows up as a step down, so strictly increasing and below numel means in range
+    if numel is not None and (idx[-1] >= numel or bool((np.diff(idx) <= 0).any())):
+        raise EntryError(f"'{part}' decodes to positions past the tensor's {numel} entries")
+    return torch.from_numpy(idx.astype(np.int64))
 
 
 # 2:4 positions: each group of 4 keeps one of C(4,2) = 6 pairs; three groups' codes share a byte (6³ = 216 ≤ 256),
@@ -108,6 +140,13 @@ def encode_nm24(mask: torch.Tensor) -> torch.Tensor:
 
 
 def decode_nm24(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    want = -(-(numel // 4) // 3)
+    if numel % 4:
+        raise EntryError(f"'nm24' needs a multiple of 4 entries, the tensor has {numel}")
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != want:
+        raise EntryError(f"'nm24' must be {want} uint8 bytes for {numel} entries (got {_describe(packed)})")
+    if packed.numel() and int(packed.max()) >= 216:
+        raise EntryError("'nm24' holds a byte over 215, which codes no three groups")
     b = packed.long()
     codes = torch.stack([b % 6, (b // 6) % 6, b // 36], dim=1).reshape(-1)[: numel // 4]
     return _NM24_PAIRS[codes].reshape(-1)
@@ -199,15 +238,22 @@ def encode_tensor(name: str, shape: tuple[int, ...], idx: torch.Tensor | None, v
 def decode_delta(row: dict, entries: dict[str, torch.Tensor], device, dtype: torch.dtype) -> torch.Tensor:
     """The dense, flat delta of one stored tensor (zeros where dropped); fix-ups are not deltas and stay out."""
     numel = math.prod(row["shape"])
-    values = entries["values"].to(device=device, dtype=dtype)
+    values = entries["values"]
     if row["encoding"] == "dense":
-        return values
-    if row["encoding"] == "mask":
+        idx = None
+    elif row["encoding"] == "mask":
         idx = torch.nonzero(unpack_mask(entries["mask"], numel)).reshape(-1)
     elif row["encoding"] == "nm24":
         idx = torch.nonzero(decode_nm24(entries["nm24"], numel)).reshape(-1)
     else:
-        idx = decode_gaps(entries["gaps"])
+        idx = decode_gaps(entries["gaps"], numel)
+    kept = numel if idx is None else idx.numel()
+    if values.dim() != 1 or values.numel() != kept:
+        raise EntryError(f"'values' holds {values.numel()} entries ({_describe(values)}) but its positions "
+                         f"give {kept}")
+    values = values.to(device=device, dtype=dtype)
+    if idx is None:
+        return values
     dense = torch.zeros(numel, dtype=dtype, device=device)
     dense[idx.to(device)] = values
     return dense
@@ -216,12 +262,24 @@ def decode_delta(row: dict, entries: dict[str, torch.Tensor], device, dtype: tor
 def decode_tensor(row: dict, entries: dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
     """Inverse of ``encode_tensor``: the tensor ``apply`` writes, exact at every kept entry."""
     shape, out_dtype = tuple(row["shape"]), SAFETENSORS_DTYPES[row["dtype"]]
+    numel = math.prod(shape)
     if row["encoding"] == "full":
-        return entries["full"].reshape(shape)
+        full = entries["full"]
+        if tuple(full.shape) != shape or full.dtype != out_dtype:
+            raise EntryError(f"'full' is {_describe(full)}, the table says {row['dtype']} {list(shape)}")
+        return full
+    if base.numel() != numel:
+        raise EntryError(f"the base has {base.numel()} entries, the table's shape {list(shape)} {numel}")
+    if base.is_floating_point() != out_dtype.is_floating_point:
+        raise EntryError(f"the table says {row['dtype']} but the base holds {DTYPE_CODES.get(base.dtype, base.dtype)}")
     delta = decode_delta(row, entries, base.device, compute_dtype(out_dtype, base.dtype))
     out = reconstruct(base.reshape(-1), delta, out_dtype)
     if "fix_idx" in entries:
-        out[decode_gaps(entries["fix_idx"]).to(base.device)] = entries["fix_val"].to(base.device)
+        idx, val = decode_gaps(entries["fix_idx"], numel, "fix_idx"), entries["fix_val"]
+        if val.dim() != 1 or val.numel() != idx.numel() or val.dtype != out_dtype:
+            raise EntryError(f"'fix_val' is {_describe(val)} but 'fix_idx' gives {idx.numel()} positions of "
+                             f"{row['dtype']}")
+        out[idx.to(base.device)] = val.to(base.device)
     return out.reshape(shape)
 
 
@@ -341,8 +399,101 @@ class DeltaFile:
         self.metadata = self._file.metadata
         if self.metadata.get("compress.format") != FORMAT:
             raise CompressError(f"{self.path}: not a compress delta file (no compress.format={FORMAT} metadata)")
-        self.table: dict[str, dict] = json.loads(self.metadata["tensors"])
+        self.table: dict[str, dict] = self._load_table()
         self._check_entries()
+        parts: dict[str, dict[str, TensorInfo]] = {}
+        for key, info in self._file.infos.items():
+            name, _, part = key.rpartition("::")
+            parts.setdefault(name, {})[part] = info
+        for name, row in self.table.items():
+            self._check_row_entries(name, row, parts.get(name, {}))
+
+    def _bad(self, name: str, why: str) -> CompressError:
+        return CompressError(f"{self.path}: tensor {quote_name(name)}: {why}")
+
+    def _load_table(self) -> dict[str, dict]:
+        """The ``tensors`` metadata, every row's fields checked (cheap: nothing is read)."""
+        text = self.metadata.get("tensors")
+        if text is None:
+            raise CompressError(f"{self.path}: no 'tensors' metadata (the table of stored tensors)")
+        try:
+            table = strict_json(text.encode("utf-8"))
+        except (ValueError, UnicodeError, RecursionError) as e:
+            raise CompressError(f"{self.path}: 'tensors' metadata is not valid JSON ({str(e).splitlines()[0][:200]})"
+                                ) from None
+        if not isinstance(table, dict):
+            raise CompressError(f"{self.path}: 'tensors' metadata must be a JSON object of tensor rows")
+        for name, row in table.items():
+            self._check_row(name, row)
+        return table
+
+    def _check_row(self, name: str, row) -> None:
+        if not isinstance(row, dict):
+            raise self._bad(name, "table row must be a JSON object")
+        shape = row.get("shape")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise self._bad(name, f"table field 'shape' must be a list of non-negative integers (got "
+                                  f"{json.dumps(shape)[:80]})")
+        if not isinstance(row.get("dtype"), str) or row["dtype"] not in SAFETENSORS_DTYPES:
+            raise self._bad(name, f"table field 'dtype' {json.dumps(row.get('dtype'))[:40]} is not a dtype code "
+                                  f"({', '.join(SAFETENSORS_DTYPES)})")
+        enc = row.get("encoding")
+        if not isinstance(enc, str) or enc not in ENCODINGS:
+            raise self._bad(name, f"table field 'encoding' {json.dumps(enc)[:40]} is not one of "
+                                  f"{', '.join(ENCODINGS)}")
+        fixups = row.setdefault("fixups", 0)
+        if type(fixups) is not int or fixups < 0 or (enc == "full" and fixups):
+            raise self._bad(name, "table field 'fixups' must be a non-negative integer (0 for a 'full' row; got "
+                                  f"{json.dumps(fixups)[:40]})")
+        if enc == "full":
+            return
+        numel, nnz = math.prod(shape), row.get("nnz")
+        if type(nnz) is not int or not 0 <= nnz <= numel:
+            raise self._bad(name, f"table field 'nnz' must be an integer in [0, {numel}] (got {json.dumps(nnz)[:40]})")
+        want = {"dense": numel, "nm24": numel // 2}.get(enc, nnz)
+        if nnz != want or (enc == "nm24" and numel % 4):
+            raise self._bad(name, f"table field 'nnz' is {nnz}, but a '{enc}' tensor of {numel} entries keeps {want}")
+        if fixups > nnz:
+            raise self._bad(name, f"table field 'fixups' is {fixups}, more than the {nnz} kept entries")
+
+    def _check_row_entries(self, name: str, row: dict, parts: dict[str, TensorInfo]) -> None:
+        """The row's entries (``parts``): exactly those its encoding uses, each of the size and dtype the row
+        implies, so that decoding can check content alone."""
+        need = set(ENCODINGS[row["encoding"]]) | ({"fix_idx", "fix_val"} if row["fixups"] else set())
+        missing, extra = sorted(need - set(parts)), sorted(set(parts) - need)
+        if missing:
+            raise self._bad(name, f"entry '{missing[0]}' is missing (a '{row['encoding']}' row with "
+                                  f"{row['fixups']} fix-ups needs it)")
+        if extra:
+            raise self._bad(name, f"entry '{extra[0]}' has no place in a '{row['encoding']}' row")
+        shape, dtype = tuple(row["shape"]), SAFETENSORS_DTYPES[row["dtype"]]
+        numel, nnz, nfix = math.prod(shape), row.get("nnz", 0), row["fixups"]
+        if row["encoding"] == "full":
+            want = {"full": (dtype, shape)}
+        else:
+            values = parts["values"].dtype
+            if values.is_floating_point != dtype.is_floating_point or (not dtype.is_floating_point and values != dtype):
+                raise self._bad(name, f"entry 'values' is {DTYPE_CODES[values]} but the table says {row['dtype']}")
+            want = {"values": (values, (nnz,)), "mask": (torch.uint8, (-(-numel // 8),)),
+                    "nm24": (torch.uint8, (-(-(numel // 4) // 3),)), "fix_val": (dtype, (nfix,))}
+        for part, info in parts.items():
+            if part in ("gaps", "fix_idx"):
+                count = nnz if part == "gaps" else nfix
+                ok = info.dtype == torch.uint8 and len(info.shape) == 1 and \
+                    count <= info.numel <= VARINT_MAX_BYTES * count
+                expect = f"1-D uint8 of {count} to {VARINT_MAX_BYTES * count} bytes"
+            else:
+                ok = (info.dtype, info.shape) == want[part]
+                expect = f"{DTYPE_CODES[want[part][0]]} {list(want[part][1])}"
+            if not ok:
+                raise self._bad(name, f"entry '{part}' is {DTYPE_CODES[info.dtype]} {list(info.shape)}, "
+                                      f"expected {expect}")
+
+    def _decode(self, name: str, fn, *args):
+        try:
+            return fn(*args)
+        except EntryError as e:
+            raise self._bad(name, str(e)) from None
 
     def _check_entries(self) -> None:
         """Every entry in the file belongs to a table row or is an allowed auxiliary file (a 1-D uint8 tensor);
@@ -353,12 +504,12 @@ class DeltaFile:
             if key.startswith(AUX_PREFIX):
                 aux_entry_name(key, self.path)
                 if info.dtype != torch.uint8 or len(info.shape) != 1:
-                    raise CompressError(f"{self.path}: auxiliary entry '{key}' must be a 1-D uint8 tensor "
+                    raise CompressError(f"{self.path}: auxiliary entry {quote_name(key)} must be a 1-D uint8 tensor "
                                         f"(got {str(info.dtype).removeprefix('torch.')} {list(info.shape)})")
                 continue
             name, sep, part = key.rpartition("::")
             if not sep or name not in self.table or part not in ENTRY_PARTS:
-                raise CompressError(f"{self.path}: entry '{key}' belongs to no tensor in the file's table; "
+                raise CompressError(f"{self.path}: entry {quote_name(key)} belongs to no tensor in the file's table; "
                                     "not a delta file this tool wrote")
 
     def aux_entries(self) -> list[str]:
@@ -388,8 +539,12 @@ class DeltaFile:
 
     def get(self, name: str, *, device=None, dtype=None) -> torch.Tensor:
         """The dense delta (zeros where dropped), in float32 unless ``dtype`` says otherwise."""
+        return self.decode(name, device=device, dtype=dtype or torch.float32)
+
+    def decode(self, name: str, *, device=None, dtype: torch.dtype) -> torch.Tensor:
+        """``name``'s stored entries in place (zeros where dropped), shaped, in ``dtype``; no fix-ups."""
         r = self.table[name]
-        flat = decode_delta(r, self._entries(name), device or "cpu", dtype or torch.float32)
+        flat = self._decode(name, decode_delta, r, self._entries(name), device or "cpu", dtype)
         return flat.reshape(r["shape"])
 
     def stored_bytes(self, name: str) -> int:
@@ -398,7 +553,7 @@ class DeltaFile:
 
     def rebuild(self, name: str, base: torch.Tensor) -> torch.Tensor:
         """The tensor ``apply`` writes for ``name`` given the base tensor (exact at kept entries)."""
-        return decode_tensor(self.table[name], self._entries(name), base)
+        return self._decode(name, decode_tensor, self.table[name], self._entries(name), base)
 
     def close(self) -> None:
         self._file.close()
@@ -414,11 +569,16 @@ def apply_delta(base: Checkpoint, delta: DeltaFile, out: str | os.PathLike, *, d
     for name, row in delta.table.items():
         if row["encoding"] != "full":
             if name not in base:
-                raise CompressError(f"{delta.path}: tensor '{name}' is not in the base {base.path}; "
+                raise CompressError(f"{delta.path}: tensor {quote_name(name)} is not in the base {base.path}; "
                                     "is this the base the delta was extracted from?")
-            if tuple(base.info(name).shape) != tuple(row["shape"]):
-                raise CompressError(f"{delta.path}: tensor '{name}' has shape {row['shape']} but "
-                                    f"{list(base.info(name).shape)} in the base {base.path}")
+            info = base.info(name)
+            if tuple(info.shape) != tuple(row["shape"]):
+                raise CompressError(f"{delta.path}: tensor {quote_name(name)} has shape {row['shape']} but "
+                                    f"{list(info.shape)} in the base {base.path}")
+            if info.is_float != SAFETENSORS_DTYPES[row["dtype"]].is_floating_point:
+                raise CompressError(f"{delta.path}: tensor {quote_name(name)} is {row['dtype']} in the delta but "
+                                    f"{DTYPE_CODES.get(info.dtype, info.dtype)} in the base {base.path}; a delta "
+                                    "only applies between float tensors")
     order = [n for n in delta.table] + [n for n in base.names() if n not in delta.table]
     with atomic_dir(out, overwrite) as tmp:
         writer = ShardedWriter(tmp, shard_size)

@@ -19,7 +19,7 @@ from typing import Literal, Protocol
 import torch
 
 from compress.errors import CompressError
-from compress.io.reader import Checkpoint, TensorInfo, is_peft_adapter, open_checkpoint
+from compress.io.reader import Checkpoint, TensorInfo, is_peft_adapter, open_checkpoint, quote_name
 
 # Rows of these tensors are vocabulary entries; a fine-tune that added tokens changes only their first dim.
 VOCAB_TENSOR_RE = re.compile(r"(embed_tokens|word_embeddings|wte|lm_head|embed_out|shared|output)\.weight$")
@@ -65,6 +65,10 @@ def tensor_rule(name: str, base: TensorInfo | None, ft: TensorInfo | None, *, ba
         raise CompressError(f"tensor '{name}' has shape {list(ft.shape)} in {ft_path} "
                             f"but {list(base.shape)} in the base ({base_path}){hint}")
     return "delta"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -201,6 +205,15 @@ class TaskVector:
         base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
         delta_names, carried = set(self.names()), self.carried()
         order = base_ckpt.names() + [n for n in carried if n not in base_ckpt]
+        for name in order:
+            if name in carried or name not in delta_names:
+                continue
+            ours, theirs = self.info(name).dtype, base_ckpt.info(name).dtype
+            if ours.is_floating_point != theirs.is_floating_point:
+                # a delta file's table is the stranger's word: an int buffer must not take a float delta
+                raise CompressError(f"tensor {quote_name(name)} is {_dtype_name(ours)} in the task vector but "
+                                    f"{_dtype_name(theirs)} in the base {base_ckpt.path}; a delta only applies "
+                                    "between float tensors")
         with atomic_dir(out, overwrite) as tmp:
             writer = ShardedWriter(tmp, shard_size, expected_tensors=len(order))
             for name in track(order, "apply", quiet=quiet):

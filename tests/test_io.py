@@ -44,7 +44,7 @@ def test_bin_with_pickled_code_is_refused(tmp_path):
 
     # any global that is not on torch's weights-only allow-list stands for arbitrary pickled code
     torch.save({"w": torch.zeros(1), "x": argparse.Namespace(cmd="rm -rf /")}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(CompressError, match="weights-only"):
+    with pytest.raises(CompressError, match="objects other than tensors .*argparse.Namespace"):
         open_checkpoint(tmp_path)
 
 

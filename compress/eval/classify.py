@@ -34,6 +34,7 @@ from typing import Mapping, Optional
 import torch
 
 from compress.errors import CompressError
+from compress.io.reader import check_weight_files
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head.json"
@@ -246,6 +247,7 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu",
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CompressError(f"{path}: not a Hugging Face model folder (no config.json)")
+    check_weight_files(path)
     with hf_quiet():
         encoder = AutoModel.from_pretrained(path, dtype=dtype or torch.float32)
     encoder = encoder.to(device).eval()

@@ -17,6 +17,7 @@ import torch
 
 from compress.data import read_text
 from compress.errors import CompressError
+from compress.io.reader import check_weight_files
 
 
 def _as_text(text_or_path: str | os.PathLike) -> str:
@@ -84,6 +85,7 @@ def load_causal_lm(path: str | os.PathLike, device: str | torch.device = "cpu",
         name, dtype = dtype, getattr(torch, dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise CompressError(f"dtype '{name}' is not a torch dtype (examples: float32, bfloat16, auto)")
+    check_weight_files(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,39 +79,198 @@ class TensorInfo:
         return self.dtype.is_floating_point
 
 
+def quote_name(name: str) -> str:
+    """A name read from a file, quoted for a one-line message (control characters escaped)."""
+    return f"'{name}'" if name.isprintable() else repr(name)
+
+
+# The rules of the safetensors library (its Rust ``Metadata::validate`` and serde_json parser), so that every file
+# it refuses is refused here too, with the file and tensor named.
+MAX_HEADER_BYTES = 100_000_000
+_MAX_JSON_DEPTH = 127  # serde_json's recursion limit: 128 nested arrays/objects are refused
+_USIZE_MAX = 2**64 - 1
+# dtypes the safetensors format defines that torch cannot hold
+_FOREIGN_DTYPES = {"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "C64", "U16", "U32", "U64"}
+
+
+class _DuplicateKey(ValueError):
+    def __str__(self) -> str:
+        return f"duplicate key {quote_name(self.args[0])}"
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _json_int(text: str):
+    if text == "-0":
+        return -0.0  # serde_json reads -0 as a float, which no shape or offset accepts
+    v = int(text)
+    try:
+        float(v)
+    except OverflowError:  # past f64's range, which serde_json refuses ("number out of range")
+        raise ValueError(f"number out of range: {text[:20]}...") from None
+    return v
+
+
+def _json_float(text: str) -> float:
+    v = float(text)
+    if v in (float("inf"), float("-inf")):
+        raise ValueError(f"number out of range: {text[:20]}")
+    return v
+
+
+def _refuse_constant(text: str):
+    raise ValueError(f"{text} is not JSON")
+
+
+def _check_json_tree(tree) -> None:
+    """serde_json's nesting limit, and strings that are valid UTF-8 (Python's parser lets lone surrogates pass)."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > _MAX_JSON_DEPTH:
+                raise ValueError(f"nested deeper than {_MAX_JSON_DEPTH} levels")
+            items = node.items() if isinstance(node, dict) else ((None, v) for v in node)
+            for k, v in items:
+                if k is not None:
+                    k.encode("utf-8")
+                stack.append((v, depth + 1))
+        elif isinstance(node, str):
+            node.encode("utf-8")
+
+
+def strict_json(raw: bytes):
+    """JSON as strictly as serde_json parses a safetensors header (no NaN, no duplicate keys, no lone
+    surrogates, nesting and number limits); raises ValueError or UnicodeError."""
+    tree = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_int=_json_int,
+                      parse_float=_json_float, parse_constant=_refuse_constant)
+    _check_json_tree(tree)
+    return tree
+
+
+def _json_type(v) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _usize(v) -> bool:
+    return type(v) is int and 0 <= v <= _USIZE_MAX
+
+
 class SafetensorsFile:
-    """One ``.safetensors`` file: header parsed once, tensors read with positioned reads."""
+    """One ``.safetensors`` file: header parsed and validated once, tensors read with positioned reads.
+
+    Validation follows the safetensors library: the offsets, sorted, must tile the data buffer from 0 to the end
+    of the file with no gap or overlap, each span exactly shape × dtype size. Reads therefore never allocate more
+    than the file holds nor return bytes from outside a tensor's own span.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
             with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 head = f.read(8)
                 if len(head) != 8:
-                    raise CompressError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
+                    raise self._bad("shorter than 8 bytes")
                 (n,) = struct.unpack("<Q", head)
-                if n > 100 * 2**20 or n > os.path.getsize(self.path):
-                    raise CompressError(f"{self.path}: not a safetensors file (bad header length {n})")
-                header = json.loads(f.read(n))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CompressError(f"{self.path}: cannot read safetensors header ({e})") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+                if n > MAX_HEADER_BYTES:
+                    raise self._bad(f"header length {n} is over the {MAX_HEADER_BYTES:,}-byte limit")
+                if 8 + n > size:
+                    raise self._bad(f"header length {n} runs past the end of the file ({size} bytes)")
+                raw = f.read(n)
+        except OSError as e:
+            raise CompressError(f"{self.path}: cannot read ({e.strerror or e})") from None
+        if len(raw) != n:
+            raise self._bad("file shrank while its header was read")
+        try:
+            header = strict_json(raw)
+        except _DuplicateKey as e:
+            raise self._bad(f"header names {quote_name(e.args[0])} twice") from None
+        except (ValueError, UnicodeError, RecursionError) as e:
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise self._bad(f"header is not valid JSON ({reason})") from None
+        if not isinstance(header, dict):
+            raise self._bad(f"header is a JSON {_json_type(header)}, not an object")
+        self.metadata: dict[str, str] = self._metadata(header.pop("__metadata__", None))
         self._data_start = 8 + n
         self.infos: dict[str, TensorInfo] = {}
         self._offsets: dict[str, tuple[int, int]] = {}
         for name, h in header.items():
-            dtype = SAFETENSORS_DTYPES.get(h["dtype"])
-            if dtype is None:
-                raise CompressError(f"{self.path}: tensor '{name}' has unsupported dtype {h['dtype']}")
-            self.infos[name] = TensorInfo(name, tuple(h["shape"]), dtype, self.path)
-            self._offsets[name] = tuple(h["data_offsets"])
+            self.infos[name], self._offsets[name] = self._entry(name, h)
+        self._check_layout(size - self._data_start)
         self._fd: int | None = None
+
+    def _bad(self, why: str, name: str | None = None) -> CompressError:
+        where = f"tensor {quote_name(name)}: " if name is not None else ""
+        return CompressError(f"{self.path}: not a valid safetensors file: {where}{why}")
+
+    def _metadata(self, meta) -> dict[str, str]:
+        if meta is None:
+            return {}
+        if not isinstance(meta, dict):
+            raise self._bad(f"__metadata__ is a JSON {_json_type(meta)}, not an object of strings")
+        for k, v in meta.items():
+            if not isinstance(v, str):
+                raise self._bad(f"__metadata__ field {quote_name(k)} is a JSON {_json_type(v)}, not a string")
+        return meta
+
+    def _entry(self, name: str, h) -> tuple[TensorInfo, tuple[int, int]]:
+        if not isinstance(h, dict):
+            raise self._bad(f"entry is a JSON {_json_type(h)}, not an object", name)
+        for field in ("dtype", "shape", "data_offsets"):
+            if field not in h:
+                raise self._bad(f"no '{field}' field", name)
+        code, shape, offsets = h["dtype"], h["shape"], h["data_offsets"]
+        if not isinstance(code, str):
+            raise self._bad(f"dtype is a JSON {_json_type(code)}, not a string", name)
+        dtype = SAFETENSORS_DTYPES.get(code)
+        if dtype is None:
+            kind = "unsupported" if code in _FOREIGN_DTYPES else "unknown"
+            raise self._bad(f"{kind} dtype {quote_name(code)}", name)
+        if not isinstance(shape, list) or not all(_usize(s) for s in shape):
+            raise self._bad(f"shape {json.dumps(shape)[:80]} is not a list of non-negative integers", name)
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_usize(o) for o in offsets):
+            raise self._bad(f"data_offsets {json.dumps(offsets)[:80]} is not a pair of non-negative integers",
+                            name)
+        numel = 1
+        for s in shape:
+            numel *= s
+            if numel > _USIZE_MAX:
+                raise self._bad(f"shape {shape} overflows a 64-bit size", name)
+        if numel * dtype.itemsize > _USIZE_MAX:
+            raise self._bad(f"shape {shape} overflows a 64-bit size", name)
+        return TensorInfo(name, tuple(shape), dtype, self.path), (offsets[0], offsets[1])
+
+    def _check_layout(self, data_bytes: int) -> None:
+        start = 0
+        for name, (begin, end) in sorted(self._offsets.items(), key=lambda kv: kv[1]):
+            if begin != start or end < begin:
+                what = "overlaps the previous tensor" if begin < start else (
+                    "leaves a gap after the previous tensor" if begin > start else "ends before it begins")
+                raise self._bad(f"data_offsets [{begin}, {end}] {what} (the data so far ends at {start})", name)
+            info = self.infos[name]
+            if end > data_bytes:
+                raise self._bad(f"data_offsets [{begin}, {end}] run past the end of the file, which holds "
+                                f"{data_bytes} bytes of data (truncated, or a header that lies)", name)
+            if end - begin != info.nbytes:
+                raise self._bad(f"data_offsets [{begin}, {end}] hold {end - begin} bytes but shape "
+                                f"{list(info.shape)} of {DTYPE_CODES[info.dtype]} needs {info.nbytes}", name)
+            start = end
+        if start != data_bytes:
+            raise self._bad(f"the tensors cover {start} bytes of data but the file holds {data_bytes} after the "
+                            "header (bytes no tensor owns)")
 
     def read(self, name: str) -> torch.Tensor:
         info = self.infos[name]
         begin, end = self._offsets[name]
-        if end - begin != info.nbytes:
-            raise CompressError(f"{self.path}: tensor '{name}' has {end - begin} bytes, expected {info.nbytes}")
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
         buf = torch.empty(end - begin, dtype=torch.uint8)
@@ -117,7 +279,7 @@ class SafetensorsFile:
         while got < len(view):
             k = os.preadv(self._fd, [view[got:]], pos + got)
             if k <= 0:
-                raise CompressError(f"{self.path}: file is truncated while reading tensor '{name}'")
+                raise CompressError(f"{self.path}: file is truncated while reading tensor {quote_name(name)}")
             got += k
         return buf.view(info.dtype).reshape(info.shape)
 
@@ -133,14 +295,23 @@ class TorchBinFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
-            try:
-                sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:
-                # legacy (pre-zip) torch.save files cannot be memory-mapped
-                sd = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle errors come in many types; all mean the same to the user
-            raise CompressError(f"{self.path}: cannot load as a weights-only torch checkpoint ({e})") from None
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": a second stderr line
+                try:
+                    sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:
+                    # legacy (pre-zip) torch.save files cannot be memory-mapped
+                    sd = torch.load(self.path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch's own message suggests unpickling without the safety check: never pass that on
+            m = re.search(r"GLOBAL (\S+)", str(e))
+            named = f" (it names {quote_name(m.group(1)[:80])})" if m else ""
+            raise CompressError(f"{self.path}: holds objects other than tensors{named}; refused, since loading it "
+                                "could run code from the file") from None
+        except Exception:  # truncated zips, foreign formats: torch's messages vary and some suggest unsafe loading
+            raise CompressError(f"{self.path}: not a torch checkpoint (unreadable or corrupt)") from None
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in sd.items()):
             raise CompressError(f"{self.path}: expected a state dict of tensors")
         self._sd = sd
         self.metadata: dict[str, str] = {}
@@ -293,6 +464,12 @@ def resolve_weight_files(path: str | os.PathLike) -> tuple[list[Path], Path | No
     if len(loose) > 1:
         raise CompressError(f"{p}: {len(loose)} safetensors files but no model.safetensors.index.json to join them")
     raise CompressError(f"{p}: folder holds no model weights (no *.safetensors or pytorch_model.bin)")
+
+
+def check_weight_files(path: str | os.PathLike) -> None:
+    """Validate a model folder's weight files (headers only) before a loader that trusts them, such as
+    ``from_pretrained``, which answers a truncated or overlapping file with a traceback."""
+    open_checkpoint(path).close()
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

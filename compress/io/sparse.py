@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from compress.delta import FORMAT, DeltaFile, decode_delta, encode_gaps, encode_nm24, nm24_fill, pack_mask
+from compress.delta import FORMAT, DeltaFile, encode_gaps, encode_nm24, nm24_fill, pack_mask
 from compress.errors import CompressError
 from compress.io.reader import DTYPE_CODES, SAFETENSORS_DTYPES, open_checkpoint
 from compress.io.writer import AUX_FILES, AUX_PREFIX, aux_entry_name
@@ -147,8 +147,7 @@ def apply_sparse(delta: DeltaFile, out: str | os.PathLike, *, device: str = "cpu
             if row["encoding"] == "full":
                 t = delta.full(name, device=device)
             else:
-                t = decode_delta(row, delta._entries(name), device, SAFETENSORS_DTYPES[row["dtype"]])
-                t = t.reshape(row["shape"])
+                t = delta.decode(name, device=device, dtype=SAFETENSORS_DTYPES[row["dtype"]])
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             writer.add(name, t)
