@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from compress.data import corpus_path, read_text, stories260k_files
-from compress.delta import DeltaFile, apply_delta, extract_delta
+from compress.delta import apply_delta, extract_delta
+from compress.io.deltafile import DeltaFile
 from compress.eval.perplexity import load_causal_lm, perplexity
 from compress.finetune import finetune_causal_lm
 from compress.io.llama2c import convert_llama2c

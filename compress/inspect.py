@@ -22,7 +22,7 @@ def _file_bytes(path: Path) -> int:
 
 
 def inspect_delta(path: Path) -> dict:
-    from compress.delta import DeltaFile
+    from compress.io.deltafile import DeltaFile
 
     d = DeltaFile(path)
     rows, params, kept, dense_bytes, stored = [], 0, 0, 0, 0

@@ -30,3 +30,10 @@ def resolve_device(device: str) -> str:
         if not torch.cuda.is_available():
             raise CompressError(f"device '{device}' asked for, but CUDA is not available on this machine")
     return device
+
+
+def compute_dtype(*dtypes):
+    """float64 if any input is float64, else float32: exact for differences of half-precision inputs."""
+    import torch
+
+    return torch.float64 if torch.float64 in dtypes else torch.float32

@@ -19,6 +19,7 @@ from typing import Literal, Protocol
 import torch
 
 from compress.errors import CompressError
+from compress.runtime import compute_dtype
 from compress.io.reader import Checkpoint, TensorInfo, is_peft_adapter, open_checkpoint, quote_name
 
 # Rows of these tensors are vocabulary entries; a fine-tune that added tokens changes only their first dim.
@@ -69,11 +70,6 @@ def tensor_rule(name: str, base: TensorInfo | None, ft: TensorInfo | None, *, ba
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float64 if any input is float64, else float32: exact for differences of half-precision inputs."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def check_same_architecture(base: Checkpoint, ft: Checkpoint) -> None:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from compress.delta import DeltaFile, decode_gaps, encode_gaps, pack_mask, unpack_mask
+from compress.io.deltafile import DeltaFile, decode_gaps, encode_gaps, pack_mask, unpack_mask
 from compress.io.reader import open_checkpoint
 from compress.io.writer import ShardedWriter, atomic_dir
 from conftest import run_cli

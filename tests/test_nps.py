@@ -140,7 +140,8 @@ def _bert_pair(root):
 
 
 def test_stored_delta_reproduces_the_searched_model(tmp_path):
-    from compress.delta import DeltaFile, apply_delta
+    from compress.delta import apply_delta
+    from compress.io.deltafile import DeltaFile
     from compress.io.reader import open_checkpoint
     from compress.search.nps import write_model, write_nps_delta
 

@@ -76,7 +76,7 @@ def test_api_end_to_end(served, tmp_path, backend):
     from transformers import AutoModelForCausalLM
 
     from compress.config import CompressionRequest
-    from compress.delta import DeltaFile
+    from compress.io.deltafile import DeltaFile
     from compress.errors import CompressError
     from compress.io.sparse import apply_sparse
     from compress.serve.client import Client, ServerError

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compress.delta import decode_nm24, encode_nm24, nm24_fill
+from compress.io.deltafile import decode_nm24, encode_nm24, nm24_fill
 from compress.io.sparse import encode_sparse, write_sparse
 from tests.conftest import run_cli, save_llama
 
@@ -46,7 +46,7 @@ def test_encode_sparse_exact_and_chooses_cheapest(dtype):
     for want, t in cases.items():
         entries, row = encode_sparse("w", t)
         assert row["encoding"] == want
-        from compress.delta import decode_delta
+        from compress.io.deltafile import decode_delta
         back = decode_delta(row, {k.split("::")[1]: v for k, v in entries.items()}, "cpu", dtype).reshape(t.shape)
         assert torch.equal(back, t)
 

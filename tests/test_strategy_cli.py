@@ -92,7 +92,7 @@ def test_train_then_batch_meets_every_request(tiny, calib, tmp_path):
     rows = {r["id"]: r for r in summary["rows"]}
     assert set(rows) == {"low", "high", "bytes", "pref", "prot"}
 
-    from compress.delta import DeltaFile
+    from compress.io.deltafile import DeltaFile
     from compress.io.reader import open_checkpoint
 
     pruned_names = set(p.checkpoint_names())

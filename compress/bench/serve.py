@@ -253,7 +253,7 @@ def percentiles(xs: list[float]) -> dict:
 
 # -- artifacts -----------------------------------------------------------------------------------------------------
 def measured_sparsity(path: Path, pruned: list[str]) -> float:
-    from compress.delta import DeltaFile
+    from compress.io.deltafile import DeltaFile
 
     f = DeltaFile(path)
     try:

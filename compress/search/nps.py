@@ -416,7 +416,7 @@ def write_model(out, base, layout: Layout, delta: torch.Tensor, *, shard_size="5
     ``compress.delta.reconstruct(base, delta, base dtype)``, the same that ``compress apply`` rebuilds."""
     import shutil
 
-    from compress.delta import reconstruct
+    from compress.io.deltafile import reconstruct
     from compress.io.writer import ShardedWriter, atomic_dir, copy_aux, write_model_card
 
     where = {n: sl for _, n, sl, _ in layout.slices()}
