@@ -28,7 +28,22 @@ from compress.config import (ApplyConfig, EvalConfig, ExtractConfig, ExtractLora
                              resolve_device, torch_dtype)
 from compress.errors import CompressError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _Interrupted(Exception):
+    """Ctrl-C, carried past typer to main()."""
+
+
+class _Group(typer.core.TyperGroup):
+    # typer >= 0.29 turns a KeyboardInterrupt into Exit(130), which standalone_mode=False hands back as a return
+    # value main() took for success (exit 0, no message); re-raised as _Interrupted it reaches main() intact.
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted() from None
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress and recombine fine-tuned transformer checkpoints.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print and save what they measure.")
 app.add_typer(bench_app, name="bench")
@@ -1301,6 +1316,9 @@ def main(argv: list[str] | None = None) -> None:
     except _CLICK_ERROR as e:
         e.show()
         sys.exit(e.exit_code)
+    except (_Interrupted, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except _ABORT:
         print("aborted", file=sys.stderr)
         sys.exit(130)
