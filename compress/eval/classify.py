@@ -32,6 +32,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from compress.config import read_model_config
 from compress.errors import CompressError
 
 HEAD_WEIGHTS = "head.safetensors"
@@ -243,7 +244,7 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu",
     from transformers import AutoModel
 
     path = Path(path)
-    if not (path / "config.json").is_file():
+    if read_model_config(path) is None:
         raise CompressError(f"{path}: not a Hugging Face model folder (no config.json)")
     with hf_quiet():
         encoder = AutoModel.from_pretrained(path, dtype=dtype or torch.float32)
