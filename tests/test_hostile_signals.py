@@ -14,14 +14,14 @@ import pytest
 import compress
 from tests.conftest import run_cli, save_llama
 
-# della on ~10M parameters takes a couple of seconds on one thread: long enough to interrupt mid-write
+# della on ~6M parameters takes about a second on one thread: long enough to interrupt mid-write
 _MERGE = ["merge", "--method", "della", "--density", "0.5", "--shard-size", "1MB", "--quiet"]
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("sigint")
-    kw = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=8, vocab_size=4096)
+    kw = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, vocab_size=4096)
     return save_llama(root / "base", seed=0, **kw), save_llama(root / "ft", seed=1, **kw)
 
 
