@@ -29,7 +29,22 @@ from compress.runtime import resolve_device, torch_dtype
 from compress.errors import CompressError
 from compress.extras import require
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _Interrupted(Exception):
+    """Ctrl-C, carried past typer to main()."""
+
+
+class _Group(typer.core.TyperGroup):
+    # typer >= 0.29 turns a KeyboardInterrupt into Exit(130), which standalone_mode=False hands back as a return
+    # value main() took for success (exit 0, no message); re-raised as _Interrupted it reaches main() intact.
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted() from None
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress and recombine fine-tuned transformer checkpoints.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print and save what they measure.")
 app.add_typer(bench_app, name="bench")
@@ -96,6 +111,7 @@ def apply_cmd(
     device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ):
     """Rebuild a model from a base and a delta file (exact at every kept entry), or from a sparse weight file."""
+    from compress.config import read_model_config
     from compress.delta import apply_delta
     from compress.io.deltafile import DeltaFile
     from compress.io.reader import open_checkpoint
@@ -108,6 +124,8 @@ def apply_cmd(
     check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
     if cfg.config_from is not None and not cfg.config_from.is_dir():
         raise CompressError(f"{cfg.config_from}: --config-from must be a folder holding config.json")
+    if cfg.config_from is not None:
+        read_model_config(cfg.config_from)  # copied into the output: a broken one stops here, not in the next tool
     delta_file = DeltaFile(cfg.delta)
     opts = dict(device=resolve_device(cfg.device), dtype=torch_dtype(cfg.dtype), shard_size=cfg.shard_size,
                 overwrite=cfg.overwrite, quiet=cfg.quiet, aux_from=cfg.config_from)
@@ -118,7 +136,10 @@ def apply_cmd(
     elif cfg.base is None:
         raise CompressError(f"{cfg.delta} is a task-vector delta: give --base, the checkpoint it was extracted from")
     else:
-        apply_delta(open_checkpoint(cfg.base), delta_file, cfg.out, **opts)
+        base_ck = open_checkpoint(cfg.base)
+        if cfg.config_from is None and base_ck.root is not None:
+            read_model_config(base_ck.root)  # the base's is the one copied
+        apply_delta(base_ck, delta_file, cfg.out, **opts)
     out.print(f"wrote {cfg.out}")
 
 
@@ -338,14 +359,10 @@ def _protect_flags(protect_heads, protect_top, per_layer, protect_sparsity) -> d
 
 
 def _recipe_method(recipe: Path) -> Optional[str]:
-    """The ``method`` key of a YAML recipe (None when unreadable: the merge loader then reports the error)."""
-    import yaml
+    """The ``method`` key of a YAML recipe (an unreadable recipe is the loader's one-line error)."""
+    from compress.config import read_mapping
 
-    try:
-        raw = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return None
-    return raw.get("method") if isinstance(raw, dict) else None
+    return read_mapping(recipe).get("method")
 
 
 def _merge_cli_models(cfg, models, weights, density, params):
@@ -1354,6 +1371,9 @@ def main(argv: list[str] | None = None) -> None:
     except _CLICK_ERROR as e:
         e.show()
         sys.exit(e.exit_code)
+    except (_Interrupted, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except _ABORT:
         print("aborted", file=sys.stderr)
         sys.exit(130)

@@ -227,14 +227,38 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return merged
 
 
+MAX_YAML_DEPTH = 64
+
+
+def _yaml_depth(text: str) -> int:
+    """How deeply the YAML's collections nest, from its events (PyYAML's parser keeps a stack, its composer
+    recurses); stops counting past ``MAX_YAML_DEPTH``, before the scanner's cost grows with the depth."""
+    import yaml
+
+    depth = deepest = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_YAML_DEPTH:
+                break
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return deepest
+
+
 def read_mapping(path: str | Path, what: str = "recipe") -> dict:
-    """A YAML (or JSON) file that must hold a mapping; a missing file, a parse error or another shape is one line
-    naming the file."""
+    """A YAML (or JSON) file that must hold a mapping; a missing file, a parse error, nesting deeper than
+    ``MAX_YAML_DEPTH`` or another shape is one line naming the file. Every recipe and registry loads here."""
     import yaml
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        if _yaml_depth(text) > MAX_YAML_DEPTH:
+            raise CompressError(f"{path}: cannot read the {what}: collections nest deeper than {MAX_YAML_DEPTH} "
+                                "levels")
+        raw = yaml.safe_load(text)
     except FileNotFoundError:
         raise CompressError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -254,6 +278,20 @@ def read_json(path: str | Path, what: str):
         raise CompressError(f"{what} file '{path}' does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CompressError(f"{what} file '{path}' is not valid JSON ({e})") from None
+    except RecursionError:
+        raise CompressError(f"{what} file '{path}' is not valid JSON (nested too deeply)") from None
+
+
+def read_model_config(folder: str | Path, name: str = "config.json") -> Optional[dict]:
+    """A model folder's ``config.json`` (or ``name``; None when there is none). Every reader goes through here, so
+    a file that is not UTF-8, not JSON or not a JSON object is one line naming it, never a traceback."""
+    path = Path(folder) / name
+    if not path.is_file():
+        return None
+    cfg = read_json(path, "model config")
+    if not isinstance(cfg, dict):
+        raise CompressError(f"{path}: must hold a JSON object of fields, got a JSON {type(cfg).__name__}")
+    return cfg
 
 
 def read_jsonl(path: str | Path, what: str, hint: str = "", limit: Optional[int] = None) -> list[tuple[int, dict]]:
@@ -314,11 +352,70 @@ class Conditional(_Config):
     filter: Optional[str] = None
 
 
-# A number; a list of numbers is a gradient over the layers; a list of {filter, value} picks by tensor name.
-Setting = Union[Scalar, list[Scalar], Conditional, list[Conditional]]
-
 SHARED_PARAMS = ("weight", "density", "gamma", "epsilon", "lambda", "t", "normalize")
 MODEL_PARAMS = ("weight", "density", "gamma", "epsilon")
+FLAG_PARAMS = ("normalize", "rescale", "int8_mask")  # true/false (rescale and int8_mask: mergekit recipes only)
+_SETTING_FORMS = "a number, a list of numbers (a gradient over the layers) or a list of {filter, value}"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _setting_value(v: Any) -> Any:
+    if isinstance(v, bool) or _is_number(v):
+        return v
+    if isinstance(v, list) and v and all(_is_number(x) for x in v):
+        return v
+    raise ValueError(f"must be {_SETTING_FORMS}, got {v!r}")
+
+
+def _conditional(c: Any) -> Conditional:
+    if isinstance(c, Conditional):
+        return c
+    extra = sorted(set(c) - {"filter", "value"})
+    if extra or "value" not in c:
+        raise ValueError(f"a conditional value is {{filter, value}}, got {c!r}")
+    if c.get("filter") is not None and not isinstance(c["filter"], str):
+        raise ValueError(f"filter must be a substring of tensor names, got {c['filter']!r}")
+    return Conditional(filter=c.get("filter"), value=_setting_value(c["value"]))
+
+
+def _setting(v: Any) -> Any:
+    # checked by hand: as a pydantic Union, a bad value was one error per branch of the union on one long line
+    if isinstance(v, (dict, Conditional)):
+        return _conditional(v)
+    if isinstance(v, list) and v and all(isinstance(c, (dict, Conditional)) for c in v):
+        return [_conditional(c) for c in v]
+    return _setting_value(v)
+
+
+# A number; a list of numbers is a gradient over the layers; a list of {filter, value} picks by tensor name.
+Setting = Annotated[Any, AfterValidator(_setting)]
+
+
+def _leaves(setting: Any) -> list:
+    """Every plain value a (checked) setting can take."""
+    conds = [setting] if isinstance(setting, Conditional) else setting if isinstance(setting, list) else None
+    if conds and all(isinstance(c, Conditional) for c in conds):
+        return [x for c in conds for x in _leaves(c.value)]
+    return list(setting) if isinstance(setting, list) else [setting]
+
+
+def setting_problem(key: str, setting: Any) -> Optional[str]:
+    """Why ``setting`` is no value for parameter ``key`` (None when it is one): a flag takes true or false, the
+    others numbers; densities lie in (0, 1]."""
+    if key in FLAG_PARAMS:
+        return None if isinstance(setting, bool) else f"must be true or false, got {setting!r}"
+    try:
+        leaves = _leaves(_setting(setting))
+    except ValueError as e:
+        return str(e)
+    if not all(_is_number(x) for x in leaves):
+        return f"must be {_SETTING_FORMS}, got {setting!r}"
+    if key == "density" and not all(0.0 < x <= 1.0 for x in leaves):
+        return f"must be in (0, 1], got {setting!r}"
+    return None
 
 
 def _param_names(allowed: tuple[str, ...]):
@@ -326,6 +423,10 @@ def _param_names(allowed: tuple[str, ...]):
         bad = [k for k in v if k not in allowed]
         if bad:
             raise ValueError(f"unknown parameter '{bad[0]}' (known: {', '.join(allowed)})")
+        for k, setting in v.items():
+            problem = setting_problem(k, setting)
+            if problem:
+                raise ValueError(f"'{k}' {problem}")
         return v
     return check
 
@@ -383,6 +484,17 @@ class MergeConfig(Compute, ProtectOptions):
             raise ValueError("slerp interpolates a base and exactly one model (give base and one model)")
         if self.method != "linear" and self.base is None:
             raise ValueError(f"method '{self.method}' needs a base model")
+        from compress.merge.methods import METHODS, method_preset
+
+        m = method_preset(self.method, self.variant, **self.overrides()) if self.method in METHODS else None
+        if m is not None and m.sparsify == "magnitude" and m.topk == "global":
+            scopes = [("parameters", self.parameters)] + [(f"models.{i}.parameters", mm.parameters)
+                                                         for i, mm in enumerate(self.models)]
+            for where, scope in scopes:
+                if "density" in scope and not _is_number(scope["density"]):
+                    raise ValueError(f"{where}.density: a global top-k ({self.method}, variant {self.variant}) takes "
+                                     f"one density per model, got {scope['density']!r}; give a number or set "
+                                     "topk: per_tensor")
         return self
 
     def overrides(self) -> dict:

@@ -5,11 +5,11 @@ Works on compact delta files, checkpoints (folder, safetensors, index, .bin) and
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
+from compress.config import read_model_config
 from compress.errors import CompressError
 from compress.io.reader import SAFETENSORS_DTYPES, is_peft_adapter, open_checkpoint, resolve_weight_files
 
@@ -89,7 +89,7 @@ def inspect_checkpoint(path: Path, count_zeros: bool = False) -> dict:
 
 
 def inspect_adapter(path: Path) -> dict:
-    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg = read_model_config(path, "adapter_config.json")
     weights = next((path / f for f in ("adapter_model.safetensors", "adapter_model.bin") if (path / f).is_file()),
                    None)
     if weights is None:

@@ -33,6 +33,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from compress.config import read_model_config
 from compress.errors import CompressError
 from compress.io.reader import check_weight_files
 
@@ -245,7 +246,7 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu",
     from transformers import AutoModel
 
     path = Path(path)
-    if not (path / "config.json").is_file():
+    if read_model_config(path) is None:
         raise CompressError(f"{path}: not a Hugging Face model folder (no config.json)")
     check_weight_files(path)
     with hf_quiet():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from compress.config import read_model_config
 from compress.data import read_text
 from compress.errors import CompressError
 from compress.io.reader import check_weight_files
@@ -79,7 +80,7 @@ def load_causal_lm(path: str | os.PathLike, device: str | torch.device = "cpu",
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    if not (path / "config.json").is_file():
+    if read_model_config(path) is None:
         raise CompressError(f"{path}: not a Hugging Face model folder (no config.json)")
     if isinstance(dtype, str) and dtype != "auto":
         name, dtype = dtype, getattr(torch, dtype, None)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from compress.config import read_model_config
 from compress.errors import CompressError
 
 
@@ -16,6 +17,7 @@ def load_model(path: Path, device: str, tokenizer: bool = True):
 
     from compress.eval.classify import hf_quiet
 
+    read_model_config(path)  # a broken config.json is named here, not misreported by transformers
     try:
         cfg = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:

@@ -386,9 +386,9 @@ class Checkpoint:
 
     @property
     def config(self) -> dict | None:
-        if self.root is None or not (self.root / "config.json").is_file():
-            return None
-        return json.loads((self.root / "config.json").read_text())
+        from compress.config import read_model_config
+
+        return None if self.root is None else read_model_config(self.root)
 
     def get(self, name: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
             check_finite: bool = True) -> torch.Tensor:

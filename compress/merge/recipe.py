@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-from compress.config import Conditional, MergeConfig, build
+from compress.config import Conditional, MergeConfig, build, setting_problem
 from compress.errors import CompressError
 
 MERGEKIT_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
@@ -71,8 +71,8 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _relative(value: Any, root: Path) -> Any:
-    if value is None:
-        return None
+    if not isinstance(value, (str, os.PathLike)):
+        return value  # None, or a wrong type the schema then names
     p = Path(os.path.expanduser(str(value)))
     return p if p.is_absolute() or p.exists() else (root / p if (root / p).exists() else p)
 
@@ -89,25 +89,35 @@ def from_mergekit(data: dict, root: Path, **cli) -> MergeConfig:
     if method not in MERGEKIT_METHODS:
         raise CompressError(f"mergekit recipe: unknown or unsupported merge_method '{method}' "
                             f"(supported: {', '.join(MERGEKIT_METHODS)})")
-    params = dict(data.get("parameters") or {})
+    params = dict(_mapping(data.get("parameters"), "parameters"))
     bad = sorted(set(params) - _MK_PARAMS)
     if bad:
         raise CompressError(f"mergekit recipe: unknown parameter '{bad[0]}' (known: {', '.join(sorted(_MK_PARAMS))})")
+    _check_settings(params, "parameters")
     overrides: dict[str, Any] = {}
     if "rescale" in params:
         overrides["rescale"] = "l1" if params.pop("rescale") else "none"
     params.pop("int8_mask", None)
     models, base = [], data.get("base_model")
-    for i, entry in enumerate(data.get("models") or []):
+    if base is not None and not isinstance(base, str):
+        raise CompressError(f"mergekit recipe: base_model must be a model path, got {base!r}")
+    entries = data.get("models")
+    if entries is not None and not isinstance(entries, list):
+        raise CompressError(f"mergekit recipe: models must be a list of {{model, parameters}} entries, "
+                            f"got {type(entries).__name__} {entries!r}")
+    for i, entry in enumerate(entries or []):
         if not isinstance(entry, dict) or "model" not in entry:
             raise CompressError(f"mergekit recipe: models[{i}] needs a 'model' key")
         extra = sorted(set(entry) - {"model", "parameters"})
         if extra:
             raise CompressError(f"mergekit recipe: models[{i}]: unknown field '{extra[0]}'")
-        mp = dict(entry.get("parameters") or {})
+        if not isinstance(entry["model"], str):
+            raise CompressError(f"mergekit recipe: models[{i}].model must be a model path, got {entry['model']!r}")
+        mp = dict(_mapping(entry.get("parameters"), f"models[{i}].parameters"))
         bad = sorted(set(mp) - {"weight", "density", "gamma", "epsilon"})
         if bad:
             raise CompressError(f"mergekit recipe: models[{i}]: unknown parameter '{bad[0]}'")
+        _check_settings(mp, f"models[{i}].parameters")
         if base is not None and str(entry["model"]) == str(base):
             continue  # mergekit lists the base among the models for slerp and friends; it is not a task vector
         models.append({"model": _relative(entry["model"], root), "parameters": mp})
@@ -121,17 +131,41 @@ def from_mergekit(data: dict, root: Path, **cli) -> MergeConfig:
     return build(MergeConfig, **fields)
 
 
+def _mapping(value: Any, field: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CompressError(f"mergekit recipe: {field} must be a mapping of parameter: value, got {value!r}")
+    return value
+
+
+def _check_settings(params: dict, field: str) -> None:
+    """Types and ranges checked here, under mergekit's own field paths (the translation drops the base from
+    ``models``, so the schema's indices would not be the file's)."""
+    for key, setting in params.items():
+        problem = setting_problem(key, setting)
+        if problem:
+            raise CompressError(f"mergekit recipe: {field}.{key} {problem}")
+
+
 def load_recipe(path: str | os.PathLike, **cli) -> MergeConfig:
-    """A merge recipe file (ours or mergekit's) as a ``MergeConfig``; ``cli`` values (not None) win."""
+    """A merge recipe file (ours or mergekit's) as a ``MergeConfig``; ``cli`` values (not None) win. Errors name
+    the file and the field."""
     path = Path(path)
     data = _read_yaml(path)
-    root = path.parent
+    try:
+        return _from_data(data, path.parent, **cli)
+    except CompressError as e:
+        raise CompressError(f"{path}: {e}") from None
+
+
+def _from_data(data: dict, root: Path, **cli) -> MergeConfig:
     if "merge_method" in data:
         return from_mergekit(data, root, **cli)
     for key in ("base", "out"):
         if data.get(key) is not None:
             data[key] = _relative(data[key], root)
-    for m in data.get("models") or []:
+    for m in data.get("models") if isinstance(data.get("models"), list) else []:
         if isinstance(m, dict) and "model" in m:
             m["model"] = _relative(m["model"], root)
     data.update({k: v for k, v in cli.items() if v is not None})

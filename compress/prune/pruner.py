@@ -25,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from compress.config import read_model_config
 from compress.errors import CompressError
 from compress.prune import calib as C
 from compress.prune import methods as M
@@ -82,7 +83,7 @@ class Pruner:
         from compress.eval.classify import hf_quiet
 
         self.model_dir = Path(model)
-        if not (self.model_dir / "config.json").is_file():
+        if read_model_config(self.model_dir) is None:
             raise CompressError(f"{self.model_dir}: not a Hugging Face model folder (no config.json)")
         self.device, self.quiet = device, quiet
         self.nsamples, self.seed, self.batch_size = nsamples, seed, batch_size
