@@ -111,7 +111,7 @@ def apply_cmd(
     device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ):
     """Rebuild a model from a base and a delta file (exact at every kept entry), or from a sparse weight file."""
-    from compress.config import read_model_config
+    from compress.io.files import read_model_config
     from compress.delta import apply_delta
     from compress.io.deltafile import DeltaFile
     from compress.io.reader import open_checkpoint
@@ -360,7 +360,7 @@ def _protect_flags(protect_heads, protect_top, per_layer, protect_sparsity) -> d
 
 def _recipe_method(recipe: Path) -> Optional[str]:
     """The ``method`` key of a YAML recipe (an unreadable recipe is the loader's one-line error)."""
-    from compress.config import read_mapping
+    from compress.io.files import read_mapping
 
     return read_mapping(recipe).get("method")
 
@@ -488,7 +488,7 @@ def _pair(text: Optional[str], flag: str) -> Optional[list[float]]:
 
 def _strategy_cfg(cls, model: Path, flags: dict):
     """A strategy config from MODEL (a folder) or a recipe (.yml, its fields; flags given win)."""
-    from compress.config import read_mapping
+    from compress.io.files import read_mapping
 
     flags = {k: v for k, v in flags.items() if v is not None}
     if model.suffix in (".yml", ".yaml"):
@@ -1362,7 +1362,9 @@ def main(argv: list[str] | None = None) -> None:
     cmd = typer.main.get_command(app)
     argv = expand_multi(list(sys.argv[1:] if argv is None else argv))
     try:
-        cmd.main(args=argv, prog_name="compress", standalone_mode=False)
+        rc = cmd.main(args=argv, prog_name="compress", standalone_mode=False)
+        if isinstance(rc, int) and rc:  # typer hands a command's Exit(n) back as a value when not standalone
+            sys.exit(rc)
     except CompressError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

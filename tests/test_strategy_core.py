@@ -178,7 +178,8 @@ def test_request_fields_and_requests_file(tmp_path):
 def test_strategy_recipe_validates():
     from pathlib import Path
 
-    from compress.config import StrategyTrainConfig, read_mapping
+    from compress.config import StrategyTrainConfig
+    from compress.io.files import read_mapping
 
     root = Path(__file__).resolve().parents[1] / "recipes" / "strategy"
     cfg = build(StrategyTrainConfig, **read_mapping(root / "lm-zoo.yml"))

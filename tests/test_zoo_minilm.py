@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from compress.config import ClassifierTrain, MiniLMRecipe, load_recipe
+from compress.config import ClassifierTrain, MiniLMRecipe
+from compress.io.files import load_recipe
 from compress.zoo.minilm import load_minilm_recipe
 from compress.data import TASKS, load_task, task_dir, task_info
 from compress.errors import CompressError

@@ -33,7 +33,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from compress.config import read_model_config
+from compress.io.files import read_model_config
 from compress.errors import CompressError
 from compress.io.reader import check_weight_files
 

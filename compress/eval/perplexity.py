@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from compress.config import read_model_config
+from compress.io.files import read_model_config
 from compress.data import read_text
 from compress.errors import CompressError
 from compress.io.reader import check_weight_files

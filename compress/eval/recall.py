@@ -37,7 +37,7 @@ _TRAILING = ".,;:!?\"')]"
 
 def read_recall_items(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     """The items of a recall jsonl file (the first ``limit`` when given), each checked for its fields."""
-    from compress.config import read_jsonl
+    from compress.io.files import read_jsonl
 
     items = []
     for lineno, item in read_jsonl(path, "recall", "e.g. checkpoints/zoo/lm-zoo/recall_eval.jsonl", limit):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from compress.config import read_model_config
+from compress.io.files import read_model_config
 from compress.errors import CompressError
 
 

@@ -32,7 +32,7 @@ from compress.heads.capture import Probe
 
 def read_probes(path: str | os.PathLike, limit: Optional[int] = None) -> list[tuple[int, dict]]:
     """(line number, probe) of each probe of a JSON-lines file, ``prompt`` and ``context`` checked."""
-    from compress.config import read_jsonl
+    from compress.io.files import read_jsonl
 
     out = []
     for lineno, item in read_jsonl(path, "probes", "JSON lines with a 'prompt' each; `compress heads probes "

@@ -386,7 +386,7 @@ class Checkpoint:
 
     @property
     def config(self) -> dict | None:
-        from compress.config import read_model_config
+        from compress.io.files import read_model_config
 
         return None if self.root is None else read_model_config(self.root)
 

@@ -18,7 +18,7 @@ from compress.config import MergeConfig
 from compress.runtime import resolve_device, torch_dtype
 from compress.errors import CompressError
 from compress.io.reader import Checkpoint, all_finite, is_peft_adapter, open_checkpoint
-from compress.merge.methods import METHODS, Method, check_method, linear, method_preset, slerp, task_vector_merge
+from compress.merge.methods import METHODS, Method, check_config, linear, method_preset, slerp, task_vector_merge
 from compress.merge.recipe import layer_position, resolve_setting
 from compress.progress import console, track
 from compress.sparsify.masks import seeded_generator
@@ -122,7 +122,7 @@ class Merger:
     """Plans a merge from a ``MergeConfig`` and writes it, or yields merged tensors (``tensors()``)."""
 
     def __init__(self, cfg: MergeConfig):
-        check_method(cfg.method)
+        check_config(cfg)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.base = open_checkpoint(cfg.base) if cfg.base is not None else None

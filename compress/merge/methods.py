@@ -295,6 +295,23 @@ def check_method(name: str) -> str:
     return name
 
 
+def check_config(cfg) -> None:
+    """What the schema cannot know without the registry: ``cfg`` (a ``config.MergeConfig``) names a method here,
+    and a method whose top-k is global gets one density per model (not a gradient or filters)."""
+    check_method(cfg.method)
+    if cfg.method not in METHODS:
+        return
+    m = method_preset(cfg.method, cfg.variant, **cfg.overrides())
+    if m.sparsify == "magnitude" and m.topk == "global":
+        scopes = [("parameters", cfg.parameters)] + [(f"models.{i}.parameters", mm.parameters)
+                                                     for i, mm in enumerate(cfg.models)]
+        for where, scope in scopes:
+            d = scope.get("density")
+            if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float))):
+                raise CompressError(f"{where}.density: a global top-k ({cfg.method}, variant {cfg.variant}) takes "
+                                    f"one density per model, got {d!r}; give a number or set topk: per_tensor")
+
+
 def method_preset(name: str, variant: str = "paper", **overrides) -> Method:
     """The preset for ``name`` in a ``variant`` (paper | peft | mergekit), with explicit overrides on top."""
     if name not in METHODS:

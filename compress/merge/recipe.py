@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from compress.config import Conditional, MergeConfig, build, setting_problem
 from compress.errors import CompressError
+from compress.merge.methods import check_config
 
 MERGEKIT_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                     "breadcrumbs_ties", "della", "della_linear")
@@ -65,7 +66,7 @@ def layer_position(name: str, num_layers: Optional[int]) -> float:
 
 
 def _read_yaml(path: Path) -> dict:
-    from compress.config import read_mapping
+    from compress.io.files import read_mapping
 
     return read_mapping(path)
 
@@ -154,7 +155,9 @@ def load_recipe(path: str | os.PathLike, **cli) -> MergeConfig:
     path = Path(path)
     data = _read_yaml(path)
     try:
-        return _from_data(data, path.parent, **cli)
+        cfg = _from_data(data, path.parent, **cli)
+        check_config(cfg)
+        return cfg
     except CompressError as e:
         raise CompressError(f"{path}: {e}") from None
 

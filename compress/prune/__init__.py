@@ -26,7 +26,8 @@ def default_sparse_out(out: Path) -> Path:
 def load_prune_recipe(path: str | os.PathLike, **cli):
     """A prune recipe (YAML mapping of ``PruneConfig`` fields; relative paths are relative to the working
     directory, as on the command line); ``cli`` values that are not None win."""
-    from compress.config import PruneConfig, build, read_mapping
+    from compress.config import PruneConfig, build
+    from compress.io.files import read_mapping
 
     data = read_mapping(path, "prune recipe")
     return build(PruneConfig, **{**data, **{k: v for k, v in cli.items() if v is not None}})

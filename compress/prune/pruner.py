@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from compress.config import read_model_config
+from compress.io.files import read_model_config
 from compress.errors import CompressError
 from compress.prune import calib as C
 from compress.prune import methods as M

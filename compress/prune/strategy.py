@@ -46,7 +46,7 @@ class Strategy:
 
     @classmethod
     def load(cls, path: str | Path) -> "Strategy":
-        from compress.config import read_json
+        from compress.io.files import read_json
 
         data = read_json(path, "strategy")
         values = data.get("layer_sparsity") if isinstance(data, dict) else data

@@ -29,7 +29,7 @@ def _config(mode: str, recipe: Optional[Path], options: dict):
 
 
 def _read(recipe: Path) -> dict:
-    from compress.config import read_mapping
+    from compress.io.files import read_mapping
 
     raw = read_mapping(recipe)
     if raw.get("method", "nps") != "nps":

@@ -28,7 +28,8 @@ def load_registry(path: str | os.PathLike, *, check: bool = True):
     opened now (fingerprint checked) so a bad entry stops the server at start, naming the entry."""
     from pydantic import ValidationError
 
-    from compress.config import ServeRegistry, format_validation_error, read_mapping
+    from compress.config import ServeRegistry, format_validation_error
+    from compress.io.files import read_mapping
     from compress.strategy.stratnet import StratNetModel
 
     raw = read_mapping(path, "registry")

@@ -132,7 +132,7 @@ class Protect:
 
     @classmethod
     def load(cls, path: str | Path) -> "Protect":
-        from compress.config import read_json
+        from compress.io.files import read_json
 
         data = read_json(path, "protect")
         if not isinstance(data, dict):

@@ -23,7 +23,7 @@ __all__ = ["CompressionRequest", "StrategyTrainConfig", "StrategySearchConfig", 
 def read_requests(path: str | os.PathLike) -> list[CompressionRequest]:
     """Every non-empty line of ``path`` as a request; ids default to ``req-<line>``; duplicate ids and bad lines
     are one-line errors naming the file and the line."""
-    from compress.config import read_jsonl
+    from compress.io.files import read_jsonl
 
     out, seen = [], {}
     for no, data in read_jsonl(path, "requests", 'one JSON object per line, e.g. {"sparsity": 0.5}'):

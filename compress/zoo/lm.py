@@ -205,7 +205,7 @@ def _merge(base: dict, over: dict) -> dict:
 def load_recipe(path: str | Path | None = None, quick: bool = False) -> LmZooRecipe:
     """The recipe at ``path`` (default ``recipes/zoo/lm-zoo.yml``), with its ``quick:`` section applied when
     ``quick``. Both versions are validated, so a broken quick section fails the full build too."""
-    from compress.config import read_mapping
+    from compress.io.files import read_mapping
 
     path = Path(path) if path is not None else RECIPE_PATH
     raw = read_mapping(path)

@@ -34,7 +34,8 @@ from typing import Optional
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from compress.config import ClassifierTrain, MiniLMRecipe, load_recipe
+from compress.config import ClassifierTrain, MiniLMRecipe
+from compress.io.files import load_recipe
 from compress.runtime import resolve_device
 from compress.data import TASKS, load_task, task_dir, task_info
 from compress.errors import CompressError

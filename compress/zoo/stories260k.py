@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from compress.config import Stories260kRecipe, load_recipe
+from compress.config import Stories260kRecipe
+from compress.io.files import load_recipe
 from compress.runtime import resolve_device
 from compress.data import corpus_path, data_dir, stories260k_files
 from compress.errors import CompressError
