@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import shutil
 import sys
 import time
@@ -348,13 +349,22 @@ def plot(models: list[dict], path: Path, cols: list[str]) -> Path | None:
               "requests": ("tab:blue", "o", "2. requests (sparse files)"),
               "merge": ("tab:green", "^", "3. fine-tunes, merges (dense) and delta files")}
     fig, axes = plt.subplots(1, len(cols), figsize=(6 * len(cols), 4.8), sharex=True)
+    kb = [m["stored_bytes"] / 1e3 for m in models]
     for ax, c in zip(axes, cols):
+        logp = [math.log(m["ppl"][c]) for m in models]
+        span_x, span_y = (max(kb) - min(kb)) or 1.0, (max(logp) - min(logp)) or 1.0
+        placed: list[tuple[float, float]] = []
         for job, (color, marker, label) in styles.items():
-            pts = [m for m in models if m["job"] == job]
-            ax.scatter([m["stored_bytes"] / 1e3 for m in pts], [m["ppl"][c] for m in pts], c=color, marker=marker,
+            pts = [i for i, m in enumerate(models) if m["job"] == job]
+            ax.scatter([kb[i] for i in pts], [models[i]["ppl"][c] for i in pts], c=color, marker=marker,
                        s=60 if job == "base" else 30, label=label, zorder=3)
-            for m in pts:
-                ax.annotate(m["model"], (m["stored_bytes"] / 1e3, m["ppl"][c]), fontsize=6, xytext=(3, 3),
+        # name a point only where no named point sits close by (the table has them all): base, prune and merge
+        # models first, then the requests
+        for i in sorted(range(len(models)), key=lambda i: models[i]["job"] == "requests"):
+            x, y = (kb[i] - min(kb)) / span_x, (logp[i] - min(logp)) / span_y
+            if all(abs(x - px) > 0.12 or abs(y - py) > 0.04 for px, py in placed):
+                placed.append((x, y))
+                ax.annotate(models[i]["model"], (kb[i], models[i]["ppl"][c]), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")
         ax.set_yscale("log")
         ax.set_xlabel("stored kB (weights file, sparse file, or delta file on top of the base)")
