@@ -254,12 +254,16 @@ def demo(
     workdir: Path = typer.Option(Path("checkpoints/demo"), help="Where the demo writes its models."),
     steps: int = typer.Option(150, help="Fine-tuning steps per corpus."),
     density: float = typer.Option(0.1, help="Density the task vectors are pruned to."),
+    stratnet_budget: int = typer.Option(64, help="True evaluations for the demo's StratNet."),
+    search_budget: int = typer.Option(100, help="Evaluations of the per-request search it is timed against."),
     device: str = DEVICE, quiet: bool = QUIET,
 ):
-    """The main job on real data: stories260K fine-tuned on two corpora, task vectors pruned and merged."""
+    """The three jobs on bundled permissive data: Wanda 50% on stories260K, a batch of compression requests
+    answered by a StratNet, fine-tune → extract → merge."""
     from compress.demo import run_demo
 
-    run_demo(workdir, steps=steps, density=density, device=resolve_device(device), quiet=quiet)
+    run_demo(workdir, steps=steps, density=density, stratnet_budget=stratnet_budget, search_budget=search_budget,
+             device=resolve_device(device), quiet=quiet)
 
 @app.command()
 def merge(
