@@ -490,6 +490,14 @@ def _pair(text: Optional[str], flag: str) -> Optional[list[float]]:
     return [float(v) for v in vals]
 
 
+def _prune_methods(default: str | None = None) -> str:
+    """The registry's pruning methods for a help text: 'magnitude, wanda (default) or sparsegpt'."""
+    from compress.prune.registry import method_names  # no torch: the names only
+
+    names = [f"{n} (default)" if n == default else n for n in method_names()]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def _strategy_cfg(cls, model: Path, flags: dict):
     """A strategy config from MODEL (a folder) or a recipe (.yml, its fields; flags given win)."""
     from compress.io.files import read_mapping
@@ -508,7 +516,7 @@ def strategy_train(
     calib: Optional[str] = typer.Option(None, help="Calibration text: file or bundled corpus (default wikitext2.valid); "
                                                    "its held-out windows score every evaluation."),
     budget: Optional[int] = typer.Option(None, help="True evaluations for the GP: design + active rounds (default 160)."),
-    method: Optional[str] = typer.Option(None, help="Pruning method: magnitude, wanda (default) or sparsegpt."),
+    method: Optional[str] = typer.Option(None, help=f"Pruning method: {_prune_methods('wanda')}."),
     sparsity_range: Optional[str] = typer.Option(None, help="Mean sparsities StratNet answers (default 0.3,0.7)."),
     spread: Optional[float] = typer.Option(None, help="Each block within mean ± spread (default 0.2)."),
     rounds: Optional[int] = typer.Option(None, help="Active rounds (default 2)."),
@@ -547,7 +555,7 @@ def strategy_search(
     budget: int = typer.Option(100, help="Evaluations of the search (the uniform start included)."),
     optimizer: str = typer.Option("cma", help="cma (CMA-ES) or bayes (botorch BO)."),
     calib: Optional[str] = typer.Option(None, help="Calibration text (default wikitext2.valid)."),
-    method: str = typer.Option("wanda", help="Pruning method: magnitude, wanda or sparsegpt."),
+    method: str = typer.Option("wanda", help=f"Pruning method: {_prune_methods()}."),
     spread: float = typer.Option(0.2, help="Each block within mean ± spread."),
     nsamples: int = typer.Option(128, help="Calibration windows."),
     seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window."),
@@ -1035,7 +1043,7 @@ def prune(
                                                       "omitted with --method nps."),
     sparsity: Optional[float] = typer.Option(None, help="Fraction of each pruned layer's weights set to zero, "
                                                         "in [0, 1) (the mean over pruned parameters)."),
-    method: Optional[str] = typer.Option(None, help="magnitude, wanda (default) or sparsegpt; nps: task-vector "
+    method: Optional[str] = typer.Option(None, help=f"{_prune_methods('wanda')}; nps: task-vector "
                                                     "pruning (--base/--finetuned)."),
     pattern: Optional[str] = typer.Option(None, help="unstructured (default), 2:4 or 4:8 (N kept of every M)."),
     layer_sparsity: Optional[str] = typer.Option(None, help="One sparsity per block, comma-separated."),

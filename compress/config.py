@@ -420,7 +420,7 @@ class PruneConfig(Compute, ProtectOptions):
     model: Path
     out: Optional[Path] = None
     sparsity: Annotated[Optional[float], AfterValidator(_sparsity)] = None
-    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    method: str = Field("wanda", description="a pruning method's name (the registry: compress.prune.registry)")
     pattern: str = "unstructured"
     layer_sparsity: Optional[list[float]] = None
     strategy: Optional[Path] = None
@@ -655,7 +655,7 @@ class StrategyTrainConfig(Compute):
     model: Path
     out: Optional[Path] = None
     calib: Optional[str] = None
-    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    method: str = Field("wanda", description="a pruning method's name (the registry: compress.prune.registry)")
     nsamples: int = Field(128, ge=1)
     seqlen: Optional[int] = Field(None, ge=2)
     eval_windows: int = Field(32, ge=1, description="held-out windows of the calibration text the KL runs on")
@@ -684,7 +684,7 @@ class StrategySearchConfig(Compute):
     model: Path
     request: CompressionRequest
     calib: Optional[str] = None
-    method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
+    method: str = Field("wanda", description="a pruning method's name (the registry: compress.prune.registry)")
     nsamples: int = Field(128, ge=1)
     seqlen: Optional[int] = Field(None, ge=2)
     eval_windows: int = Field(32, ge=1)

@@ -180,6 +180,8 @@ def test_recipe_and_layer_sparsity(tiny, calib_file, tmp_path):
     (["--layer-sparsity", "0.5,0.5,0.5"], "has 3 values but the model has 2 blocks"),
     (["--sparsity", "0.5", "--seqlen", "64", "--calib", "SHORT"], "fewer than one calibration sample"),
     (["--sparsity", "0.5", "--targets", "no_such_layer"], "no linear layers found"),
+    (["--sparsity", "0.5", "--method", "wandaa"], "unknown pruning method 'wandaa' (choose one of magnitude, wanda, "
+                                                  "sparsegpt)"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, args, message):
     short = tmp_path / "short.txt"

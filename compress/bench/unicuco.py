@@ -68,6 +68,7 @@ def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path
 
     from compress.data import corpus_path
     from compress.eval.perplexity import text_windows
+    from compress.prune.registry import get_prune_method
     from compress.prune.strategy import weighted_mean
     from compress.strategy.evaluate import Evaluator
     from compress.strategy.project import size_model
@@ -90,7 +91,7 @@ def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path
         _warm_imports()
         pruner = make_pruner(model_dir, calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                              cache_dir=cache_dir or tmpcache, batch_size=8, quiet=quiet)
-        pruner.stats(hessian=method == "sparsegpt")
+        pruner.stats(hessian=get_prune_method(method).hessian)
         ev = Evaluator(pruner, method, eval_windows=eval_windows, eval_seqlen=eval_seqlen, batch_size=batch_size)
         _sync(device)
         report["setup_seconds"] = time.perf_counter() - t0

@@ -1,9 +1,10 @@
 """Whole-weight pruning: magnitude, Wanda and SparseGPT, unstructured or N:M, with per-block sparsity vectors
 (uniform, given, or OWL) answered from one cached calibration pass (``Pruner``).
 
-Modules: ``methods`` (pure tensor functions: masks, OBS update), ``calib`` (prunable-layer discovery, calibration
-windows, dense-model statistics and their disk cache), ``strategy`` (per-block sparsity vectors), ``owl``
-(outlier-weighted allocation), ``pruner`` (``Pruner``). ``run_prune(cfg)`` is `compress prune`.
+Modules: ``methods`` (pure tensor functions: masks, OBS update), ``registry`` (the methods by name: what every
+entry point dispatches on), ``calib`` (prunable-layer discovery, calibration windows, dense-model statistics and
+their disk cache), ``strategy`` (per-block sparsity vectors), ``owl`` (outlier-weighted allocation), ``pruner``
+(``Pruner``). ``run_prune(cfg)`` is `compress prune`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,23 @@ import os
 from pathlib import Path
 
 from compress.errors import CompressError
-from compress.prune.pruner import METHODS, Pruner, PruneResult, resolve_text
-from compress.prune.strategy import Strategy
-from compress.heads.select import resolve_protect
+from compress.prune.registry import METHODS, PruneMethod, get_prune_method, register
 
-__all__ = ["METHODS", "Pruner", "PruneResult", "Strategy", "run_prune", "load_prune_recipe", "default_sparse_out"]
+__all__ = ["METHODS", "PruneMethod", "get_prune_method", "register", "Pruner", "PruneResult", "Strategy",
+           "run_prune", "load_prune_recipe", "default_sparse_out"]
+
+
+def __getattr__(name: str):
+    # loaded on first use: they import torch, and the CLI reads the registry's names without it
+    if name in ("Pruner", "PruneResult", "resolve_text"):
+        from compress.prune import pruner
+
+        return getattr(pruner, name)
+    if name == "Strategy":
+        from compress.prune.strategy import Strategy
+
+        return Strategy
+    raise AttributeError(f"module 'compress.prune' has no attribute '{name}'")
 
 
 def default_sparse_out(out: Path) -> Path:
@@ -36,7 +49,10 @@ def load_prune_recipe(path: str | os.PathLike, **cli):
 def run_prune(cfg) -> dict:
     """Prune ``cfg.model`` as ``cfg`` says, write ``cfg.out`` (and the sparse file), print a summary line per
     step; returns what was done (sparsity, sizes, perplexities)."""
+    spec = get_prune_method(cfg.method)  # before any work, as a schema error would be
+    from compress.heads.select import resolve_protect
     from compress.io.writer import check_output, config_inputs
+    from compress.prune.pruner import Pruner, resolve_text
     from compress.runtime import resolve_device, torch_dtype
     from compress.progress import console
     device = resolve_device(cfg.device)
@@ -60,11 +76,11 @@ def run_prune(cfg) -> dict:
     result = pruner.prune(strategy, cfg.method, cfg.pattern, protect)
     report = {**result.summary(), "layers": len(pruner.modules), "blocks": pruner.n_blocks,
               "calibration_forward_passes": pruner.forward_passes, "cache_key": pruner.key()
-              if cfg.method != "magnitude" else None}
+              if spec.calibrated else None}
     console.print(f"pruned {len(pruner.modules)} layers in {pruner.n_blocks} blocks: {cfg.method} {cfg.pattern}, "
                   f"sparsity {result.sparsity:.4f} over {report['params_pruned_over']:,} parameters "
                   f"({strategy.source}; calibration "
-                  f"{'from cache' if cfg.method != 'magnitude' and not pruner.forward_passes else 'computed' if pruner.forward_passes else 'not needed'})")
+                  f"{'from cache' if spec.calibrated and not pruner.forward_passes else 'computed' if pruner.forward_passes else 'not needed'})")
     if eval_text is not None:
         from compress.eval.perplexity import perplexity
 

@@ -29,10 +29,10 @@ from compress.io.files import read_model_config
 from compress.errors import CompressError
 from compress.prune import calib as C
 from compress.prune import methods as M
+from compress.prune.registry import Layer, get_prune_method
 from compress.prune.strategy import Strategy, validate
 from compress.sparsify.protect import Protect
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
 DEFAULT_CALIB = "wikitext2.valid"
 DEFAULT_SEQLEN = 512
 
@@ -109,7 +109,7 @@ class Pruner:
         self._dense = {p.name: self._weight(p).detach().float().clone() for p in self.modules}
         self._stats: dict[str, C.LayerStats] | None = None
         self._has_hessian = False
-        self._hinv: dict = {}  # by statistics object (q/k/v share one), and its free columns under protection
+        self._hinv: dict = {}  # the methods' ``Layer.cache`` (SparseGPT's inverse-Hessian factors)
         self._key: str | None = None
         self.forward_passes = 0  # calibration forward passes this Pruner ran (0 on a cache hit)
         self.calibration_seconds = 0.0
@@ -235,12 +235,11 @@ class Pruner:
     @torch.no_grad()
     def prune_many(self, strategies: Sequence[Strategy | float | Sequence[float]], method: str = "wanda",
                    pattern: str = "unstructured", protect: Protect | None = None) -> list[PruneResult]:
-        """``prune`` for K strategies from the one calibration. Magnitude and Wanda masks are cheap per strategy;
-        SparseGPT solves the K problems of each layer in one batched column loop (``sparsegpt_prune_many``),
-        bit-compatible with K calls of ``prune`` up to float summation order. Holds K pruned copies of the
-        prunable weights on the device."""
-        if method not in METHODS:
-            raise CompressError(f"unknown pruning method '{method}' (choose {', '.join(METHODS)})")
+        """``prune`` for K strategies from the one calibration, ``method`` a name of ``compress.prune.registry``.
+        Mask methods (magnitude, Wanda) are cheap per strategy; an update method solves the K problems of each
+        layer at once (SparseGPT: one batched column loop, ``sparsegpt_prune_many``, bit-compatible with K calls
+        of ``prune`` up to float summation order). Holds K pruned copies of the prunable weights on the device."""
+        spec = get_prune_method(method)
         sts = [self.as_strategy(st) for st in strategies]
         nm = M.parse_pattern(pattern)
         if nm is not None:
@@ -249,7 +248,7 @@ class Pruner:
                 if any(abs(x - want) > 1e-9 for x in st.layer_sparsity):
                     raise CompressError(f"pattern {pattern} prunes exactly {want:g} of every layer; the strategy "
                                         f"({st.source}) asks for other sparsities")
-        stats = self.stats(hessian=method == "sparsegpt") if method != "magnitude" else None
+        stats = self.stats(hessian=spec.hessian) if spec.calibrated else None
         means = [st.mean(self.block_params) for st in sts]
         keeps = {p.name: self._keep(p, protect) for p in self.modules} if protect else {}
         x = (protect.sparsity or 0.0) if protect else 0.0
@@ -281,38 +280,14 @@ class Pruner:
                 dense = [z == (0, 0) for z in zs]
             out: list = [(w.clone(), torch.ones_like(w, dtype=torch.bool)) if d else None for d in dense]
             todo = [b for b, d in enumerate(dense) if not d]
-            if method == "magnitude":
+            layer = Layer(p.name, w, stats[p.name] if stats is not None else None, nm=nm, keep=keep,
+                          protect_sparsity=x, blocksize=self.blocksize, percdamp=self.percdamp, cache=self._hinv)
+            if spec.mask is not None:
                 for b in todo:
-                    mask = M.magnitude_mask(w, ss[b], nm, keep, zs[b])
-                    out[b] = (w * mask, mask)
-            elif method == "wanda":
-                for b in todo:
-                    mask = M.wanda_mask(w, stats[p.name].col_norm, ss[b], nm, keep, zs[b])
+                    mask = spec.mask(layer, ss[b], zs[b])
                     out[b] = (w * mask, mask)
             elif todo:
-                fixed = keep.all(0) if keep is not None and nm is None and x == 0 else None
-                if fixed is not None and bool(fixed.any()):
-                    # wholly protected input columns (a kept head's o_proj columns) are held fixed: OBS over
-                    # the free columns alone, with H restricted to them
-                    free = ~fixed
-                    fkey = (id(stats[p.name]), free.cpu().numpy().tobytes())  # each request of a batch reuses it
-                    if fkey not in self._hinv:
-                        self._hinv[fkey] = M.inverse_hessian_factor(stats[p.name].hessian[free][:, free],
-                                                                    self.percdamp)
-                    hinv = self._hinv[fkey]
-                    new_f, masks_f = M.sparsegpt_prune_many(
-                        w[:, free], None, [ss[b] for b in todo], nm, blocksize=self.blocksize, keep=keep[:, free],
-                        hinv=hinv, zeros=[zs[b] for b in todo])
-                    new = w.unsqueeze(0).repeat(len(todo), 1, 1)
-                    masks = torch.ones_like(new, dtype=torch.bool)
-                    new[:, :, free], masks[:, :, free] = new_f, masks_f
-                else:
-                    hkey = id(stats[p.name])
-                    if hkey not in self._hinv:
-                        self._hinv[hkey] = M.inverse_hessian_factor(stats[p.name].hessian, self.percdamp)
-                    new, masks = M.sparsegpt_prune_many(
-                        w, None, [ss[b] for b in todo], nm, blocksize=self.blocksize, keep=keep,
-                        hinv=self._hinv[hkey], zeros=None if keep is None or nm is not None else [zs[b] for b in todo])
+                new, masks = spec.update(layer, [ss[b] for b in todo], [zs[b] for b in todo])
                 for j, b in enumerate(todo):
                     out[b] = (new[j] * masks[j], masks[j])
             for b, (new, mask) in enumerate(out):

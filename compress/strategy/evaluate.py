@@ -8,12 +8,13 @@ evaluation, so one evaluation is one pruning pass (masks from the cached statist
 pruned model. The KL is ``compress.eval.kl``'s: mean over positions of KL(p_dense ‖ p_pruned) in nats, over the
 first ``eval_seqlen − 1`` positions of every window.
 
-*Fast masks.* Wanda's per-row order of the scores |W_ij|·‖X_j‖₂ (and magnitude's per-layer order of |W|) does not
-depend on the sparsity, so the evaluator ranks every weight's entries once (``RankedWeights``) and an evaluation
-only compares ranks with each row's prune count: the very masks ``Pruner.prune`` computes (``methods.row_mask``/
-``tensor_mask``, same counts, same stable tie order; tested equal), without a sort per evaluation. SparseGPT
-and protected heads go through ``Pruner.prune``. Every evaluation is logged (strategy, mean sparsity, KL,
-seconds) in ``Evaluator.history`` and, when a log path is given, appended to a JSON lines file.
+*Fast masks.* For a method whose registry entry has ``scores`` (Wanda's per-row |W_ij|·‖X_j‖₂, magnitude's
+per-layer |W|) the order of the scores does not depend on the sparsity, so the evaluator ranks every weight's
+entries once (``RankedWeights``) and an evaluation only compares ranks with each group's prune count: the very
+masks ``Pruner.prune`` computes (``methods.row_mask``/``tensor_mask``, same counts, same stable tie order; tested
+equal), without a sort per evaluation. Other methods (SparseGPT) and protected heads go through ``Pruner.prune``.
+Every evaluation is logged (strategy, mean sparsity, KL, seconds) in ``Evaluator.history`` and, when a log path
+is given, appended to a JSON lines file.
 """
 
 from __future__ import annotations
@@ -59,24 +60,28 @@ def heldout_windows(ids: torch.Tensor, calib_starts: torch.Tensor, calib_seqlen:
 
 
 class RankedWeights:
-    """Every prunable weight's entries ranked once in the order Wanda (per row) or magnitude (per layer) prunes
-    them; ``load(strategy)`` writes the pruned weights into ``pruner.model`` and returns the sparsity."""
+    """Every prunable weight's entries ranked once in the order a ranked method (its registry entry's ``scores``)
+    prunes them, per row or per layer; ``load(strategy)`` writes the pruned weights into ``pruner.model`` and
+    returns the sparsity."""
 
     def __init__(self, pruner, method: str):
-        from compress.prune import methods as M
+        from compress.prune.registry import Layer, get_prune_method
 
         self.pruner, self.method = pruner, method
-        stats = pruner.stats() if method == "wanda" else None
+        self.spec = spec = get_prune_method(method)
+        if spec.scores is None:
+            raise CompressError(f"pruning method '{method}' has no ranked scores; evaluate it through Pruner.prune")
+        stats = pruner.stats(hessian=spec.hessian) if spec.calibrated else None
         self.ranks: dict[str, torch.Tensor] = {}
         for p in pruner.modules:
             w = pruner._dense[p.name]
-            if method == "wanda":
-                scores = M.wanda_scores(w, stats[p.name].col_norm)
+            scores = spec.scores(Layer(p.name, w, stats[p.name] if stats is not None else None))
+            if spec.group == "row":
                 order = torch.sort(scores, dim=1, stable=True).indices
                 pos = torch.arange(w.shape[1], device=w.device, dtype=torch.int32).expand_as(order)
                 self.ranks[p.name] = torch.empty(order.shape, dtype=torch.int32, device=w.device).scatter_(1, order, pos)
             else:
-                order = torch.sort(M.magnitude_scores(w).reshape(-1), stable=True).indices
+                order = torch.sort(scores.reshape(-1), stable=True).indices
                 pos = torch.arange(w.numel(), device=w.device, dtype=torch.int32)
                 self.ranks[p.name] = torch.empty(order.shape, dtype=torch.int32,
                                                  device=w.device).scatter_(0, order, pos).reshape(w.shape)
@@ -90,7 +95,7 @@ class RankedWeights:
             s = strategy[p.block] if p.block is not None else mean
             w, rank = pr._dense[p.name], self.ranks[p.name]
             rows, cols = w.shape
-            if self.method == "wanda":  # methods.row_counts: int(cols·s) a row, one more in the first rows
+            if self.spec.group == "row":  # methods.row_counts: int(cols·s) a row, one more in the first rows
                 base = int(cols * s)
                 extra = min(max(int(round(rows * cols * s)) - rows * base, 0), rows)
                 mask = rank >= base
@@ -114,7 +119,9 @@ class Evaluator:
                  windows: torch.Tensor | None = None):
         from compress.prune import calib as C
         from compress.prune.pruner import resolve_text
+        from compress.prune.registry import get_prune_method
 
+        spec = get_prune_method(method)  # before any work
         self.pruner, self.method, self.protect, self.batch_size = pruner, method, protect, batch_size
         self.device = pruner.device
         max_pos = getattr(pruner.model.config, "max_position_embeddings", None) or 256
@@ -128,7 +135,7 @@ class Evaluator:
             windows = heldout_windows(ids, starts, pruner.seqlen, self.eval_seqlen, eval_windows)
         self.windows = windows
         self.history: list[dict] = []
-        self.ranked = RankedWeights(pruner, method) if method in ("wanda", "magnitude") else None
+        self.ranked = RankedWeights(pruner, method) if spec.scores is not None else None
         self.log_path = Path(log) if log is not None else None
         self.seconds = {"dense": 0.0, "prune": 0.0, "forward": 0.0}
         t0 = time.perf_counter()

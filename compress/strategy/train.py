@@ -124,6 +124,7 @@ def train_unicuco(evaluator, *, sparsity_range=(0.3, 0.7), spread=0.2, max_block
 
 
 def _pruner_and_evaluator(cfg, log=None):
+    from compress.prune.registry import get_prune_method
     from compress.runtime import resolve_device
     from compress.strategy.evaluate import Evaluator
 
@@ -131,7 +132,7 @@ def _pruner_and_evaluator(cfg, log=None):
     pruner = make_pruner(cfg.model, cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed,
                          device=device, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, quiet=cfg.quiet)
     t0 = time.perf_counter()
-    pruner.stats(hessian=cfg.method == "sparsegpt")
+    pruner.stats(hessian=get_prune_method(cfg.method).hessian)
     calib_seconds = time.perf_counter() - t0
     ev = Evaluator(pruner, cfg.method, eval_windows=cfg.eval_windows, eval_seqlen=cfg.eval_seqlen,
                    batch_size=cfg.batch_size, log=log)
@@ -143,7 +144,9 @@ def run_train(cfg) -> dict:
     from compress.io.writer import check_output, config_inputs
     from compress.prune.calib import model_fingerprint
     from compress.prune.pruner import DEFAULT_CALIB
+    from compress.prune.registry import get_prune_method
 
+    get_prune_method(cfg.method)  # before any work, as a schema error would be
     if cfg.out is None:
         raise CompressError("give --out FILE (the StratNet file to write)")
     check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
@@ -181,10 +184,12 @@ def run_search(cfg) -> dict:
     import json
 
     from compress.io.writer import atomic_file, check_output, config_inputs
+    from compress.prune.registry import get_prune_method
     from compress.strategy.project import size_model, sparsity_for_size
     from compress.strategy.request import head_protect
     from compress.strategy.search import search_preference, search_sparsity
 
+    get_prune_method(cfg.method)  # before any work, as a schema error would be
     if cfg.out is not None:
         check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
     req = cfg.request
