@@ -153,7 +153,8 @@ def test_merge_protected_slices_bit_identical(tmp_path, method, extra):
 
 
 def test_merge_sparsify_counts_protected_entries_as_kept():
-    from compress.merge.methods import sparsify_delta, topk_count
+    from compress.merge.methods import sparsify_delta
+    from compress.sparsify.masks import keep_count
     from compress.sparsify.topk import GlobalThreshold
 
     g = torch.Generator().manual_seed(0)
@@ -161,7 +162,7 @@ def test_merge_sparsify_counts_protected_entries_as_kept():
     prot = torch.zeros(40, 50, dtype=torch.bool)
     prot[:, 10:20] = True  # 400 protected, many of them small
     out = sparsify_delta(d, "magnitude", 0.3, protect=prot)
-    assert int((out != 0).sum()) == topk_count(2000, 0.3)  # 600 = the 400 protected + the 200 largest free
+    assert int((out != 0).sum()) == keep_count(2000, 0.3, "floor")  # 600 = the 400 protected + the 200 largest free
     assert torch.equal(out[prot], d[prot])
     free_kept = out[~prot] != 0
     assert d[~prot].abs()[free_kept].min() >= d[~prot].abs()[~free_kept].max()

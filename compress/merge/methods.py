@@ -47,16 +47,12 @@ from typing import Literal, Optional
 import torch
 
 from compress.errors import CompressError
+from compress.sparsify.masks import keep_count
 from compress.sparsify.topk import magnitude_bits, topk_mask
 
 Sparsify = Literal["magnitude", "random", "outliers", "della"]
 Rescale = Literal["none", "inverse_keep", "l1"]
 Consensus = Literal["mass", "count"]
-
-
-def topk_count(numel: int, density: float) -> int:
-    """⌊density·numel⌋, at least one for a non-empty tensor (PEFT's and mergekit's rounding)."""
-    return 0 if numel == 0 else min(numel, max(1, int(density * numel)))
 
 
 # -- step 1: sparsify one task vector tensor -------------------------------------------------------------------
@@ -76,7 +72,7 @@ def magnitude_keep(delta: torch.Tensor, density: float, tie_break: str = "index"
     radix selection, the same on every device), or in the order of ``torch.argsort(descending=True)``
     ("argsort": mergekit's order, bit-exact with it on the same torch build, several times slower).
     """
-    k = topk_count(delta.numel(), density)
+    k = keep_count(delta.numel(), density, "floor")  # PEFT and mergekit truncate
     if tie_break == "index":
         return topk_mask(delta, k)
     return _argsort_keep(delta, k)
@@ -121,7 +117,7 @@ def _sparsify_protected(delta: torch.Tensor, method: Sparsify, density: float, r
         if keep is not None:  # a global threshold, already over the free entries
             mask |= keep & free
         elif method == "magnitude":
-            k = max(0, min(n - P, topk_count(n, density) - kp))
+            k = max(0, min(n - P, keep_count(n, density, "floor") - kp))
             mask[free] = topk_mask(delta[free], k) if tie_break == "index" else _argsort_keep(delta[free], k)
         else:
             mask[free] = outlier_keep(delta[free], density, gamma)

@@ -16,11 +16,20 @@ def check_density(density: float) -> float:
     return float(density)
 
 
-def keep_count(numel: int, density: float) -> int:
-    """Entries a tensor keeps at ``density``: round(density·numel), at least one for a non-empty tensor."""
+def keep_count(numel: int, density: float, rounding: str = "round") -> int:
+    """Entries a tensor keeps at ``density``, at least one for a non-empty tensor: round(density·numel) (this
+    project's extract, NPS) or, with ``rounding="floor"``, ⌊density·numel⌋ (PEFT's and mergekit's merges). The one
+    place the count is computed, so a rule is chosen by name, never by accident."""
     if numel == 0:
         return 0
-    return min(numel, max(1, int(round(check_density(density) * numel))))
+    d = check_density(density)
+    if rounding == "round":
+        k = int(round(d * numel))
+    elif rounding == "floor":
+        k = int(d * numel)
+    else:
+        raise CompressError(f"keep_count: rounding must be round or floor (got '{rounding}')")
+    return min(numel, max(1, k))
 
 
 def seeded_generator(seed: int, name: str) -> torch.Generator:
