@@ -9,27 +9,15 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import run_cli, tiny_stories_llama
-from test_serve_api import Running, serve_cfg
+from conftest import run_cli
+from test_serve_api import Running, registry_with_stratnet, serve_cfg
 
-from compress.data import corpus_path, read_text
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(registry path, model folder, StratNet path, calibration cache)."""
-    root = tmp_path_factory.mktemp("hostile_serve")
-    tiny = tiny_stories_llama(root)
-    calib = root / "calib.txt"
-    calib.write_text(read_text(corpus_path("wikitext2.valid"))[:30000])
-    sn = root / "sn.pt"
-    code, out, err = run_cli("strategy", "train", tiny, "--calib", calib, "--budget", "16", "--steps", "40",
-                             "--rounds", "1", "--out", sn, "--cache-dir", root / "cache", "--nsamples", "8",
-                             "--seqlen", "32", "--eval-windows", "6", "--quiet")
-    assert code == 0, err
-    reg = root / "models.yml"
-    reg.write_text(f"models:\n  tiny:\n    model: {tiny}\n    stratnet: {sn}\n    eval_windows: 2\n")
-    return reg, tiny, sn, root / "cache"
+    return registry_with_stratnet(tmp_path_factory.mktemp("hostile_serve"), 2)
 
 
 @pytest.fixture(scope="module")

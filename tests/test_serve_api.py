@@ -19,10 +19,9 @@ from compress.data import corpus_path, read_text
 TOKEN = "test-token-0123456789"
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(registry path, model folder, StratNet path)."""
-    root = tmp_path_factory.mktemp("serve")
+def registry_with_stratnet(root, eval_windows: int, extra: str = ""):
+    """A tiny Llama with stories260K's tokenizer, a StratNet trained for it and a one-model registry:
+    (registry path, model folder, StratNet path, calibration cache)."""
     tiny = tiny_stories_llama(root)
     calib = root / "calib.txt"
     calib.write_text(read_text(corpus_path("wikitext2.valid"))[:30000])
@@ -32,9 +31,15 @@ def served(tmp_path_factory):
                              "--seqlen", "32", "--eval-windows", "6", "--quiet")
     assert code == 0, err
     reg = root / "models.yml"
-    reg.write_text(f"models:\n  tiny:\n    model: {tiny}\n    stratnet: {sn}\n    eval_windows: 4\n"
-                   f"    description: a tiny Llama\n")
+    reg.write_text(f"models:\n  tiny:\n    model: {tiny}\n    stratnet: {sn}\n    eval_windows: {eval_windows}\n"
+                   + extra)
     return reg, tiny, sn, root / "cache"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(registry path, model folder, StratNet path, calibration cache)."""
+    return registry_with_stratnet(tmp_path_factory.mktemp("serve"), 4, "    description: a tiny Llama\n")
 
 
 class Running:
