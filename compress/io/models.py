@@ -88,9 +88,26 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
         with hf_quiet():
             model = cls.from_pretrained(path, config=cfg, dtype=dtype)
     except (OSError, ValueError, RuntimeError) as e:
-        # RuntimeError: weights whose shapes the config does not describe
-        raise CompressError(f"{path}: cannot load the model ({_first_line(e)})") from None
+        raise CompressError(_shape_mismatch(path, cfg, cls) or
+                            f"{path}: cannot load the model ({_first_line(e)})") from None
     return model.to(device).eval()
+
+
+def _shape_mismatch(path: Path, cfg, cls) -> str | None:
+    """The line naming the first weight whose shape the config does not describe (transformers reports it in a
+    log this module silences, and raises a line that points to that log)."""
+    from compress.io.reader import open_checkpoint
+
+    with hf_quiet(), torch.device("meta"):
+        state = cls.from_config(cfg).state_dict()
+    prefix = getattr(cls, "base_model_prefix", "") or ""
+    with open_checkpoint(path) as ck:
+        for name in ck.names():
+            for cand in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+                if cand in state and tuple(state[cand].shape) != tuple(ck.info(name).shape):
+                    return (f"{path}: tensor '{name}' has shape {list(ck.info(name).shape)} but config.json "
+                            f"describes {list(state[cand].shape)}; the weights and the config do not match")
+    return None
 
 
 def load_tokenizer(path: str | os.PathLike, *, processor: bool = False, why: str = "cannot load the tokenizer"):
