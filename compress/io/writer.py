@@ -559,7 +559,7 @@ def write_folder(out: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tens
                     if pending is not None:
                         pending.result()
                     pending = pool.submit(writer.add, name, t)
-                    del t  # the writer thread holds the only reference: written, it is freed
+                    del t  # not held here while the next tensor is computed: written, it can be freed
                 if pending is not None:
                     pending.result()
         finally:
@@ -587,8 +587,8 @@ def name_written_dtype(folder: Path, dtypes: set[torch.dtype], source: str | os.
     if len(dtypes) != 1 or not path.is_file():
         return
     name = str(next(iter(dtypes))).removeprefix("torch.")
-    origin = path.name if source is None else (Path(source).parent if Path(source).is_file() else Path(source)) / \
-        path.name
+    src = None if source is None else Path(source)
+    origin = path.name if src is None else (src.parent if src.is_file() else src) / path.name
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
