@@ -462,6 +462,20 @@ def bench_io_memory(
     run(size_gb=size_gb, workdir=workdir, results=results)
 
 
+@bench_app.command("write-once")
+def bench_write_once(
+    size_gb: float = typer.Option(1.0, help="Size of the random checkpoint."),
+    before: Optional[str] = typer.Option(None, help="Also measure this code: a git revision of this checkout, or "
+                                                    "a folder holding an older compress package."),
+    workdir: Path = typer.Option(Path("checkpoints/bench-write-once"), help="Scratch folder (removed after)."),
+    results: Path = typer.Option(Path("checkpoints/bench"), help="Where JSON and markdown results go."),
+):
+    """Bytes `compress apply` writes (/proc/self/io) against the size of the folder it writes."""
+    from compress.bench.write_once import run
+
+    run(size_gb=size_gb, workdir=workdir, results=results, before=before)
+
+
 @bench_app.command("devices")
 def bench_devices(
     size_gb: float = typer.Option(0.5, help="Size of each random checkpoint."),

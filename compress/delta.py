@@ -132,7 +132,7 @@ def apply_delta(base: Checkpoint, delta: DeltaFile, out: str | os.PathLike, *, d
                 dtype: torch.dtype | None = None, shard_size: int | str = "5GB", overwrite: bool = False,
                 aux_from: str | os.PathLike | None = None, quiet: bool | None = None) -> Path:
     """Rebuild the fine-tuned model from ``base`` and a delta file as a Hugging Face folder."""
-    from compress.io.writer import ShardedWriter, atomic_dir, copy_aux, write_model_card
+    from compress.io.writer import write_folder
     from compress.progress import track
 
     for name, row in delta.table.items():
@@ -149,8 +149,8 @@ def apply_delta(base: Checkpoint, delta: DeltaFile, out: str | os.PathLike, *, d
                                     f"{DTYPE_CODES.get(info.dtype, info.dtype)} in the base {base.path}; a delta "
                                     "only applies between float tensors")
     order = [n for n in delta.table] + [n for n in base.names() if n not in delta.table]
-    with atomic_dir(out, overwrite) as tmp:
-        writer = ShardedWriter(tmp, shard_size)
+
+    def tensors():
         for name in track(order, "apply", quiet=quiet):
             if name not in delta.table:
                 # in the base only: extract refuses that case, but a delta written by another tool may omit it
@@ -159,12 +159,10 @@ def apply_delta(base: Checkpoint, delta: DeltaFile, out: str | os.PathLike, *, d
                 t = delta.full(name, device=device)
             else:
                 t = delta.rebuild(name, base.get(name, device=device))
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            writer.add(name, t)
-        writer.close()
-        copy_aux(aux_from if aux_from is not None else base.root, tmp)
-        write_model_card(tmp, "Model rebuilt from a compact delta", "compress apply",
-                         {"base": str(base.path), "delta": str(delta.path)},
-                         {k: delta.metadata.get(k) for k in ("finetuned", "method", "density", "seed")})
-    return Path(out)
+            yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+
+    card = {"title": "Model rebuilt from a compact delta", "method": "compress apply",
+            "inputs": {"base": str(base.path), "delta": str(delta.path)},
+            "params": {k: delta.metadata.get(k) for k in ("finetuned", "method", "density", "seed")}}
+    return write_folder(out, tensors(), overwrite=overwrite, expected_tensors=len(order), shard_size=shard_size,
+                        aux_from=aux_from if aux_from is not None else base.root, card=card)

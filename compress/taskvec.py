@@ -195,7 +195,7 @@ class TaskVector:
               overwrite: bool = False, aux_from: str | os.PathLike | None = None, quiet: bool | None = None,
               card: dict | None = None) -> Path:
         """Write θ_base + scale·τ as a Hugging Face folder (carried tensors taken whole from their source)."""
-        from compress.io.writer import ShardedWriter, atomic_dir, copy_aux, write_model_card
+        from compress.io.writer import write_folder
         from compress.progress import track
 
         base_ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
@@ -210,8 +210,8 @@ class TaskVector:
                 raise CompressError(f"tensor {quote_name(name)} is {_dtype_name(ours)} in the task vector but "
                                     f"{_dtype_name(theirs)} in the base {base_ckpt.path}; a delta only applies "
                                     "between float tensors")
-        with atomic_dir(out, overwrite) as tmp:
-            writer = ShardedWriter(tmp, shard_size, expected_tensors=len(order))
+
+        def tensors():
             for name in track(order, "apply", quiet=quiet):
                 if name in carried:
                     t = carried[name].full(name, device=device)
@@ -220,16 +220,13 @@ class TaskVector:
                     t = (b.to(compute_dtype(b.dtype)) + scale * self.get(name, device=device)).to(b.dtype)
                 else:
                     t = base_ckpt.get(name, device=device)
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                writer.add(name, t)
-            writer.close()
-            copy_aux(aux_from if aux_from is not None else base_ckpt.root, tmp)
-            if card is None:
-                # a checkpoint pair names its fine-tuned side; adapters and delta files name themselves
-                sources = {f"task vector {i + 1} (×{c:g})": str(getattr(getattr(s, "ft", s), "path", "?"))
-                           for i, (c, s) in enumerate(self.terms)}
-                card = {"title": "Task-vector model", "method": "task arithmetic, θ_base + scale·Σ c_i τ_i",
-                        "inputs": {"base": str(base_ckpt.path), **sources}, "params": {"scale": scale}}
-            write_model_card(tmp, **card)
-        return Path(out)
+                yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+
+        if card is None:
+            # a checkpoint pair names its fine-tuned side; adapters and delta files name themselves
+            sources = {f"task vector {i + 1} (×{c:g})": str(getattr(getattr(s, "ft", s), "path", "?"))
+                       for i, (c, s) in enumerate(self.terms)}
+            card = {"title": "Task-vector model", "method": "task arithmetic, θ_base + scale·Σ c_i τ_i",
+                    "inputs": {"base": str(base_ckpt.path), **sources}, "params": {"scale": scale}}
+        return write_folder(out, tensors(), overwrite=overwrite, expected_tensors=len(order), shard_size=shard_size,
+                            aux_from=aux_from if aux_from is not None else base_ckpt.root, card=card)

@@ -118,7 +118,8 @@ def write_pair(base_dir: Path, ft_dir: Path, spec: dict, *, shard_size: int, see
     from compress.progress import track
 
     with atomic_dir(base_dir) as tb, atomic_dir(ft_dir) as tf:
-        wb, wf = ShardedWriter(tb, shard_size), ShardedWriter(tf, shard_size)
+        n = len(spec["tensors"])
+        wb, wf = (ShardedWriter(t, shard_size, expected_tensors=n) for t in (tb, tf))
         for name, shape in track(spec["tensors"], "write checkpoints"):
             if len(shape) == 1:  # norm weights sit near 1, as in a trained model
                 base = 1.0 + 0.02 * _draw(shape, seed, "base", name)

@@ -83,7 +83,7 @@ def write_models(root: Path, spec: dict, seed: int = 0, noise: float = 2e-3, n_m
     ctxs = [atomic_dir(d) for d in dirs]
     tmps = [c.__enter__() for c in ctxs]
     try:
-        writers = [ShardedWriter(t, shard_size) for t in tmps]
+        writers = [ShardedWriter(t, shard_size, expected_tensors=len(spec["tensors"])) for t in tmps]
         for name, shape in track(spec["tensors"], "write checkpoints"):
             base = (1.0 + 0.02 * _draw(shape, seed, "base", name)) if len(shape) == 1 \
                 else 0.02 * _draw(shape, seed, "base", name)

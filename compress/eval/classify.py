@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -33,9 +32,9 @@ from typing import Mapping, Optional
 
 import torch
 
-from compress.io.files import read_model_config
 from compress.errors import CompressError
-from compress.io.reader import check_weight_files
+from compress.io.models import hf_quiet, load_model  # noqa: F401 (hf_quiet: imported from here too)
+from compress.io.models import load_tokenizer as _load_tokenizer
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head.json"
@@ -216,42 +215,16 @@ def predict(encoder, head: Head, data: Encoded, batch_size: int = 128) -> torch.
 
 # --- encoders -------------------------------------------------------------------------------------------------
 
-@contextmanager
-def hf_quiet():
-    """Silence transformers' loading progress bars and info logs for the duration (stderr stays for our own)."""
-    from transformers.utils import logging as hf_logging
-
-    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def load_tokenizer(folder: str | os.PathLike):
-    from transformers import AutoTokenizer
-
-    with hf_quiet():
-        return AutoTokenizer.from_pretrained(folder)
+    return _load_tokenizer(folder)
 
 
 def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu",
                  dtype: Optional[torch.dtype] = None):
     """(encoder, tokenizer or None) from a Hugging Face encoder folder (a zoo task folder, its base, or a merged
     encoder written by ``TaskVector.apply``); the encoder in eval mode on ``device``."""
-    from transformers import AutoModel
-
     path = Path(path)
-    if read_model_config(path) is None:
-        raise CompressError(f"{path}: not a Hugging Face model folder (no config.json)")
-    check_weight_files(path)
-    with hf_quiet():
-        encoder = AutoModel.from_pretrained(path, dtype=dtype or torch.float32)
-    encoder = encoder.to(device).eval()
+    encoder = load_model(path, device=device, dtype=dtype or torch.float32, kind="encoder")
     tok = None
     if (path / "tokenizer.json").is_file() or (path / "vocab.txt").is_file():
         tok = load_tokenizer(path)

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import torch
 
-from compress.io.files import read_model_config
 from compress.data import read_text
 from compress.errors import CompressError
-from compress.io.reader import check_weight_files
+from compress.io.models import load_model, load_tokenizer
 
 
 def _as_text(text_or_path: str | os.PathLike) -> str:
@@ -77,16 +75,5 @@ def perplexity(model, tokenizer, text_or_path: str | os.PathLike, seqlen: int = 
 def load_causal_lm(path: str | os.PathLike, device: str | torch.device = "cpu",
                    dtype: torch.dtype | str = torch.float32):
     """(model, tokenizer) from a local Hugging Face folder, the model in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if read_model_config(path) is None:
-        raise CompressError(f"{path}: not a Hugging Face model folder (no config.json)")
-    if isinstance(dtype, str) and dtype != "auto":
-        name, dtype = dtype, getattr(torch, dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise CompressError(f"dtype '{name}' is not a torch dtype (examples: float32, bfloat16, auto)")
-    check_weight_files(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    model = load_model(path, device=device, dtype=dtype, kind="causal")
+    return model, load_tokenizer(path)

@@ -4,48 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from compress.io.files import read_model_config
 from compress.errors import CompressError
 
 
 def load_model(path: Path, device: str, tokenizer: bool = True):
     """(model, tokenizer or processor, is_llava) in float32, eval mode: LLaVA, a causal LM, or an encoder.
     ``tokenizer=False`` (seekr's base model: weights only): no tokenizer/processor is looked for (None)."""
-    from transformers import AutoConfig
+    from compress.io.models import load_tokenizer
+    from compress.prune.pruner import _load_model
 
-    from compress.eval.classify import hf_quiet
-
-    read_model_config(path)  # a broken config.json is named here, not misreported by transformers
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise CompressError(f"{path}: cannot read config.json ({str(e).splitlines()[0]})") from None
-    with hf_quiet():
-        if cfg.model_type == "llava":
-            from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-            if not tokenizer:
-                return model.to(device).eval(), None, True
-            try:
-                proc = AutoProcessor.from_pretrained(path)
-            except (OSError, ValueError) as e:
-                raise CompressError(f"{path}: LLaVA probes need the model's processor ({str(e).splitlines()[0]})") from None
-            return model.to(device).eval(), proc, True
-        from compress.prune.pruner import _load_model
-
-        model = _load_model(Path(path), device)
+    model = _load_model(Path(path), device)
+    llava = model.config.model_type == "llava"
     if not tokenizer:
-        return model, None, False
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise CompressError(f"{path}: no tokenizer to encode the probes ({str(e).splitlines()[0]})") from None
-    return model, tok, False
+        return model, None, llava
+    if llava:
+        return model, load_tokenizer(path, processor=True, why="LLaVA probes need the model's processor"), True
+    return model, load_tokenizer(path, why="no tokenizer to encode the probes"), False
 
 
 def run_score(cfg) -> dict:

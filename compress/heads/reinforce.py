@@ -68,7 +68,7 @@ def reinforce(model_dir: str | os.PathLike, heads: Sequence[tuple[int, int]], al
     """Write ``model_dir`` with the heads' output-projection slices scaled by ``alpha`` (streamed tensor by
     tensor, every other tensor copied unchanged)."""
     from compress.io.reader import open_checkpoint
-    from compress.io.writer import ShardedWriter, atomic_dir, check_output, copy_aux, write_model_card
+    from compress.io.writer import check_output, write_folder
     from compress.progress import track
 
     check_output(out, overwrite)
@@ -78,17 +78,17 @@ def reinforce(model_dir: str | os.PathLike, heads: Sequence[tuple[int, int]], al
     for l, h in heads:
         layout.check(l, h)
         by_tensor.setdefault(f"{layout.layers[l].o}.weight", []).append(h)
-    with atomic_dir(out, overwrite) as tmp:
-        writer = ShardedWriter(tmp, "5GB", metadata={"compress": "heads reinforce"}, expected_tensors=len(ck))
+
+    def tensors():
         for name in track(ck.names(), "reinforce", quiet=quiet):
             t = ck.get(name)
             if name in by_tensor:
                 t = scale_heads_tensor(t.float(), by_tensor[name], layout.head_dim, alpha,
                                        transposed=layout.family == "gpt2").to(t.dtype)
-            writer.add(name, t.contiguous())
-        writer.close()
-        copy_aux(ck.root or Path(model_dir), tmp)
-        write_model_card(tmp, f"{Path(model_dir).name} with reinforced heads", "compress heads reinforce (VHR)",
-                         {"model": str(model_dir)},
-                         {"alpha": alpha, "heads": ", ".join(f"{l}.{h}" for l, h in sorted(heads)), **(extra or {})})
-    return Path(out)
+            yield name, t.contiguous()
+
+    card = {"title": f"{Path(model_dir).name} with reinforced heads", "method": "compress heads reinforce (VHR)",
+            "inputs": {"model": str(model_dir)},
+            "params": {"alpha": alpha, "heads": ", ".join(f"{l}.{h}" for l, h in sorted(heads)), **(extra or {})}}
+    return write_folder(out, tensors(), overwrite=overwrite, expected_tensors=len(ck),
+                        metadata={"compress": "heads reinforce"}, aux_from=ck.root or Path(model_dir), card=card)

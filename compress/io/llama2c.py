@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from compress.errors import CompressError
-from compress.io.writer import ShardedWriter, atomic_dir, check_output
+from compress.io.writer import check_output, write_folder
 
 _HEADER = struct.Struct("<7i")
 _MAGIC_V1 = 0x616B3432  # "ak42": the newer llama2.c export versions, which this reader does not handle
@@ -210,13 +210,14 @@ def convert_llama2c(model_bin: str | os.PathLike, tokenizer_bin: str | os.PathLi
         arrays[name] = raw[pos:pos + n].reshape(shape)
         pos += n
     _check_rope_table(arrays, c, model_bin)
-    with atomic_dir(out_dir, overwrite) as tmp:
-        writer = ShardedWriter(tmp, metadata={"source": "llama2.c"})
+
+    def tensors():
         for name, tensor in _hf_tensors(arrays, c):
             if not bool(torch.isfinite(tensor).all()):
                 raise CompressError(f"{model_bin}: weights for '{name}' contain NaN or Inf")
-            writer.add(name, tensor)
-        writer.close()
+            yield name, tensor
+
+    def finish(tmp: Path) -> None:
         llama_config(c).save_pretrained(tmp)
         GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(tmp)
         build_tokenizer(pieces, scores, c["max_seq_len"]).save_pretrained(tmp)
@@ -224,5 +225,9 @@ def convert_llama2c(model_bin: str | os.PathLike, tokenizer_bin: str | os.PathLi
         # older alias to the class that loads tokenizer.json verbatim.
         cfg_path = tmp / "tokenizer_config.json"
         cfg_path.write_text(cfg_path.read_text().replace('"TokenizersBackend"', '"PreTrainedTokenizerFast"'))
+
+    n_tensors = 3 + 9 * c["n_layers"] - bool(c["shared_classifier"])
+    write_folder(out_dir, tensors(), overwrite=overwrite, expected_tensors=n_tensors,
+                 metadata={"source": "llama2.c"}, finish=finish)
     del raw
     return Path(out_dir)

@@ -135,28 +135,26 @@ def apply_sparse(delta: DeltaFile, out: str | os.PathLike, *, device: str = "cpu
                  shard_size: int | str = "5GB", overwrite: bool = False, aux_from: str | os.PathLike | None = None,
                  quiet: bool | None = None) -> Path:
     """Rebuild the dense Hugging Face folder a sparse file was written from (no base needed)."""
-    from compress.io.writer import ShardedWriter, atomic_dir, copy_aux, write_model_card
+    from compress.io.writer import write_folder
     from compress.progress import track
 
     if not is_sparse_file(delta):
         raise CompressError(f"{delta.path}: a task-vector delta file needs --base (only sparse weight files, "
                             "written by `compress prune`, rebuild on their own)")
-    with atomic_dir(out, overwrite) as tmp:
-        writer = ShardedWriter(tmp, shard_size)
-        for name, row in track(list(delta.table.items()), "apply", quiet=quiet):
+    rows = list(delta.table.items())
+    # the names are checked before any tensor is written: a hostile entry leaves nothing behind, not even work
+    files = {} if aux_from is not None else {aux_entry_name(key, delta.path): delta._file.read(key).numpy().tobytes()
+                                             for key in delta.aux_entries()}
+
+    def tensors():
+        for name, row in track(rows, "apply", quiet=quiet):
             if row["encoding"] == "full":
                 t = delta.full(name, device=device)
             else:
                 t = delta.decode(name, device=device, dtype=SAFETENSORS_DTYPES[row["dtype"]])
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            writer.add(name, t)
-        writer.close()
-        if aux_from is not None:
-            copy_aux(aux_from, tmp)
-        else:
-            for key in delta.aux_entries():
-                (tmp / aux_entry_name(key, delta.path)).write_bytes(delta._file.read(key).numpy().tobytes())
-        write_model_card(tmp, "Model rebuilt from a sparse weight file", "compress apply",
-                         {"sparse file": str(delta.path)})
-    return Path(out)
+            yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+
+    return write_folder(out, tensors(), overwrite=overwrite, expected_tensors=len(rows), shard_size=shard_size,
+                        aux_from=aux_from, files=files, card={"title": "Model rebuilt from a sparse weight file",
+                                                              "method": "compress apply",
+                                                              "inputs": {"sparse file": str(delta.path)}})

@@ -1,7 +1,11 @@
 """Streaming, atomic output: sharded safetensors written tensor by tensor, folders renamed into place at the end.
 
-Memory: a tensor's bytes go to the shard's data file as soon as it is added; the header (which safetensors puts
-first) is written when the shard closes and the data is copied behind it in chunks. Nothing holds a whole shard.
+``write_folder`` is the one way a command writes a model: (name, tensor) pairs in, a Hugging Face folder out.
+
+Memory: a tensor's bytes go to the shard file as soon as it is added. Safetensors puts the header first, so a
+shard reserves room for it when the number of tensors is known (``expected_tensors``) and every byte is written
+once; otherwise the data goes to a side file that is copied behind the header when the shard closes (written
+twice). Nothing holds a whole shard.
 
 Atomicity (DESIGN principle 6): everything is written into a hidden temporary folder (or file) beside the target
 and renamed into place only when complete; on any error the temporary is removed, so a crash never leaves half a
@@ -24,7 +28,7 @@ import struct
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
@@ -524,3 +528,79 @@ def write_model_card(folder: Path, title: str, method: str, inputs: dict[str, st
     if params:
         lines += ["", "## Parameters", ""] + [f"- {k}: `{v}`" for k, v in params.items()]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def write_folder(out: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]], *, overwrite: bool = False,
+                 expected_tensors: Optional[int] = None, shard_size: int | str = DEFAULT_SHARD_SIZE,
+                 metadata: dict[str, str] | None = None, aux_from: str | os.PathLike | None = None,
+                 files: Mapping[str, bytes | str] | None = None, finish: Callable[[Path], None] | None = None,
+                 card: dict | None = None) -> Path:
+    """Write the (name, tensor) pairs of ``tensors`` as a Hugging Face folder ``out``, atomically; returns ``out``.
+
+    ``expected_tensors`` (default: ``len(tensors)`` when it has one) reserves each shard's header room, so each
+    byte is written once. Tensor i is written by a thread while the caller's generator computes tensor i + 1.
+    Then, in the temporary folder: ``aux_from``'s config and tokenizer files, ``files`` ({name: content}),
+    ``finish(folder)``, config.json set to name the dtype written, and the model card (``card``: the keyword
+    arguments of ``write_model_card``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if expected_tensors is None and hasattr(tensors, "__len__"):
+        expected_tensors = len(tensors)
+    floats: set[torch.dtype] = set()
+    it = iter(tensors)
+    with atomic_dir(out, overwrite) as tmp:
+        writer = ShardedWriter(tmp, shard_size, metadata, expected_tensors=expected_tensors)
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="compress-write") as pool:
+                pending = None
+                for name, t in it:
+                    if t.is_floating_point():
+                        floats.add(t.dtype)
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(writer.add, name, t)
+                    del t  # not held here while the next tensor is computed: written, it can be freed
+                if pending is not None:
+                    pending.result()
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+        writer.close()
+        copy_aux(aux_from, tmp)
+        for fname, content in (files or {}).items():
+            (tmp / fname).write_bytes(content.encode() if isinstance(content, str) else content)
+        if finish is not None:
+            finish(tmp)
+        name_written_dtype(tmp, floats, aux_from)
+        if card is not None:
+            write_model_card(tmp, **card)
+    return Path(out)
+
+
+def name_written_dtype(folder: Path, dtypes: set[torch.dtype], source: str | os.PathLike | None = None) -> None:
+    """Make ``folder/config.json`` name the dtype of the weights written when the float tensors share one:
+    ``dtype`` (what transformers 5 reads) and ``torch_dtype`` where present (what older versions read), in the
+    config and in the sub-configs that name one (LLaVA's text and vision configs). A copied config names the
+    input's dtype, so ``from_pretrained(dtype="auto")`` would load a ``--dtype bf16`` output as float32."""
+    path = folder / "config.json"
+    if len(dtypes) != 1 or not path.is_file():
+        return
+    name = str(next(iter(dtypes))).removeprefix("torch.")
+    src = None if source is None else Path(source)
+    origin = path.name if src is None else (src.parent if src.is_file() else src) / path.name
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CompressError(f"{origin}: not valid JSON ({str(e).splitlines()[0]}); the output's config must name "
+                            f"the dtype written ({name})") from None
+    if not isinstance(cfg, dict):
+        raise CompressError(f"{origin}: not a JSON object; the output's config must name the dtype written ({name})")
+    changed = False
+    for c in [cfg, *(v for v in cfg.values() if isinstance(v, dict) and ("dtype" in v or "torch_dtype" in v))]:
+        for key in ("dtype", "torch_dtype"):
+            if (key in c or (key == "dtype" and c is cfg)) and c.get(key) != name:
+                c[key] = name
+                changed = True
+    if changed:  # an untouched config stays byte for byte the input's
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

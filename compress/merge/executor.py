@@ -318,7 +318,7 @@ class Merger:
         self._pool = None
 
     def write(self, out: Path, quiet: Optional[bool] = None) -> MergeSummary:
-        from compress.io.writer import ShardedWriter, atomic_dir, copy_aux, write_model_card
+        from compress.io.writer import write_folder
 
         start = time.perf_counter()
         summary = MergeSummary(out=Path(out))
@@ -327,33 +327,26 @@ class Merger:
                                     if r > self.ref.info(n).shape[0]}
             for n, r in summary.dropped_rows.items():
                 console.print(f"[yellow]--vocab base: dropping {r} rows of '{n}' that only some models have")
-        with atomic_dir(out, self.cfg.overwrite) as tmp:
-            from concurrent.futures import ThreadPoolExecutor
 
-            writer = ShardedWriter(tmp, self.cfg.shard_size, expected_tensors=len(self.ref.names()))
-            # writing tensor i (a thread, the GIL released in file writes) overlaps merging tensor i + 1
-            with ThreadPoolExecutor(1, thread_name_prefix="compress-write") as pool:
-                pending = None
-                for name, t in self.tensors(quiet):
-                    if pending is not None:
-                        pending.result()
-                    pending = pool.submit(writer.add, name, t)
-                    summary.tensors += 1
-                    summary.params += t.numel()
-                if pending is not None:
-                    pending.result()
-            writer.close()
-            aux = self.ref.root
-            if self.cfg.vocab == "union" and self.vocab_rows:
-                # the tokenizer and config of the model with the most rows describe the union
-                widest = max((i for i in self.inputs if i.ckpt is not None),
-                             key=lambda i: max(i.rows(n) or 0 for n in self.vocab_rows))
-                aux = widest.ckpt.root
-            copy_aux(aux, tmp)
-            write_model_card(tmp, title=f"Merged model ({self.cfg.method})", method=self._describe(),
-                             inputs={"base": str(self.cfg.base), **{f"model {i + 1}": str(m.model)
-                                                                    for i, m in enumerate(self.cfg.models)}},
-                             params=self._card_params())
+        def tensors():
+            for name, t in self.tensors(quiet):
+                summary.tensors += 1
+                summary.params += t.numel()
+                yield name, t
+
+        aux = self.ref.root
+        if self.cfg.vocab == "union" and self.vocab_rows:
+            # the tokenizer and config of the model with the most rows describe the union
+            widest = max((i for i in self.inputs if i.ckpt is not None),
+                         key=lambda i: max(i.rows(n) or 0 for n in self.vocab_rows))
+            aux = widest.ckpt.root
+        card = {"title": f"Merged model ({self.cfg.method})", "method": self._describe(),
+                "inputs": {"base": str(self.cfg.base), **{f"model {i + 1}": str(m.model)
+                                                          for i, m in enumerate(self.cfg.models)}},
+                "params": self._card_params()}
+        # write_folder writes tensor i in a thread while tensor i + 1 is merged
+        write_folder(out, tensors(), overwrite=self.cfg.overwrite, expected_tensors=len(self.ref.names()),
+                     shard_size=self.cfg.shard_size, aux_from=aux, card=card)
         summary.seconds = time.perf_counter() - start
         summary.bytes_read = sum(i.ckpt.nbytes for i in self.inputs if i.ckpt is not None) + \
             (self.base.nbytes if self.base is not None else 0)

@@ -324,15 +324,15 @@ class Pruner:
         import json
 
         from compress.io.reader import open_checkpoint
-        from compress.io.writer import ShardedWriter, atomic_dir, copy_aux, write_model_card
+        from compress.io.writer import write_folder
 
         ck = open_checkpoint(self.model_dir)
         by_ck = self.checkpoint_names(ck)
         info = {**result.summary(), "layer_sparsity_measured": self.layer_sparsity(result),
                 "model": str(self.model_dir), "calib": str(self.calib or DEFAULT_CALIB), "nsamples": self.nsamples,
                 "seqlen": self.seqlen, "seed": self.seed, **(extra or {})}
-        with atomic_dir(out, overwrite) as tmp:
-            writer = ShardedWriter(tmp, shard_size, metadata={"compress": "prune"}, expected_tensors=len(ck))
+
+        def tensors():
             for name in ck.names():
                 p = by_ck.get(name)
                 if p is None:
@@ -342,21 +342,16 @@ class Pruner:
                     t = (t.T if p.transposed else t).to(ck.info(name).dtype).cpu()
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)
-                writer.add(name, t.contiguous())
-            writer.close()
-            copy_aux(self.model_dir, tmp)
-            if dtype is not None and (tmp / "config.json").is_file():
-                cfg = json.loads((tmp / "config.json").read_text())
-                cfg["dtype"] = str(dtype).removeprefix("torch.")
-                cfg.pop("torch_dtype", None)
-                (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-            (tmp / "prune.json").write_text(json.dumps(info, indent=1) + "\n")
-            write_model_card(tmp, f"{self.model_dir.name} pruned ({result.method}, {result.pattern})",
-                             f"compress prune, {result.method}", {"model": str(self.model_dir),
-                                                                  "calibration": info["calib"]},
-                             {"sparsity": f"{result.sparsity:.4f}", "strategy": result.strategy.source,
-                              "nsamples": self.nsamples, "seqlen": self.seqlen})
-        return Path(out)
+                yield name, t.contiguous()
+
+        card = {"title": f"{self.model_dir.name} pruned ({result.method}, {result.pattern})",
+                "method": f"compress prune, {result.method}",
+                "inputs": {"model": str(self.model_dir), "calibration": info["calib"]},
+                "params": {"sparsity": f"{result.sparsity:.4f}", "strategy": result.strategy.source,
+                           "nsamples": self.nsamples, "seqlen": self.seqlen}}
+        return write_folder(out, tensors(), overwrite=overwrite, expected_tensors=len(ck), shard_size=shard_size,
+                            metadata={"compress": "prune"}, aux_from=self.model_dir,
+                            files={"prune.json": json.dumps(info, indent=1) + "\n"}, card=card)
 
 
 def _check_finite_model(model: torch.nn.Module, path: Path) -> None:
@@ -400,25 +395,19 @@ def prunable_numels(path: str | os.PathLike, targets: str | None = None, ignore:
 
 def _model_class(path: Path):
     """(config, the Auto class to load it with): a causal LM head when the config names one, else the encoder."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from compress.io.models import model_class
 
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise CompressError(f"{path}: cannot read config.json ({e})") from None
-    archs = getattr(cfg, "architectures", None) or []
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-    return cfg, AutoModelForCausalLM if causal else AutoModel
+    cfg, cls, _ = model_class(path)
+    return cfg, cls
 
 
 def _load_model(path: Path, device: str):
-    """The model in float32, eval mode: a causal LM head when the config names one, else the bare encoder."""
-    _, cls = _model_class(path)
-    try:
-        model = cls.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise CompressError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    """The model in float32, eval mode, no KV cache: a causal LM head when the config names one, else the bare
+    encoder."""
+    from compress.io.models import load_model
+
+    model = load_model(path, device=device, dtype=torch.float32)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-    return model.to(device).eval()
+    return model
 

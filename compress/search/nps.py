@@ -414,30 +414,28 @@ def write_model(out, base, layout: Layout, delta: torch.Tensor, *, shard_size="5
                 aux_from=None, head_from=None, card: Optional[dict] = None) -> None:
     """θ_base + delta as a Hugging Face folder (tensors outside the layout copied from the base); the tensors are
     ``compress.delta.reconstruct(base, delta, base dtype)``, the same that ``compress apply`` rebuilds."""
-    import shutil
-
     from compress.io.deltafile import reconstruct
-    from compress.io.writer import ShardedWriter, atomic_dir, copy_aux, write_model_card
+    from compress.io.writer import write_folder
 
     where = {n: sl for _, n, sl, _ in layout.slices()}
-    with atomic_dir(out, overwrite) as tmp:
-        writer = ShardedWriter(tmp, shard_size)
+
+    def tensors():
         for name in base.names():
             b = base.get(name, device=delta.device)
             if name in where:
                 b = reconstruct(b, delta[where[name]].reshape(b.shape), b.dtype)
-            writer.add(name, b)
-        writer.close()
-        copy_aux(aux_from if aux_from is not None else base.root, tmp)
-        if head_from is not None:
-            from compress.eval.classify import HEAD_CONFIG, HEAD_WEIGHTS
+            yield name, b
 
-            for f in (HEAD_WEIGHTS, HEAD_CONFIG):
-                if (head_from / f).is_file():
-                    shutil.copy2(head_from / f, tmp / f)
-        card = card or {}
-        write_model_card(tmp, card.get("title", "NPS-pruned model"), "compress nps", card.get("inputs", {}),
-                         card.get("params", {}))
+    files = {}
+    if head_from is not None:
+        from compress.eval.classify import HEAD_CONFIG, HEAD_WEIGHTS
+
+        files = {f: (head_from / f).read_bytes() for f in (HEAD_WEIGHTS, HEAD_CONFIG) if (head_from / f).is_file()}
+    card = card or {}
+    write_folder(out, tensors(), overwrite=overwrite, expected_tensors=len(base.names()), shard_size=shard_size,
+                 aux_from=aux_from if aux_from is not None else base.root, files=files,
+                 card={"title": card.get("title", "NPS-pruned model"), "method": "compress nps",
+                       "inputs": card.get("inputs", {}), "params": card.get("params", {})})
 
 
 def write_nps_delta(out, base, layout: Layout, delta: torch.Tensor, mask: torch.Tensor, *, metadata: dict,

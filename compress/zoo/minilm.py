@@ -77,10 +77,9 @@ def task_seed(seed: int, task: str) -> int:
 
 
 def _load_encoder(folder: Path, device: str):
-    from transformers import AutoModel
+    from compress.io.models import load_model
 
-    with hf_quiet():
-        return AutoModel.from_pretrained(folder, dtype=torch.float32).to(device)
+    return load_model(folder, device=device, dtype=torch.float32, kind="encoder")
 
 
 def _param_groups(encoder, head: torch.nn.Linear, p: ClassifierTrain) -> list[dict]:
@@ -306,7 +305,7 @@ def carry(out: str | Path = ".carry", overwrite: bool = False) -> dict:
             raise CompressError(f"{weights}: no tensor '{first}'; not a BERT checkpoint")
         with atomic_dir(part_a, overwrite) as tmp_a, atomic_dir(part_b, overwrite) as tmp_b:
             emb = f.get_tensor(first)
-            writer = ShardedWriter(tmp_a, shard_size=emb.numel() * emb.element_size())
+            writer = ShardedWriter(tmp_a, shard_size=emb.numel() * emb.element_size(), expected_tensors=len(names))
             writer.add(first, emb)
             del emb
             for name in names:

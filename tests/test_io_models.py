@@ -1,0 +1,72 @@
+"""``compress.io.models.load_model``, the one model loader (issue 18): the class from the config, weight files
+checked before transformers reads them, one-line errors, and transformers' progress bars kept off stderr."""
+
+import json
+
+import pytest
+import torch
+
+from compress.errors import CompressError
+from compress.io.models import hf_quiet, load_model, load_tokenizer, model_class
+from tests.conftest import save_llama
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_llama(tmp_path_factory.mktemp("models") / "llama", seed=0)
+
+
+def test_kind_from_the_config_dtype_and_eval_mode(llama, capfd):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    capfd.readouterr()
+    model = load_model(llama)
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    assert next(model.parameters()).dtype == torch.float32
+    assert capfd.readouterr().err == ""  # no loading bar, no info log
+    assert hf_logging.is_progress_bar_enabled()  # and the caller's setting is back
+    assert type(load_model(llama, kind="encoder")).__name__ == "LlamaModel"
+    assert next(load_model(llama, dtype="bfloat16").parameters()).dtype == torch.bfloat16
+    assert model_class(llama)[2] == "causal"
+
+
+def test_bad_inputs_are_one_line(tmp_path, llama):
+    with pytest.raises(CompressError, match="not a Hugging Face model folder"):
+        load_model(tmp_path)
+    with pytest.raises(CompressError, match="dtype 'fp7' is not a torch dtype"):
+        load_model(llama, dtype="fp7")
+    with pytest.raises(CompressError, match="model kind 'vision' is not one of auto, causal, encoder, llava"):
+        load_model(llama, kind="vision")
+    # a truncated weights file is named by the checker, before transformers reads it
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "config.json").write_bytes((llama / "config.json").read_bytes())
+    data = (llama / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CompressError, match="model.safetensors") as e:
+        load_model(cut)
+    assert "\n" not in str(e.value)
+    # weights whose shapes the config does not describe
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    cfg = json.loads((llama / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 2 * cfg["intermediate_size"]}))
+    (wide / "model.safetensors").write_bytes(data)
+    with pytest.raises(CompressError, match=rf"{wide}: tensor 'model.layers.0.mlp.\w+_proj.weight' has shape "
+                                            r"\[\d+, \d+\] but config.json describes") as e:
+        load_model(wide)
+    assert "\n" not in str(e.value)
+    with pytest.raises(CompressError, match=f"{llama}: no tokenizer to encode the probes"):
+        load_tokenizer(llama, why="no tokenizer to encode the probes")
+
+
+def test_hf_quiet_restores_the_verbosity_after_an_error():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    with pytest.raises(ValueError):
+        with hf_quiet():
+            assert hf_logging.get_verbosity() == hf_logging.ERROR
+            raise ValueError("inside")
+    assert hf_logging.get_verbosity() == level
