@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compress.heads import attention_layout, head_protect
-from compress.heads import scores as S
+from compress.heads import methods as S
 from compress.heads.capture import Probe
 from compress.heads.score import score_heads
 

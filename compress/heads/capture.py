@@ -1,4 +1,4 @@
-"""Running a model on probes and collecting what the scorers need (``scores.py`` does the maths).
+"""Running a model on probes and collecting what the scorers need (``methods.py`` does the maths).
 
 - Per-head outputs: a forward pre-hook on each layer's output projection (``o_proj``, GPT-2 ``c_proj``, BERT
   ``attention.output.dense``) sees its input [B, T, H·d], the concatenated head outputs; reshaped to [H, d] at

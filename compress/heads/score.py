@@ -1,4 +1,4 @@
-"""``score_heads``: run a scorer over tokenized probes (model walking here, maths in ``scores.py``)."""
+"""``score_heads``: run a scorer over tokenized probes (model walking here, maths in ``methods.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from compress.errors import CompressError
-from compress.heads import scores as S
+from compress.heads import methods as S
 from compress.heads.capture import (Probe, attention_and_grad, attention_maps, head_outputs_pair, logit_lens)
 from compress.heads.layout import AttentionLayout, attention_layout
 from compress.progress import track
