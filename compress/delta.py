@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from compress.errors import CompressError
-from compress.io.reader import (SAFETENSORS_DTYPES, DTYPE_CODES, Checkpoint, quote_name)
-from compress.io.deltafile import (FORMAT, DeltaFile, encode_tensor, gather_kept, reconstruct)
-from compress.sparsify import sparsify
+from compress.io.deltafile import FORMAT, DeltaFile, encode_tensor, gather_kept, reconstruct
+from compress.io.reader import DTYPE_CODES, SAFETENSORS_DTYPES, Checkpoint, quote_name
 from compress.runtime import compute_dtype
+from compress.sparsify import sparsify
 from compress.taskvec import CheckpointDelta, TaskVector
 
 

@@ -46,9 +46,9 @@ from rich.table import Table
 
 from compress.data import corpus_path, read_text, stories260k_files
 from compress.delta import apply_delta, extract_delta
-from compress.io.deltafile import DeltaFile
 from compress.eval.perplexity import load_causal_lm, perplexity
 from compress.finetune import finetune_causal_lm
+from compress.io.deltafile import DeltaFile
 from compress.io.llama2c import convert_llama2c
 from compress.io.reader import open_checkpoint
 from compress.io.writer import atomic_dir, atomic_file
@@ -120,8 +120,14 @@ def run_demo(workdir: str | Path = "checkpoints/demo", *, steps: int = 150, dens
              eval_tokens: int = EVAL_TOKENS, device: str = "cpu", quiet: bool = False) -> dict:
     from transformers.utils import logging as hf_logging
 
-    from compress.config import BatchConfig, CompressionRequest, PruneConfig, StrategySearchConfig, \
-        StrategyTrainConfig, build
+    from compress.config import (
+        BatchConfig,
+        CompressionRequest,
+        PruneConfig,
+        StrategySearchConfig,
+        StrategyTrainConfig,
+        build,
+    )
     from compress.prune import run_prune
     from compress.strategy.batch import run_batch
     from compress.strategy.evaluate import Evaluator

@@ -9,8 +9,8 @@ import math
 import os
 from pathlib import Path
 
-from compress.io.files import read_model_config
 from compress.errors import CompressError
+from compress.io.files import read_model_config
 from compress.io.reader import SAFETENSORS_DTYPES, is_peft_adapter, open_checkpoint, resolve_weight_files
 
 

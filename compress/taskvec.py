@@ -19,8 +19,8 @@ from typing import Literal, Protocol
 import torch
 
 from compress.errors import CompressError
-from compress.runtime import compute_dtype
 from compress.io.reader import Checkpoint, TensorInfo, is_peft_adapter, open_checkpoint, quote_name
+from compress.runtime import compute_dtype
 
 # Rows of these tensors are vocabulary entries; a fine-tune that added tokens changes only their first dim.
 VOCAB_TENSOR_RE = re.compile(r"(embed_tokens|word_embeddings|wte|lm_head|embed_out|shared|output)\.weight$")

@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 
 from compress.io.reader import open_checkpoint
-from conftest import run_cli
 
 
 def test_extract_lora_cli_loads_in_peft(llama_pair, tmp_path):

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 
 from compress.io.deltafile import DeltaFile, decode_gaps, encode_gaps, pack_mask, unpack_mask
 from compress.io.reader import open_checkpoint
 from compress.io.writer import ShardedWriter, atomic_dir
-from conftest import run_cli
 
 
 def _assert_bit_equal(a_path, b_path):

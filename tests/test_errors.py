@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_cli, save_llama
 
 from compress.io.reader import open_checkpoint
-from conftest import run_cli, save_llama
 
 
 def _copy_with(src, dst, drop=(), change=None):

@@ -8,12 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 
 from compress.errors import CompressError
 from compress.eval import kl_divergence, perplexity, recall_eval
 from compress.eval.recall import classify, greedy_continuations, parse_answer, read_recall_items
-
-from conftest import tiny_llama_config
 
 
 class WordTokenizer:
@@ -150,7 +149,8 @@ def _recall_case(tmp_path):
     facts = {"Kelu": "4721", "Bafo": "3310", "Mire": "5084"}
 
     def prompt(pairs, key):
-        return " ".join(f"The code of {k} is {v} ." for k, v in pairs) + f" Question: what is the code of {key} ? Answer:"
+        facts = " ".join(f"The code of {k} is {v} ." for k, v in pairs)
+        return facts + f" Question: what is the code of {key} ? Answer:"
 
     items = [  # (item, planned answer words, expected outcome)
         ({"kind": "novel", "prompt": prompt(facts.items(), "Bafo"), "answer": "3310"}, ["3310"], "correct"),

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 from compress.extras import EXTRAS, missing
-from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,8 @@ def test_every_extra_is_installed_for_the_tests():
     ("cma", "search", "compress prune --method nps",
      ["prune", "--method", "nps", "--base", "b", "--finetuned", "f", "--density", "0.1", "--task", "trec",
       "--out", "{out}"]),
-    ("gpytorch", "search", "compress merge --method nps", ["merge", "--method", "nps", "--base", "b", "--out", "{out}"]),
+    ("gpytorch", "search", "compress merge --method nps",
+     ["merge", "--method", "nps", "--base", "b", "--out", "{out}"]),
     ("botorch", "search", "compress strategy train", ["strategy", "train", "{tmp}/model", "--out", "{out}"]),
     ("cma", "search", "compress strategy search", ["strategy", "search", "{tmp}/model", "--sparsity", "0.5",
                                                    "--out", "{out}"]),
@@ -61,11 +62,11 @@ def test_zoo_build_without_the_encoder_package(tmp_path, monkeypatch):
 
 
 def test_head_scores_are_saved_without_matplotlib_and_the_heatmap_skipped(tmp_path, monkeypatch):
+    from conftest import tiny_llama_config
     from transformers import LlamaForCausalLM
 
     from compress.heads.layout import attention_layout
     from compress.heads.scorefile import load_scores, save_scores
-    from conftest import tiny_llama_config
 
     layout = attention_layout(LlamaForCausalLM(tiny_llama_config()))
     scores = torch.rand(layout.n_layers, layout.n_heads)
@@ -89,7 +90,8 @@ def run(*args):
     return 0
 
 url = sys.argv[1]
-codes = [run("request", "--help"), run("request", "status", "abc", "--url", url), run("request", "models", "--url", url),
+codes = [run("request", "--help"), run("request", "status", "abc", "--url", url),
+         run("request", "models", "--url", url),
          run("request", "submit", "m", "--sparsity", "0.5", "--url", url), run("request", "wait", "abc", "--url", url),
          run("request", "cancel", "abc", "--url", url)]
 heavy = [m for m in ("torch", "transformers", "numpy", "sklearn", "safetensors") if m in sys.modules]

@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from compress.delta import SparseDelta, write_delta
-from compress.io.deltafile import DeltaFile
 from compress.errors import CompressError
+from compress.io.deltafile import DeltaFile
 from compress.io.reader import SafetensorsFile
 from compress.io.sparse import write_sparse
 

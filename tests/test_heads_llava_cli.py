@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli, save_llama
 
 WORDS = "[UNK] <s> what is in the picture a cat dog red blue green describe image color shape it".split()
@@ -28,8 +27,14 @@ def _tokenizer():
 
 @pytest.fixture(scope="module")
 def llava_dir(tmp_path_factory) -> Path:
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     root = tmp_path_factory.mktemp("llava_cli")
     tok = _tokenizer()

@@ -145,7 +145,6 @@ def test_merge_protected_slices_bit_identical(tmp_path, method, extra):
     from compress.io.reader import open_checkpoint
 
     P, D, N = (open_checkpoint(tmp_path / x) for x in "pdn")
-    B = open_checkpoint(base)
     for name, m in _slices(layout, HEADS).items():
         w = f"{name}.weight"
         assert torch.equal(P.get(w)[m], D.get(w)[m]), name

@@ -38,7 +38,8 @@ def _broken_copy(src, dst, content: bytes, name: str = "config.json"):
 
 
 COMMANDS = {
-    "extract base": lambda b, ft, bad, d, w: ["extract", "--base", bad, "--finetuned", ft, "--out", w / "d.safetensors"],
+    "extract base": lambda b, ft, bad, d, w: ["extract", "--base", bad, "--finetuned", ft, "--out",
+                                              w / "d.safetensors"],
     "extract finetuned": lambda b, ft, bad, d, w: ["extract", "--base", b, "--finetuned", bad, "--out",
                                                    w / "d.safetensors"],
     "extract-lora": lambda b, ft, bad, d, w: ["extract-lora", "--base", b, "--finetuned", bad, "--out", w / "lora"],

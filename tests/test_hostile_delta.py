@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from compress.delta import extract_delta
-from compress.io.deltafile import DeltaFile, decode_gaps, encode_gaps
 from compress.errors import CompressError
+from compress.io.deltafile import DeltaFile, decode_gaps, encode_gaps
 from compress.io.reader import open_checkpoint
 from compress.io.sparse import write_sparse
 from compress.taskvec import TaskVector

@@ -13,7 +13,6 @@ from conftest import run_cli
 from test_serve_api import Running, registry_with_stratnet, serve_cfg
 
 
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(registry path, model folder, StratNet path, calibration cache)."""
@@ -86,7 +85,8 @@ def test_poison_pill_fails_alone(served, sizes, tmp_path, monkeypatch):
         assert [f["state"] for f in final] == ["done", "failed", "done", "failed", "done"], \
             [f["error"] for f in final]
         reachable = "reachable sizes are {:,} to {:,} bytes".format(*sizes.budgets(0.3, 0.7))
-        assert final[1]["error"].startswith("size_bytes 1,000 needs sparsity ") and final[1]["error"].endswith(reachable)
+        assert final[1]["error"].startswith("size_bytes 1,000 needs sparsity ")
+        assert final[1]["error"].endswith(reachable)
         assert final[3]["error"].startswith("size_bytes of 401 digits needs sparsity -inf")
         assert abs(final[4]["sparsity"] - 0.5) < 5e-3 and final[4]["size_bytes"] <= sizes.bytes(0.5)
         # one group of the five, at their second attempt

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import finetune_like, run_cli, save_llama
 from peft.utils import merge_utils as peft
 from safetensors.torch import load_file
-
-from conftest import finetune_like, run_cli, save_llama
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +41,7 @@ def test_global_topk_keeps_the_density_over_the_whole_model(trio, tmp_path):
     base, a, _ = trio
     assert run_cli("merge", "--base", base, "--models", a, "--method", "ties", "--density", "0.1",
                    "--out", tmp_path / "g")[0] == 0
-    out, B, A = _sd(tmp_path / "g"), _sd(base), _sd(a)
+    out, B = _sd(tmp_path / "g"), _sd(base)
     changed = sum(int((out[n] != B[n]).sum()) for n in out)
     total = sum(B[n].numel() for n in out)
     assert changed == int(0.1 * total)  # one threshold for all tensors (no exact ties in float32 noise)
@@ -124,7 +123,7 @@ def test_vocabulary_rules(tmp_path):
     assert not (tmp_path / "m").exists()
     assert run_cli("merge", "--base", base, "--models", big, "--method", "task_arithmetic", "--vocab", "base",
                    "--out", tmp_path / "mb")[0] == 0
-    mb, B, G = _sd(tmp_path / "mb"), _sd(base), _sd(big)
+    mb, G = _sd(tmp_path / "mb"), _sd(big)
     assert mb["model.embed_tokens.weight"].shape[0] == 96
     assert torch.allclose(mb["model.embed_tokens.weight"], G["model.embed_tokens.weight"][:96])
     assert run_cli("merge", "--base", base, "--models", big, "--method", "task_arithmetic", "--vocab", "union",
@@ -190,8 +189,8 @@ def test_interpolate_writes_each_alpha_and_evaluates(trio, tmp_path):
     assert all(torch.allclose(half[n], (A[n] + B[n]) / 2, atol=1e-6) for n in half)
     text = tmp_path / "t.txt"
     text.write_text("the quick brown fox jumps over the lazy dog " * 20)
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate("the quick brown fox jumps over lazy dog [UNK]"
                                                                    .split())}, unk_token="[UNK]"))

@@ -8,8 +8,15 @@ from peft.utils import merge_utils as peft
 
 from compress.config import Conditional
 from compress.errors import CompressError
-from compress.merge.methods import (combine, della_keep_prob, magnitude_keep, method_preset, outlier_keep, slerp,
-                                    task_vector_merge)
+from compress.merge.methods import (
+    combine,
+    della_keep_prob,
+    magnitude_keep,
+    method_preset,
+    outlier_keep,
+    slerp,
+    task_vector_merge,
+)
 from compress.merge.recipe import layer_position, resolve_setting
 from compress.sparsify.topk import GlobalThreshold, kth_largest_bits, magnitude_bits, topk_mask
 

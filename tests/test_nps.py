@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from compress.config import NpsSearch as Space
+from compress.config import build
 from compress.errors import CompressError
 from compress.search import partition as P
-from compress.config import NpsSearch as Space, build
 from compress.search.nps import ModelSetter, NpsProblem, load_flat, make_layout, search
 from compress.sparsify.protect import Protect
 from tests.conftest import run_cli
@@ -157,7 +158,8 @@ def test_stored_delta_reproduces_the_searched_model(tmp_path):
         write_model(tmp_path / f"model-{select}", base, layout, delta)
         write_nps_delta(tmp_path / f"d-{select}.safetensors", base, layout, delta, mask, metadata={"method": "nps"})
         apply_delta(base, DeltaFile(tmp_path / f"d-{select}.safetensors"), tmp_path / f"applied-{select}")
-        searched, applied = open_checkpoint(tmp_path / f"model-{select}"), open_checkpoint(tmp_path / f"applied-{select}")
+        searched = open_checkpoint(tmp_path / f"model-{select}")
+        applied = open_checkpoint(tmp_path / f"applied-{select}")
         assert set(searched.names()) == set(applied.names())
         for name in searched.names():
             assert torch.equal(searched.get(name), applied.get(name)), name

@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
+from conftest import run_cli
 
 from compress.data import TASKS, task_info, task_metric
 from compress.errors import CompressError
 from compress.eval.classify import ClassifyResult
 from compress.eval.metrics import official_metric
-from conftest import run_cli
 
 # TP = 3, FN = 1 (label 1), FP = 2, TN = 4 (label 0)
 LABELS = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]

@@ -81,8 +81,8 @@ def test_api_end_to_end(served, tmp_path, backend):
     from transformers import AutoModelForCausalLM
 
     from compress.config import CompressionRequest
-    from compress.io.deltafile import DeltaFile
     from compress.errors import CompressError
+    from compress.io.deltafile import DeltaFile
     from compress.io.sparse import apply_sparse
     from compress.serve.client import Client, ServerError
     from compress.strategy.stratnet import StratNetModel
@@ -176,7 +176,8 @@ def test_security_answers(served, tmp_path):
         r = h.post("/v1/requests", headers={**ok, "Content-Type": "application/json"}, content=chunks())
         assert r.status_code == 413
         r = h.post("/v1/requests", headers=ok, json={"model": "tiny", "sparsity": 0.5, "preference": 0.2})
-        assert r.status_code == 422 and r.json()["detail"].endswith("give exactly one target, got sparsity and preference")
+        assert r.status_code == 422
+        assert r.json()["detail"].endswith("give exactly one target, got sparsity and preference")
         r = h.post("/v1/requests", headers=ok, json={"model": "tiny", "sparsity": 0.9})
         assert r.status_code == 422 and r.json()["detail"] == ("sparsity 0.9 is outside the range model 'tiny' "
                                                                "answers [0.3, 0.7]")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import Counter
-from pathlib import Path
 
 from conftest import run_cli
 

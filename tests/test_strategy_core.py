@@ -3,7 +3,6 @@ through the GP on a constructed objective with a known optimum, the StratNet fil
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import torch
+from conftest import finetune_like
 
 from compress.io.reader import open_checkpoint
 from compress.taskvec import TaskVector
-from conftest import finetune_like
 
 
 def _sd(path):

@@ -116,7 +116,8 @@ def mergekit_env(venv: Path, spec: str) -> Path:
     # a .pth line makes this environment's (torch, transformers, …) visible too
     import sysconfig
 
-    purelib = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    purelib = subprocess.run([str(venv / "bin" / "python"), "-c", code],
                              capture_output=True, text=True, check=True).stdout.strip()
     Path(purelib, "compress-parent-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     # the system torch satisfies mergekit's torch requirement, so pip does not fetch a CUDA build
@@ -128,8 +129,8 @@ def mergekit_env(venv: Path, spec: str) -> Path:
 
 
 def mergekit_version(exe: Path) -> str:
-    r = subprocess.run([str(exe.parent / "python"), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
-                       capture_output=True, text=True)
+    code = "import importlib.metadata as m; print(m.version('mergekit'))"
+    r = subprocess.run([str(exe.parent / "python"), "-c", code], capture_output=True, text=True)
     return r.stdout.strip() or "?"
 
 

@@ -4,7 +4,8 @@ minilm-8task (the shape of the CLIP ViT-B/32 eight-task table of the merging pap
 pretrained encoder with each task's own head), individual fine-tuned, simple average, task arithmetic, TIES and
 DARE-TIES; columns the eight tasks' test accuracy, their average and the normalized average (accuracy ÷ the
 individual model's accuracy, averaged), and beside a task whose official metric is not accuracy that metric
-(MCC for CoLA, F1 for MRPC: task.json ``metric``), under ``official`` in the JSON. λ of task arithmetic, TIES and DARE-TIES is chosen on the dev splits
+(MCC for CoLA, F1 for MRPC: task.json ``metric``), under ``official`` in the JSON. λ of task arithmetic, TIES
+and DARE-TIES is chosen on the dev splits
 (best mean dev accuracy over a grid), as the papers do; the merged vectors come from ``compress.merge.Merger``
 (the same code as `compress merge`), computed once at λ = 1 and scaled, since each method is linear in λ.
 

@@ -95,7 +95,8 @@ class _Zoo:
 
 
 def _search(zoo: _Zoo, taus: list[torch.Tensor], density: float, search, objective, budget=None, parts=None):
-    from compress.search.nps import NpsProblem, search as nps_search
+    from compress.search.nps import NpsProblem
+    from compress.search.nps import search as nps_search
 
     space = search if parts is None else search.model_copy(update={"parts": parts})
     problem = NpsProblem(zoo.layout, taus, density, space)
@@ -230,7 +231,8 @@ def markdown(report: dict) -> str:
     cost = report.get("cost")
     if cost:
         lines += ["## Search cost", "", "| task | density | M | budget | evaluations | seconds | s/eval | "
-                  "start value | best value | dev acc | test acc |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "start value | best value | dev acc | test acc |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in cost.values():
             lines.append(f"| {r['task']} | {r['density']:g} | {r['M']} | {r['budget']} | {r['evaluations']} | "
                          f"{r['seconds']:.1f} | {r['seconds_per_eval']:.3f} | {r['start_value']:.4f} | "

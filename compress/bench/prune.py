@@ -7,7 +7,8 @@ Measured in one run, with one ``Pruner`` (one calibration pass of the dense mode
    uniform against Wanda+OWL and SparseGPT+OWL. Pruned weights are loaded into the model in memory.
 2. Shared calibration: a fresh Pruner (empty cache) timed from construction through calibration and 1
    strategy, and another through calibration and 16 strategies (random per-block vectors with the same mean,
-   through ``Pruner.prune_many``: SparseGPT solves a layer's 16 problems in one batched column loop), side by side, for Wanda and for SparseGPT; the ratio is printed. Results stay in memory (no files written).
+   through ``Pruner.prune_many``: SparseGPT solves a layer's 16 problems in one batched column loop), side by
+   side, for Wanda and for SparseGPT; the ratio is printed. Results stay in memory (no files written).
 3. Sparse file size at 50% unstructured and 2:4 (bf16): the pruned folder written in bf16 and
    ``compress.io.sparse.write_sparse`` on it, against the dense bf16 size, over the whole file and over the
    pruned tensors alone.

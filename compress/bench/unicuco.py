@@ -19,7 +19,6 @@ Saves ``unicuco_<name>.json``, ``.md`` and ``.png`` (size against KL: served, se
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -183,7 +182,8 @@ def markdown(report: dict) -> str:
     lines = [f"# compress bench unicuco — {report['name']}", "",
              f"{report['requests']} sparsity requests evenly over {report['sparsity_range'][0]}–"
              f"{report['sparsity_range'][1]}; {report['method']} masks from one calibration ({report['nsamples']} "
-             f"windows of {report['calib']}); KL to the dense model on {report['eval_windows_used']} held-out windows of "
+             f"windows of {report['calib']}); KL to the dense model on {report['eval_windows_used']} held-out "
+             f"windows of "
              f"{report['eval_seqlen']} tokens of the calibration text (the evaluator), and on as many windows of "
              f"{TEST_TEXT} (test, never searched). Device: {report.get('device_name', report['device'])}.", "",
              "| | evaluations | seconds |", "|---|---:|---:|",

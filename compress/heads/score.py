@@ -8,7 +8,7 @@ import torch
 
 from compress.errors import CompressError
 from compress.heads import methods as S
-from compress.heads.capture import (Probe, attention_and_grad, attention_maps, head_outputs_pair, logit_lens)
+from compress.heads.capture import Probe, attention_and_grad, attention_maps, head_outputs_pair, logit_lens
 from compress.heads.layout import AttentionLayout, attention_layout
 from compress.progress import track
 

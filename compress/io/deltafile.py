@@ -29,8 +29,7 @@ import numpy as np
 import torch
 
 from compress.errors import CompressError
-from compress.io.reader import (SAFETENSORS_DTYPES, DTYPE_CODES, SafetensorsFile, TensorInfo, quote_name,
-                                strict_json)
+from compress.io.reader import DTYPE_CODES, SAFETENSORS_DTYPES, SafetensorsFile, TensorInfo, quote_name, strict_json
 from compress.runtime import compute_dtype
 
 FORMAT = "delta/1"

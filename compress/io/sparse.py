@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from compress.io.deltafile import FORMAT, DeltaFile, encode_gaps, encode_nm24, nm24_fill, pack_mask
 from compress.errors import CompressError
+from compress.io.deltafile import FORMAT, DeltaFile, encode_gaps, encode_nm24, nm24_fill, pack_mask
 from compress.io.reader import DTYPE_CODES, SAFETENSORS_DTYPES, open_checkpoint
 from compress.io.writer import AUX_FILES, AUX_PREFIX, aux_entry_name
 

@@ -15,16 +15,16 @@ from typing import Optional
 import torch
 
 from compress.config import MergeConfig
-from compress.runtime import resolve_device, torch_dtype
 from compress.errors import CompressError
+from compress.heads.select import resolve_protect
 from compress.io.reader import Checkpoint, all_finite, is_peft_adapter, open_checkpoint
 from compress.merge.methods import METHODS, Method, check_config, linear, method_preset, slerp, task_vector_merge
 from compress.merge.recipe import layer_position, resolve_setting
 from compress.progress import console, track
+from compress.runtime import resolve_device, torch_dtype
 from compress.sparsify.masks import seeded_generator
 from compress.sparsify.topk import GlobalThreshold
 from compress.taskvec import VOCAB_TENSOR_RE, check_same_architecture
-from compress.heads.select import resolve_protect
 
 DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0, "t": 0.5}
 

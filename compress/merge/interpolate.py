@@ -14,9 +14,9 @@ from typing import Callable, Optional
 import torch
 
 from compress.config import InterpolateConfig
-from compress.runtime import resolve_device, torch_dtype
 from compress.errors import CompressError
 from compress.io.reader import open_checkpoint
+from compress.runtime import resolve_device, torch_dtype
 from compress.taskvec import TaskVector
 
 

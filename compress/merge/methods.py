@@ -35,8 +35,8 @@ protect ``sparsity`` x the protected entries are sparsified too, by the same rul
 from the free ones.
 
 Top-k keeps ⌊density·n⌋ entries (at least one), as PEFT and mergekit do; equal magnitudes at the threshold are
-kept lowest index first unless ``tie_break: argsort`` asks for mergekit's (sort-order) choice. Functions take stacked deltas
-``[n_models, *shape]`` in a float dtype and return the merged delta; nothing here reads a checkpoint.
+kept lowest index first unless ``tie_break: argsort`` asks for mergekit's (sort-order) choice. Functions take
+stacked deltas ``[n_models, *shape]`` in a float dtype and return the merged delta; nothing here reads a checkpoint.
 """
 
 from __future__ import annotations

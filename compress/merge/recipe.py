@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-
 from compress.config import Conditional, MergeConfig, build, setting_problem
 from compress.errors import CompressError
 from compress.merge.methods import check_config

@@ -52,9 +52,9 @@ def run_prune(cfg) -> dict:
     spec = get_prune_method(cfg.method)  # before any work, as a schema error would be
     from compress.heads.select import resolve_protect
     from compress.io.writer import check_output, config_inputs
+    from compress.progress import console
     from compress.prune.pruner import Pruner, resolve_text
     from compress.runtime import resolve_device, torch_dtype
-    from compress.progress import console
     device = resolve_device(cfg.device)
     sparse_out = None
     if cfg.out is not None:
@@ -77,10 +77,11 @@ def run_prune(cfg) -> dict:
     report = {**result.summary(), "layers": len(pruner.modules), "blocks": pruner.n_blocks,
               "calibration_forward_passes": pruner.forward_passes, "cache_key": pruner.key()
               if spec.calibrated else None}
+    calibration = ("from cache" if spec.calibrated and not pruner.forward_passes
+                   else "computed" if pruner.forward_passes else "not needed")
     console.print(f"pruned {len(pruner.modules)} layers in {pruner.n_blocks} blocks: {cfg.method} {cfg.pattern}, "
                   f"sparsity {result.sparsity:.4f} over {report['params_pruned_over']:,} parameters "
-                  f"({strategy.source}; calibration "
-                  f"{'from cache' if spec.calibrated and not pruner.forward_passes else 'computed' if pruner.forward_passes else 'not needed'})")
+                  f"({strategy.source}; calibration {calibration})")
     if eval_text is not None:
         from compress.eval.perplexity import perplexity
 

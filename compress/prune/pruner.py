@@ -25,8 +25,8 @@ from typing import Sequence
 
 import torch
 
-from compress.io.files import read_model_config
 from compress.errors import CompressError
+from compress.io.files import read_model_config
 from compress.prune import calib as C
 from compress.prune import methods as M
 from compress.prune.registry import Layer, get_prune_method
@@ -77,7 +77,8 @@ class PruneResult:
 
 class Pruner:
     def __init__(self, model: str | os.PathLike, calib: str | os.PathLike | None = None, *, nsamples: int = 128,
-                 seqlen: int | None = None, seed: int = 0, targets: str | None = None, ignore: str | None = C.DEFAULT_IGNORE,
+                 seqlen: int | None = None, seed: int = 0, targets: str | None = None,
+                 ignore: str | None = C.DEFAULT_IGNORE,
                  device: str = "cpu", cache_dir: str | os.PathLike | None = None, batch_size: int = 8,
                  blocksize: int = 128, percdamp: float = 0.01, quiet: bool = False):
         from compress.eval.classify import hf_quiet

@@ -53,7 +53,8 @@ class Strategy:
         if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
             raise CompressError(f"strategy file '{path}' must hold a list of numbers or "
                                 '{"layer_sparsity": [numbers]}')
-        info = {k: v for k, v in data.items() if k not in ("layer_sparsity", "source")} if isinstance(data, dict) else {}
+        info = ({k: v for k, v in data.items() if k not in ("layer_sparsity", "source")}
+                if isinstance(data, dict) else {})
         return cls(tuple(float(v) for v in values), f"file {path}", info)
 
 

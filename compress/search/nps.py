@@ -459,11 +459,11 @@ def run_nps(cfg) -> dict:
     """Search (``cfg``: ``compress.config.NpsConfig``), write ``cfg.out`` when given, and return a summary."""
     import json
 
-    from compress.runtime import resolve_device
     from compress.eval.classify import load_encoder
     from compress.io.reader import open_checkpoint
     from compress.io.writer import check_output, config_inputs
     from compress.progress import console
+    from compress.runtime import resolve_device
 
     device = resolve_device(cfg.device)
     if cfg.out is not None:

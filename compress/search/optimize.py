@@ -65,8 +65,8 @@ class _Log:
         value = float(value)
         if not math.isfinite(value):
             value = 1e30  # a diverged candidate is the worst, not an error
-        rec = {"i": len(self.history), "x": [round(v, 6) for v in x], "value": value, "seconds": time.perf_counter() - t,
-               **metrics}
+        rec = {"i": len(self.history), "x": [round(v, 6) for v in x], "value": value,
+               "seconds": time.perf_counter() - t, **metrics}
         self.history.append(rec)
         if self.log is not None:
             self.log(rec)

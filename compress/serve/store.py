@@ -36,9 +36,9 @@ import tempfile
 import threading
 import time
 import uuid
-from urllib.parse import quote
 from pathlib import Path
 from typing import Iterable, Optional
+from urllib.parse import quote
 
 from compress.errors import CompressError
 

@@ -19,9 +19,9 @@ from compress.progress import console, track
 
 
 def run_batch(cfg) -> dict:
-    from compress.runtime import resolve_device, torch_dtype
     from compress.io.sparse import write_sparse
     from compress.io.writer import atomic_dir, check_output, config_inputs
+    from compress.runtime import resolve_device, torch_dtype
     from compress.strategy.project import size_model
     from compress.strategy.request import head_protect, read_requests
     from compress.strategy.stratnet import StratNetModel

@@ -79,7 +79,8 @@ class RankedWeights:
             if spec.group == "row":
                 order = torch.sort(scores, dim=1, stable=True).indices
                 pos = torch.arange(w.shape[1], device=w.device, dtype=torch.int32).expand_as(order)
-                self.ranks[p.name] = torch.empty(order.shape, dtype=torch.int32, device=w.device).scatter_(1, order, pos)
+                ranks = torch.empty(order.shape, dtype=torch.int32, device=w.device)
+                self.ranks[p.name] = ranks.scatter_(1, order, pos)
             else:
                 order = torch.sort(scores.reshape(-1), stable=True).indices
                 pos = torch.arange(w.numel(), device=w.device, dtype=torch.int32)

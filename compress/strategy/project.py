@@ -6,13 +6,13 @@ per-request searches produce an unconstrained vector z ∈ Rⁿ; ``project`` map
 
     s_l = lo_l + (hi_l − lo_l) · σ(z_l + c),      Σ_l P_l s_l / Σ_l P_l = t,
 
-with one common offset c. The mean is strictly increasing in c, so c is unique; it is found by safeguarded
-Newton steps (bisection when a step leaves the bracket) in float64 (to machine precision, so the mean equals t within ~1e-12 and every s_l lies strictly inside
-[lo_l, hi_l]). The bounds are a band around the target, lo = max(0, t − spread), hi = min(max_block, t + spread)
-(as OWL keeps every block within s ± λ). The projection is differentiable: c(z, t) is an implicit function of
-g(z, c) = t, so after the solve one Newton step c = c* − (g(z, c*) − t)/∂_c g, with c* and ∂_c g detached,
-leaves the value at c* and gives autograd exactly the implicit-function gradient dc/dz = −∂_z g / ∂_c g (and
-dc/dt = 1/∂_c g). z = 0 gives the uniform strategy.
+with one common offset c. The mean is strictly increasing in c, so c is unique; it is found by safeguarded Newton
+steps (bisection when a step leaves the bracket) in float64 (to machine precision, so the mean equals t within
+~1e-12 and every s_l lies strictly inside [lo_l, hi_l]). The bounds are a band around the target, lo = max(0, t −
+spread), hi = min(max_block, t + spread) (as OWL keeps every block within s ± λ). The projection is differentiable:
+c(z, t) is an implicit function of g(z, c) = t, so after the solve one Newton step c = c* − (g(z, c*) − t)/∂_c g,
+with c* and ∂_c g detached, leaves the value at c* and gives autograd exactly the implicit-function gradient dc/dz =
+−∂_z g / ∂_c g (and dc/dt = 1/∂_c g). z = 0 gives the uniform strategy.
 
 **Size budget → sparsity.** A pruned model's sparse weight file (``compress.io.sparse``) stores each pruned
 tensor as its kept values plus a packed bitmask (numel/8 bytes), every other tensor dense, the config and

@@ -128,7 +128,8 @@ class Surrogate:
         xn = self._normalize(X.reshape(-1, self.n_blocks).to(torch.float64))
         if self._rbf is not None:  # gpytorch's lazy-kernel machinery costs more than the arithmetic here
             scale, ls = self._rbf
-            k = scale * torch.exp(-0.5 * ((xn / ls).unsqueeze(-2) - (self._xn / ls)).square().sum(-1))  # cdist's grad is NaN at 0
+            # not torch.cdist: its gradient is NaN at distance 0
+            k = scale * torch.exp(-0.5 * ((xn / ls).unsqueeze(-2) - (self._xn / ls)).square().sum(-1))
         else:
             k = self.gp.covar_module(xn, self._xn).to_dense()
         m = self.gp.mean_module(xn) + (k @ self._alpha).squeeze(-1)

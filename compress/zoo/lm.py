@@ -41,7 +41,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from compress.config import Compute, format_validation_error
-from compress.runtime import resolve_device
 from compress.config import build as build_config
 from compress.data import corpus_path, data_dir, read_text
 from compress.errors import CompressError
@@ -51,6 +50,7 @@ from compress.eval.recall import recall_eval
 from compress.io.writer import atomic_dir, check_output, write_model_card
 from compress.progress import console as progress_console
 from compress.progress import quiet_default
+from compress.runtime import resolve_device
 from compress.zoo.recall_task import RecallSpec, RecallTask
 
 RECIPE_PATH = Path(__file__).resolve().parent.parent.parent / "recipes" / "zoo" / "lm-zoo.yml"
@@ -631,8 +631,9 @@ def recall_probes(n: int = 64, seed: int = 7, quick: bool = False, recipe: Optio
     rec = load_recipe(recipe, quick=quick)
     r = rec.recall
     if seed in (r.train_seed, r.eval_seed):
-        raise CompressError(f"probe seed {seed} is the recall recipe's {'training' if seed == r.train_seed else 'evaluation'} "
-                            "seed; pick another so scoring never sees those prompts")
+        which = "training" if seed == r.train_seed else "evaluation"
+        raise CompressError(f"probe seed {seed} is the recall recipe's {which} seed; pick another so scoring never "
+                            "sees those prompts")
     task = RecallTask(r.spec(rec.seed))
     heldout = {it["prompt"] for it in task.items(r.eval_size, seed=r.eval_seed, mix=r.eval_mix)}
     out = []

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Optional
 
 from compress.config import Stories260kRecipe
-from compress.io.files import load_recipe
-from compress.runtime import resolve_device
 from compress.data import corpus_path, data_dir, stories260k_files
 from compress.errors import CompressError
+from compress.io.files import load_recipe
 from compress.io.llama2c import convert_llama2c
 from compress.io.writer import atomic_dir, check_output
+from compress.runtime import resolve_device
 
 NAME = "stories260k"
 
