@@ -291,3 +291,22 @@ def test_eval_on_a_malformed_safetensors_file_is_one_line(tmp_path, files, spoil
     assert len(err.strip().splitlines()) == 1 and str(model / "model.safetensors") in err
     if named:
         assert f"tensor '{named}'" in err
+
+
+def test_sparse_file_claiming_a_huge_dense_shape_is_refused_before_allocating(tmp_path):
+    """A decompression bomb: a few kept entries (gaps encoding) under a table shape of 10¹³ entries. The dense size
+    is checked against the free space where the output goes, before any tensor is allocated."""
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+    w = torch.zeros(64, 64)
+    w[0, :3] = 1.0
+    save_file({"w": w}, str(pruned / "model.safetensors"))
+    src = write_sparse(pruned, tmp_path / "s.safetensors", quiet=True).path
+
+    def bomb(meta, table, tensors):
+        assert table["w"]["encoding"] == "gaps"
+        table["w"]["shape"] = [10**7, 10**6]
+
+    bad = _spoil(src, tmp_path / "bomb.safetensors", bomb)
+    line = _refused(tmp_path, ("apply", "--delta", bad), "bomb.safetensors", "rebuild to 40,000.0 GB", "free")
+    assert "nothing was written" in line

@@ -131,6 +131,25 @@ def is_sparse_file(delta: DeltaFile) -> bool:
     return delta.metadata.get("compress.kind") == KIND
 
 
+def _check_room(delta: DeltaFile, rows: list, out: str | os.PathLike, dtype: torch.dtype | None) -> None:
+    """A sparse file's table names the dense shapes, which a small hostile file can make enormous (a decompression
+    bomb): the dense size is checked against the free space where the output goes before anything is allocated."""
+    import shutil
+
+    def itemsize(code: str) -> int:
+        stored = SAFETENSORS_DTYPES[code]
+        return (dtype or stored).itemsize if stored.is_floating_point else stored.itemsize
+
+    dense = sum(math.prod(r["shape"]) * itemsize(r["dtype"]) for _, r in rows)
+    parent = Path(out).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if dense > free:
+        raise CompressError(f"{delta.path}: its tensors rebuild to {dense / 1e9:,.1f} GB but {parent} has "
+                            f"{free / 1e9:,.1f} GB free; nothing was written")
+
+
 def apply_sparse(delta: DeltaFile, out: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype | None = None,
                  shard_size: int | str = "5GB", overwrite: bool = False, aux_from: str | os.PathLike | None = None,
                  quiet: bool | None = None) -> Path:
@@ -142,6 +161,7 @@ def apply_sparse(delta: DeltaFile, out: str | os.PathLike, *, device: str = "cpu
         raise CompressError(f"{delta.path}: a task-vector delta file needs --base (only sparse weight files, "
                             "written by `compress prune`, rebuild on their own)")
     rows = list(delta.table.items())
+    _check_room(delta, rows, out, dtype)
     # the names are checked before any tensor is written: a hostile entry leaves nothing behind, not even work
     files = {} if aux_from is not None else {aux_entry_name(key, delta.path): delta._file.read(key).numpy().tobytes()
                                              for key in delta.aux_entries()}
