@@ -24,8 +24,12 @@ LAYERS = [
     ["compress.merge", "compress.prune", "compress.search", "compress.eval"],
     ["compress.strategy"],
     ["compress.serve"],
-    ["compress.inspect", "compress.heads.cli", "compress.search.cli"],
-    ["compress.bench", "compress.zoo", "compress.demo", "compress.finetune"],
+    # each stage's commands: options parsed into configs (compress.options holds the shared ones)
+    ["compress.inspect", "compress.options", "compress.io.commands", "compress.merge.commands",
+     "compress.prune.commands", "compress.search.commands", "compress.eval.commands", "compress.strategy.commands",
+     "compress.serve.commands"],
+    # `heads probes` writes its probes from a zoo recipe, so the heads commands sit with the zoo
+    ["compress.bench", "compress.zoo", "compress.demo", "compress.finetune", "compress.heads.commands"],
     ["compress.cli"],
 ]
 # what the schema layer may import: the standard library, pydantic, and errors

@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -299,13 +301,18 @@ def test_stories260k_zoo_build(tmp_path):
 
 
 def test_carry_splits_the_pretrained_model_losslessly(tmp_path, monkeypatch):
-    """`compress zoo carry minilm-8task`: two folders under 64 MiB each that, copied together, are the model."""
+    """`python3 -m compress.bench.carry minilm-8task`: two folders under 64 MiB each that, copied together, are the
+    model."""
     import shutil
 
     from compress.zoo.minilm import pretrained_dir
 
-    code, out, err = run_cli("zoo", "carry", "minilm-8task", "--out", tmp_path / "carry")
-    assert code == 0, err
+    r = subprocess.run([sys.executable, "-m", "compress.bench.carry", "minilm-8task", "--out", str(tmp_path / "carry")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "minilm-a:" in r.stdout and "minilm-b:" in r.stdout
+    code, _, err = run_cli("zoo", "carry", "minilm-8task", "--out", tmp_path / "cli")  # not a product command
+    assert code == 2 and "No such command 'carry'" in err and not (tmp_path / "cli").exists()
     joined = tmp_path / "joined"
     joined.mkdir()
     for part in ("minilm-a", "minilm-b"):

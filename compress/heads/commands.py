@@ -1,18 +1,84 @@
-"""`compress heads score|reinforce|probes`: glue between the CLI's configs and ``compress.heads``."""
+"""`compress heads score|reinforce|probes`: options into configs, then ``compress.heads`` does the work."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
-import torch
+import typer
 
-from compress.io.files import read_model_config
+from compress.config import build
 from compress.errors import CompressError
+from compress.io.files import read_model_config
+from compress.options import DEVICE, OVERWRITE, QUIET, int_list
+
+heads_app = typer.Typer(no_args_is_help=True, help="Attention-head importance: score, reinforce, probes.")
+
+
+@heads_app.command("score")
+def heads_score(
+    model: Path = typer.Argument(..., help="Model folder (Llama-like, GPT-2, BERT, LLaVA)."),
+    method: str = typer.Option(..., help="vhd (LLaVA: with/without the image), chd (with/without the context), "
+                                         "nhar, seekr (needs --base), sink."),
+    probes: Path = typer.Option(..., help="Probes JSON lines (prompt, context, answer, image); see the README."),
+    out_path: Path = typer.Option(..., "--out", help="Scores file to write (.safetensors; a .png heatmap beside)."),
+    base: Optional[Path] = typer.Option(None, help="seekr: the model before fine-tuning."),
+    limit: Optional[int] = typer.Option(None, help="Use the first N probes."),
+    epsilon: float = typer.Option(0.3, help="sink: ε of the sink-head rate."),
+    anchors: int = typer.Option(3, help="nhar: anchor words per layer (most frequent logit-lens decodings)."),
+    device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+):
+    """One importance score per attention head ([layers, heads] + KV-group scores) and a heatmap."""
+    from compress.config import HeadsScoreConfig
+
+    run_score(build(HeadsScoreConfig, model=model, method=method, probes=probes, out=out_path, base=base,
+                    limit=limit, epsilon=epsilon, anchors=anchors, device=device, overwrite=overwrite, quiet=quiet))
+
+
+@heads_app.command("reinforce")
+def heads_reinforce(
+    model: Path = typer.Argument(..., help="Model folder."),
+    scores: Path = typer.Option(..., help="Scores file from `compress heads score`."),
+    out_path: Path = typer.Option(..., "--out", help="Folder to write."),
+    alpha: float = typer.Option(2.0, help="Scale of the chosen heads' outputs."),
+    top_per_layer: float = typer.Option(0.5, help="Fraction of each chosen layer's heads, by score."),
+    layers: Optional[str] = typer.Option(None, help="Layers to reinforce: 0,1,2 or 2-5 (default: all)."),
+    overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+):
+    """VHR: scale the top heads' outputs by α, baked into the output projection's columns."""
+    from compress.config import HeadsReinforceConfig
+
+    run_reinforce(build(HeadsReinforceConfig, model=model, scores=scores, out=out_path, alpha=alpha,
+                        top_per_layer=top_per_layer, layers=int_list(layers, "--layers") if layers else None,
+                        overwrite=overwrite, quiet=quiet))
+
+
+@heads_app.command("probes")
+def heads_probes(
+    zoo: str = typer.Argument("lm-zoo", help="lm-zoo (recall task probes from its recipe)."),
+    out_path: Path = typer.Option(..., "--out", help="Probes file to write (.jsonl)."),
+    n: int = typer.Option(64, help="Number of probes."),
+    seed: int = typer.Option(7, help="Probe seed (must differ from the recipe's training and evaluation seeds)."),
+    quick: bool = typer.Option(False, "--quick", help="The recipe's quick: section (the CPU zoo)."),
+    recipe: Optional[Path] = typer.Option(None, help="Zoo recipe (default recipes/zoo/lm-zoo.yml)."),
+    overwrite: bool = OVERWRITE,
+):
+    """Write head-scoring probes (with a context span and an answer) from a zoo recipe, held out from eval."""
+    from compress.heads.probes import write_probes
+    from compress.io.writer import check_output
+    from compress.zoo.lm import recall_probes
+
+    if zoo != "lm-zoo":
+        raise CompressError(f"probes for '{zoo}': only lm-zoo (its recall task) has a probe generator")
+    check_output(out_path, overwrite, [recipe])
+    write_probes(recall_probes(n, seed, quick, recipe), out_path, overwrite)
+    print(f"wrote {n} probes to {out_path}")
 
 
 def load_model(path: Path, device: str, tokenizer: bool = True):
     """(model, tokenizer or processor, is_llava) in float32, eval mode: LLaVA, a causal LM, or an encoder.
     ``tokenizer=False`` (seekr's base model: weights only): no tokenizer/processor is looked for (None)."""
+    import torch
     from transformers import AutoConfig
 
     from compress.eval.classify import hf_quiet
@@ -99,3 +165,7 @@ def run_reinforce(cfg) -> dict:
               extra={"scores": str(cfg.scores), "top_per_layer": cfg.top_per_layer})
     print(f"wrote {cfg.out}: {len(heads)} heads scaled by {cfg.alpha:g} in their output projection")
     return {"heads": heads}
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(heads_app, name="heads")
