@@ -1,8 +1,25 @@
 """Checkpoint I/O: lazy readers (``reader``), streaming atomic writers (``writer``), PEFT LoRA adapters (``lora``)
 and the llama2.c converter (``llama2c``)."""
 
-from compress.io.reader import Checkpoint, TensorInfo, is_peft_adapter, open_checkpoint
-from compress.io.writer import ShardedWriter, atomic_dir, atomic_file, copy_aux, write_model_card
+_EXPORTS = {
+    "Checkpoint": "compress.io.reader",
+    "TensorInfo": "compress.io.reader",
+    "is_peft_adapter": "compress.io.reader",
+    "open_checkpoint": "compress.io.reader",
+    "ShardedWriter": "compress.io.writer",
+    "atomic_dir": "compress.io.writer",
+    "atomic_file": "compress.io.writer",
+    "copy_aux": "compress.io.writer",
+    "write_model_card": "compress.io.writer",
+}
+__all__ = ["Checkpoint", "ShardedWriter", "TensorInfo", "atomic_dir", "atomic_file", "copy_aux", "is_peft_adapter", "open_checkpoint", "write_model_card"]
 
-__all__ = ["Checkpoint", "TensorInfo", "is_peft_adapter", "open_checkpoint", "ShardedWriter", "atomic_dir",
-           "atomic_file", "copy_aux", "write_model_card"]
+
+def __getattr__(name):
+    # imported on first use, so that importing the stage's commands module (`compress --help`, the torch-free
+    # `compress request`) does not import torch
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

