@@ -9,18 +9,17 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from compress.config import ApplyConfig, BatchConfig
+from compress import config
 from compress.errors import CompressError
 
 out = Console(soft_wrap=True)
 
-# the schema's defaults, so that a command's default cannot drift from its config's
-SHARD_SIZE_DEFAULT: str = ApplyConfig.model_fields["shard_size"].default
-CALIB_CACHE_DIR: Path = BatchConfig.model_fields["cache_dir"].default
-
 DEVICE = typer.Option("cpu", help="cpu, cuda or cuda:N")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 OVERWRITE = typer.Option(False, help="Replace OUT if it exists.")
+# the schema's defaults, so that a command's cannot drift from its config's
+SHARD_SIZE_DEFAULT = config.SHARD_SIZE
+CALIB_CACHE_DIR = config.CALIB_CACHE
 SHARD_SIZE = typer.Option(SHARD_SIZE_DEFAULT, help="Largest shard, e.g. 5GB, 500MB.")
 CALIB_CACHE = typer.Option(CALIB_CACHE_DIR, help="Calibration statistics cache.")
 ZOO_ROOT_DIR = Path("checkpoints/zoo")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 
+from compress.config import CALIB_CACHE
 from compress.errors import CompressError
 from compress.progress import console
 
@@ -51,7 +52,7 @@ def run(zoo: str, *, zoo_root: Path, results: Path, sparsity: float = 0.6, top: 
     t_start = time.perf_counter()
 
     pruner = Pruner(model_dir, None, nsamples=nsamples, device=device, quiet=quiet,
-                    cache_dir=Path("checkpoints/cache/calib"))
+                    cache_dir=CALIB_CACHE)
     tok = pruner.tokenizer()
     layout = attention_layout(pruner.model)
     items = recall_probes(n_probes, probe_seed, quick)

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional
 
+from compress.config import CALIB_CACHE
 from compress.errors import CompressError
 
 ARTIFACT_SUFFIX = {"sparse": ".sparse.safetensors", "dense": ".tar"}
@@ -27,7 +28,7 @@ MAX_SESSIONS = 2
 
 
 class ModelSession:
-    def __init__(self, name: str, entry, *, device: str = "cpu", cache_dir: str | os.PathLike = "checkpoints/cache/calib",
+    def __init__(self, name: str, entry, *, device: str = "cpu", cache_dir: str | os.PathLike = CALIB_CACHE,
                  quiet: bool = True):
         from compress.runtime import resolve_device, torch_dtype
         from compress.strategy.stratnet import StratNetModel
