@@ -311,6 +311,10 @@ def test_carry_splits_the_pretrained_model_losslessly(tmp_path, monkeypatch):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "minilm-a:" in r.stdout and "minilm-b:" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "compress.bench.carry", "stories260k", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'stories260k'" in bad.stderr
+    assert not (tmp_path / "x").exists()
     code, _, err = run_cli("zoo", "carry", "minilm-8task", "--out", tmp_path / "cli")  # not a product command
     assert code == 2 and "No such command 'carry'" in err and not (tmp_path / "cli").exists()
     joined = tmp_path / "joined"
