@@ -2,8 +2,8 @@
 to its own layer or below, and no group of modules imports itself in a cycle.
 
 errors → config (schemas: no torch, nothing of the package but errors) → runtime → io → taskvec · sparsify →
-heads → merge · prune · search · eval → strategy → serve → each stage's commands → bench (with zoo, demo,
-finetune) → cli (which assembles them).
+heads → merge · prune · search · eval → strategy → serve → each stage's commands (and compress.options) → bench
+(with zoo, demo, finetune, and the heads commands: `heads probes` reads a zoo recipe) → cli (which assembles them).
 """
 
 import ast
