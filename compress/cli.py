@@ -10,17 +10,6 @@ from pathlib import Path
 import click
 import typer
 
-# typer >= 0.29 vendors click and raises its own copies of click's exceptions: catch both families.
-_EXIT, _CLICK_ERROR, _ABORT = [click.exceptions.Exit], [click.ClickException], [click.exceptions.Abort]
-try:
-    import typer._click.exceptions as _tce
-    import typer.exceptions as _te
-
-    _EXIT.append(_te.Exit), _CLICK_ERROR.append(_tce.ClickException), _ABORT.append(_te.Abort)
-except (ImportError, AttributeError):
-    pass
-_EXIT, _CLICK_ERROR, _ABORT = tuple(_EXIT), tuple(_CLICK_ERROR), tuple(_ABORT)
-
 from compress.bench.commands import bench_app
 from compress.errors import CompressError
 from compress.eval import commands as eval_commands
@@ -33,6 +22,17 @@ from compress.runtime import resolve_device
 from compress.serve import commands as serve_commands
 from compress.strategy import commands as strategy_commands
 from compress.zoo import commands as zoo_commands
+
+# typer >= 0.29 vendors click and raises its own copies of click's exceptions: catch both families.
+_EXIT, _CLICK_ERROR, _ABORT = [click.exceptions.Exit], [click.ClickException], [click.exceptions.Abort]
+try:
+    import typer._click.exceptions as _tce
+    import typer.exceptions as _te
+
+    _EXIT.append(_te.Exit), _CLICK_ERROR.append(_tce.ClickException), _ABORT.append(_te.Abort)
+except (ImportError, AttributeError):
+    pass
+_EXIT, _CLICK_ERROR, _ABORT = tuple(_EXIT), tuple(_CLICK_ERROR), tuple(_ABORT)
 
 
 class _Interrupted(Exception):

@@ -89,7 +89,8 @@ def bench_prune(
     results: Path = RESULTS,
     nsamples: int = typer.Option(128, help="Calibration windows."),
     seqlen: Optional[int] = typer.Option(None, help="Calibration window (default min(512, max positions))."),
-    max_tokens: Optional[int] = typer.Option(None, help="Score the first N held-out tokens only (default: all on CUDA, 65536 on a CPU)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Score the first N held-out tokens only (default: all on "
+                                                        "CUDA, 65536 on a CPU)."),
     k: int = typer.Option(16, help="Strategies in the shared-calibration timing."),
     device: str = DEVICE, quiet: bool = QUIET,
 ):
@@ -128,7 +129,8 @@ def bench_nps(
                                                   "disjoint mean on the searched vectors)."),
     merge_task_weights: str = typer.Option("per_task", help="Merge search: shared part weights or per_task (one "
                                                           "table per task vector, as NPS searches each vector)."),
-    merge_budget: int = typer.Option(1800, help="Evaluations of the merge search (the +2 over TIES needed 1800; see README)."),
+    merge_budget: int = typer.Option(1800, help="Evaluations of the merge search (the +2 over TIES needed 1800; see "
+                                                "README)."),
     cost_budgets: str = typer.Option("30,60,120,240", help="Budgets of the cost sweep."),
     cost_ms: str = typer.Option("2,4,8,16", help="M values of the cost sweep."),
     dev_limit: int = typer.Option(500, help="Dev rows per task for the search (0: all)."),
@@ -233,7 +235,8 @@ def bench_merge_speed(
     results: Path = typer.Option(RESULTS_DIR, help="Where JSON and markdown results go."),
     mergekit: str = typer.Option("mergekit", help="What follows `pip install` to get mergekit (a requirement, or "
                                                              "wheel files and flags offline)."),
-    venv: Optional[Path] = typer.Option(None, help="Virtual environment for mergekit (default: WORKDIR/mergekit-venv)."),
+    venv: Optional[Path] = typer.Option(None, help="Virtual environment for mergekit (default: "
+                                                   "WORKDIR/mergekit-venv)."),
     device: str = DEVICE,
 ):
     """TIES and task arithmetic through `compress merge` and mergekit: wall time, peak RSS, max |difference|."""

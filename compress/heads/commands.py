@@ -98,7 +98,8 @@ def load_model(path: Path, device: str, tokenizer: bool = True):
             try:
                 proc = AutoProcessor.from_pretrained(path)
             except (OSError, ValueError) as e:
-                raise CompressError(f"{path}: LLaVA probes need the model's processor ({str(e).splitlines()[0]})") from None
+                raise CompressError(f"{path}: LLaVA probes need the model's processor "
+                                    f"({str(e).splitlines()[0]})") from None
             return model.to(device).eval(), proc, True
         from compress.prune.pruner import _load_model
 
@@ -115,13 +116,13 @@ def load_model(path: Path, device: str, tokenizer: bool = True):
 
 
 def run_score(cfg) -> dict:
-    from compress.runtime import resolve_device
     from compress.heads.layout import attention_layout
     from compress.heads.probes import encode_probes, read_probes
     from compress.heads.score import score_heads
     from compress.heads.scorefile import save_scores
     from compress.io.writer import check_output, config_inputs
     from compress.progress import console
+    from compress.runtime import resolve_device
 
     device = resolve_device(cfg.device)
     check_output(cfg.out, cfg.overwrite, config_inputs(cfg))

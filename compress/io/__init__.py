@@ -12,7 +12,7 @@ _EXPORTS = {
     "copy_aux": "compress.io.writer",
     "write_model_card": "compress.io.writer",
 }
-__all__ = ["Checkpoint", "ShardedWriter", "TensorInfo", "atomic_dir", "atomic_file", "copy_aux", "is_peft_adapter", "open_checkpoint", "write_model_card"]
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name):

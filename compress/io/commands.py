@@ -60,9 +60,9 @@ def apply_cmd(
     device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ):
     """Rebuild a model from a base and a delta file (exact at every kept entry), or from a sparse weight file."""
-    from compress.io.files import read_model_config
     from compress.delta import apply_delta
     from compress.io.deltafile import DeltaFile
+    from compress.io.files import read_model_config
     from compress.io.reader import open_checkpoint
     from compress.io.sparse import apply_sparse, is_sparse_file
     from compress.io.writer import check_output, config_inputs, parse_size

@@ -15,7 +15,7 @@ _EXPORTS = {
     "load_recipe": "compress.merge.recipe",
     "resolve_setting": "compress.merge.recipe",
 }
-__all__ = ["METHODS", "MergeSummary", "Merger", "combine", "linear", "load_recipe", "method_preset", "resolve_setting", "run_merge", "slerp", "sparsify_delta", "task_vector_merge"]
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name):

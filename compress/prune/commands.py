@@ -31,7 +31,8 @@ def prune(
     calib: Optional[str] = typer.Option(None, help="Calibration text: a .txt/.txt.gz file or a bundled corpus "
                                                    "(default wikitext2.valid)."),
     nsamples: Optional[int] = typer.Option(None, help="Calibration windows (default 128)."),
-    seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window (default min(512, the model's max positions))."),
+    seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window (default min(512, the model's "
+                                                    "max positions))."),
     seed: Optional[int] = typer.Option(None, help="Seed of the calibration window offsets."),
     targets: Optional[str] = typer.Option(None, help="Regex of linear layers to prune (default: all in the blocks)."),
     ignore: Optional[str] = typer.Option(None, help="Regex of linear layers to leave dense (default: lm_head, "

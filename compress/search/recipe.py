@@ -7,8 +7,9 @@ from typing import Optional
 
 from compress.errors import CompressError
 
-SEARCH_FIELDS = ("partition", "parts", "edges", "span", "grouping", "topk", "values", "rescale", "select", "task_weights", "combine",
-                 "optimizer", "budget", "popsize", "sigma0", "objective", "dev_limit", "batch_size", "seed")
+SEARCH_FIELDS = ("partition", "parts", "edges", "span", "grouping", "topk", "values", "rescale", "select",
+                 "task_weights", "combine", "optimizer", "budget", "popsize", "sigma0", "objective", "dev_limit",
+                 "batch_size", "seed")
 
 
 def recipe_method(recipe: Path) -> Optional[str]:

@@ -31,9 +31,11 @@ def _strategy_cfg(cls, model: Path, flags: dict):
 def strategy_train(
     model: Path = typer.Argument(..., help="Model folder (Hugging Face causal LM), or a strategy recipe (.yml)."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="StratNet file to write (e.g. stratnet.pt)."),
-    calib: Optional[str] = typer.Option(None, help="Calibration text: file or bundled corpus (default wikitext2.valid); "
+    calib: Optional[str] = typer.Option(None, help="Calibration text: file or bundled corpus (default "
+                                                   "wikitext2.valid); "
                                                    "its held-out windows score every evaluation."),
-    budget: Optional[int] = typer.Option(None, help="True evaluations for the GP: design + active rounds (default 160)."),
+    budget: Optional[int] = typer.Option(None, help="True evaluations for the GP: design + active rounds (default "
+                                                    "160)."),
     method: Optional[str] = typer.Option(None, help=f"Pruning method: {prune_methods('wanda')}."),
     sparsity_range: Optional[str] = typer.Option(None, help="Mean sparsities StratNet answers (default 0.3,0.7)."),
     spread: Optional[float] = typer.Option(None, help="Each block within mean ± spread (default 0.2)."),
@@ -43,7 +45,8 @@ def strategy_train(
     nsamples: Optional[int] = typer.Option(None, help="Calibration windows (default 128)."),
     seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window."),
     eval_windows: Optional[int] = typer.Option(None, help="Held-out windows the KL runs on (default 32)."),
-    eval_seqlen: Optional[int] = typer.Option(None, help="Tokens per held-out window (default min(256, max positions))."),
+    eval_seqlen: Optional[int] = typer.Option(None, help="Tokens per held-out window (default min(256, max "
+                                                         "positions))."),
     seed: Optional[int] = typer.Option(None, help="Seed (calibration windows, design, training)."),
     log: Optional[Path] = typer.Option(None, help="JSON lines file of every true evaluation."),
     cache_dir: Optional[Path] = typer.Option(None, help="Calibration statistics cache."),
@@ -79,7 +82,8 @@ def strategy_search(
     seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window."),
     eval_windows: int = typer.Option(32, help="Held-out windows the KL runs on."),
     seed: int = typer.Option(0, help="Seed."),
-    out_path: Optional[Path] = typer.Option(None, "--out", help="Strategy JSON to write (`compress prune --strategy`)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Strategy JSON to write (`compress prune "
+                                                                "--strategy`)."),
     log: Optional[Path] = typer.Option(None, help="JSON lines file of every evaluation."),
     dtype: Optional[str] = typer.Option(None, help="--size-bytes: dtype of the sparse file (default: as stored)."),
     cache_dir: Path = CALIB_CACHE,
@@ -101,7 +105,8 @@ def strategy_search(
 def batch_cmd(
     model: Path = typer.Argument(..., help="Model folder the StratNet was trained for."),
     stratnet: Path = typer.Option(..., help="StratNet file (`compress strategy train`)."),
-    requests: Path = typer.Option(..., help="JSON lines: one request per line, e.g. {\"id\": \"a\", \"sparsity\": 0.5}."),
+    requests: Path = typer.Option(..., help="JSON lines: one request per line, e.g. {\"id\": \"a\", \"sparsity\": "
+                                            "0.5}."),
     out_path: Path = typer.Option(..., "--out", help="Folder to write: one output per request and a summary."),
     fmt: str = typer.Option("sparse", "--format", help="sparse (one sparse file per request), folder or both."),
     dtype: Optional[str] = typer.Option(None, help="dtype of the outputs (default: as stored)."),
