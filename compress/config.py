@@ -16,6 +16,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from compress.errors import CompressError
 
 # dtype names a schema accepts, each with its torch name (``compress.runtime.torch_dtype`` maps them)
+# defaults many configs (and their commands) share
+SHARD_SIZE = "5GB"  # largest shard of a written model
+CALIB_CACHE = Path("checkpoints/cache/calib")  # calibration statistics cache
+
 DTYPE_NAMES: dict[str, str] = {
     "float32": "float32", "fp32": "float32", "float": "float32",
     "float16": "float16", "fp16": "float16", "half": "float16",
@@ -78,7 +82,7 @@ class ApplyConfig(Compute):
     base: Optional[Path] = None
     delta: Path
     out: Path
-    shard_size: str = "5GB"
+    shard_size: str = SHARD_SIZE
     config_from: Optional[Path] = None
     overwrite: bool = False
 
@@ -112,8 +116,8 @@ EVALUATORS = ("task", "perplexity", "kl_to", "recall")
 class EvalConfig(Compute):
     """`compress eval MODEL`: exactly one evaluator flag (``task``: classification accuracy with a task head;
     ``perplexity``: a causal LM on a text file or bundled corpus; ``kl_to``: KL(reference ‖ model) on ``calib``
-    text; ``recall``: context-recall accuracy and hallucination rate on a recall jsonl). A new evaluator is one more optional field here,
-    its name in ``EVALUATORS`` and one function in the CLI."""
+    text; ``recall``: context-recall accuracy and hallucination rate on a recall jsonl). A new evaluator is one
+    more optional field here, its name in ``EVALUATORS`` and one function in ``compress.eval.run``."""
 
     model: Path
     task: Optional[str] = None
@@ -355,7 +359,7 @@ class MergeConfig(Compute, ProtectOptions):
     compute_dtype: DType = None
     vocab: Literal["error", "base", "union"] = "error"
     out: Optional[Path] = None
-    shard_size: str = "5GB"
+    shard_size: str = SHARD_SIZE
     overwrite: bool = False
 
     @model_validator(mode="after")
@@ -384,7 +388,7 @@ class InterpolateConfig(Compute):
     finetuned: Path
     alphas: list[Annotated[float, AfterValidator(_finite)]] = Field(min_length=1)
     out: Optional[Path] = None
-    shard_size: str = "5GB"
+    shard_size: str = SHARD_SIZE
     overwrite: bool = False
 
 
@@ -434,12 +438,12 @@ class PruneConfig(Compute, ProtectOptions):
     batch_size: int = Field(8, ge=1)
     targets: Optional[str] = None
     ignore: Optional[str] = None
-    cache_dir: Path = Path("checkpoints/cache/calib")
+    cache_dir: Path = CALIB_CACHE
     blocksize: int = Field(128, ge=1)
     percdamp: float = Field(0.01, gt=0)
     sparse_out: Optional[Path] = None
     no_sparse: bool = False
-    shard_size: str = "5GB"
+    shard_size: str = SHARD_SIZE
     eval_perplexity: Optional[str] = None
     eval_seqlen: int = Field(256, ge=2)
     eval_max_tokens: Optional[int] = Field(None, ge=2)
@@ -522,7 +526,7 @@ class NpsConfig(Compute, ProtectOptions):
     density: Density = 0.1
     search: NpsSearch = NpsSearch()
     out: Optional[Path] = None
-    shard_size: str = "5GB"
+    shard_size: str = SHARD_SIZE
     overwrite: bool = False
     log: Optional[Path] = Field(None, description="JSON lines file: every evaluation of the search")
 
@@ -672,7 +676,7 @@ class StrategyTrainConfig(Compute):
     batch_requests: int = Field(64, ge=1)
     seed: int = 0
     batch_size: int = Field(16, ge=1)
-    cache_dir: Path = Path("checkpoints/cache/calib")
+    cache_dir: Path = CALIB_CACHE
     log: Optional[Path] = Field(None, description="JSON lines file: every true evaluation")
     overwrite: bool = False
 
@@ -696,7 +700,7 @@ class StrategySearchConfig(Compute):
     budget: int = Field(100, ge=2)
     seed: int = 0
     batch_size: int = Field(16, ge=1)
-    cache_dir: Path = Path("checkpoints/cache/calib")
+    cache_dir: Path = CALIB_CACHE
     out: Optional[Path] = None
     log: Optional[Path] = None
     overwrite: bool = False
@@ -712,7 +716,7 @@ class BatchConfig(Compute):
     format: Literal["sparse", "folder", "both"] = "sparse"
     calib: Optional[str] = None
     nsamples: Optional[int] = Field(None, ge=1)
-    cache_dir: Path = Path("checkpoints/cache/calib")
+    cache_dir: Path = CALIB_CACHE
     overwrite: bool = False
 
 
@@ -791,7 +795,7 @@ class ServeConfig(Compute):
     max_queue: int = Field(1000, ge=1)     # queued jobs beyond this: 429
     max_batch: int = Field(64, ge=1)       # jobs answered in one group
     max_body: int = Field(64 * 1024, ge=256)  # bytes: larger request bodies get 413
-    cache_dir: Path = Path("checkpoints/cache/calib")
+    cache_dir: Path = CALIB_CACHE
 
     @model_validator(mode="after")
     def _token(self):

@@ -2,8 +2,8 @@
 to its own layer or below, and no group of modules imports itself in a cycle.
 
 errors → config (schemas: no torch, nothing of the package but errors) → runtime → io → taskvec · sparsify →
-heads → merge · prune · search · eval → strategy → serve → each stage's commands → bench (with zoo, demo,
-finetune) → cli (which assembles them).
+heads → merge · prune · search · eval → strategy → serve → each stage's commands (and compress.options) → bench
+(with zoo, demo, finetune, and the heads commands: `heads probes` reads a zoo recipe) → cli (which assembles them).
 """
 
 import ast
@@ -24,8 +24,12 @@ LAYERS = [
     ["compress.merge", "compress.prune", "compress.search", "compress.eval"],
     ["compress.strategy"],
     ["compress.serve"],
-    ["compress.inspect", "compress.heads.cli", "compress.search.cli"],
-    ["compress.bench", "compress.zoo", "compress.demo", "compress.finetune"],
+    # each stage's commands: options parsed into configs (compress.options holds the shared ones)
+    ["compress.inspect", "compress.options", "compress.io.commands", "compress.merge.commands",
+     "compress.prune.commands", "compress.search.commands", "compress.eval.commands", "compress.strategy.commands",
+     "compress.serve.commands"],
+    # `heads probes` writes its probes from a zoo recipe, so the heads commands sit with the zoo
+    ["compress.bench", "compress.zoo", "compress.demo", "compress.finetune", "compress.heads.commands"],
     ["compress.cli"],
 ]
 # what the schema layer may import: the standard library, pydantic, and errors
@@ -144,8 +148,10 @@ def test_config_imports_no_torch_and_nothing_of_the_package_but_errors():
 
 @pytest.mark.parametrize("files,expected", [
     # the cycles issue 18 found, rebuilt in a scratch package: each must be reported
-    ({"config.py": "def f():\n    from compress.search.nps import x\n", "search/nps.py": "from compress.config import y\n"},
-     ["compress.config (layer 1) imports compress.search.nps (layer 6)", "cycle: compress.config ↔ compress.search.nps"]),
+    ({"config.py": "def f():\n    from compress.search.nps import x\n",
+      "search/nps.py": "from compress.config import y\n"},
+     ["compress.config (layer 1) imports compress.search.nps (layer 6)",
+      "cycle: compress.config ↔ compress.search.nps"]),
     ({"prune/owl.py": "from compress.prune.strategy import S\n",
       "prune/strategy.py": "def g():\n    from compress.prune.owl import recenter\n"},
      ["cycle: compress.prune.owl ↔ compress.prune.strategy"]),
@@ -153,8 +159,8 @@ def test_config_imports_no_torch_and_nothing_of_the_package_but_errors():
      ["compress.io.sparse (layer 3) imports compress.delta (layer 4)"]),
     ({"heads/probes.py": "def r():\n    from compress.zoo.lm import load_recipe\n", "zoo/lm.py": "x = 1\n"},
      ["compress.heads.probes (layer 5) imports compress.zoo.lm (layer 10)"]),
-    ({"prune/__init__.py": "from compress.prune.pruner import P\n", "prune/pruner.py": "from compress.prune import calib\n",
-      "prune/calib.py": "x = 1\n"}, []),
+    ({"prune/__init__.py": "from compress.prune.pruner import P\n",
+      "prune/pruner.py": "from compress.prune import calib\n", "prune/calib.py": "x = 1\n"}, []),
 ])
 def test_the_checker_reports_upward_imports_and_cycles(tmp_path, files, expected):
     root = tmp_path / "compress"

@@ -207,6 +207,22 @@ def test_prune_command_keeps_nps_and_whole_weight_options_apart(tmp_path):
     assert code == 2 and "not MODEL" in err
 
 
+
+def test_a_recipe_saying_nps_sends_prune_merge_and_interpolate_to_nps(tmp_path):
+    from compress.search.recipe import wants_nps
+
+    nps, ties = tmp_path / "nps.yml", tmp_path / "ties.yml"
+    nps.write_text("method: nps\n")
+    ties.write_text("method: ties\n")
+    assert wants_nps("nps", None) and wants_nps(None, nps) and not wants_nps(None, ties)
+    assert not wants_nps("ties", nps, recipe_decides=False)  # merge: a --method given wins over the recipe's
+    with pytest.raises(CompressError, match="missing.yml"):
+        wants_nps(None, tmp_path / "missing.yml")
+    for cmd in ("prune", "merge", "interpolate"):  # NpsConfig alone has `tasks`: the NPS side answered
+        code, _, err = run_cli(cmd, nps, "--out", tmp_path / "o")
+        assert code == 2 and err.count("\n") == 1 and "tasks: Field required" in err, (cmd, err)
+    assert not (tmp_path / "o").exists()
+
 def test_per_task_part_weights_act_on_their_own_vector_only():
 
     layout = make_layout(["a", "b"], [(4, 4), (8,)], [torch.float32] * 2)

@@ -6,21 +6,32 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import run_cli
 
 from compress.config import ClassifierTrain, MiniLMRecipe
-from compress.io.files import load_recipe
-from compress.zoo.minilm import load_minilm_recipe
 from compress.data import TASKS, load_task, task_dir, task_info
 from compress.errors import CompressError
-from compress.eval.classify import (Head, TaskEvaluator, accuracy, evaluate, load_classifier, load_encoder,
-                                    load_heads, pooled_output, set_encoder_weights)
+from compress.eval.classify import (
+    Head,
+    TaskEvaluator,
+    accuracy,
+    evaluate,
+    load_classifier,
+    load_encoder,
+    load_heads,
+    pooled_output,
+    set_encoder_weights,
+)
 from compress.io import open_checkpoint
+from compress.io.files import load_recipe
 from compress.taskvec import TaskVector
 from compress.zoo import default_recipe
-from conftest import run_cli
+from compress.zoo.minilm import load_minilm_recipe
 
 QUICK_TASKS = ("trec", "subj")
 
@@ -299,13 +310,22 @@ def test_stories260k_zoo_build(tmp_path):
 
 
 def test_carry_splits_the_pretrained_model_losslessly(tmp_path, monkeypatch):
-    """`compress zoo carry minilm-8task`: two folders under 64 MiB each that, copied together, are the model."""
+    """`python3 -m compress.bench.carry minilm-8task`: two folders under 64 MiB each that, copied together, are the
+    model."""
     import shutil
 
     from compress.zoo.minilm import pretrained_dir
 
-    code, out, err = run_cli("zoo", "carry", "minilm-8task", "--out", tmp_path / "carry")
-    assert code == 0, err
+    r = subprocess.run([sys.executable, "-m", "compress.bench.carry", "minilm-8task", "--out", str(tmp_path / "carry")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "minilm-a:" in r.stdout and "minilm-b:" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "compress.bench.carry", "stories260k", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'stories260k'" in bad.stderr
+    assert not (tmp_path / "x").exists()
+    code, _, err = run_cli("zoo", "carry", "minilm-8task", "--out", tmp_path / "cli")  # not a product command
+    assert code == 2 and "No such command 'carry'" in err and not (tmp_path / "cli").exists()
     joined = tmp_path / "joined"
     joined.mkdir()
     for part in ("minilm-a", "minilm-b"):
@@ -313,7 +333,8 @@ def test_carry_splits_the_pretrained_model_losslessly(tmp_path, monkeypatch):
         assert sum(p.stat().st_size for p in folder.iterdir()) < 60 * 2**20
         for p in folder.iterdir():
             shutil.copy(p, joined / p.name)
-    assert sorted(p.name for p in (tmp_path / "carry").iterdir()) == ["minilm-a", "minilm-b"]  # data ships in the package
+    # the task data ships in the package: only the model travels
+    assert sorted(p.name for p in (tmp_path / "carry").iterdir()) == ["minilm-a", "minilm-b"]
     original = open_checkpoint(pretrained_dir())
     monkeypatch.setenv("COMPRESS_MINILM", str(joined))
     assert pretrained_dir() == joined

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-
+from compress.config import CALIB_CACHE
 from compress.errors import CompressError
 from compress.progress import console
 
@@ -29,11 +29,11 @@ def run(zoo: str, *, zoo_root: Path, results: Path, sparsity: float = 0.6, top: 
     from compress.eval.recall import recall_eval
     from compress.heads.layout import attention_layout, head_protect
     from compress.heads.probes import encode_text_probe
-    from compress.zoo.lm import recall_probes
     from compress.heads.score import score_heads
     from compress.heads.scorefile import draw_heatmap, save_scores
     from compress.heads.select import random_heads, top_heads
     from compress.prune import Pruner
+    from compress.zoo.lm import recall_probes
 
     if zoo != "lm-zoo":
         raise CompressError(f"bench heads: only lm-zoo has a context-recall model (got '{zoo}')")
@@ -51,7 +51,7 @@ def run(zoo: str, *, zoo_root: Path, results: Path, sparsity: float = 0.6, top: 
     t_start = time.perf_counter()
 
     pruner = Pruner(model_dir, None, nsamples=nsamples, device=device, quiet=quiet,
-                    cache_dir=Path("checkpoints/cache/calib"))
+                    cache_dir=CALIB_CACHE)
     tok = pruner.tokenizer()
     layout = attention_layout(pruner.model)
     items = recall_probes(n_probes, probe_seed, quick)
@@ -60,7 +60,8 @@ def run(zoo: str, *, zoo_root: Path, results: Path, sparsity: float = 0.6, top: 
     scores, meta = score_heads(pruner.model, probes, method, layout=layout, quiet=quiet)
     score_seconds = time.perf_counter() - t0
     save_scores(results / f"heads_{zoo}_{method}.safetensors", scores, layout,
-                {"method": method, "model": str(model_dir), "probes": f"recall_probes(n={n_probes}, seed={probe_seed})"},
+                {"method": method, "model": str(model_dir),
+                 "probes": f"recall_probes(n={n_probes}, seed={probe_seed})"},
                 heatmap=False)
 
     chosen = top_heads(scores, top)

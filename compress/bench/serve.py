@@ -48,6 +48,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
+from compress.config import CALIB_CACHE
 from compress.errors import CompressError
 from compress.progress import console
 
@@ -515,10 +516,11 @@ def fault_test(workdir: Path, registry: Path, name: str, requests: list[dict], *
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
-def run(zoo: str = "stories260k", *, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path("checkpoints/bench"),
+def run(zoo: str = "stories260k", *, zoo_root: Path = Path("checkpoints/zoo"),
+        results: Path = Path("checkpoints/bench"),
         requests: int = 200, clients: int = 8, stratnet: Optional[Path] = None, fault_requests: int = 60,
         fault: bool = True, fault_batch: int = 8, eval_windows: int = 0, timeout: float = 600.0, threads: int = 1,
-        device: str = "cpu", cache_dir: Path = Path("checkpoints/cache/calib"), keep: bool = False,
+        device: str = "cpu", cache_dir: Path = CALIB_CACHE, keep: bool = False,
         quiet: bool = False) -> dict:
     import torch
 

@@ -1,9 +1,27 @@
 """Checkpoint I/O: lazy readers (``reader``), streaming atomic writers (``writer``: ``write_folder`` writes every
 model), the model loader (``models``), PEFT LoRA adapters (``lora``) and the llama2.c converter (``llama2c``)."""
 
-from compress.io.reader import Checkpoint, TensorInfo, is_peft_adapter, open_checkpoint
-from compress.io.models import load_model
-from compress.io.writer import ShardedWriter, atomic_dir, atomic_file, copy_aux, write_folder, write_model_card
+_EXPORTS = {
+    "Checkpoint": "compress.io.reader",
+    "TensorInfo": "compress.io.reader",
+    "is_peft_adapter": "compress.io.reader",
+    "open_checkpoint": "compress.io.reader",
+    "ShardedWriter": "compress.io.writer",
+    "atomic_dir": "compress.io.writer",
+    "atomic_file": "compress.io.writer",
+    "copy_aux": "compress.io.writer",
+    "write_model_card": "compress.io.writer",
+    "write_folder": "compress.io.writer",
+    "load_model": "compress.io.models",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = ["Checkpoint", "TensorInfo", "is_peft_adapter", "open_checkpoint", "ShardedWriter", "atomic_dir",
-           "atomic_file", "copy_aux", "load_model", "write_folder", "write_model_card"]
+
+def __getattr__(name):
+    # imported on first use, so that importing the stage's commands module (`compress --help`, the torch-free
+    # `compress request`) does not import torch
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compress.config import CALIB_CACHE
 from compress.errors import CompressError
 
 # Names searched (re.search) in module names; embeddings are nn.Embedding and never candidates anyway.
@@ -282,4 +283,4 @@ def cache_paths(cache_dir: Path, key: str) -> dict[str, Path]:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("COMPRESS_CALIB_CACHE", "checkpoints/cache/calib"))
+    return Path(os.environ.get("COMPRESS_CALIB_CACHE", CALIB_CACHE))

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional
 
+from compress.config import CALIB_CACHE
 from compress.errors import CompressError
 
 ARTIFACT_SUFFIX = {"sparse": ".sparse.safetensors", "dense": ".tar"}
@@ -27,7 +28,7 @@ MAX_SESSIONS = 2
 
 
 class ModelSession:
-    def __init__(self, name: str, entry, *, device: str = "cpu", cache_dir: str | os.PathLike = "checkpoints/cache/calib",
+    def __init__(self, name: str, entry, *, device: str = "cpu", cache_dir: str | os.PathLike = CALIB_CACHE,
                  quiet: bool = True):
         from compress.runtime import resolve_device, torch_dtype
         from compress.strategy.stratnet import StratNetModel
@@ -151,8 +152,8 @@ class ModelSession:
 
 def folder_size_model(entry):
     """The sparse-file size model of a registry entry, from its config and checkpoint headers alone."""
-    from compress.runtime import torch_dtype
     from compress.prune.pruner import prunable_numels
+    from compress.runtime import torch_dtype
     from compress.strategy.project import size_model
 
     return size_model(entry.model, prunable_numels(entry.model), torch_dtype(entry.dtype))

@@ -11,7 +11,8 @@ writes ``out_dir`` atomically (``compress.io.writer.atomic_dir``: never a half-w
 a JSON-able summary; the summary's ``table`` (markdown), when present, is what ``compress zoo build`` prints.
 ``only`` selects a subset of the recipe's parts (tasks, domains); a builder without parts rejects it.
 A builder may also expose ``carry(out, overwrite) -> dict``: prepare under ``out`` (git-ignored ``.carry``) what a
-bare GPU machine needs to build it, within the device tool's 64 MiB-a-call limit (``compress zoo carry NAME``).
+bare GPU machine needs to build it, within the device tool's 64 MiB-a-call limit
+(``python3 -m compress.bench.carry NAME``).
 """
 
 from __future__ import annotations

