@@ -7,6 +7,8 @@ baselines), ``reinforce`` (VHR head scaling baked into the output projection), `
 format), ``scorefile`` (the scores.safetensors file and its heatmap).
 """
 
+from compress.lazy import lazy_exports
+
 _EXPORTS = {
     "AttentionLayout": "compress.heads.layout",
     "attention_layout": "compress.heads.layout",
@@ -14,12 +16,4 @@ _EXPORTS = {
 }
 __all__ = ["AttentionLayout", "attention_layout", "head_protect"]
 
-
-def __getattr__(name):
-    # imported on first use, so that importing the stage's commands module (`compress --help`, the torch-free
-    # `compress request`) does not import torch
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -1,6 +1,8 @@
 """Checkpoint I/O: lazy readers (``reader``), streaming atomic writers (``writer``: ``write_folder`` writes every
 model), the model loader (``models``), PEFT LoRA adapters (``lora``) and the llama2.c converter (``llama2c``)."""
 
+from compress.lazy import lazy_exports
+
 _EXPORTS = {
     "Checkpoint": "compress.io.reader",
     "TensorInfo": "compress.io.reader",
@@ -16,12 +18,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name):
-    # imported on first use, so that importing the stage's commands module (`compress --help`, the torch-free
-    # `compress request`) does not import torch
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -1,6 +1,8 @@
 """Merging and interpolation: pure per-tensor methods (``methods``), recipes (``recipe``), the executor that walks
 checkpoints (``executor``) and interpolation (``interpolate``)."""
 
+from compress.lazy import lazy_exports
+
 _EXPORTS = {
     "Merger": "compress.merge.executor",
     "MergeSummary": "compress.merge.executor",
@@ -17,12 +19,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name):
-    # imported on first use, so that importing the stage's commands module (`compress --help`, the torch-free
-    # `compress request`) does not import torch
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
