@@ -36,6 +36,15 @@ def human(n: float) -> str:
     return str(n)
 
 
+# the head-protection flags of prune, merge and NPS (protect_flags turns them into config fields)
+PROTECT_HEADS = typer.Option(None, help="Head scores file (`compress heads score`): keep its top heads' q/k/v rows "
+                                        "and o_proj columns.")
+PROTECT_TOP = typer.Option(None, help="--protect-heads: fraction of heads to protect (default 0.1).")
+PER_LAYER = typer.Option(False, "--per-layer", help="--protect-heads: the top fraction of each layer.")
+PROTECT_SPARSITY = typer.Option(None, help="Prune the protected slices to this sparsity instead of keeping them "
+                                           "dense.")
+
+
 def protect_flags(protect_heads, protect_top, per_layer, protect_sparsity) -> dict:
     """The head-protection flags shared by prune, merge and NPS, as config fields (None: not given)."""
     if protect_heads is None and (protect_top is not None or per_layer):

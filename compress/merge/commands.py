@@ -12,7 +12,18 @@ from rich.table import Table
 from compress.config import build
 from compress.errors import CompressError
 from compress.extras import require
-from compress.options import DEVICE, OVERWRITE, QUIET, SHARD_SIZE_DEFAULT, out, protect_flags
+from compress.options import (
+    DEVICE,
+    OVERWRITE,
+    PER_LAYER,
+    PROTECT_HEADS,
+    PROTECT_SPARSITY,
+    PROTECT_TOP,
+    QUIET,
+    SHARD_SIZE_DEFAULT,
+    out,
+    protect_flags,
+)
 from compress.runtime import resolve_device
 from compress.search.recipe import wants_nps
 
@@ -52,13 +63,8 @@ def merge(
     budget: Optional[int] = typer.Option(None, help="nps: evaluations of the search."),
     protect: Optional[Path] = typer.Option(None, help="Protect JSON: tensors/rows/columns whose task-vector "
                                                       "entries skip sparsification."),
-    protect_heads: Optional[Path] = typer.Option(None, help="Head scores file (`compress heads score`): keep its "
-                                                           "top heads' q/k/v rows and o_proj columns."),
-    protect_top: Optional[float] = typer.Option(None, help="--protect-heads: fraction of heads to protect "
-                                                           "(default 0.1)."),
-    per_layer: bool = typer.Option(False, "--per-layer", help="--protect-heads: the top fraction of each layer."),
-    protect_sparsity: Optional[float] = typer.Option(None, help="Prune the protected slices to this sparsity "
-                                                                "instead of keeping them dense."),
+    protect_heads: Optional[Path] = PROTECT_HEADS, protect_top: Optional[float] = PROTECT_TOP,
+    per_layer: bool = PER_LAYER, protect_sparsity: Optional[float] = PROTECT_SPARSITY,
     overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ):
     """Merge task-tuned checkpoints into one model (TIES, DARE, task arithmetic, SLERP, NPS, …), streaming."""

@@ -11,7 +11,17 @@ import typer
 from compress.config import build
 from compress.errors import CompressError
 from compress.extras import require
-from compress.options import CALIB_CACHE_DIR, OVERWRITE, QUIET, protect_flags, prune_methods
+from compress.options import (
+    CALIB_CACHE_DIR,
+    OVERWRITE,
+    PER_LAYER,
+    PROTECT_HEADS,
+    PROTECT_SPARSITY,
+    PROTECT_TOP,
+    QUIET,
+    protect_flags,
+    prune_methods,
+)
 from compress.search.recipe import wants_nps
 
 
@@ -38,13 +48,8 @@ def prune(
     ignore: Optional[str] = typer.Option(None, help="Regex of linear layers to leave dense (default: lm_head, "
                                                     "classifier, pooler)."),
     protect: Optional[Path] = typer.Option(None, help="Protect JSON: tensors / row / column ranges kept dense."),
-    protect_heads: Optional[Path] = typer.Option(None, help="Head scores file (`compress heads score`): keep its "
-                                                           "top heads' q/k/v rows and o_proj columns."),
-    protect_top: Optional[float] = typer.Option(None, help="--protect-heads: fraction of heads to protect "
-                                                           "(default 0.1)."),
-    per_layer: bool = typer.Option(False, "--per-layer", help="--protect-heads: the top fraction of each layer."),
-    protect_sparsity: Optional[float] = typer.Option(None, help="Prune the protected slices to this sparsity "
-                                                                "instead of keeping them dense."),
+    protect_heads: Optional[Path] = PROTECT_HEADS, protect_top: Optional[float] = PROTECT_TOP,
+    per_layer: bool = PER_LAYER, protect_sparsity: Optional[float] = PROTECT_SPARSITY,
     cache_dir: Optional[Path] = typer.Option(None, help="Calibration statistics cache "
                                                         f"(default {CALIB_CACHE_DIR})."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Folder to write (Hugging Face layout)."),
