@@ -35,7 +35,6 @@ import contextlib
 import io
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,8 +49,9 @@ from compress.eval.perplexity import load_causal_lm, perplexity
 from compress.finetune import finetune_causal_lm
 from compress.io.deltafile import DeltaFile
 from compress.io.llama2c import convert_llama2c
+from compress.io.models import save_module
 from compress.io.reader import open_checkpoint
-from compress.io.writer import atomic_dir, atomic_file
+from compress.io.writer import atomic_file
 from compress.taskvec import TaskVector
 
 # piped or captured (not a terminal), rich would wrap the tables at 80 columns
@@ -271,11 +271,7 @@ def run_demo(workdir: str | Path = "checkpoints/demo", *, steps: int = 150, dens
         model, tok = load_causal_lm(base, device)
         t = time.time()
         losses = finetune_causal_lm(model, tok, train_text, steps=steps, device=device, progress=not quiet)
-        if out.exists():
-            shutil.rmtree(out)
-        with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+        save_module(model, out, tokenizer=tok, overwrite=True)
         console.print(f"fine-tuned on {domain}: {steps} steps in {time.time() - t:.1f}s, "
                       f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         finetuned[domain] = out

@@ -70,3 +70,29 @@ def test_hf_quiet_restores_the_verbosity_after_an_error():
             assert hf_logging.get_verbosity() == hf_logging.ERROR
             raise ValueError("inside")
     assert hf_logging.get_verbosity() == level
+
+
+def test_save_module_writes_what_save_pretrained_writes(tmp_path):
+    """The one folder writer, given an in-memory model, gives save_pretrained's tensors (tied copies dropped),
+    a config naming the dtype written, and a folder that loads back to the same weights."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from compress.io.models import save_module
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    save_module(model, tmp_path / "ours", dtype=torch.bfloat16)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    ours = safe_open(str(tmp_path / "ours" / "model.safetensors"), "pt")
+    hf = safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt")
+    assert sorted(ours.keys()) == sorted(hf.keys())
+    assert "lm_head.weight" not in ours.keys()
+    assert all(torch.equal(ours.get_tensor(k), hf.get_tensor(k)) for k in hf.keys())
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["dtype"] == "bfloat16"
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert back.dtype == torch.bfloat16
+    assert torch.equal(back.lm_head.weight, back.model.embed_tokens.weight)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -122,3 +122,36 @@ def load_tokenizer(path: str | os.PathLike, *, processor: bool = False, why: str
             return cls.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
         raise CompressError(f"{path}: {why} ({_first_line(e)})") from None
+
+
+def save_module(model, out: str | os.PathLike, *, tokenizer=None, dtype: torch.dtype | None = None,
+                card: dict | None = None, overwrite: bool = False) -> Path:
+    """Write an in-memory transformers model (and its tokenizer) as a Hugging Face folder through the one folder
+    writer (``write_folder``: atomic, header reserved, each byte written once), the layout ``save_pretrained``
+    gives. Tied parameters are written once under their first name, as ``save_pretrained`` drops the tied copies
+    (``lm_head.weight`` of a model with tied embeddings)."""
+    from compress.io.writer import write_folder
+
+    seen: set[int] = set()
+    names = []
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen and t.numel():
+            continue
+        seen.add(t.data_ptr())
+        names.append(name)
+    state = model.state_dict()
+
+    def tensors():
+        for name in names:
+            t = state[name].detach()
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            yield name, t.to("cpu").contiguous()
+
+    files = {"config.json": model.config.to_json_string()}
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(model, "can_generate", lambda: False)():
+        files["generation_config.json"] = gen.to_json_string()
+    finish = None if tokenizer is None else (lambda folder: tokenizer.save_pretrained(folder))
+    return write_folder(out, tensors(), overwrite=overwrite, expected_tensors=len(names), files=files,
+                        finish=finish, card=card)

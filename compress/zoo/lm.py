@@ -47,7 +47,8 @@ from compress.errors import CompressError
 from compress.eval.kl import kl_divergence
 from compress.eval.perplexity import perplexity
 from compress.eval.recall import recall_eval
-from compress.io.writer import atomic_dir, check_output, write_model_card
+from compress.io.models import save_module
+from compress.io.writer import atomic_dir, check_output
 from compress.progress import console as progress_console
 from compress.progress import quiet_default
 from compress.runtime import resolve_device
@@ -426,10 +427,8 @@ def new_model(recipe: LmZooRecipe, vocab_size: int, seed: int):
 
 
 def _save(model, tokenizer, folder: Path, dtype: str, title: str, method: str, inputs: dict, params: dict) -> None:
-    saved = copy.deepcopy(model).to("cpu", getattr(torch, dtype))
-    saved.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    write_model_card(folder, title, method, inputs, params)
+    save_module(model, folder, tokenizer=tokenizer, dtype=getattr(torch, dtype),
+                card={"title": title, "method": method, "inputs": inputs, "params": params})
 
 
 # ---------------------------------------------------------------------------------------------------- build

