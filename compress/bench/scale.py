@@ -476,8 +476,8 @@ def estimate(rows: list[dict]) -> list[dict]:
     """70B-class figures scaled from the largest measured size of each compress job (an estimate, not a run).
 
     Streaming jobs scale time with parameters and memory with the largest tensor; passes that run the model scale
-    per block (SparseGPT's update also with the hidden size) times 80 blocks. A peak above half the model's bytes
-    means the whole model was resident: it is then scaled with the model instead."""
+    per block (SparseGPT's update also with the hidden size) times 80 blocks. A peak above half the bytes the job
+    reads (one model for a pass that runs it) means the whole model was resident: it is then scaled with the model."""
     name, big = ESTIMATED
     order = list(SIZES)
     best: dict[tuple, dict] = {}
@@ -498,12 +498,13 @@ def estimate(rows: list[dict]) -> list[dict]:
             if "sparsegpt" in job:
                 t_scale *= big.hidden / s.hidden
             m_scale, basis = big.block_params() / s.block_params(), "per block × 80 blocks"
-        weights = 2 * s.params()
+        # a streaming job reads several models: "resident" means half of what it read, not half of one model
+        held = r["input_bytes"] if job in STREAMING else 2 * s.params()
 
         def mem(v):
             if not v:
                 return v, False
-            resident = v > 0.5 * weights
+            resident = v > 0.5 * held
             return v * (model if resident else m_scale), resident
         gpu, gpu_whole = mem(r.get("gpu_peak_bytes"))
         rss, rss_whole = mem(r.get("peak_rss_bytes"))
@@ -555,7 +556,8 @@ def markdown(report: dict) -> str:
                   f"{ESTIMATED[1].hidden}, {ESTIMATED[1].layers} blocks)", "",
                   "Scaled from the largest measured size of each job: streaming jobs' time with the parameters and "
                   "memory with the largest tensor; model passes per block × 80 blocks (SparseGPT also × hidden). "
-                  "A measured peak above half the weights' bytes (whole model resident) is scaled with the model.",
+                  "A measured peak above half the bytes the job reads (whole model resident) is scaled with the "
+                  "model.",
                   "", "| job | mode | from | basis | est. seconds | est. peak GPU GB | est. peak RSS GB |",
                   "|---|---|---|---|---:|---:|---:|"]
         for e in report["estimate"]:
@@ -605,13 +607,29 @@ def run(sizes: list[str], *, jobs: list[str], device: str = "cpu", out: Path = P
         isolate: bool = True) -> dict:
     """Run the jobs for each size; ``isolate=False`` (Python API only: quick checks) runs every job in this process,
     without the side-by-side tools, and its peaks are this process's."""
-    from compress.bench import publish
+    from compress.bench import publish, save_results
 
     out, workdir = Path(out), Path(workdir)
     json_path = out / "scale.json"
     previous = json.loads(json_path.read_text()) if json_path.is_file() else {}
-    done = {(r["size"], r["job"]) for r in previous.get("rows", [])}
-    report = {"benchmark": "scale", "device": device, "rows": [], "sizes": dict(previous.get("sizes", {}))}
+    kept = list(previous.get("rows", []))
+    report = {"benchmark": "scale", "device": device, "rows": [], "sizes": dict(previous.get("sizes", {})),
+              "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+                          "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+                          "platform": platform.platform()}}
+    tool_env = None
+
+    def assemble() -> dict:
+        report["rows"] = kept + fresh
+        report["estimate"] = estimate(report["rows"])
+        if "tools" not in report:
+            report["tools"] = {t: _tool_version(t, tool_env) if compare and isolate else "not compared"
+                               for t in ("mergekit", "llmcompressor")}
+        report["rss_method"] = next((r["runs"][0].get("rss_method") for r in report["rows"] if r["status"] == "ok"),
+                                    "?")
+        return report
+
+    fresh: list[dict] = []
     for size in sizes:
         n_ft, nsamples, seqlen = DEFAULTS[size]
         n_ft = finetunes or n_ft
@@ -621,6 +639,7 @@ def run(sizes: list[str], *, jobs: list[str], device: str = "cpu", out: Path = P
         runner = Runner(size, root, device=device, pairs=size_pairs, tools_path=tools_path,
                         compare=compare and isolate, finetunes=n_ft, nsamples=nsamples, seqlen=seqlen, seed=seed,
                         isolate=isolate)
+        tool_env = runner.tool_env
         shape = SIZES[size]
         _log(f"{size}: {shape.params() / 1e9:.2f} B parameters, {2 * shape.params() / GB:.1f} GB a model; writing "
              f"checkpoints on {device} into {root} ...")
@@ -637,19 +656,11 @@ def run(sizes: list[str], *, jobs: list[str], device: str = "cpu", out: Path = P
                 _log(f"  {r['tool']} {r['mode'] or ''}: {r['status']} "
                      + (f"{r['seconds']:.1f} s, GPU {_gb(r['gpu_peak_bytes'])} GB, RSS {_gb(r['peak_rss_bytes'])} GB"
                         if r["status"] == "ok" else r.get("error", "")))
-            report["rows"] += rows
-            done.discard((size, job))
-            if job == "batch":
-                done.discard((size, "strategy_train"))
+            rerun = {job, "strategy_train"} if job == "batch" else {job}
+            kept = [r for r in kept if not (r["size"] == size and r["job"] in rerun)]
+            fresh += rows
+            save_results(out, "scale", assemble(), markdown(report))  # a run cut short keeps what it measured
         if not keep:
             _clear(root)
-    report["rows"] = [r for r in previous.get("rows", []) if (r["size"], r["job"]) in done] + report["rows"]
-    report["estimate"] = estimate(report["rows"])
-    report["tools"] = {t: _tool_version(t, runner.tool_env) if compare and isolate else "not compared"
-                       for t in ("mergekit", "llmcompressor")}
-    report["rss_method"] = next((r["runs"][0].get("rss_method") for r in report["rows"] if r["status"] == "ok"), "?")
-    report["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-                         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
-                         "platform": platform.platform()}
-    publish(out, "scale", report, markdown(report), plot, label="bench scale")
+    publish(out, "scale", assemble(), markdown(report), plot, label="bench scale")
     return report

@@ -1,7 +1,7 @@
 """One job of ``compress bench scale``, in a process of its own so that its peaks are its own:
 ``python -m compress.bench.scale_job compress|mergekit|llmcompressor ARGS...``.
 
-The job runs in-process (the `compress` CLI's main, mergekit-yaml's main, or llm-compressor's ``oneshot``); the
+The job runs in-process (``python -m compress.cli``, mergekit-yaml, or llm-compressor's ``oneshot``); the
 last stdout line is ``{"scale_job": {...}}`` with the seconds of the call itself (imports excluded), peak GPU
 memory (``torch.cuda.max_memory_allocated``/``reserved``), ``ru_maxrss`` and VmHWM (this process's own peak RSS;
 ru_maxrss can carry the high-water mark of the process that forked it)."""
@@ -26,16 +26,25 @@ def _vm_hwm() -> int | None:
     return None
 
 
-def _compress(argv: list[str]) -> None:
-    from compress.cli import main
+def _as_main(module: str, argv: list[str]) -> None:
+    """``python -m MODULE ARGV`` inside this process (so the peaks measured here are the job's): the CLI's public
+    entry point, as the other benchmarks call it in a subprocess, and no import of the layer above."""
+    import runpy
 
-    main(argv)
+    saved = sys.argv
+    sys.argv = [module, *argv]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=False)
+    finally:
+        sys.argv = saved
+
+
+def _compress(argv: list[str]) -> None:
+    _as_main("compress.cli", argv)
 
 
 def _mergekit(argv: list[str]) -> None:
-    from mergekit.scripts.run_yaml import main
-
-    main(argv, standalone_mode=False)
+    _as_main("mergekit.scripts.run_yaml", argv)
 
 
 def _llmcompressor(argv: list[str]) -> None:
