@@ -71,3 +71,17 @@ def test_paired_alternates_and_reports_the_ratios_of_each_pair():
     assert order == ["a", "b"] * 3
     assert p["seconds"] == [[1.0, 2.0], [3.0, 2.0], [2.0, 2.0]]
     assert p["ratio"] == {"median": 1.0, "min": 0.5, "max": 1.5, "pairs": 3}
+
+
+def test_rows_from_separate_calls_get_an_unpaired_ratio_and_paired_rows_keep_theirs():
+    from compress.bench.scale import unpaired
+
+    def row(job, tool, mode, seconds, **kw):
+        return {"size": "7b", "job": job, "tool": tool, "mode": mode, "status": "ok", "seconds": seconds, **kw}
+
+    rows = unpaired([row("prune_wanda", "compress", "sequential", 30.0), row("prune_wanda", "compress", "shared", 20.0),
+                     row("prune_wanda", "llmcompressor", "sequential", 60.0),
+                     row("merge_ties", "compress", None, 5.0, vs={"tool": "mergekit", "ratio": {"median": 0.3}}),
+                     row("merge_ties", "mergekit", None, 10.0)])
+    assert rows[0]["vs_unpaired"] == {"tool": "llmcompressor", "ratio": 0.5}
+    assert "vs_unpaired" not in rows[1] and "vs_unpaired" not in rows[3]

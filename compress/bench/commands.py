@@ -275,6 +275,8 @@ def bench_scale(
     tools_path: Optional[str] = typer.Option(None, help="PYTHONPATH entry where mergekit and llm-compressor are "
                                                         "installed (default: this environment)."),
     compare: bool = typer.Option(True, "--compare/--no-compare", help="Run mergekit and llm-compressor beside."),
+    side: str = typer.Option("both", help="both (A B A B), compress or tool: one side only, to split a run over "
+                                          "several calls (the ratio is then unpaired)."),
     finetunes: Optional[int] = typer.Option(None, help="Fine-tunes per size (default 3; 2 for 7b)."),
     keep: bool = typer.Option(True, "--keep/--no-keep", help="Keep the checkpoints for the next run."),
     seed: int = typer.Option(0, help="Seed of the random checkpoints."),
@@ -286,7 +288,9 @@ def bench_scale(
 
     if pairs is not None and pairs < 1:
         raise CompressError(f"--pairs {pairs}: need at least 1")
+    if side not in ("both", "compress", "tool"):
+        raise CompressError(f"--side {side}: choose both, compress or tool")
     if finetunes is not None and finetunes < 1:
         raise CompressError(f"--finetunes {finetunes}: need at least 1")
     run(parse_sizes(sizes), jobs=parse_jobs(jobs), device=resolve_device(device), out=out, workdir=workdir,
-        pairs=pairs, tools_path=tools_path, compare=compare, finetunes=finetunes, seed=seed, keep=keep)
+        pairs=pairs, tools_path=tools_path, compare=compare, finetunes=finetunes, seed=seed, keep=keep, side=side)

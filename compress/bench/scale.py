@@ -240,8 +240,8 @@ class Runner:
     """Runs the jobs of one size; a job's side-by-side tool alternates with it A B A B."""
 
     def __init__(self, size: str, root: Path, *, device: str, pairs: int, tools_path: str | None, compare: bool,
-                 finetunes: int, nsamples: int, seqlen: int, seed: int, isolate: bool = True):
-        self.size, self.shape, self.device, self.isolate = size, SIZES[size], device, isolate
+                 finetunes: int, nsamples: int, seqlen: int, seed: int, isolate: bool = True, side: str = "both"):
+        self.size, self.shape, self.device, self.isolate, self.side = size, SIZES[size], device, isolate, side
         self.root, self.pairs, self.compare = root, pairs, compare
         self.nsamples, self.seqlen, self.seed = nsamples, seqlen, seed
         self.models = [root / "base"] + [root / f"ft{i + 1}" for i in range(finetunes)]
@@ -250,7 +250,7 @@ class Runner:
         path = [repo] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
         self.env = {**base_env, "PYTHONPATH": os.pathsep.join(path)}
         self.tool_env = {**base_env, "PYTHONPATH": os.pathsep.join(([tools_path] if tools_path else []) + path)}
-        self.available = {t: compare and self._imports(t) for t in ("mergekit", "llmcompressor")}
+        self.available = {t: compare and side != "compress" and self._imports(t) for t in ("mergekit", "llmcompressor")}
         self.calibration_modes = self._calibration_modes()
 
     def _imports(self, tool: str) -> bool:
@@ -288,7 +288,19 @@ class Runner:
         return None if free >= need else f"needs about {need / GB:.1f} GB of disk, {free / GB:.1f} GB free"
 
     def side_by_side(self, ours, theirs, tool: str | None) -> tuple[list[dict], list[dict], dict | None]:
-        if tool is None or not self.available.get(tool):
+        """Our runs, the tool's runs and the paired ratios; ``side`` may leave one of them out (split runs)."""
+        has_tool = tool is not None and self.available.get(tool)
+        if self.side == "tool":
+            if not has_tool:
+                return [], [], None
+            runs = []
+            try:
+                for _ in range(self.pairs):
+                    runs.append(theirs())
+            except _ToolFailed as e:
+                runs.append(e.result)
+            return [], runs, None
+        if not has_tool or self.side == "compress":
             return [ours()], [], None
         try:
             p = paired(ours, theirs, self.pairs)
@@ -319,6 +331,8 @@ class Runner:
         return call
 
     def job(self, name: str) -> list[dict]:
+        if self.side == "tool" and name not in (*MERGES, *GROUPS["prune"]):
+            return []
         try:
             return getattr(self, "_" + ("merge" if name in MERGES else name))(name)
         except _OursFailed as e:
@@ -345,7 +359,7 @@ class Runner:
                                  out, ours_runs)
         a, b, vs = self.side_by_side(_Track(ours, ours_runs), theirs, "mergekit")
         read = len(self.models) * self.model_bytes()
-        rows = [self._row(name, "compress", None, a, read, vs=vs)]
+        rows = [self._row(name, "compress", None, a, read, vs=vs)] if a else []
         if b:
             rows.append(self._row(name, "mergekit", None, b, read))
         return rows
@@ -409,7 +423,8 @@ class Runner:
                                              self._tool_call("llmcompressor", largv, out, ours_runs), tool)
             except _OursFailed as e:
                 a, b, vs = [e.result], [], None
-            rows.append(self._row(name, "compress", mode, a, self.model_bytes(), vs=vs))
+            if a:
+                rows.append(self._row(name, "compress", mode, a, self.model_bytes(), vs=vs))
             if b:
                 rows.append(self._row(name, "llmcompressor", "sequential", b, self.model_bytes()))
         return rows
@@ -469,6 +484,22 @@ class _Track:
         r = self.fn()
         self.log.append(r)
         return r
+
+
+def _key(r: dict) -> tuple:
+    return r["size"], r["job"], r["tool"], r["mode"]
+
+
+def unpaired(rows: list[dict]) -> list[dict]:
+    """Where our row and the tool's come from separate calls (no pairs), their ratio of medians, labelled so."""
+    for r in rows:
+        r.pop("vs_unpaired", None)
+        if r["tool"] != "compress" or r.get("vs") or r["status"] != "ok" or r["mode"] not in (None, "sequential"):
+            continue
+        for t in rows:
+            if t["tool"] != "compress" and (t["size"], t["job"]) == (r["size"], r["job"]) and t["status"] == "ok":
+                r["vs_unpaired"] = {"tool": t["tool"], "ratio": r["seconds"] / t["seconds"]}
+    return rows
 
 
 # -- the 70B-class estimate --------------------------------------------------------------------------------
@@ -541,9 +572,10 @@ def markdown(report: dict) -> str:
             "ratio vs tool", "status")
     lines += ["", "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * 7 + ["---"]) + "|"]
     for r in report["rows"]:
-        vs = r.get("vs")
+        vs, loose = r.get("vs"), r.get("vs_unpaired")
         ratio = (f"{vs['ratio']['median']:.3f} [{vs['ratio']['min']:.3f}–{vs['ratio']['max']:.3f}] vs {vs['tool']}, "
-                 f"{vs['ratio']['pairs']} pair(s)") if vs else ""
+                 f"{vs['ratio']['pairs']} pair(s)") if vs else \
+            (f"{loose['ratio']:.3f} vs {loose['tool']}, unpaired (separate calls)" if loose else "")
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')[:160]}"
         if r.get("note"):
             status += f" ({r['note']})"
@@ -604,9 +636,10 @@ def _tool_version(name: str, env: dict) -> str:
 def run(sizes: list[str], *, jobs: list[str], device: str = "cpu", out: Path = Path("checkpoints/bench/scale"),
         workdir: Path = Path("checkpoints/bench-scale"), pairs: int | None = None, tools_path: str | None = None,
         compare: bool = True, finetunes: int | None = None, seed: int = 0, keep: bool = True,
-        isolate: bool = True) -> dict:
+        isolate: bool = True, side: str = "both") -> dict:
     """Run the jobs for each size; ``isolate=False`` (Python API only: quick checks) runs every job in this process,
-    without the side-by-side tools, and its peaks are this process's."""
+    without the side-by-side tools, and its peaks are this process's. ``side``: both (A B A B), compress or tool
+    (one side only, for runs split over several calls; the ratio is then of medians, labelled unpaired)."""
     from compress.bench import publish, save_results
 
     out, workdir = Path(out), Path(workdir)
@@ -620,7 +653,7 @@ def run(sizes: list[str], *, jobs: list[str], device: str = "cpu", out: Path = P
     tool_env = None
 
     def assemble() -> dict:
-        report["rows"] = kept + fresh
+        report["rows"] = unpaired(kept + fresh)
         report["estimate"] = estimate(report["rows"])
         if "tools" not in report:
             report["tools"] = {t: _tool_version(t, tool_env) if compare and isolate else "not compared"
@@ -638,7 +671,7 @@ def run(sizes: list[str], *, jobs: list[str], device: str = "cpu", out: Path = P
         root.mkdir(parents=True, exist_ok=True)
         runner = Runner(size, root, device=device, pairs=size_pairs, tools_path=tools_path,
                         compare=compare and isolate, finetunes=n_ft, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                        isolate=isolate)
+                        isolate=isolate, side=side)
         tool_env = runner.tool_env
         shape = SIZES[size]
         _log(f"{size}: {shape.params() / 1e9:.2f} B parameters, {2 * shape.params() / GB:.1f} GB a model; writing "
@@ -656,8 +689,8 @@ def run(sizes: list[str], *, jobs: list[str], device: str = "cpu", out: Path = P
                 _log(f"  {r['tool']} {r['mode'] or ''}: {r['status']} "
                      + (f"{r['seconds']:.1f} s, GPU {_gb(r['gpu_peak_bytes'])} GB, RSS {_gb(r['peak_rss_bytes'])} GB"
                         if r["status"] == "ok" else r.get("error", "")))
-            rerun = {job, "strategy_train"} if job == "batch" else {job}
-            kept = [r for r in kept if not (r["size"] == size and r["job"] in rerun)]
+            produced = {_key(r) for r in rows}
+            kept = [r for r in kept if _key(r) not in produced]
             fresh += rows
             save_results(out, "scale", assemble(), markdown(report))  # a run cut short keeps what it measured
         if not keep:
