@@ -7,7 +7,6 @@ import json
 from conftest import run_cli
 
 from compress.bench.scale import JOBS, SIZES, run
-from compress.bench.timing import paired
 
 
 def test_tiny_every_job_has_numbers_and_the_estimate_is_labelled(tmp_path):
@@ -54,23 +53,6 @@ def test_bad_jobs_is_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
     code, _, err = run_cli("bench", "scale", "--sizes", "13b", "--out", tmp_path / "r")
     assert code == 2 and "--sizes 13b" in err and not (tmp_path / "r").exists()
-
-
-def test_paired_alternates_and_reports_the_ratios_of_each_pair():
-    order, a_secs, b_secs = [], iter([1.0, 3.0, 2.0]), iter([2.0, 2.0, 2.0])
-
-    def a():
-        order.append("a")
-        return next(a_secs)
-
-    def b():
-        order.append("b")
-        return {"seconds": next(b_secs)}
-
-    p = paired(a, b, pairs=3)
-    assert order == ["a", "b"] * 3
-    assert p["seconds"] == [[1.0, 2.0], [3.0, 2.0], [2.0, 2.0]]
-    assert p["ratio"] == {"median": 1.0, "min": 0.5, "max": 1.5, "pairs": 3}
 
 
 def test_rows_from_separate_calls_get_an_unpaired_ratio_and_paired_rows_keep_theirs():

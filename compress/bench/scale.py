@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from compress.bench.io_memory import _folder_bytes, measure
-from compress.bench.timing import paired, ratio_summary
+from compress.bench.timing import alternate, ratios
 from compress.errors import CompressError
 
 GB = 10**9
@@ -97,6 +97,9 @@ ESTIMATED = ("70b", Shape(hidden=8192, layers=80, intermediate=28672, heads=64, 
 # (fine-tunes, calibration windows, tokens per window); 7b takes 2 fine-tunes so that base + fine-tunes + one
 # output fit a 64 GiB disk
 DEFAULTS = {"tiny": (3, 8, 64), "1b": (3, 128, 2048), "7b": (2, 128, 2048)}
+CALIB = "wikitext2.valid"
+# tiny calibrates on the corpus's first characters: tokenizing all of it would be most of the CPU test's time
+TINY_CALIB_CHARS = 40_000
 MERGES = {"merge_ties": {"merge_method": "ties", "density": 0.2}, "merge_task_arithmetic":
           {"merge_method": "task_arithmetic"}}
 JOBS = (*MERGES, "extract", "apply", "prune_wanda", "prune_sparsegpt", "batch")
@@ -252,6 +255,12 @@ class Runner:
         self.tool_env = {**base_env, "PYTHONPATH": os.pathsep.join(([tools_path] if tools_path else []) + path)}
         self.available = {t: compare and side != "compress" and self._imports(t) for t in ("mergekit", "llmcompressor")}
         self.calibration_modes = self._calibration_modes()
+        self.calib = CALIB
+        if size == "tiny":
+            from compress.data import corpus_path, read_text
+
+            self.calib = str(root / "calib.txt")
+            Path(self.calib).write_text(read_text(corpus_path(CALIB))[:TINY_CALIB_CHARS])
 
     def _imports(self, tool: str) -> bool:
         module = {"mergekit": "mergekit.scripts.run_yaml", "llmcompressor": "llmcompressor"}[tool]
@@ -303,11 +312,12 @@ class Runner:
         if not has_tool or self.side == "compress":
             return [ours()], [], None
         try:
-            p = paired(ours, theirs, self.pairs)
+            res = alternate({"compress": lambda i: ours(), tool: lambda i: theirs()}, rounds=self.pairs)
         except _ToolFailed as e:  # the tool broke: keep our runs, report its error
             return [r for r in e.ours if r] or [ours()], [e.result], None
-        ratios = [a / b for a, b in p["seconds"]]
-        return p["a"], p["b"], {"tool": tool, "pair_seconds": p["seconds"], "ratio": ratio_summary(ratios)}
+        a, b = res["compress"], res[tool]
+        return a, b, {"tool": tool, "pair_seconds": [[x["seconds"], y["seconds"]] for x, y in zip(a, b)],
+                      "ratio": ratios(a, b)}
 
     def _tool_call(self, tool: str, argv: list[str], out: Path, ours_so_far: list):
         def call():
@@ -389,7 +399,8 @@ class Runner:
 
     def _prune_argv(self, method: str, out: Path, cache: Path, mode: str | None) -> list[str]:
         return (["prune", str(self.models[0]), "--method", method, "--sparsity", "0.5", "--nsamples",
-                 str(self.nsamples), "--seqlen", str(self.seqlen), "--device", self.device, "--cache-dir", str(cache),
+                 str(self.nsamples), "--seqlen", str(self.seqlen), "--calib", self.calib, "--device", self.device,
+                 "--cache-dir", str(cache),
                  "--out", str(out), "--sparse-out", f"{out}.sparse.safetensors", "--quiet"]
                 + (["--calibration", mode] if mode else []))
 
@@ -415,7 +426,7 @@ class Runner:
                     _clear(cache)
             ours_runs: list = []
             largv = [str(self.models[0]), "--method", method, "--sparsity", "0.5", "--nsamples", str(self.nsamples),
-                     "--seqlen", str(self.seqlen), "--out", str(out)]
+                     "--seqlen", str(self.seqlen), "--calib", self.calib, "--out", str(out)]
             # llm-compressor calibrates sequentially: it is paired with our sequential (or only) mode
             tool = "llmcompressor" if i == 0 else None
             try:
@@ -440,7 +451,8 @@ class Runner:
             return [self._row(name, "compress", None, [{"status": "skipped", "error": "no disk for one request"}], 0)]
         _clear(net, cache)
         train = ["strategy", "train", str(self.models[0]), "--out", str(net), "--budget", "8", "--rounds", "0",
-                 "--active-fraction", "0", "--steps", "50", "--nsamples", str(self.nsamples), "--seqlen",
+                 "--active-fraction", "0", "--steps", "50", "--calib", self.calib, "--nsamples", str(self.nsamples),
+                 "--seqlen",
                  str(self.seqlen), "--eval-windows", "2", "--cache-dir", str(cache), "--device", self.device, "--quiet"]
         train_runs = [self._ours_call(train, net, keep_out=True)()]
         rows = [self._row("strategy_train", "compress", None, train_runs, self.model_bytes(),
@@ -574,7 +586,7 @@ def markdown(report: dict) -> str:
     for r in report["rows"]:
         vs, loose = r.get("vs"), r.get("vs_unpaired")
         ratio = (f"{vs['ratio']['median']:.3f} [{vs['ratio']['min']:.3f}–{vs['ratio']['max']:.3f}] vs {vs['tool']}, "
-                 f"{vs['ratio']['pairs']} pair(s)") if vs else \
+                 f"{vs['ratio']['rounds']} pair(s)") if vs else \
             (f"{loose['ratio']:.3f} vs {loose['tool']}, unpaired (separate calls)" if loose else "")
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')[:160]}"
         if r.get("note"):

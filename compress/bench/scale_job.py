@@ -55,7 +55,7 @@ def _llmcompressor(argv: list[str]) -> None:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--calib", default="wikitext2.valid")
+    p.add_argument("--calib", default="wikitext2.valid", help="a bundled corpus or a text file")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     import torch
@@ -68,7 +68,8 @@ def _llmcompressor(argv: list[str]) -> None:
     from compress.prune.calib import calibration_windows
 
     tok = AutoTokenizer.from_pretrained(a.model)
-    windows = calibration_windows(tok, read_text(corpus_path(a.calib)), a.nsamples, a.seqlen)
+    text = read_text(a.calib if Path(a.calib).is_file() else corpus_path(a.calib))
+    windows = calibration_windows(tok, text, a.nsamples, a.seqlen)
     data = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16)
     cls = WandaPruningModifier if a.method == "wanda" else SparseGPTModifier
