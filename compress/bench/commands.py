@@ -294,4 +294,3 @@ def bench_merge_speed(
 
     run(params=params, workdir=workdir, results=results, device=resolve_device(device), mergekit=mergekit,
         venv=venv)
-
