@@ -54,6 +54,42 @@ def bench_devices(
     run(size_gb=size_gb, results=results, device=resolve_device(device))
 
 
+@bench_app.command("scale")
+def bench_scale(
+    sizes: str = typer.Option("1b,7b", help="Comma-separated: tiny (CPU test), 1b (TinyLlama 1.1B shape), 7b."),
+    jobs: str = typer.Option("merge,extract,apply,prune,batch", help="Comma-separated: merge, prune (both methods), "
+                                                                      "or merge_ties, merge_task_arithmetic, extract, "
+                                                                      "apply, prune_wanda, prune_sparsegpt, batch."),
+    out: Path = typer.Option(Path("checkpoints/bench/scale"), help="Where scale.json, .md and .png go (rows "
+                                                                   "already there for other jobs are kept)."),
+    workdir: Path = typer.Option(Path("checkpoints/bench-scale"), help="Random checkpoints (reused when they match) "
+                                                                       "and job outputs."),
+    pairs: Optional[int] = typer.Option(None, help="A B A B pairs against mergekit / llm-compressor (default 3; 1 "
+                                                   "for 7b)."),
+    tools_path: Optional[str] = typer.Option(None, help="PYTHONPATH entry where mergekit and llm-compressor are "
+                                                        "installed (default: this environment)."),
+    compare: bool = typer.Option(True, "--compare/--no-compare", help="Run mergekit and llm-compressor beside."),
+    side: str = typer.Option("both", help="both (A B A B), compress or tool: one side only, to split a run over "
+                                          "several calls (the ratio is then unpaired)."),
+    finetunes: Optional[int] = typer.Option(None, help="Fine-tunes per size (default 3; 2 for 7b)."),
+    keep: bool = typer.Option(True, "--keep/--no-keep", help="Keep the checkpoints for the next run."),
+    seed: int = typer.Option(0, help="Seed of the random checkpoints."),
+    device: str = DEVICE,
+):
+    """Wall time, peak GPU memory, peak RSS and GB/s of merge, extract, apply, prune and batch on 1B/7B-shaped
+    random Llamas, beside mergekit and llm-compressor, with a 70B-class estimate."""
+    from compress.bench.scale import parse_jobs, parse_sizes, run
+
+    if pairs is not None and pairs < 1:
+        raise CompressError(f"--pairs {pairs}: need at least 1")
+    if side not in ("both", "compress", "tool"):
+        raise CompressError(f"--side {side}: choose both, compress or tool")
+    if finetunes is not None and finetunes < 1:
+        raise CompressError(f"--finetunes {finetunes}: need at least 1")
+    run(parse_sizes(sizes), jobs=parse_jobs(jobs), device=resolve_device(device), out=out, workdir=workdir,
+        pairs=pairs, tools_path=tools_path, compare=compare, finetunes=finetunes, seed=seed, keep=keep, side=side)
+
+
 @bench_app.command("heads")
 def bench_heads(
     zoo: str = typer.Argument("lm-zoo", help="lm-zoo (built by `compress zoo build lm-zoo`)."),

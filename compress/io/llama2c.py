@@ -180,6 +180,15 @@ def build_tokenizer(pieces: list[str], scores: list[float], max_length: int | No
                                    clean_up_tokenization_spaces=False, split_special_tokens=True)
 
 
+def save_tokenizer(pieces: list[str], scores: list[float], folder: Path, max_length: int | None = None) -> None:
+    """Write the tokenizer files of ``build_tokenizer`` into ``folder``, loadable by transformers 4 and 5."""
+    build_tokenizer(pieces, scores, max_length).save_pretrained(folder)
+    # transformers 5 names the class TokenizersBackend, which transformers 4 cannot resolve; both resolve the
+    # older alias to the class that loads tokenizer.json verbatim.
+    cfg_path = Path(folder) / "tokenizer_config.json"
+    cfg_path.write_text(cfg_path.read_text().replace('"TokenizersBackend"', '"PreTrainedTokenizerFast"'))
+
+
 def llama_config(c: dict):
     from transformers import LlamaConfig
 
@@ -220,11 +229,7 @@ def convert_llama2c(model_bin: str | os.PathLike, tokenizer_bin: str | os.PathLi
     def finish(tmp: Path) -> None:
         llama_config(c).save_pretrained(tmp)
         GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(tmp)
-        build_tokenizer(pieces, scores, c["max_seq_len"]).save_pretrained(tmp)
-        # transformers 5 names the class TokenizersBackend, which transformers 4 cannot resolve; both resolve the
-        # older alias to the class that loads tokenizer.json verbatim.
-        cfg_path = tmp / "tokenizer_config.json"
-        cfg_path.write_text(cfg_path.read_text().replace('"TokenizersBackend"', '"PreTrainedTokenizerFast"'))
+        save_tokenizer(pieces, scores, tmp, c["max_seq_len"])
 
     n_tensors = 3 + 9 * c["n_layers"] - bool(c["shared_classifier"])
     write_folder(out_dir, tensors(), overwrite=overwrite, expected_tensors=n_tensors,
