@@ -14,7 +14,6 @@ import pytest
 import torch
 from conftest import run_cli
 
-from compress.data import corpus_path, read_text
 from compress.io.blocks import BlockRunner
 from compress.prune import Pruner
 from compress.prune import calib as C
@@ -24,20 +23,13 @@ COMMON = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_l
 
 
 @pytest.fixture(scope="module")
-def stories(tmp_path_factory) -> Path:
-    from compress.data import stories260k_files
-    from compress.io.llama2c import convert_llama2c
-
-    out = tmp_path_factory.mktemp("stories") / "stories260k"
-    convert_llama2c(*stories260k_files(), out)
-    return out
+def stories(stories260k) -> Path:
+    return stories260k
 
 
 @pytest.fixture(scope="module")
-def calib_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(read_text(corpus_path("wikitext2.valid"))[:20000])
-    return path
+def calib_file(calib_wikitext) -> Path:
+    return calib_wikitext
 
 
 def _build(arch: str):
@@ -98,7 +90,7 @@ def test_runner_reproduces_the_whole_model(models, arch):
             assert all(p.device.type == "meta" for p in r.model.model.vision_tower.parameters())
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "bert", "llava"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_shared_block_wise_equals_the_whole_model_statistics(models, calib_file, arch, method):
     p = Pruner(models[arch], calib_file, nsamples=4, seqlen=32, quiet=True)
@@ -267,3 +259,19 @@ def test_owl_block_wise_equals_in_memory(models, calib_file):
     memory = p.owl(0.7)
     assert blocks.layer_sparsity == pytest.approx(memory.layer_sparsity, abs=1e-9)
     assert blocks.info["outlier_ratio"] == pytest.approx(memory.info["outlier_ratio"], abs=1e-9)
+
+
+def test_peak_memory_grows_by_less_than_half_the_weights(tmp_path, monkeypatch):
+    """`compress prune` of a ~20 M-parameter float32 Llama (28 narrow blocks) in a child process: its peak RSS
+    exceeds the fixed cost (the same pruning of a 2-block model of the same width: imports, tokenizer, kernels)
+    by less than half the weight bytes; the whole-model path held the model and a float32 copy of its layers."""
+    from compress.bench.prune_memory import run
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    report = run(params=20e6, hidden=256, workdir=tmp_path / "work", results=tmp_path / "res", nsamples=8,
+                 seqlen=128, calibrations=("sequential",), print_table=False)
+    assert (tmp_path / "res" / "prune_memory.json").is_file() and (tmp_path / "res" / "prune_memory.md").is_file()
+    assert 15e6 < report["params"] < 25e6 and report["config"]["blocks"] > 20
+    (case,) = report["cases"]
+    assert case["peak_rss_bytes"] < report["fixed_peak_rss_bytes"] + report["weight_bytes"] // 2, case
+    assert not (tmp_path / "work").exists()

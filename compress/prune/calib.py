@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.io.blocks import find_blocks, is_conv1d, is_linear
+from compress.io.blocks import find_blocks, is_conv1d, is_linear, language_model_prefix
 
 # Names searched (re.search) in module names; embeddings are nn.Embedding and never candidates anyway.
 DEFAULT_IGNORE = r"(^|\.)(lm_head|embed_out|score|classifier|pooler|qa_outputs|cls)(\.|$)"
@@ -59,7 +59,7 @@ def find_prunable(model: nn.Module, targets: str | None = None, ignore: str | No
                   ) -> tuple[list[Prunable], int]:
     """(prunable layers, number of blocks). Candidates are linear layers whose name matches ``targets``
     (default: every one inside the blocks) and not ``ignore``; one-line error when none is left."""
-    prefix, blocks = find_blocks(model)
+    prefix, blocks = find_blocks(model, language_model_prefix(model))
     out = []
     for name, m in model.named_modules():
         if not is_linear(m):
