@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from compress.errors import CompressError
-from compress.io.deltafile import FORMAT, DeltaFile, encode_tensor, gather_kept, reconstruct
+from compress.io.deltafile import FORMAT, DeltaFile, encode_tensor, gather_kept, header_reserve, reconstruct
 from compress.io.reader import DTYPE_CODES, SAFETENSORS_DTYPES, Checkpoint, quote_name
 from compress.runtime import compute_dtype
 from compress.sparsify import sparsify
@@ -53,15 +53,18 @@ class SparseDelta:
 
 
 def write_delta(out: str | os.PathLike, items, *, metadata: dict[str, str], value_dtype: torch.dtype | None = None,
-                overwrite: bool = False) -> DeltaSummary:
+                overwrite: bool = False, plan: list[tuple[str, tuple[int, ...], bool]] | None = None) -> DeltaSummary:
     """Write a delta file (atomically) from a stream of ``SparseDelta`` or ``(name, tensor)`` pairs (tensors stored
-    whole). The one writer loop behind ``extract_delta`` and NPS (``compress.search``)."""
+    whole). The one writer loop behind ``extract_delta`` and NPS (``compress.search``). ``plan`` ((name, shape,
+    carried whole) of every item to come) reserves the header's room, so that each byte is written once."""
     from compress.io.writer import SafetensorsStreamWriter, atomic_file
 
     table: dict[str, dict] = {}
     kept = params = fixups = carried = 0
+    meta = {"compress.format": FORMAT, **metadata}
+    reserve = header_reserve(plan, meta) if plan is not None else 0
     with atomic_file(out, overwrite) as tmp:
-        writer = SafetensorsStreamWriter(tmp)
+        writer = SafetensorsStreamWriter(tmp, reserve=reserve)
         try:
             for item in items:
                 if not isinstance(item, SparseDelta):
@@ -84,7 +87,7 @@ def write_delta(out: str | os.PathLike, items, *, metadata: dict[str, str], valu
                 kept += row["nnz"]
                 params += math.prod(row["shape"])
                 fixups += row["fixups"]
-            writer.metadata.update({"compress.format": FORMAT, **metadata})
+            writer.metadata.update(meta)
             writer.metadata["tensors"] = json.dumps(table, separators=(",", ":"))
             writer.close()
         except BaseException:
@@ -121,11 +124,14 @@ def extract_delta(base: Checkpoint, tv: TaskVector, out: str | os.PathLike, *, d
             target = reconstruct(b, d, out_dtype)
         return SparseDelta(name, b, d, sparsify(d, density, method, seed=seed, name=name), out_dtype, target)
 
+    names = tv.names() + list(carried)
+
     def items():
-        for name in track(tv.names() + list(carried), "extract", quiet=quiet):
+        for name in track(names, "extract", quiet=quiet):
             yield (name, carried[name].full(name)) if name in carried else item(name)
 
-    return write_delta(out, items(), metadata=meta, value_dtype=value_dtype, overwrite=overwrite)
+    plan = [(n, tuple((carried[n] if n in carried else tv).info(n).shape), n in carried) for n in names]
+    return write_delta(out, items(), metadata=meta, value_dtype=value_dtype, overwrite=overwrite, plan=plan)
 
 
 def apply_delta(base: Checkpoint, delta: DeltaFile, out: str | os.PathLike, *, device: str = "cpu",

@@ -171,7 +171,8 @@ def extract_lora(
     conv1d = (base_ck.config or {}).get("model_type") in ("gpt2", "gpt_bigcode")
     s = write_lora_adapter(deltas, cfg.out, cfg.rank, str(cfg.base.resolve()), dtype=torch_dtype(cfg.dtype),
                            overwrite=cfg.overwrite, targets_regex=cfg.targets, fan_in_fan_out=conv1d,
-                           total=len(names), progress=not cfg.quiet)
+                           total=len(names), progress=not cfg.quiet,
+                           shapes={n: tuple(tv.info(n).shape) for n in names})
     worst = max((c["rel_error"] for c in s["covered"].values()), default=0.0)
     out.print(f"wrote {cfg.out}: rank {s['r']}, {len(s['covered'])} matrices ({s['covered_params']:,} parameters "
               f"of task vector) as {s['lora_params']:,} LoRA parameters; worst relative error {worst:.4g}; "

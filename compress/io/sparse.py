@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from compress.errors import CompressError
-from compress.io.deltafile import FORMAT, DeltaFile, encode_gaps, encode_nm24, nm24_fill, pack_mask
+from compress.io.deltafile import FORMAT, DeltaFile, encode_gaps, encode_nm24, header_reserve, nm24_fill, pack_mask
 from compress.io.reader import DTYPE_CODES, SAFETENSORS_DTYPES, open_checkpoint
 from compress.io.writer import AUX_FILES, AUX_PREFIX, aux_entry_name
 
@@ -92,10 +92,16 @@ def write_sparse(model_dir: str | os.PathLike, out: str | os.PathLike, *, overwr
     from compress.progress import track
 
     model_dir = Path(model_dir)
+    folder = model_dir if model_dir.is_dir() else model_dir.parent
     table: dict[str, dict] = {}
     params = nonzero = sp_params = sp_file = sp_dense = 0
+    meta = {"compress.format": FORMAT, "compress.kind": KIND, "source": str(model_dir),
+            **{k: str(v) for k, v in (metadata or {}).items()}}
     with open_checkpoint(model_dir) as ck, atomic_file(out, overwrite) as tmp:
-        writer = SafetensorsStreamWriter(tmp)
+        aux = [a for a in AUX_FILES if (folder / a).is_file()]
+        plan = [(n, ck.info(n).shape, not ck.info(n).is_float) for n in ck.names()]
+        aux_room = [(AUX_PREFIX + a, ((folder / a).stat().st_size,)) for a in aux]
+        writer = SafetensorsStreamWriter(tmp, reserve=header_reserve(plan, meta, aux_room))
         try:
             for name in track(ck.names(), "sparse file", quiet=quiet):
                 t = ck.get(name)  # an Inf read here is the input's: named as such, not as an overflow
@@ -110,13 +116,9 @@ def write_sparse(model_dir: str | os.PathLike, out: str | os.PathLike, *, overwr
                     sp_params += numel
                     sp_dense += numel * t.element_size()
                     sp_file += sum(v.numel() * v.element_size() for v in entries.values())
-            folder = model_dir if model_dir.is_dir() else model_dir.parent
-            for aux in AUX_FILES:
-                if (folder / aux).is_file():
-                    writer.add(AUX_PREFIX + aux, torch.frombuffer(bytearray((folder / aux).read_bytes()),
-                                                                  dtype=torch.uint8))
-            writer.metadata.update({"compress.format": FORMAT, "compress.kind": KIND, "source": str(model_dir),
-                                    **{k: str(v) for k, v in (metadata or {}).items()}})
+            for a in aux:
+                writer.add(AUX_PREFIX + a, torch.frombuffer(bytearray((folder / a).read_bytes()), dtype=torch.uint8))
+            writer.metadata.update(meta)
             writer.metadata["tensors"] = json.dumps(table, separators=(",", ":"))
             writer.close()
         except BaseException:

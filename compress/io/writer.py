@@ -20,6 +20,7 @@ naming the output; an output that is, holds or lies inside one of the inputs is 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -189,6 +190,25 @@ def check_finite_output(name: str, t: torch.Tensor) -> None:
     # the readers refuse non-finite inputs, so an Inf here is a finite result too large for the dtype
     raise CompressError(f"tensor '{name}' overflows {dtype}: {inf} of {t.numel()} values exceed its largest "
                         f"finite value {torch.finfo(t.dtype).max:.4g}; choose a wider --dtype or smaller scales")
+
+
+_ENTRY_SKELETON = len(':{"dtype":"F8_E4M3","shape":[],"data_offsets":[,]},')
+
+
+def header_room(entries: Iterable[tuple[str, tuple[int, ...]]], metadata: Mapping[str, str] | None = None,
+                more_metadata: int = 0) -> int:
+    """An upper bound on the header of a safetensors file that holds some of ``entries`` ((name, an upper bound of
+    each dimension)), ``metadata`` and fields of ``more_metadata`` bytes added later: the ``reserve`` that lets
+    ``SafetensorsStreamWriter`` write each byte once when the entries are only known as they come."""
+    entries = list(entries)
+    data = sum(8 * math.prod(dims) for _, dims in entries) + 8  # 8 bytes a value is the widest dtype
+    offset = 2 * len(str(data))
+    total = 2 + sum(len(json.dumps(name)) + _ENTRY_SKELETON + offset + sum(len(str(d)) + 1 for d in dims)
+                    for name, dims in entries)
+    fields = {"format": "pt", **(metadata or {})}
+    total += len('"__metadata__":{},') + more_metadata + sum(len(json.dumps(str(k))) + len(json.dumps(str(v))) + 2
+                                                              for k, v in fields.items())
+    return total
 
 
 class SafetensorsStreamWriter:

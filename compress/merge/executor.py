@@ -17,6 +17,7 @@ import torch
 from compress.config import MergeConfig
 from compress.errors import CompressError
 from compress.heads.select import resolve_protect
+from compress.io.prefetch import ReadAhead
 from compress.io.reader import Checkpoint, all_finite, is_peft_adapter, open_checkpoint
 from compress.merge.methods import METHODS, Method, check_config, linear, method_preset, slerp, task_vector_merge
 from compress.merge.recipe import layer_position, resolve_setting
@@ -126,9 +127,9 @@ class Merger:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.base = open_checkpoint(cfg.base) if cfg.base is not None else None
-        # reads of the next tensor overlap the maths of this one (see ``tensors``)
-        self._pending: dict[tuple[int, str], object] = {}
-        self._pool = None
+        # reads of the next tensors overlap the maths of this one (``_walk``)
+        self._ahead: Optional[ReadAhead] = None
+        self.read_ahead_bytes: Optional[int] = None  # None: one set of the largest inputs (``_read_budget``)
         self.inputs = [_Input(m.model, self.base, self._read) for m in cfg.models]
         if self.base is None and self.inputs[0].ckpt is None:
             raise CompressError("linear merge without a base: the first model must be a full checkpoint")
@@ -185,7 +186,7 @@ class Merger:
 
         x = self.protect.sparsity if self.protect else None
         for pass_name, fn in (("global top-k 1/2", GlobalThreshold.add), ("global top-k 2/2", GlobalThreshold.refine)):
-            for name in track(names, pass_name, quiet=quiet):
+            for name in self._walk(names, pass_name, quiet):
                 base = self._base_tensor(name)
                 pm = self._protected(name, base)
                 kp = None if pm is None else protected_kept(int(pm.sum()), x)
@@ -196,17 +197,39 @@ class Merger:
 
     # -- one tensor ------------------------------------------------------------------------------------
     def _read(self, ck: Checkpoint, name: str) -> torch.Tensor:
-        """A tensor as stored (CPU), from the prefetch when one is pending."""
-        fut = self._pending.pop((id(ck), name), None)
+        """A tensor as stored (on the device when read ahead to a GPU), from the read-ahead when it is queued."""
+        t = self._ahead.take((id(ck), name)) if self._ahead is not None else None
         # inputs are checked for NaN/Inf through the merged tensor (one check instead of one per input)
-        return fut.result() if fut is not None else ck.get(name, check_finite=False)
+        return t if t is not None else ck.get(name, check_finite=False)
 
-    def _prefetch(self, name: str) -> None:
-        if self._pool is None:
-            return
-        for ck in [self.base] + [i.ckpt for i in self.inputs]:
-            if ck is not None and name in ck and (id(ck), name) not in self._pending:
-                self._pending[(id(ck), name)] = self._pool.submit(ck.get, name, check_finite=False)
+    def _sources(self, name: str) -> list[Checkpoint]:
+        """The checkpoints ``merge_tensor`` reads ``name`` from, in the order it reads them."""
+        if not self.ref.info(name).is_float:
+            return [self.ref]
+        return list(dict.fromkeys(c for c in [self.base] + [i.ckpt for i in self.inputs] if c is not None))
+
+    def _read_budget(self, names: list[str]) -> int:
+        """Bytes read ahead: the largest tensor's set of inputs (what the old one-tensor look-ahead held at most),
+        at least 64 MiB so that small tensors are read many at a time."""
+        if self.read_ahead_bytes is not None:
+            return self.read_ahead_bytes
+        row = max((sum(c.info(n).nbytes for c in self._sources(n)) for n in names), default=0)
+        return max(row, 64 * 2**20)
+
+    def _walk(self, names: list[str], label: str, quiet):
+        """``names`` in order (with a progress bar), the reads of the coming tensors started ahead on threads."""
+        from compress.io.prefetch import Staging
+
+        staging = Staging(self.device) if torch.device(self.device).type == "cuda" else None
+        jobs = (((id(c), n), n, c.info(n).nbytes, c.read_job(n, staging)) for n in names for c in self._sources(n))
+        with ReadAhead(jobs, self._read_budget(names)) as self._ahead:
+            try:
+                for name in track(names, label, quiet=quiet):
+                    yield name
+                    self._ahead.finish(name)
+            finally:
+                self.peak_read_ahead = self._ahead.peak_in_flight
+                self._ahead = None
 
     def _base_tensor(self, name: str) -> torch.Tensor:
         if self.base is not None:
@@ -297,25 +320,17 @@ class Merger:
 
     def tensors(self, quiet: Optional[bool] = None):
         """(name, merged tensor) for every tensor of the reference model, in its order."""
-        from concurrent.futures import ThreadPoolExecutor
-
         self.prepare(quiet)
-        names = self.ref.names()
         threads = torch.get_num_threads()
         if self.device == "cpu" and (self.method is None or self.method.sparsify is None):
             # an I/O-bound merge (no top-k or random drops): leave a core to the reader and writer threads;
             # measured on 2 cores, task arithmetic of three 1 GB models ran ~25% faster with one torch thread
             torch.set_num_threads(1)
-        with ThreadPoolExecutor(1, thread_name_prefix="compress-read") as self._pool:
-            try:
-                for i, name in enumerate(track(names, f"merge ({self.cfg.method})", quiet=quiet)):
-                    if i + 1 < len(names):
-                        self._prefetch(names[i + 1])
-                    yield name, self.merge_tensor(name)
-            finally:
-                self._pending.clear()
-                torch.set_num_threads(threads)
-        self._pool = None
+        try:
+            for name in self._walk(self.ref.names(), f"merge ({self.cfg.method})", quiet):
+                yield name, self.merge_tensor(name)
+        finally:
+            torch.set_num_threads(threads)
 
     def write(self, out: Path, quiet: Optional[bool] = None) -> MergeSummary:
         from compress.io.writer import write_folder
