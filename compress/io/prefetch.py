@@ -23,11 +23,13 @@ DEFAULT_THREADS = max(2, min(8, os.cpu_count() or 2))
 class ReadAhead:
     """Runs read jobs ``(key, group, nbytes, read)`` ahead of a consumer that takes them by key.
 
-    Jobs start in the order given, while the bytes of results not yet taken stay within ``max_bytes`` (one job is
-    always let through, so a tensor larger than the budget still streams). ``take(key)`` waits for its job and
-    returns the result, or None for a key that is not queued (the caller then reads directly). ``finish(group)``
-    drops the group's jobs the consumer did not take, so a read it skipped never holds the budget. One consumer
-    thread calls ``take``/``finish``.
+    Jobs start in the order given while the bytes the reader has handed out stay within ``max_bytes``: jobs started
+    and not yet taken (``in_flight``) plus those taken for a group the consumer has not finished (``held``: the
+    tensor being computed), so reading ahead never adds more than the budget to what the consumer holds anyway.
+    When nothing is in flight one job is let through, so a tensor larger than the budget still streams.
+    ``take(key)`` waits for its job and returns the result, or None for a key that is not queued (the caller then
+    reads directly). ``finish(group)`` releases the group's bytes and drops its jobs the consumer did not take.
+    One consumer thread calls ``take``/``finish``.
     """
 
     def __init__(self, jobs: Iterable[tuple[Hashable, Hashable, int, Callable[[], object]]], max_bytes: int,
@@ -38,7 +40,8 @@ class ReadAhead:
         self._pending: dict[Hashable, tuple[Future, int, Hashable]] = {}
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="compress-read")
         self.in_flight = 0  # bytes of jobs started and not yet taken or dropped
-        self.peak_in_flight = 0
+        self.held: dict[Hashable, int] = {}  # bytes taken, by group not yet finished
+        self.peak_in_flight = 0  # the most of in_flight + held at once
         self._fill()
 
     def _fill(self) -> None:
@@ -48,32 +51,29 @@ class ReadAhead:
                 if self._peeked is None:
                     return
             key, group, nbytes, read = self._peeked
-            if self._pending and self.in_flight + nbytes > self.max_bytes:
+            if self._pending and self.in_flight + sum(self.held.values()) + nbytes > self.max_bytes:
                 return
             self._pending[key] = (self._pool.submit(read), nbytes, group)
             self.in_flight += nbytes
-            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight + sum(self.held.values()))
             self._peeked = None
 
     def take(self, key: Hashable):
         item = self._pending.pop(key, None)
         if item is None:
             return None
-        fut, nbytes, _ = item
-        try:
-            return fut.result()
-        finally:
-            self.in_flight -= nbytes
-            self._fill()
+        fut, nbytes, group = item
+        self.in_flight -= nbytes
+        self.held[group] = self.held.get(group, 0) + nbytes
+        return fut.result()
 
     def finish(self, group: Hashable) -> None:
-        left = [k for k, (_, _, g) in self._pending.items() if g == group]
-        for k in left:
+        for k in [k for k, (_, _, g) in self._pending.items() if g == group]:
             fut, nbytes, _ = self._pending.pop(k)
             fut.cancel()
             self.in_flight -= nbytes
-        if left:
-            self._fill()
+        self.held.pop(group, None)
+        self._fill()
 
     def close(self) -> None:
         for fut, _, _ in self._pending.values():
@@ -81,6 +81,7 @@ class ReadAhead:
         self._pool.shutdown(wait=True)
         self._pending.clear()
         self.in_flight = 0
+        self.held.clear()
 
     def __enter__(self) -> "ReadAhead":
         return self

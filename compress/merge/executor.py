@@ -30,6 +30,14 @@ from compress.taskvec import VOCAB_TENSOR_RE, check_same_architecture
 DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0, "t": 0.5}
 
 
+def _widens_exactly(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Every ``src`` value is a ``dst`` value, so arithmetic on ``src`` promoted to ``dst`` is arithmetic on the
+    converted tensor."""
+    return (src, dst) in {(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                          (torch.bfloat16, torch.float64), (torch.float16, torch.float64),
+                          (torch.float32, torch.float64)}
+
+
 class _Input:
     """One model to merge: full tensors from a checkpoint, or base + ΔW from a LoRA adapter."""
 
@@ -60,10 +68,14 @@ class _Input:
 
     def full(self, name: str, device, dtype, like: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The full tensor; cut to ``like``'s rows when this model has a larger vocabulary."""
-        t = self.read(self.ckpt, name).to(device=device, dtype=dtype)
+        return self.stored(name, device, like).to(dtype=dtype)
+
+    def stored(self, name: str, device, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The full tensor in its stored dtype, cut to ``like``'s rows."""
+        t = self.read(self.ckpt, name)
         if like is not None and t.dim() and t.shape[0] > like.shape[0]:
             t = t[: like.shape[0]]
-        return t
+        return t.to(device=device)
 
     def weight(self, name: str, base: torch.Tensor, device) -> torch.Tensor:
         """The full tensor over the base's rows (base + ΔW for an adapter)."""
@@ -130,6 +142,7 @@ class Merger:
         # reads of the next tensors overlap the maths of this one (``_walk``)
         self._ahead: Optional[ReadAhead] = None
         self.read_ahead_bytes: Optional[int] = None  # None: one set of the largest inputs (``_read_budget``)
+        self._stack: Optional[torch.Tensor] = None  # reused by ``_stack_buffer``
         self.inputs = [_Input(m.model, self.base, self._read) for m in cfg.models]
         if self.base is None and self.inputs[0].ckpt is None:
             raise CompressError("linear merge without a base: the first model must be a full checkpoint")
@@ -236,20 +249,41 @@ class Merger:
             return self._read(self.base, name).to(device=self.device, dtype=self.compute_dtype)
         return self.inputs[0].full(name, self.device, self.compute_dtype)
 
+    def _stack_buffer(self, base: torch.Tensor) -> torch.Tensor:
+        """An uninitialised [n_models, *shape] buffer, the same memory from tensor to tensor: a fresh one each time
+        costs a page fault per 4 KiB, about a fifth of a task-arithmetic merge on the CPU."""
+        n, numel = len(self.inputs), base.numel()
+        buf = self._stack
+        if buf is None or buf.numel() < n * numel or buf.dtype != base.dtype or buf.device != base.device:
+            largest = max(self.ref.info(m).numel for m in self._merged_names())
+            self._stack = buf = None  # the old one goes before the new one comes
+            buf = self._stack = torch.empty(n * max(largest, numel), dtype=base.dtype, device=base.device)
+        return buf[: n * numel].view((n,) + tuple(base.shape))
+
     def _stacked_deltas(self, name: str, base: torch.Tensor) -> Optional[torch.Tensor]:
         """[n_models, *shape] deltas written straight into one buffer (None: no model changes this tensor)."""
+        rows: list[Optional[torch.Tensor]] = []
         stacked = None
         for i, inp in enumerate(self.inputs):
             if inp.ckpt is not None:
                 if stacked is None:
-                    stacked = base.new_zeros((len(self.inputs),) + tuple(base.shape))
-                torch.sub(inp.full(name, self.device, base.dtype, like=base), base, out=stacked[i])
+                    stacked = self._stack_buffer(base)
+                t = inp.stored(name, self.device, like=base)
+                if t.dtype != base.dtype and not _widens_exactly(t.dtype, base.dtype):
+                    t = t.to(base.dtype)
+                # bf16/f16 minus f32 straight into the buffer: no converted copy of the input
+                torch.sub(t, base, out=stacked[i])
+                rows.append(None)
             else:
-                d = inp.delta(name, base, self.device)
-                if d is not None:
-                    if stacked is None:
-                        stacked = base.new_zeros((len(self.inputs),) + tuple(base.shape))
-                    stacked[i] = d
+                rows.append(inp.delta(name, base, self.device))
+                if rows[-1] is not None and stacked is None:
+                    stacked = self._stack_buffer(base)
+        if stacked is not None:
+            for i, d in enumerate(rows):
+                if self.inputs[i].ckpt is None and d is not None:
+                    stacked[i].copy_(d)
+                elif self.inputs[i].ckpt is None:
+                    stacked[i].zero_()
         return stacked
 
     def merge_tensor(self, name: str) -> torch.Tensor:
@@ -282,6 +316,8 @@ class Merger:
                     lam=self.param("lambda", name), keep=keep,
                     generator=seeded_generator(self.cfg.seed, name), inplace=True, protect=pm,
                     protect_sparsity=self.protect.sparsity if self.protect else None).add_(base)
+        if self._stack is not None and out.untyped_storage().data_ptr() == self._stack.untyped_storage().data_ptr():
+            out = out.clone()  # the buffer is the next tensor's
         out = self._extra_rows(name, out)
         if not all_finite(out):
             self._name_nonfinite(name)
