@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 import yaml
 
+import compress
 from compress.bench.io_memory import MB, measure
 from compress.bench.timing import MIN_ROUNDS, alternate, describe, ratios, spread, summary
 from compress.bench.write_once import source_tree
@@ -194,6 +195,8 @@ def run(params: float = 0.5e9, workdir: str | os.PathLike = "checkpoints/bench-m
     exe = mergekit_env(Path(venv) if venv else workdir / "mergekit-venv", mergekit)
     version = mergekit_version(exe)
     env = {**os.environ, "COMPRESS_QUIET": "1", "HF_HUB_OFFLINE": "1"}
+    if compress.HUGE_PAGES_SET_HERE:  # this process's choice, not the user's: each contender makes its own
+        env.pop("THP_MEM_ALLOC_ENABLE", None)
     envs = {"mergekit": env, "compress": _compress_env(env, None)}
     if before is not None:
         src = workdir / "before-src"
