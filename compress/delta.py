@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 
 from compress.errors import CompressError
 from compress.io.deltafile import FORMAT, DeltaFile, encode_tensor, gather_kept, header_reserve, reconstruct
+from compress.io.prefetch import walk
 from compress.io.reader import DTYPE_CODES, SAFETENSORS_DTYPES, Checkpoint, quote_name
 from compress.runtime import compute_dtype
 from compress.sparsify import sparsify
@@ -33,10 +35,16 @@ class DeltaSummary:
     fixups: int
     carried: int
     file_bytes: int
+    seconds: float = 0.0
+    bytes_read: int = 0
 
     @property
     def bits_per_param(self) -> float:
         return 8 * self.file_bytes / max(self.params, 1)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / 1e9 / self.seconds if self.seconds else 0.0
 
 
 @dataclass
@@ -126,12 +134,20 @@ def extract_delta(base: Checkpoint, tv: TaskVector, out: str | os.PathLike, *, d
 
     names = tv.names() + list(carried)
 
+    def sources(name: str) -> list[Checkpoint]:  # what ``item`` reads with ``get``, read ahead
+        return [] if name in carried else [base] + ([exact_ft] if exact_ft is not None else [])
+
     def items():
-        for name in track(names, "extract", quiet=quiet):
+        for name in track(walk(names, sources, device=device), "extract", total=len(names), quiet=quiet):
             yield (name, carried[name].full(name)) if name in carried else item(name)
 
     plan = [(n, tuple((carried[n] if n in carried else tv).info(n).shape), n in carried) for n in names]
-    return write_delta(out, items(), metadata=meta, value_dtype=value_dtype, overwrite=overwrite, plan=plan)
+    start = time.perf_counter()
+    s = write_delta(out, items(), metadata=meta, value_dtype=value_dtype, overwrite=overwrite, plan=plan)
+    s.seconds = time.perf_counter() - start
+    ft_bytes = sum((carried[n] if n in carried else tv).info(n).nbytes for n in names)
+    s.bytes_read = ft_bytes + sum(base.info(n).nbytes for n in tv.names() if n in base)
+    return s
 
 
 def apply_delta(base: Checkpoint, delta: DeltaFile, out: str | os.PathLike, *, device: str = "cpu",
@@ -156,8 +172,11 @@ def apply_delta(base: Checkpoint, delta: DeltaFile, out: str | os.PathLike, *, d
                                     "only applies between float tensors")
     order = [n for n in delta.table] + [n for n in base.names() if n not in delta.table]
 
+    def sources(name: str) -> list[Checkpoint]:  # the base tensors ``tensors`` reads, read ahead
+        return [] if delta.table.get(name, {}).get("encoding") == "full" else [base]
+
     def tensors():
-        for name in track(order, "apply", quiet=quiet):
+        for name in track(walk(order, sources, device=device), "apply", total=len(order), quiet=quiet):
             if name not in delta.table:
                 # in the base only: extract refuses that case, but a delta written by another tool may omit it
                 t = base.get(name, device=device)

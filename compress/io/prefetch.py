@@ -130,3 +130,32 @@ class Staging:
                 self._free.append(buf)
         dev.record_stream(torch.cuda.current_stream(self.device))
         return dev
+
+
+def walk(names: list[str], sources: Callable[[str], list], *, device=None, max_bytes: Optional[int] = None,
+         floor: int = 64 * 2**20):
+    """Yield ``names`` in order while the reads of the coming ones run ahead: ``sources(name)`` lists the
+    checkpoints (``compress.io.reader.Checkpoint``) the caller reads ``name`` from with ``get``, and those reads are
+    served from the read-ahead. ``max_bytes`` (default: the largest name's reads, at least ``floor``) bounds what
+    is read and not yet done with, the name being computed included. Onto a CUDA ``device`` reads go through
+    pinned staging buffers and come back on the device."""
+    plan = [(n, sources(n)) for n in names]
+    if max_bytes is None:
+        max_bytes = max([sum(c.info(n).nbytes for c in cks) for n, cks in plan] + [floor])
+    staging = Staging(device) if device is not None and torch.device(device).type == "cuda" else None
+    served = {id(c): c for _, cks in plan for c in cks}
+    jobs = (((id(c), n), n, c.info(n).nbytes, c.read_job(n, staging)) for n, cks in plan for c in cks)
+    with ReadAhead(jobs, max_bytes) as ahead:
+        for c in served.values():
+            c.read_ahead = ahead
+        try:
+            for n in names:
+                yield n
+                ahead.finish(n)
+        finally:
+            for c in served.values():
+                c.read_ahead = None
+            walk.last_peak = ahead.peak_in_flight  # what the tests check against the budget
+
+
+walk.last_peak = 0

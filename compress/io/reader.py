@@ -354,6 +354,7 @@ class Checkpoint:
         self.root = root  # the folder holding config.json / tokenizer files, if any
         self._files = [_open_file(f) for f in files]
         self._where: dict[str, object] = {}
+        self.read_ahead = None  # a ``compress.io.prefetch.ReadAhead`` serving ``get`` while a pass walks
         for f in self._files:
             for name in f.infos:
                 if name in self._where:
@@ -409,7 +410,9 @@ class Checkpoint:
         f = self._where.get(name)
         if f is None:
             raise CompressError(f"{self.path}: no tensor named '{name}'")
-        t = f.read(name)
+        t = self.read_ahead.take((id(self), name)) if self.read_ahead is not None else None
+        if t is None:
+            t = f.read(name)
         if device is not None:
             t = t.to(device)
         if check_finite and t.is_floating_point() and not all_finite(t):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from compress.errors import CompressError
-from compress.io.deltafile import FORMAT, DeltaFile, encode_gaps, encode_nm24, header_reserve, nm24_fill, pack_mask
+from compress.io.deltafile import FORMAT, DeltaFile, encode_gaps, encode_nm24, nm24_fill, pack_mask
 from compress.io.reader import DTYPE_CODES, SAFETENSORS_DTYPES, open_checkpoint
 from compress.io.writer import AUX_FILES, AUX_PREFIX, aux_entry_name
 
@@ -99,9 +99,7 @@ def write_sparse(model_dir: str | os.PathLike, out: str | os.PathLike, *, overwr
             **{k: str(v) for k, v in (metadata or {}).items()}}
     with open_checkpoint(model_dir) as ck, atomic_file(out, overwrite) as tmp:
         aux = [a for a in AUX_FILES if (folder / a).is_file()]
-        plan = [(n, ck.info(n).shape, not ck.info(n).is_float) for n in ck.names()]
-        aux_room = [(AUX_PREFIX + a, ((folder / a).stat().st_size,)) for a in aux]
-        writer = SafetensorsStreamWriter(tmp, reserve=header_reserve(plan, meta, aux_room))
+        writer = SafetensorsStreamWriter(tmp, reserve=_header_size(ck, folder, aux, meta, quiet))
         try:
             for name in track(ck.names(), "sparse file", quiet=quiet):
                 t = ck.get(name)  # an Inf read here is the input's: named as such, not as an overflow
@@ -127,6 +125,26 @@ def write_sparse(model_dir: str | os.PathLike, out: str | os.PathLike, *, overwr
         dense = sum(math.prod(r["shape"]) * SAFETENSORS_DTYPES[r["dtype"]].itemsize for r in table.values())
         size = tmp.stat().st_size
     return SparseSummary(Path(out), len(table), params, nonzero, size, dense, sp_params, sp_file, sp_dense)
+
+
+def _header_size(ck, folder: Path, aux: list[str], meta: dict[str, str], quiet) -> int:
+    """The exact header of the sparse file: a first pass encodes every tensor and keeps only the sizes. Encoding
+    twice costs less than writing twice, and leaves the file as small as the size budgets of
+    ``compress.strategy.project`` count on (a reserve with room to spare would pad it)."""
+    from compress.io.writer import HeaderSizer
+    from compress.progress import track
+
+    sizer, table = HeaderSizer("sparse file"), {}
+    for name in track(ck.names(), "sparse file (sizes)", quiet=quiet):
+        entries, table[name] = encode_sparse(name, ck.get(name))
+        for k, v in entries.items():
+            sizer.add(k, v.to("meta"))
+        del entries
+    for a in aux:
+        sizer.add(AUX_PREFIX + a, torch.empty((folder / a).stat().st_size, dtype=torch.uint8, device="meta"))
+    sizer.metadata.update(meta)
+    sizer.metadata["tensors"] = json.dumps(table, separators=(",", ":"))
+    return sizer.size()
 
 
 def is_sparse_file(delta: DeltaFile) -> bool:

@@ -211,6 +211,45 @@ def header_room(entries: Iterable[tuple[str, tuple[int, ...]]], metadata: Mappin
     return total
 
 
+def _entry(writer, name: str, tensor: torch.Tensor) -> None:
+    """Record ``tensor``'s header entry at ``writer.nbytes`` (a stream writer or a ``HeaderSizer``)."""
+    if name in writer._header:
+        raise CompressError(f"tensor '{name}' written twice to {writer.path.name}")
+    code = DTYPE_CODES.get(tensor.dtype)
+    if code is None:
+        raise CompressError(f"tensor '{name}' has dtype {tensor.dtype}, which safetensors cannot store")
+    size = tensor.numel() * tensor.element_size()
+    writer._header[name] = {"dtype": code, "shape": list(tensor.shape),
+                            "data_offsets": [writer.nbytes, writer.nbytes + size]}
+
+
+def _header_blob(entries: dict[str, dict], metadata: dict[str, str]) -> bytes:
+    header = dict(entries)
+    if metadata:
+        header["__metadata__"] = metadata
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+class HeaderSizer:
+    """The header a ``SafetensorsStreamWriter`` writes for the same ``add`` calls and metadata, without writing
+    anything: a first pass over tensors whose sizes are known only once encoded gives the exact ``reserve``, so
+    the file is written once and is byte for byte the one an unreserved writer makes. Tensors may be on the
+    ``meta`` device."""
+
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self._header: dict[str, dict] = {}
+        self.nbytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        _entry(self, name, tensor)
+        self.nbytes += tensor.numel() * tensor.element_size()
+
+    def size(self) -> int:
+        return len(_header_blob(self._header, self.metadata))
+
+
 class SafetensorsStreamWriter:
     """Writes one safetensors file from tensors added one at a time, holding none of them."""
 
@@ -243,16 +282,10 @@ class SafetensorsStreamWriter:
             pass
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._header:
-            raise CompressError(f"tensor '{name}' written twice to {self.path.name}")
-        code = DTYPE_CODES.get(tensor.dtype)
-        if code is None:
-            raise CompressError(f"tensor '{name}' has dtype {tensor.dtype}, which safetensors cannot store")
+        _entry(self, name, tensor)
         check_finite_output(name, tensor)
         data = _tensor_bytes(tensor)
         self._write(data)
-        self._header[name] = {"dtype": code, "shape": list(tensor.shape),
-                              "data_offsets": [self.nbytes, self.nbytes + len(data)]}
         self.nbytes += len(data)
 
     def close(self) -> None:
@@ -261,10 +294,7 @@ class SafetensorsStreamWriter:
         except OSError:
             self._close_quietly()
             raise
-        header = dict(self._header)
-        if self.metadata:
-            header["__metadata__"] = self.metadata
-        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob = _header_blob(self._header, self.metadata)
         if self.reserve and len(blob) <= self.reserve:
             with open(self.path, "r+b") as out:
                 out.write(struct.pack("<Q", self.reserve) + blob + b" " * (self.reserve - len(blob)))

@@ -17,7 +17,7 @@ import torch
 from compress.config import MergeConfig
 from compress.errors import CompressError
 from compress.heads.select import resolve_protect
-from compress.io.prefetch import ReadAhead
+from compress.io.prefetch import walk
 from compress.io.reader import Checkpoint, all_finite, is_peft_adapter, open_checkpoint
 from compress.merge.methods import METHODS, Method, check_config, linear, method_preset, slerp, task_vector_merge
 from compress.merge.recipe import layer_position, resolve_setting
@@ -41,9 +41,8 @@ def _widens_exactly(src: torch.dtype, dst: torch.dtype) -> bool:
 class _Input:
     """One model to merge: full tensors from a checkpoint, or base + ΔW from a LoRA adapter."""
 
-    def __init__(self, path: Path, base: Optional[Checkpoint], read=None):
+    def __init__(self, path: Path, base: Optional[Checkpoint]):
         self.path = path
-        self.read = read or (lambda ck, name: ck.get(name, check_finite=False))
         self.adapter = None
         if is_peft_adapter(path):
             if base is None:
@@ -72,7 +71,8 @@ class _Input:
 
     def stored(self, name: str, device, like: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The full tensor in its stored dtype, cut to ``like``'s rows."""
-        t = self.read(self.ckpt, name)
+        # inputs are checked for NaN/Inf through the merged tensor (one check instead of one per input)
+        t = self.ckpt.get(name, check_finite=False)
         if like is not None and t.dim() and t.shape[0] > like.shape[0]:
             t = t[: like.shape[0]]
         return t.to(device=device)
@@ -139,11 +139,10 @@ class Merger:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.base = open_checkpoint(cfg.base) if cfg.base is not None else None
-        # reads of the next tensors overlap the maths of this one (``_walk``)
-        self._ahead: Optional[ReadAhead] = None
-        self.read_ahead_bytes: Optional[int] = None  # None: one set of the largest inputs (``_read_budget``)
+        # reads of the next tensors overlap the maths of this one (``_walk``); None: the largest tensor's inputs
+        self.read_ahead_bytes: Optional[int] = None
         self._stack: Optional[torch.Tensor] = None  # reused by ``_stack_buffer``
-        self.inputs = [_Input(m.model, self.base, self._read) for m in cfg.models]
+        self.inputs = [_Input(m.model, self.base) for m in cfg.models]
         if self.base is None and self.inputs[0].ckpt is None:
             raise CompressError("linear merge without a base: the first model must be a full checkpoint")
         self.ref = self.base if self.base is not None else self.inputs[0].ckpt
@@ -209,44 +208,20 @@ class Merger:
         return g
 
     # -- one tensor ------------------------------------------------------------------------------------
-    def _read(self, ck: Checkpoint, name: str) -> torch.Tensor:
-        """A tensor as stored (on the device when read ahead to a GPU), from the read-ahead when it is queued."""
-        t = self._ahead.take((id(ck), name)) if self._ahead is not None else None
-        # inputs are checked for NaN/Inf through the merged tensor (one check instead of one per input)
-        return t if t is not None else ck.get(name, check_finite=False)
-
     def _sources(self, name: str) -> list[Checkpoint]:
-        """The checkpoints ``merge_tensor`` reads ``name`` from, in the order it reads them."""
+        """The checkpoints ``merge_tensor`` reads ``name`` from."""
         if not self.ref.info(name).is_float:
             return [self.ref]
         return list(dict.fromkeys(c for c in [self.base] + [i.ckpt for i in self.inputs] if c is not None))
 
-    def _read_budget(self, names: list[str]) -> int:
-        """Bytes read ahead: the largest tensor's set of inputs (what the old one-tensor look-ahead held at most),
-        at least 64 MiB so that small tensors are read many at a time."""
-        if self.read_ahead_bytes is not None:
-            return self.read_ahead_bytes
-        row = max((sum(c.info(n).nbytes for c in self._sources(n)) for n in names), default=0)
-        return max(row, 64 * 2**20)
-
     def _walk(self, names: list[str], label: str, quiet):
         """``names`` in order (with a progress bar), the reads of the coming tensors started ahead on threads."""
-        from compress.io.prefetch import Staging
-
-        staging = Staging(self.device) if torch.device(self.device).type == "cuda" else None
-        jobs = (((id(c), n), n, c.info(n).nbytes, c.read_job(n, staging)) for n in names for c in self._sources(n))
-        with ReadAhead(jobs, self._read_budget(names)) as self._ahead:
-            try:
-                for name in track(names, label, quiet=quiet):
-                    yield name
-                    self._ahead.finish(name)
-            finally:
-                self.peak_read_ahead = self._ahead.peak_in_flight
-                self._ahead = None
+        return track(walk(names, self._sources, device=self.device, max_bytes=self.read_ahead_bytes), label,
+                     total=len(names), quiet=quiet)
 
     def _base_tensor(self, name: str) -> torch.Tensor:
         if self.base is not None:
-            return self._read(self.base, name).to(device=self.device, dtype=self.compute_dtype)
+            return self.base.get(name, check_finite=False).to(device=self.device, dtype=self.compute_dtype)
         return self.inputs[0].full(name, self.device, self.compute_dtype)
 
     def _stack_buffer(self, base: torch.Tensor) -> torch.Tensor:
@@ -289,7 +264,7 @@ class Merger:
     def merge_tensor(self, name: str) -> torch.Tensor:
         info = self.ref.info(name)
         if not info.is_float:
-            return self._read(self.ref, name).to(self.device)
+            return self.ref.get(name, device=self.device, check_finite=False)
         base = self._base_tensor(name)
         n = len(self.inputs)
         weights = [self.param("weight", name, i) for i in range(n)]
