@@ -263,7 +263,7 @@ class SafetensorsStreamWriter:
         self._data_path = self.path if self.reserve else self.path.with_name(self.path.name + ".data")
         self._data = open(self._data_path, "wb")
         if self.reserve:
-            self._write(b"\0" * (8 + self.reserve))
+            self._data.seek(8 + self.reserve)  # left as a hole for ``close``: the header is written once too
         self._header: dict[str, dict] = {}
         self.nbytes = 0
 
