@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from compress.errors import CompressError
-from compress.io.deltafile import FORMAT, DeltaFile, encode_tensor, gather_kept, reconstruct
+from compress.io.deltafile import FORMAT, DeltaFile, encode_tensor, gather_kept, header_reserve, reconstruct
+from compress.io.prefetch import walk
 from compress.io.reader import DTYPE_CODES, SAFETENSORS_DTYPES, Checkpoint, quote_name
 from compress.runtime import compute_dtype
 from compress.sparsify import sparsify
@@ -33,10 +35,16 @@ class DeltaSummary:
     fixups: int
     carried: int
     file_bytes: int
+    seconds: float = 0.0
+    bytes_read: int = 0
 
     @property
     def bits_per_param(self) -> float:
         return 8 * self.file_bytes / max(self.params, 1)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / 1e9 / self.seconds if self.seconds else 0.0
 
 
 @dataclass
@@ -53,15 +61,18 @@ class SparseDelta:
 
 
 def write_delta(out: str | os.PathLike, items, *, metadata: dict[str, str], value_dtype: torch.dtype | None = None,
-                overwrite: bool = False) -> DeltaSummary:
+                overwrite: bool = False, plan: list[tuple[str, tuple[int, ...], bool]] | None = None) -> DeltaSummary:
     """Write a delta file (atomically) from a stream of ``SparseDelta`` or ``(name, tensor)`` pairs (tensors stored
-    whole). The one writer loop behind ``extract_delta`` and NPS (``compress.search``)."""
+    whole). The one writer loop behind ``extract_delta`` and NPS (``compress.search``). ``plan`` ((name, shape,
+    carried whole) of every item to come) reserves the header's room, so that each byte is written once."""
     from compress.io.writer import SafetensorsStreamWriter, atomic_file
 
     table: dict[str, dict] = {}
     kept = params = fixups = carried = 0
+    meta = {"compress.format": FORMAT, **metadata}
+    reserve = header_reserve(plan, meta) if plan is not None else 0
     with atomic_file(out, overwrite) as tmp:
-        writer = SafetensorsStreamWriter(tmp)
+        writer = SafetensorsStreamWriter(tmp, reserve=reserve)
         try:
             for item in items:
                 if not isinstance(item, SparseDelta):
@@ -84,7 +95,7 @@ def write_delta(out: str | os.PathLike, items, *, metadata: dict[str, str], valu
                 kept += row["nnz"]
                 params += math.prod(row["shape"])
                 fixups += row["fixups"]
-            writer.metadata.update({"compress.format": FORMAT, **metadata})
+            writer.metadata.update(meta)
             writer.metadata["tensors"] = json.dumps(table, separators=(",", ":"))
             writer.close()
         except BaseException:
@@ -121,11 +132,22 @@ def extract_delta(base: Checkpoint, tv: TaskVector, out: str | os.PathLike, *, d
             target = reconstruct(b, d, out_dtype)
         return SparseDelta(name, b, d, sparsify(d, density, method, seed=seed, name=name), out_dtype, target)
 
+    names = tv.names() + list(carried)
+
+    def sources(name: str) -> list[Checkpoint]:  # what ``item`` reads with ``get``, read ahead
+        return [] if name in carried else [base] + ([exact_ft] if exact_ft is not None else [])
+
     def items():
-        for name in track(tv.names() + list(carried), "extract", quiet=quiet):
+        for name in track(walk(names, sources, device=device), "extract", total=len(names), quiet=quiet):
             yield (name, carried[name].full(name)) if name in carried else item(name)
 
-    return write_delta(out, items(), metadata=meta, value_dtype=value_dtype, overwrite=overwrite)
+    plan = [(n, tuple((carried[n] if n in carried else tv).info(n).shape), n in carried) for n in names]
+    start = time.perf_counter()
+    s = write_delta(out, items(), metadata=meta, value_dtype=value_dtype, overwrite=overwrite, plan=plan)
+    s.seconds = time.perf_counter() - start
+    ft_bytes = sum((carried[n] if n in carried else tv).info(n).nbytes for n in names)
+    s.bytes_read = ft_bytes + sum(base.info(n).nbytes for n in tv.names() if n in base)
+    return s
 
 
 def apply_delta(base: Checkpoint, delta: DeltaFile, out: str | os.PathLike, *, device: str = "cpu",
@@ -150,8 +172,11 @@ def apply_delta(base: Checkpoint, delta: DeltaFile, out: str | os.PathLike, *, d
                                     "only applies between float tensors")
     order = [n for n in delta.table] + [n for n in base.names() if n not in delta.table]
 
+    def sources(name: str) -> list[Checkpoint]:  # the base tensors ``tensors`` reads, read ahead
+        return [] if delta.table.get(name, {}).get("encoding") == "full" else [base]
+
     def tensors():
-        for name in track(order, "apply", quiet=quiet):
+        for name in track(walk(order, sources, device=device), "apply", total=len(order), quiet=quiet):
             if name not in delta.table:
                 # in the base only: extract refuses that case, but a delta written by another tool may omit it
                 t = base.get(name, device=device)

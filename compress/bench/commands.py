@@ -313,10 +313,14 @@ def bench_merge_speed(
                                                              "wheel files and flags offline)."),
     venv: Optional[Path] = typer.Option(None, help="Virtual environment for mergekit (default: "
                                                    "WORKDIR/mergekit-venv)."),
+    rounds: int = typer.Option(3, help="Rounds of mergekit then compress (A B A B ...; at least 3)."),
+    before: Optional[str] = typer.Option(None, help="Also time this git revision (or a folder holding an older "
+                                                    "compress/) in each round."),
     device: str = DEVICE,
 ):
-    """TIES and task arithmetic through `compress merge` and mergekit: wall time, peak RSS, max |difference|."""
+    """TIES and task arithmetic through `compress merge` and mergekit, in turn: time ratio (median of the rounds),
+    peak RSS, max |difference|."""
     from compress.bench.merge_speed import run
 
     run(params=params, workdir=workdir, results=results, device=resolve_device(device), mergekit=mergekit,
-        venv=venv)
+        venv=venv, rounds=rounds, before=before)

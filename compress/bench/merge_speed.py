@@ -28,11 +28,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import yaml
 
+import compress
 from compress.bench.io_memory import MB, measure
+from compress.bench.timing import MIN_ROUNDS, alternate, describe, ratios, spread, summary
+from compress.bench.write_once import source_tree
+from compress.errors import CompressError
 
 METHODS = {
     "ties": {"merge_method": "ties", "parameters": {"density": 0.2, "weight": [1.0, 0.8]}},
@@ -161,10 +166,24 @@ def compare(a: Path, b: Path) -> dict:
 _OURS_RE = re.compile(r"in ([0-9.]+) s \(([0-9.]+) GB/s read\)")
 
 
+def _compress_env(env: dict[str, str], tree: Optional[Path]) -> dict[str, str]:
+    """``env`` for a ``compress`` process that imports the package of ``tree`` (None: this process's own)."""
+    tree = tree or source_tree()
+    return {**env, "PYTHONPATH": os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
 def run(params: float = 0.5e9, workdir: str | os.PathLike = "checkpoints/bench-merge-speed",
         results: str | os.PathLike = "checkpoints/bench", *, device: str = "cpu", mergekit: str = "mergekit",
         venv: str | os.PathLike | None = None, methods: tuple[str, ...] = tuple(METHODS), seed: int = 0,
-        keep: bool = False, print_table: bool = True) -> dict:
+        rounds: int = MIN_ROUNDS, before: Optional[str] = None, keep: bool = False, print_table: bool = True) -> dict:
+    """Run the benchmark; returns what it saved to ``results/merge_speed[_cuda].json``.
+
+    Per method, mergekit and compress run in turn ``rounds`` times (A B A B ...; with ``before``, a git revision or
+    a folder holding an older package, that compress runs third in each round); time ratios are per round."""
+    from compress.bench.write_once import checkout
+
+    if rounds < MIN_ROUNDS:
+        raise CompressError(f"--rounds must be at least {MIN_ROUNDS} (a median of per-round ratios), got {rounds}")
     workdir, results = Path(workdir), Path(results)
     workdir.mkdir(parents=True, exist_ok=True)
     spec = llama_spec(params)
@@ -176,6 +195,13 @@ def run(params: float = 0.5e9, workdir: str | os.PathLike = "checkpoints/bench-m
     exe = mergekit_env(Path(venv) if venv else workdir / "mergekit-venv", mergekit)
     version = mergekit_version(exe)
     env = {**os.environ, "COMPRESS_QUIET": "1", "HF_HUB_OFFLINE": "1"}
+    if compress.HUGE_PAGES_SET_HERE:  # this process's choice, not the user's: each contender makes its own
+        env.pop("THP_MEM_ALLOC_ENABLE", None)
+    envs = {"mergekit": env, "compress": _compress_env(env, None)}
+    if before is not None:
+        src = workdir / "before-src"
+        shutil.rmtree(src, ignore_errors=True)
+        envs["compress_before"] = _compress_env(env, checkout(before, src))
     load_start = os.getloadavg()
     rows = []
     for method in methods:
@@ -187,32 +213,48 @@ def run(params: float = 0.5e9, workdir: str | os.PathLike = "checkpoints/bench-m
                               else {})}} for m, w in zip(models[1:], weights)]}
         yml = workdir / f"{method}.yml"
         yml.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        outs = {"mergekit": workdir / f"out-mergekit-{method}", "compress": workdir / f"out-compress-{method}"}
-        for o in outs.values():
-            shutil.rmtree(o, ignore_errors=True)
-        ours = [sys.executable, "-m", "compress.cli", "merge", str(yml), "--device", device, "--quiet", "--out"]
-        argv = {"mergekit": [str(exe), str(yml), str(outs["mergekit"])] + (["--cuda"] if device != "cpu" else []),
-                "compress": ours + [str(outs["compress"])]}
-        tools = ["mergekit", "compress"]
+        tools = list(envs)
+        outs = {t: workdir / f"out-{t.replace('_', '-')}-{method}" for t in tools}
+        # -P: the working folder is not put first on sys.path, so PYTHONPATH decides which compress runs
+        ours = [sys.executable, "-P", "-m", "compress.cli", "merge", str(yml), "--device", device, "--quiet", "--out"]
+        argv = {t: ours + [str(outs[t])] for t in tools}
+        argv["mergekit"] = [str(exe), str(yml), str(outs["mergekit"])] + (["--cuda"] if device != "cpu" else [])
         if "density" in recipe["parameters"]:
             # equal |δ| at the top-k threshold: ours keeps lowest index first, mergekit takes argsort's order
             outs["compress_argsort"] = workdir / f"out-compress-argsort-{method}"
             argv["compress_argsort"] = ours + [str(outs["compress_argsort"]), "--tie-break", "argsort"]
-            tools.append("compress_argsort")
-        row = {"method": method, "recipe": cfg}
-        for tool in tools:
-            _log(f"{method}: running {tool} ...")
-            m = measure(argv[tool], env=env)
-            row[tool] = {"seconds": m["seconds"], "peak_rss_bytes": m["peak_rss_bytes"],
-                         "rss_method": m["rss_method"], "command": " ".join(argv[tool])}
-            if tool.startswith("compress"):
-                hit = _OURS_RE.search(m["stdout"])
+            envs_m = {**envs, "compress_argsort": envs["compress"]}
+        else:
+            envs_m = envs
+
+        def case(tool: str):
+            def go(i: int) -> dict:
+                _log(f"{method}: round {i + 1}/{rounds}, {tool} ...")
+                m = measure(argv[tool], env=envs_m[tool])
+                r = {"seconds": m["seconds"], "peak_rss_bytes": m["peak_rss_bytes"], "rss_method": m["rss_method"]}
+                hit = _OURS_RE.search(m["stdout"]) if tool.startswith("compress") else None
                 if hit:
-                    row[tool]["merge_seconds"] = float(hit.group(1))
-                    row[tool]["gb_per_s"] = float(hit.group(2))
-            _log(f"  {tool}: {m['seconds']:.1f} s, peak RSS {m['peak_rss_bytes'] / MB:.0f} MB")
-        row["time_ratio"] = row["compress"]["seconds"] / row["mergekit"]["seconds"]
+                    r["merge_seconds"], r["gb_per_s"] = float(hit.group(1)), float(hit.group(2))
+                _log(f"  {tool}: {m['seconds']:.1f} s, peak RSS {m['peak_rss_bytes'] / MB:.0f} MB")
+                return r
+            return go
+
+        for o in outs.values():
+            shutil.rmtree(o, ignore_errors=True)
+        got = alternate({t: case(t) for t in tools}, rounds, before=lambda t, i: shutil.rmtree(outs[t], True))
+        if "compress_argsort" in outs:  # once: it is there for the comparison of outputs
+            got["compress_argsort"] = [case("compress_argsort")(0)]
+        row = {"method": method, "recipe": cfg, "rounds": rounds}
+        for tool, res in got.items():
+            row[tool] = {**summary(res), "runs": res, "command": " ".join(argv[tool])}
+            gbs = [r["gb_per_s"] for r in res if "gb_per_s" in r]
+            if gbs:
+                row[tool]["gb_per_s"] = spread(gbs)
+        row["time_ratio"] = ratios(got["compress"], got["mergekit"])
         row["rss_ratio"] = row["compress"]["peak_rss_bytes"] / row["mergekit"]["peak_rss_bytes"]
+        if "compress_before" in got:
+            row["time_ratio_before"] = ratios(got["compress_before"], got["mergekit"])
+            row["after_vs_before"] = ratios(got["compress"], got["compress_before"])
         row["compare"] = compare(outs["mergekit"], outs["compress"])
         if "compress_argsort" in outs:
             row["compare_argsort"] = compare(outs["mergekit"], outs["compress_argsort"])
@@ -222,8 +264,8 @@ def run(params: float = 0.5e9, workdir: str | os.PathLike = "checkpoints/bench-m
                 shutil.rmtree(o, ignore_errors=True)
     report = {"benchmark": "merge-speed", "device": device, "params_per_model": spec["params"],
               "bytes_per_model": spec["bytes"], "models": 3, "layers": spec["config"]["num_hidden_layers"],
-              "bytes_read_per_merge": 3 * spec["bytes"], "write_seconds": write_seconds,
-              "mergekit_version": version, "rows": rows,
+              "bytes_read_per_merge": 3 * spec["bytes"], "write_seconds": write_seconds, "rounds": rounds,
+              "before": before, "mergekit_version": version, "rows": rows,
               "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                           "gpu": torch.cuda.get_device_name() if device != "cpu" else None,
                           "platform": platform.platform(), "loadavg_1min_start": load_start[0],
@@ -238,36 +280,45 @@ def run(params: float = 0.5e9, workdir: str | os.PathLike = "checkpoints/bench-m
     return report
 
 
-COLUMNS = ("method", "mergekit s", "compress s", "time ratio", "mergekit peak RSS MB", "compress peak RSS MB",
-           "RSS ratio", "compress GB/s", "max abs diff", "entries beyond one bf16 step")
+COLUMNS = ("method", "mergekit s", "compress s", "time ratio: median (min–max)", "mergekit peak RSS MB",
+           "compress peak RSS MB", "RSS ratio", "compress GB/s", "max abs diff", "entries beyond one bf16 step")
+
+
+def _cells(name: str, r: dict, tool: str, ratio: dict | None, c: dict) -> str:
+    mk, ours = r["mergekit"], r[tool]
+    gbs = ours.get("gb_per_s", {}).get("median", float("nan"))
+    return "| " + " | ".join([
+        name, f"{mk['seconds']['median']:.1f}", f"{ours['seconds']['median']:.1f}",
+        describe(ratio) if ratio else f"{ours['seconds']['median'] / mk['seconds']['median']:.3f} (1 run)",
+        f"{mk['peak_rss_bytes'] / MB:.0f}", f"{ours['peak_rss_bytes'] / MB:.0f}",
+        f"{ours['peak_rss_bytes'] / mk['peak_rss_bytes']:.3f}", f"{gbs:.2f}",
+        f"{c.get('max_abs_diff', float('nan')):.3g}",
+        f"{c.get('entries_beyond_bf16_step', '?')} of {c.get('entries', '?')}"]) + " |"
 
 
 def markdown(report: dict) -> str:
     lines = [f"# compress bench merge-speed ({report['device']})", "",
              f"Base + 2 random bf16 Llama models of {report['params_per_model'] / 1e6:.0f} M parameters "
              f"({report['bytes_per_model'] / MB:.0f} MB each, {report['layers']} layers); mergekit "
-             f"{report['mergekit_version']}; each run a fresh process; ratios are compress ÷ mergekit.", "",
+             f"{report['mergekit_version']}; each run a fresh process. The tools run in turn, "
+             f"{report['rounds']} rounds (A B A B ...); seconds are medians, the time ratio (compress ÷ mergekit) "
+             "is the median of the per-round ratios, peak RSS the highest of the rounds.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) - 1)) + "|"]
     for r in report["rows"]:
-        c = r["compare"]
-        lines.append("| " + " | ".join([
-            r["method"], f"{r['mergekit']['seconds']:.1f}", f"{r['compress']['seconds']:.1f}", f"{r['time_ratio']:.3f}",
-            f"{r['mergekit']['peak_rss_bytes'] / MB:.0f}", f"{r['compress']['peak_rss_bytes'] / MB:.0f}",
-            f"{r['rss_ratio']:.3f}", f"{r['compress'].get('gb_per_s', float('nan')):.2f}",
-            f"{c.get('max_abs_diff', float('nan')):.3g}",
-            f"{c.get('entries_beyond_bf16_step', '?')} of {c.get('entries', '?')}"]) + " |")
+        lines.append(_cells(r["method"], r, "compress", r["time_ratio"], r["compare"]))
+        if "compress_before" in r:
+            lines.append(_cells(f"{r['method']} (before: {report['before']})", r, "compress_before",
+                                r["time_ratio_before"], {}))
         if "compress_argsort" in r:
-            a, ca = r["compress_argsort"], r["compare_argsort"]
-            lines.append("| " + " | ".join([
-                f"{r['method']} (--tie-break argsort)", f"{r['mergekit']['seconds']:.1f}", f"{a['seconds']:.1f}",
-                f"{a['seconds'] / r['mergekit']['seconds']:.3f}", f"{r['mergekit']['peak_rss_bytes'] / MB:.0f}",
-                f"{a['peak_rss_bytes'] / MB:.0f}", f"{a['peak_rss_bytes'] / r['mergekit']['peak_rss_bytes']:.3f}",
-                f"{a.get('gb_per_s', float('nan')):.2f}", f"{ca.get('max_abs_diff', float('nan')):.3g}",
-                f"{ca.get('entries_beyond_bf16_step', '?')} of {ca.get('entries', '?')}"]) + " |")
+            lines.append(_cells(f"{r['method']} (--tie-break argsort)", r, "compress_argsort", None,
+                                r["compare_argsort"]))
     m = report["machine"]
     lines += ["", "Default compress keeps equal magnitudes at the top-k threshold lowest index first; "
-              "`--tie-break argsort` takes mergekit's (argsort) order instead.",
-              "", f"GB/s: bytes of the three checkpoints ÷ compress's own merge time (without process start-up). "
+              "`--tie-break argsort` takes mergekit's (argsort) order instead."]
+    if report.get("before"):
+        lines += ["", "This checkout ÷ before, per round: " + "; ".join(
+            f"{r['method']} {describe(r['after_vs_before'])}" for r in report["rows"])]
+    lines += ["", f"GB/s: bytes of the three checkpoints ÷ compress's own merge time (without process start-up). "
               f"Python {m['python']}, torch {m['torch']}, {m['cpus']} CPUs"
               + (f", {m['gpu']}" if m.get("gpu") else "") + f"; load average {m['loadavg_1min_start']:.1f} → "
               f"{m['loadavg_1min_end']:.1f}.", ""]

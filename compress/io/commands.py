@@ -4,6 +4,8 @@ and ``compress.delta`` do the work."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -44,7 +46,8 @@ def extract(
                       overwrite=cfg.overwrite, quiet=cfg.quiet, extra_metadata={"finetuned": str(cfg.finetuned)})
     out.print(f"wrote {s.path}: {s.tensors} tensors, {s.params:,} parameters covered, {s.kept:,} kept "
               f"(density {s.kept / max(s.params, 1):.4f}), {human(s.file_bytes)}, "
-              f"{s.bits_per_param:.3f} bits/parameter" + (f", {s.carried} carried whole" if s.carried else ""))
+              f"{s.bits_per_param:.3f} bits/parameter" + (f", {s.carried} carried whole" if s.carried else "") +
+              f"; in {s.seconds:.1f} s ({s.gb_per_s:.2f} GB/s read)")
 
 
 def apply_cmd(
@@ -75,7 +78,9 @@ def apply_cmd(
         raise CompressError(f"{cfg.config_from}: --config-from must be a folder holding config.json")
     if cfg.config_from is not None:
         read_model_config(cfg.config_from)  # copied into the output: a broken one stops here, not in the next tool
+    start = time.perf_counter()
     delta_file = DeltaFile(cfg.delta)
+    read = os.path.getsize(cfg.delta)
     opts = dict(device=resolve_device(cfg.device), dtype=torch_dtype(cfg.dtype), shard_size=cfg.shard_size,
                 overwrite=cfg.overwrite, quiet=cfg.quiet, aux_from=cfg.config_from)
     if is_sparse_file(delta_file):
@@ -89,7 +94,10 @@ def apply_cmd(
         if cfg.config_from is None and base_ck.root is not None:
             read_model_config(base_ck.root)  # the base's is the one copied
         apply_delta(base_ck, delta_file, cfg.out, **opts)
-    out.print(f"wrote {cfg.out}")
+        read += sum(base_ck.info(n).nbytes for n in base_ck.names()
+                    if delta_file.table.get(n, {}).get("encoding") != "full")
+    seconds = time.perf_counter() - start
+    out.print(f"wrote {cfg.out} in {seconds:.1f} s ({read / 1e9 / max(seconds, 1e-9):.2f} GB/s read)")
 
 
 def inspect(
@@ -171,7 +179,8 @@ def extract_lora(
     conv1d = (base_ck.config or {}).get("model_type") in ("gpt2", "gpt_bigcode")
     s = write_lora_adapter(deltas, cfg.out, cfg.rank, str(cfg.base.resolve()), dtype=torch_dtype(cfg.dtype),
                            overwrite=cfg.overwrite, targets_regex=cfg.targets, fan_in_fan_out=conv1d,
-                           total=len(names), progress=not cfg.quiet)
+                           total=len(names), progress=not cfg.quiet,
+                           shapes={n: tuple(tv.info(n).shape) for n in names})
     worst = max((c["rel_error"] for c in s["covered"].values()), default=0.0)
     out.print(f"wrote {cfg.out}: rank {s['r']}, {len(s['covered'])} matrices ({s['covered_params']:,} parameters "
               f"of task vector) as {s['lora_params']:,} LoRA parameters; worst relative error {worst:.4g}; "

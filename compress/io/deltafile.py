@@ -280,6 +280,36 @@ def decode_tensor(row: dict, entries: dict[str, torch.Tensor], base: torch.Tenso
     return out.reshape(shape)
 
 
+# -- header room: what a writer reserves so that it writes each byte once ---------------------------
+def entry_bounds(name: str, shape: tuple[int, ...], carried: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+    """The entries ``name`` may take in a delta or sparse file, each dimension at its largest."""
+    if carried:
+        return [(f"{name}::full", tuple(shape))]
+    n = math.prod(shape)
+    return [(f"{name}::values", (n,)), (f"{name}::mask", (VARINT_MAX_BYTES * n,)),
+            (f"{name}::fix_idx", (VARINT_MAX_BYTES * n,)), (f"{name}::fix_val", (n,))]
+
+
+def table_room(tensors: list[tuple[str, tuple[int, ...]]]) -> int:
+    """Bytes the ``tensors`` metadata field (the JSON table, quoted as a JSON string) takes at most."""
+    total = len('"tensors":"{}",')
+    for name, shape in tensors:
+        n = math.prod(shape)
+        row = {"shape": list(shape), "dtype": "F8_E4M3", "encoding": "dense", "nnz": n, "fixups": n}
+        total += len(json.dumps(json.dumps({name: row}, separators=(",", ":")) + ",")) - 2
+    return total
+
+
+def header_reserve(plan: list[tuple[str, tuple[int, ...], bool]], metadata: dict[str, str],
+                   aux: list[tuple[str, tuple[int, ...]]] = ()) -> int:
+    """The header room of a delta or sparse file holding ``plan`` ((name, shape, carried whole)), ``metadata`` and
+    ``aux`` entries, with its table."""
+    from compress.io.writer import header_room
+
+    entries = [e for name, shape, carried in plan for e in entry_bounds(name, shape, carried)] + list(aux)
+    return header_room(entries, metadata, table_room([(name, shape) for name, shape, _ in plan]))
+
+
 class DeltaFile:
     """A compact delta file opened lazily; also a task-vector source (``names``/``info``/``get``)."""
 

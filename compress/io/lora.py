@@ -34,7 +34,7 @@ import torch
 
 from compress.errors import CompressError
 from compress.io.reader import Checkpoint, TensorInfo, open_checkpoint
-from compress.io.writer import SafetensorsStreamWriter, atomic_dir
+from compress.io.writer import SafetensorsStreamWriter, atomic_dir, header_room
 from compress.progress import track
 
 PREFIX = "base_model.model."  # PEFT's key prefix for LoRA (PeftModel.base_model = LoraModel, .model = the HF model)
@@ -326,7 +326,8 @@ def _skip_reason(name: str, delta: torch.Tensor, targets: re.Pattern | None) -> 
 def write_lora_adapter(deltas: Iterable[tuple[str, torch.Tensor]], out_dir: str | os.PathLike, rank: int,
                        base_model_name_or_path: str, *, dtype: torch.dtype | None = None, overwrite: bool = False,
                        targets_regex: str | None = None, task_type: str | None = None, fan_in_fan_out: bool = False,
-                       total: int | None = None, progress: bool = True) -> dict:
+                       total: int | None = None, progress: bool = True,
+                       shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
     """Write a PEFT-loadable LoRA adapter approximating ``deltas`` (base tensor name → ΔW) at ``rank``.
 
     Deltas are consumed one at a time: each is factored by ``svd_lora`` and its factors streamed to
@@ -339,7 +340,9 @@ def write_lora_adapter(deltas: Iterable[tuple[str, torch.Tensor]], out_dir: str 
     explicit module paths, and for a matrix whose rank is capped below r (rank ≤ min(shape)) both ``rank_pattern``
     and ``alpha_pattern`` name it, because PEFT's scale is alpha / r per module.
 
-    ``total`` (the number of deltas, taken from ``len`` when it has one) enables the progress bar.
+    ``total`` (the number of deltas, taken from ``len`` when it has one) enables the progress bar. ``shapes``
+    ({name: shape} of the deltas to come, a superset is fine) reserves the header's room, so that each byte of the
+    adapter file is written once.
 
     Returns ``{"out_dir", "r", "covered": {name: {"module", "rank", "params", "rel_error", "lora_params"}},
     "skipped": {name: {"params", "reason"}}, "covered_params", "skipped_params", "lora_params"}``; rel_error =
@@ -356,7 +359,9 @@ def write_lora_adapter(deltas: Iterable[tuple[str, torch.Tensor]], out_dir: str 
     quiet = True if (not progress or total is None) else None  # None: COMPRESS_QUIET decides
     covered, skipped = {}, {}
     with atomic_dir(out_dir, overwrite) as tmp:
-        writer = SafetensorsStreamWriter(tmp / "adapter_model.safetensors", {"format": "pt"})
+        meta = {"format": "pt"}
+        reserve = 0 if shapes is None else header_room(_factor_bounds(shapes, rank), meta)
+        writer = SafetensorsStreamWriter(tmp / "adapter_model.safetensors", meta, reserve=reserve)
         try:
             for name, delta in track(deltas, "extract LoRA", total=total, quiet=quiet):
                 reason = _skip_reason(name, delta, targets)
@@ -392,6 +397,16 @@ def write_lora_adapter(deltas: Iterable[tuple[str, torch.Tensor]], out_dir: str 
         "skipped_params": sum(s["params"] for s in skipped.values()),
         "lora_params": sum(c["lora_params"] for c in covered.values()),
     }
+
+
+def _factor_bounds(shapes: dict[str, tuple[int, ...]], rank: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The adapter entries ``shapes``' 2-D weights may give (both key spellings), dimensions at their largest."""
+    out = []
+    for name, shape in shapes.items():
+        if len(shape) == 2 and name.endswith(".weight"):
+            module, side = name[: -len(".weight")], max(shape)
+            out += [(f"{PREFIX}{module}.lora_embedding_{ab}", (side, rank)) for ab in "AB"]
+    return out
 
 
 def _factor(module: str, delta: torch.Tensor, rank: int, dtype: torch.dtype | None, fan_in_fan_out: bool):

@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +208,7 @@ class SafetensorsFile:
             self.infos[name], self._offsets[name] = self._entry(name, h)
         self._check_layout(size - self._data_start)
         self._fd: int | None = None
+        self._open_lock = threading.Lock()
 
     def _bad(self, why: str, name: str | None = None) -> CompressError:
         where = f"tensor {quote_name(name)}: " if name is not None else ""
@@ -268,12 +270,20 @@ class SafetensorsFile:
             raise self._bad(f"the tensors cover {start} bytes of data but the file holds {data_bytes} after the "
                             "header (bytes no tensor owns)")
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``name`` as stored; ``out`` (uint8, the tensor's byte size, e.g. a pinned staging buffer) receives it."""
         info = self.infos[name]
         begin, end = self._offsets[name]
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        buf = torch.empty(end - begin, dtype=torch.uint8)
+            fd = os.open(self.path, os.O_RDONLY)
+            with self._open_lock:  # reader threads may race to open it
+                if self._fd is None:
+                    self._fd, fd = fd, None
+            if fd is not None:
+                os.close(fd)
+        buf = torch.empty(end - begin, dtype=torch.uint8) if out is None else out
+        if buf.dtype != torch.uint8 or buf.numel() != end - begin:
+            raise ValueError(f"read({name!r}): out must be {end - begin} uint8 bytes")
         view = memoryview(buf.numpy()) if buf.numel() else memoryview(b"")
         got, pos = 0, self._data_start + begin
         while got < len(view):
@@ -317,8 +327,11 @@ class TorchBinFile:
         self.metadata: dict[str, str] = {}
         self.infos = {k: TensorInfo(k, tuple(v.shape), v.dtype, self.path) for k, v in sd.items()}
 
-    def read(self, name: str) -> torch.Tensor:
-        return self._sd[name].clone()
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        t = self._sd[name]
+        if out is None:
+            return t.clone()
+        return out.view(t.dtype).reshape(t.shape).copy_(t)
 
     def close(self) -> None:
         self._sd = {}
@@ -341,6 +354,7 @@ class Checkpoint:
         self.root = root  # the folder holding config.json / tokenizer files, if any
         self._files = [_open_file(f) for f in files]
         self._where: dict[str, object] = {}
+        self.read_ahead = None  # a ``compress.io.prefetch.ReadAhead`` serving ``get`` while a pass walks
         for f in self._files:
             for name in f.infos:
                 if name in self._where:
@@ -396,7 +410,9 @@ class Checkpoint:
         f = self._where.get(name)
         if f is None:
             raise CompressError(f"{self.path}: no tensor named '{name}'")
-        t = f.read(name)
+        t = self.read_ahead.take((id(self), name)) if self.read_ahead is not None else None
+        if t is None:
+            t = f.read(name)
         if device is not None:
             t = t.to(device)
         if check_finite and t.is_floating_point() and not all_finite(t):
@@ -404,6 +420,21 @@ class Checkpoint:
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         return t
+
+    def read_job(self, name: str, staging=None):
+        """A function that reads ``name`` as stored, unchecked (inputs are checked through what they make), for a
+        ``ReadAhead``; with ``staging`` (``compress.io.prefetch.Staging``) through a pinned buffer onto its device."""
+        f = self._where.get(name)
+        if f is None:
+            raise CompressError(f"{self.path}: no tensor named '{name}'")
+        if staging is None:
+            return lambda: f.read(name)
+        info = f.infos[name]
+
+        def read_into(buf: torch.Tensor) -> torch.Tensor:
+            return f.read(name, out=buf).view(info.dtype).reshape(info.shape)
+
+        return lambda: staging.load(info.nbytes, read_into)
 
     def close(self) -> None:
         for f in self._files:

@@ -92,10 +92,14 @@ def write_sparse(model_dir: str | os.PathLike, out: str | os.PathLike, *, overwr
     from compress.progress import track
 
     model_dir = Path(model_dir)
+    folder = model_dir if model_dir.is_dir() else model_dir.parent
     table: dict[str, dict] = {}
     params = nonzero = sp_params = sp_file = sp_dense = 0
+    meta = {"compress.format": FORMAT, "compress.kind": KIND, "source": str(model_dir),
+            **{k: str(v) for k, v in (metadata or {}).items()}}
     with open_checkpoint(model_dir) as ck, atomic_file(out, overwrite) as tmp:
-        writer = SafetensorsStreamWriter(tmp)
+        aux = [a for a in AUX_FILES if (folder / a).is_file()]
+        writer = SafetensorsStreamWriter(tmp, reserve=_header_size(ck, folder, aux, meta, quiet))
         try:
             for name in track(ck.names(), "sparse file", quiet=quiet):
                 t = ck.get(name)  # an Inf read here is the input's: named as such, not as an overflow
@@ -110,13 +114,9 @@ def write_sparse(model_dir: str | os.PathLike, out: str | os.PathLike, *, overwr
                     sp_params += numel
                     sp_dense += numel * t.element_size()
                     sp_file += sum(v.numel() * v.element_size() for v in entries.values())
-            folder = model_dir if model_dir.is_dir() else model_dir.parent
-            for aux in AUX_FILES:
-                if (folder / aux).is_file():
-                    writer.add(AUX_PREFIX + aux, torch.frombuffer(bytearray((folder / aux).read_bytes()),
-                                                                  dtype=torch.uint8))
-            writer.metadata.update({"compress.format": FORMAT, "compress.kind": KIND, "source": str(model_dir),
-                                    **{k: str(v) for k, v in (metadata or {}).items()}})
+            for a in aux:
+                writer.add(AUX_PREFIX + a, torch.frombuffer(bytearray((folder / a).read_bytes()), dtype=torch.uint8))
+            writer.metadata.update(meta)
             writer.metadata["tensors"] = json.dumps(table, separators=(",", ":"))
             writer.close()
         except BaseException:
@@ -125,6 +125,26 @@ def write_sparse(model_dir: str | os.PathLike, out: str | os.PathLike, *, overwr
         dense = sum(math.prod(r["shape"]) * SAFETENSORS_DTYPES[r["dtype"]].itemsize for r in table.values())
         size = tmp.stat().st_size
     return SparseSummary(Path(out), len(table), params, nonzero, size, dense, sp_params, sp_file, sp_dense)
+
+
+def _header_size(ck, folder: Path, aux: list[str], meta: dict[str, str], quiet) -> int:
+    """The exact header of the sparse file: a first pass encodes every tensor and keeps only the sizes. Encoding
+    twice costs less than writing twice, and leaves the file as small as the size budgets of
+    ``compress.strategy.project`` count on (a reserve with room to spare would pad it)."""
+    from compress.io.writer import HeaderSizer
+    from compress.progress import track
+
+    sizer, table = HeaderSizer("sparse file"), {}
+    for name in track(ck.names(), "sparse file (sizes)", quiet=quiet):
+        entries, table[name] = encode_sparse(name, ck.get(name))
+        for k, v in entries.items():
+            sizer.add(k, v.to("meta"))
+        del entries
+    for a in aux:
+        sizer.add(AUX_PREFIX + a, torch.empty((folder / a).stat().st_size, dtype=torch.uint8, device="meta"))
+    sizer.metadata.update(meta)
+    sizer.metadata["tensors"] = json.dumps(table, separators=(",", ":"))
+    return sizer.size()
 
 
 def is_sparse_file(delta: DeltaFile) -> bool:

@@ -20,6 +20,7 @@ naming the output; an output that is, holds or lies inside one of the inputs is 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -191,6 +192,64 @@ def check_finite_output(name: str, t: torch.Tensor) -> None:
                         f"finite value {torch.finfo(t.dtype).max:.4g}; choose a wider --dtype or smaller scales")
 
 
+_ENTRY_SKELETON = len(':{"dtype":"F8_E4M3","shape":[],"data_offsets":[,]},')
+
+
+def header_room(entries: Iterable[tuple[str, tuple[int, ...]]], metadata: Mapping[str, str] | None = None,
+                more_metadata: int = 0) -> int:
+    """An upper bound on the header of a safetensors file that holds some of ``entries`` ((name, an upper bound of
+    each dimension)), ``metadata`` and fields of ``more_metadata`` bytes added later: the ``reserve`` that lets
+    ``SafetensorsStreamWriter`` write each byte once when the entries are only known as they come."""
+    entries = list(entries)
+    data = sum(8 * math.prod(dims) for _, dims in entries) + 8  # 8 bytes a value is the widest dtype
+    offset = 2 * len(str(data))
+    total = 2 + sum(len(json.dumps(name)) + _ENTRY_SKELETON + offset + sum(len(str(d)) + 1 for d in dims)
+                    for name, dims in entries)
+    fields = {"format": "pt", **(metadata or {})}
+    total += len('"__metadata__":{},') + more_metadata + sum(len(json.dumps(str(k))) + len(json.dumps(str(v))) + 2
+                                                              for k, v in fields.items())
+    return total
+
+
+def _entry(writer, name: str, tensor: torch.Tensor) -> None:
+    """Record ``tensor``'s header entry at ``writer.nbytes`` (a stream writer or a ``HeaderSizer``)."""
+    if name in writer._header:
+        raise CompressError(f"tensor '{name}' written twice to {writer.path.name}")
+    code = DTYPE_CODES.get(tensor.dtype)
+    if code is None:
+        raise CompressError(f"tensor '{name}' has dtype {tensor.dtype}, which safetensors cannot store")
+    size = tensor.numel() * tensor.element_size()
+    writer._header[name] = {"dtype": code, "shape": list(tensor.shape),
+                            "data_offsets": [writer.nbytes, writer.nbytes + size]}
+
+
+def _header_blob(entries: dict[str, dict], metadata: dict[str, str]) -> bytes:
+    header = dict(entries)
+    if metadata:
+        header["__metadata__"] = metadata
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+class HeaderSizer:
+    """The header a ``SafetensorsStreamWriter`` writes for the same ``add`` calls and metadata, without writing
+    anything: a first pass over tensors whose sizes are known only once encoded gives the exact ``reserve``, so
+    the file is written once and is byte for byte the one an unreserved writer makes. Tensors may be on the
+    ``meta`` device."""
+
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self._header: dict[str, dict] = {}
+        self.nbytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        _entry(self, name, tensor)
+        self.nbytes += tensor.numel() * tensor.element_size()
+
+    def size(self) -> int:
+        return len(_header_blob(self._header, self.metadata))
+
+
 class SafetensorsStreamWriter:
     """Writes one safetensors file from tensors added one at a time, holding none of them."""
 
@@ -204,7 +263,7 @@ class SafetensorsStreamWriter:
         self._data_path = self.path if self.reserve else self.path.with_name(self.path.name + ".data")
         self._data = open(self._data_path, "wb")
         if self.reserve:
-            self._write(b"\0" * (8 + self.reserve))
+            self._data.seek(8 + self.reserve)  # left as a hole for ``close``: the header is written once too
         self._header: dict[str, dict] = {}
         self.nbytes = 0
 
@@ -223,16 +282,10 @@ class SafetensorsStreamWriter:
             pass
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._header:
-            raise CompressError(f"tensor '{name}' written twice to {self.path.name}")
-        code = DTYPE_CODES.get(tensor.dtype)
-        if code is None:
-            raise CompressError(f"tensor '{name}' has dtype {tensor.dtype}, which safetensors cannot store")
+        _entry(self, name, tensor)
         check_finite_output(name, tensor)
         data = _tensor_bytes(tensor)
         self._write(data)
-        self._header[name] = {"dtype": code, "shape": list(tensor.shape),
-                              "data_offsets": [self.nbytes, self.nbytes + len(data)]}
         self.nbytes += len(data)
 
     def close(self) -> None:
@@ -241,10 +294,7 @@ class SafetensorsStreamWriter:
         except OSError:
             self._close_quietly()
             raise
-        header = dict(self._header)
-        if self.metadata:
-            header["__metadata__"] = self.metadata
-        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob = _header_blob(self._header, self.metadata)
         if self.reserve and len(blob) <= self.reserve:
             with open(self.path, "r+b") as out:
                 out.write(struct.pack("<Q", self.reserve) + blob + b" " * (self.reserve - len(blob)))

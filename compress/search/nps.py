@@ -452,7 +452,8 @@ def write_nps_delta(out, base, layout: Layout, delta: torch.Tensor, mask: torch.
         for _, name, sl, shape in layout.slices():
             yield item(name, sl, shape)
 
-    return write_delta(out, items(), metadata=metadata, overwrite=overwrite)
+    plan = [(name, tuple(shape), False) for _, name, _, shape in layout.slices()]
+    return write_delta(out, items(), metadata=metadata, overwrite=overwrite, plan=plan)
 
 
 def run_nps(cfg) -> dict:

@@ -1,0 +1,256 @@
+"""Streaming I/O at disk speed (issue 19): the read-ahead is bounded in bytes and gives the tensors the plain
+reader gives, in the same order; delta, sparse and LoRA files are written once (measured from /proc/self/io);
+a failure mid-write leaves no output and no temporary; ``compress bench`` timings alternate A B A B."""
+
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compress.bench.timing import alternate, ratios, summary
+from compress.config import MergeConfig, MergeModel
+from compress.delta import SparseDelta, write_delta
+from compress.errors import CompressError
+from compress.io.lora import write_lora_adapter
+from compress.io.prefetch import ReadAhead, walk
+from compress.io.reader import open_checkpoint
+from compress.io.sparse import write_sparse
+from compress.merge.executor import Merger
+from compress.merge.methods import task_vector_merge
+from compress.sparsify.masks import seeded_generator
+from tests.conftest import finetune_like, run_cli, save_llama
+
+SIZES = [30, 50, 20, 70, 10, 40, 60, 5, 5, 90]
+
+
+def _jobs(live: list, peak: list, lock: threading.Lock):
+    """Jobs that count the bytes read and not yet done with (``live``), as the consumer sees them."""
+    def read(i):
+        def go():
+            with lock:
+                live[0] += SIZES[i]
+                peak[0] = max(peak[0], live[0])
+            return torch.full((SIZES[i],), i)
+        return go
+    return [(i, i, SIZES[i], read(i)) for i in range(len(SIZES))]
+
+
+@pytest.mark.parametrize("budget", [0, 100, 10**6])
+def test_read_ahead_stays_within_its_byte_budget_and_keeps_the_order(budget):
+    live, peak, lock = [0], [0], threading.Lock()
+    with ReadAhead(_jobs(live, peak, lock), budget, threads=4) as ahead:
+        for i in range(len(SIZES)):
+            t = ahead.take(i)
+            assert t is not None and torch.equal(t, torch.full((SIZES[i],), i))
+            assert ahead.take(i) is None  # taken once; a second read goes to the file
+            with lock:
+                live[0] -= SIZES[i]
+            ahead.finish(i)
+    # the tensor being computed counts: what is held never passes the budget by more than one read
+    assert peak[0] <= max(budget, 0) + max(SIZES)
+    assert ahead.peak_in_flight <= max(budget, 0) + max(SIZES)
+    if budget == 0:
+        assert peak[0] <= max(a + b for a, b in zip(SIZES, SIZES[1:]))  # the current tensor and the next
+    if budget == 10**6:
+        assert ahead.peak_in_flight == sum(SIZES)  # everything was read ahead
+
+
+def test_a_read_the_consumer_skips_does_not_hold_the_budget():
+    live, peak, lock = [0], [0], threading.Lock()
+    with ReadAhead(_jobs(live, peak, lock), 100, threads=2) as ahead:
+        for i in range(len(SIZES)):
+            if i % 3 == 0:
+                assert ahead.take(i) is not None
+            ahead.finish(i)  # the others are dropped, not left holding bytes
+            assert ahead.in_flight <= 100 + max(SIZES)
+        assert ahead.in_flight == 0 and not ahead.held
+
+
+@pytest.fixture(scope="module")
+def three_models(tmp_path_factory):
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        root = tmp_path_factory.mktemp(str(dtype).removeprefix("torch."))
+        base = save_llama(root / "base", seed=0, dtype=dtype)
+        out[dtype] = [base] + [finetune_like(base, root / f"ft{i}", seed=i + 1, dtype=dtype) for i in range(2)]
+    return out
+
+
+def _reference(merger: Merger, paths) -> dict[str, torch.Tensor]:
+    """The merge computed from tensors read one by one with the plain reader (no read-ahead, no reused buffer)."""
+    base, *fts = (open_checkpoint(p) for p in paths)
+    out = {}
+    for name in base.names():
+        b = base.get(name).float()
+        stacked = torch.stack([ft.get(name).float() - b for ft in fts])
+        n = len(fts)
+        merged = task_vector_merge(
+            stacked, [merger.param("weight", name, i) for i in range(n)], merger.method,
+            density=[merger.param("density", name, i) for i in range(n)],
+            gamma=[merger.param("gamma", name, i) for i in range(n)],
+            epsilon=[merger.param("epsilon", name, i) for i in range(n)], lam=merger.param("lambda", name),
+            keep=None, generator=seeded_generator(merger.cfg.seed, name), inplace=True, protect=None,
+            protect_sparsity=None).add_(b)
+        out[name] = merged.to(base.info(name).dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_merge_with_read_ahead_is_bit_identical_to_the_plain_reader(tmp_path, three_models, dtype, method):
+    paths = three_models[dtype]
+    params = {"density": 0.3} if method != "task_arithmetic" else {}
+    cfg = MergeConfig(method=method, base=paths[0], topk="per_tensor",
+                      models=[MergeModel(model=p, parameters={"weight": w, **params})
+                              for p, w in zip(paths[1:], (1.0, 0.6))])
+    want = _reference(Merger(cfg), paths)
+    for budget in (1, None):  # one tensor at a time, and the default look-ahead
+        merger = Merger(cfg)
+        merger.read_ahead_bytes = budget
+        got = list(merger.tensors(quiet=True))
+        assert [n for n, _ in got] == list(want)  # the reference model's order
+        for name, t in got:
+            assert t.dtype == dtype and torch.equal(t.view(torch.uint8), want[name].view(torch.uint8)), name
+        largest = max(open_checkpoint(paths[0]).info(n).nbytes for n in want)
+        assert walk.last_peak <= (budget or 64 * 2**20) + largest
+
+
+def _wchar() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("wchar:")).split()[1])
+
+
+def _bytes(path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def wide_pair(tmp_path_factory):
+    """~1.5 MB of float32 per model: large enough that the few bytes others write do not blur the count."""
+    root = tmp_path_factory.mktemp("wide")
+    base = save_llama(root / "base", seed=0, hidden_size=128, intermediate_size=256, vocab_size=512)
+    ft = finetune_like(base, root / "ft", seed=3)
+    return base, ft
+
+
+def _written_once(tmp_path, make) -> None:
+    make(tmp_path / "warm")  # imports and first-use caches write files of their own
+    start = _wchar()
+    out = make(tmp_path / "out")
+    wrote, size = _wchar() - start, _bytes(out)
+    assert size <= wrote <= size + 4096, (wrote, size)
+
+
+def test_extract_writes_each_byte_of_the_delta_file_once_and_it_round_trips(tmp_path, wide_pair):
+    base, ft = wide_pair
+
+    def make(out):
+        code, stdout, err = run_cli("extract", "--base", base, "--finetuned", ft, "--density", "0.3",
+                                    "--out", out / "d.safetensors", "--quiet")
+        assert code == 0, err
+        assert "GB/s read" in stdout
+        return out / "d.safetensors"
+
+    _written_once(tmp_path, make)
+    code, stdout, err = run_cli("apply", "--base", base, "--delta", tmp_path / "out" / "d.safetensors", "--out",
+                                tmp_path / "rec", "--quiet")
+    assert code == 0 and "GB/s read" in stdout, err
+    got, ft_sd, base_sd = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "rec", ft, base))
+    for name, t in got.items():
+        kept = t != base_sd[name]
+        assert torch.equal(t[kept], ft_sd[name][kept]), name  # exact at every kept entry
+    assert 0.25 < sum(int((got[n] != base_sd[n]).sum()) for n in got) / sum(t.numel() for t in got.values()) < 0.35
+
+
+def test_the_sparse_file_is_written_once_with_its_exact_header(tmp_path, wide_pair):
+    base, _ = wide_pair
+    pruned = tmp_path / "pruned"
+    sd = load_file(str(base / "model.safetensors"))
+    for name, t in sd.items():
+        if t.dim() == 2:
+            t[t.abs() < t.abs().median()] = 0
+    pruned.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(sd, str(pruned / "model.safetensors"), metadata={"format": "pt"})
+    (pruned / "config.json").write_bytes((base / "config.json").read_bytes())
+    _written_once(tmp_path, lambda out: write_sparse(pruned, out / "s.safetensors", quiet=True).path)
+    path = tmp_path / "out" / "s.safetensors"
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    header = path.read_bytes()[8:8 + header_len]
+    assert header.rstrip(b" ") == header[: len(header.rstrip(b" "))] and len(header) - len(header.rstrip()) < 8
+    code, _, err = run_cli("apply", "--delta", path, "--out", tmp_path / "dense", "--quiet")
+    assert code == 0, err
+    back = load_file(str(tmp_path / "dense" / "model.safetensors"))
+    assert all(torch.equal(back[n], sd[n]) for n in sd)
+
+
+def test_the_lora_adapter_is_written_once(tmp_path, wide_pair):
+    base, ft = wide_pair
+
+    def make(out):
+        code, _, err = run_cli("extract-lora", "--base", base, "--finetuned", ft, "--rank", "4", "--out", out / "a",
+                               "--quiet")
+        assert code == 0, err
+        return out / "a"
+
+    _written_once(tmp_path, make)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "out" / "a")
+    assert model.peft_config["default"].r == 4
+
+
+def test_a_failure_mid_write_leaves_no_output_and_no_temporary(tmp_path, wide_pair):
+    base, ft = wide_pair
+    ck_b, ck_f = open_checkpoint(base), open_checkpoint(ft)
+    names = ck_b.names()
+
+    def deltas():
+        for i, n in enumerate(names):
+            if i == 5:
+                raise CompressError(f"boom at '{n}'")
+            b = ck_b.get(n)
+            yield SparseDelta(n, b, ck_f.get(n) - b, torch.ones_like(b, dtype=torch.bool), b.dtype)
+
+    out = tmp_path / "w"
+    out.mkdir()
+    with pytest.raises(CompressError, match="boom at"):
+        write_delta(out / "d.safetensors", deltas(), metadata={},
+                    plan=[(n, tuple(ck_b.info(n).shape), False) for n in names])
+    with pytest.raises(CompressError, match="boom at"):
+        write_lora_adapter(((n, d.delta) for n, d in zip(names, deltas())), out / "a", 4, "x", progress=False,
+                           shapes={n: tuple(ck_b.info(n).shape) for n in names})
+    sd = load_file(str(base / "model.safetensors"))
+    sd[names[-1]][0] = float("nan")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    from safetensors.torch import save_file
+
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CompressError, match=f"tensor '{names[-1]}' contains NaN or Inf"):
+        write_sparse(bad, out / "s.safetensors", quiet=True)
+    assert list(out.iterdir()) == []  # no output, no temporary, no side file
+
+
+def test_alternate_runs_the_contenders_in_turn_and_pairs_the_rounds():
+    order = []
+
+    def run(key, seconds):
+        def go(i):
+            order.append((key, i))
+            return {"seconds": seconds[i], "peak_rss_bytes": 100 + i}
+        return go
+
+    got = alternate({"a": run("a", [2.0, 4.0, 3.0]), "b": run("b", [1.0, 1.0, 3.0])}, rounds=3,
+                    before=lambda k, i: order.append(("before", k)))
+    assert order == [("before", "a"), ("a", 0), ("before", "b"), ("b", 0), ("before", "a"), ("a", 1),
+                     ("before", "b"), ("b", 1), ("before", "a"), ("a", 2), ("before", "b"), ("b", 2)]
+    r = ratios(got["b"], got["a"])
+    assert r["values"] == [0.5, 0.25, 1.0] and r["median"] == 0.5 and r["min"] == 0.25 and r["max"] == 1.0
+    assert summary(got["a"]) == {"seconds": {"median": 3.0, "min": 2.0, "max": 4.0, "values": [2.0, 4.0, 3.0]},
+                                 "peak_rss_bytes": 102}
+    with pytest.raises(ValueError, match="paired one to one"):
+        ratios(got["a"], got["b"][:2])
