@@ -35,6 +35,7 @@ from torch import nn
 
 from compress.config import CALIB_CACHE
 from compress.errors import CompressError
+from compress.io.blocks import find_blocks, is_conv1d, is_linear
 
 # Names searched (re.search) in module names; embeddings are nn.Embedding and never candidates anyway.
 DEFAULT_IGNORE = r"(^|\.)(lm_head|embed_out|score|classifier|pooler|qa_outputs|cls)(\.|$)"
@@ -56,29 +57,6 @@ class Prunable:
         return self.out_features * self.in_features
 
 
-def _is_conv1d(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and m.weight.dim() == 2
-
-
-def is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or _is_conv1d(m)
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of transformer blocks (``model.layers``, ``transformer.h``, ``encoder.layer``, …): the
-    ModuleList holding the most linear-layer parameters."""
-    best, best_n = None, 0
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m):
-            n = sum(sub.weight.numel() for sub in m.modules() if is_linear(sub))
-            if n > best_n:
-                best, best_n = (name, m), n
-    if best is None:
-        raise CompressError(f"{type(model).__name__}: no linear layers found inside a list of blocks; "
-                            "whole-weight pruning needs nn.Linear (or GPT-2 Conv1D) layers")
-    return best
-
-
 def find_prunable(model: nn.Module, targets: str | None = None, ignore: str | None = DEFAULT_IGNORE
                   ) -> tuple[list[Prunable], int]:
     """(prunable layers, number of blocks). Candidates are linear layers whose name matches ``targets``
@@ -98,7 +76,7 @@ def find_prunable(model: nn.Module, targets: str | None = None, ignore: str | No
         if ignore and re.search(ignore, name):
             continue
         w = m.weight
-        transposed = _is_conv1d(m)
+        transposed = is_conv1d(m)
         o, i = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
         out.append(Prunable(name, block, o, i, transposed))
     if not out:
