@@ -131,6 +131,9 @@ class EvalConfig(Compute):
     batch_size: int = Field(64, ge=1)
     seqlen: int = Field(256, ge=2)
     max_tokens: Optional[int] = Field(None, ge=2)
+    blockwise: Optional[bool] = Field(None, description="perplexity and KL: run the model(s) block by block (only "
+                                      "the embeddings and one block on the device); None: when the weights take "
+                                      "more than half the device's free memory")
 
     @model_validator(mode="after")
     def _one_evaluator(self):

@@ -1,0 +1,112 @@
+"""Block-wise evaluation (issue 19 B): perplexity, KL, the UniCuCo evaluator and head scores run block by block
+give the whole-model numbers, and hold one block of the model at a time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import run_cli, save_llama, tiny_stories_llama
+
+from compress.eval import kl_divergence, perplexity
+from compress.eval.blockwise import blockwise_kl, blockwise_perplexity
+from compress.io.models import load_model, load_tokenizer
+
+TEXT = "wikitext2.valid"
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return tiny_stories_llama(tmp_path_factory.mktemp("evalblocks"))
+
+
+def _save(model, path, tokenizer_from):
+    model.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_from / f, path / f)
+    return path
+
+
+@pytest.fixture(scope="module")
+def family(lm, tmp_path_factory):
+    """Tiny random GPT-2 (Conv1D, tied head) and Qwen2 (q/k/v biases) with the stories tokenizer; and a second
+    Llama of the same shape as ``lm``."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("family")
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=3, n_head=4, n_positions=128))
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    other = save_llama(root / "llama2", seed=5, vocab_size=512, num_hidden_layers=4, hidden_size=48,
+                       intermediate_size=96)
+    return {"llama": lm, "gpt2": _save(gpt2, root / "gpt2", lm), "qwen2": _save(qwen, root / "qwen2", lm),
+            "llama2": _save_tok(other, lm)}
+
+
+def _save_tok(path, tokenizer_from):
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_from / f, path / f)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_blockwise_perplexity_equals_whole_model(family, arch):
+    from compress.data import corpus_path
+
+    path = family[arch]
+    tok = load_tokenizer(path)
+    kw = dict(seqlen=64, max_tokens=1500, batch_size=4)
+    whole = perplexity(load_model(path), tok, corpus_path(TEXT), **kw)
+    blocks = blockwise_perplexity(path, tok, corpus_path(TEXT), **kw)
+    assert blocks == pytest.approx(whole, rel=1e-6)
+    assert 50 < whole  # a random model: near the vocabulary size, far from 1
+
+
+def test_blockwise_kl_equals_whole_model(family):
+    from compress.data import corpus_path
+
+    a, b = family["llama"], family["llama2"]
+    tok = load_tokenizer(a)
+    kw = dict(seqlen=64, max_tokens=1500, batch_size=4)
+    whole = kl_divergence(load_model(a), load_model(b), tok, corpus_path(TEXT), **kw)
+    blocks = blockwise_kl(a, b, tok, corpus_path(TEXT), **kw)
+    assert whole > 1e-3
+    assert blocks == pytest.approx(whole, rel=1e-5)
+    assert blockwise_kl(a, a, tok, corpus_path(TEXT), **kw) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_eval_cli_blockwise_flag_and_auto(family, monkeypatch):
+    a, b = family["llama"], family["llama2"]
+    args = ["eval", a, "--kl-to", b, "--calib", TEXT, "--seqlen", "64", "--max-tokens", "1000", "--json"]
+    code, out_w, err = run_cli(*args, "--whole-model")
+    assert code == 0, err
+    code, out_b, err = run_cli(*args, "--blockwise")
+    assert code == 0, err
+    w, bl = json.loads(out_w), json.loads(out_b)
+    assert (w["blockwise"], bl["blockwise"]) == (False, True)
+    assert bl["kl_nats_per_token"] == pytest.approx(w["kl_nats_per_token"], rel=1e-5)
+    # automatic: a tiny model runs whole; with no share of the device left for weights it runs block by block
+    code, out, err = run_cli("eval", a, "--perplexity", TEXT, "--seqlen", "64", "--max-tokens", "1000", "--json")
+    assert code == 0 and json.loads(out)["blockwise"] is False, err
+    monkeypatch.setattr("compress.eval.blockwise.STREAM_SHARE", 0.0)
+    code, out2, err = run_cli("eval", a, "--perplexity", TEXT, "--seqlen", "64", "--max-tokens", "1000", "--json")
+    assert code == 0 and json.loads(out2)["blockwise"] is True, err
+    assert json.loads(out2)["perplexity"] == pytest.approx(json.loads(out)["perplexity"], rel=1e-6)
+
+
+def test_blockwise_refuses_an_encoder_decoder_with_one_line(lm, tmp_path):
+    from transformers import BertConfig, BertModel, T5Config, T5ForConditionalGeneration
+
+    t5 = _save(T5ForConditionalGeneration(T5Config(vocab_size=512, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                                   num_heads=2)), tmp_path / "t5", lm)
+    code, out, err = run_cli("eval", t5, "--perplexity", TEXT, "--max-tokens", "200", "--blockwise")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "encoder-decoder" in err and "t5" in err
+    bert = _save(BertModel(BertConfig(vocab_size=512, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32)), tmp_path / "bert", lm)
+    code, out, err = run_cli("eval", bert, "--perplexity", TEXT, "--max-tokens", "200", "--blockwise")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "no LM head" in err and "bert" in err
