@@ -110,3 +110,41 @@ def test_blockwise_refuses_an_encoder_decoder_with_one_line(lm, tmp_path):
     code, out, err = run_cli("eval", bert, "--perplexity", TEXT, "--max-tokens", "200", "--blockwise")
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "no LM head" in err and "bert" in err
+
+
+STRATEGIES = ([0.5, 0.5, 0.5, 0.5], [0.3, 0.6, 0.7, 0.2], [0.0, 0.9, 0.5, 0.5])
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_streaming_evaluator_equals_in_memory(lm, tmp_path, method):
+    from compress.prune import Pruner
+    from compress.strategy.evaluate import Evaluator
+
+    pruner = Pruner(lm, TEXT, nsamples=8, seqlen=64, cache_dir=tmp_path / "cache")
+    kw = dict(eval_windows=6, eval_seqlen=64, batch_size=4)
+    mem = Evaluator(pruner, method, streaming=False, **kw)
+    stream = Evaluator(pruner, method, streaming=True, **kw)
+    assert (mem.stream, stream.ranked) == (None, None)
+    for st in STRATEGIES:
+        a, b = mem.evaluate(st), stream.evaluate(st)
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-5) and a["kl"] > 1e-5
+        assert b["sparsity"] == pytest.approx(a["sparsity"], abs=1e-12)
+    # only the embeddings, the LM head and the running block are on the device: never a second block
+    model = stream.stream.runner.model
+    total = sum(p.numel() for p in model.parameters())
+    per_block = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert len(stream.stream.resident) == 4
+    assert max(stream.stream.resident) == total - 3 * per_block
+    assert all(p.device.type == "meta" for p in model.model.layers.parameters())
+
+
+def test_streaming_evaluator_refuses_update_methods_and_protection(lm, tmp_path):
+    from compress.errors import CompressError
+    from compress.prune import Pruner
+    from compress.strategy.evaluate import Evaluator
+
+    pruner = Pruner(lm, TEXT, nsamples=8, seqlen=64, cache_dir=tmp_path / "cache")
+    with pytest.raises(CompressError, match="sparsegpt.*mask methods"):
+        Evaluator(pruner, "sparsegpt", eval_windows=2, eval_seqlen=64, streaming=True)
+    with pytest.raises(CompressError, match="protected heads"):
+        Evaluator(pruner, "wanda", eval_windows=2, eval_seqlen=64, streaming=True, protect=object())
