@@ -565,6 +565,9 @@ class HeadsScoreConfig(Compute):
     limit: Optional[int] = Field(None, ge=1)
     epsilon: float = Field(0.3, gt=0, lt=1, description="sink: first-token attention above ε marks a sink head")
     anchors: int = Field(3, ge=1, description="nhar: anchor words per layer")
+    blockwise: Optional[bool] = Field(None, description="run the probes block by block (only one block on the "
+                                      "device; text probes); None: when the weights take more than half the "
+                                      "device's free memory")
     overwrite: bool = False
 
     @model_validator(mode="after")

@@ -37,7 +37,8 @@ def family(lm, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("family")
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=3, n_head=4, n_positions=128))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=3, n_head=4, n_positions=128, bos_token_id=1,
+                                      eos_token_id=2))
     qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
     other = save_llama(root / "llama2", seed=5, vocab_size=512, num_hidden_layers=4, hidden_size=48,
@@ -91,7 +92,7 @@ def test_eval_cli_blockwise_flag_and_auto(family, monkeypatch):
     # automatic: a tiny model runs whole; with no share of the device left for weights it runs block by block
     code, out, err = run_cli("eval", a, "--perplexity", TEXT, "--seqlen", "64", "--max-tokens", "1000", "--json")
     assert code == 0 and json.loads(out)["blockwise"] is False, err
-    monkeypatch.setattr("compress.eval.blockwise.STREAM_SHARE", 0.0)
+    monkeypatch.setattr("compress.io.fit.STREAM_SHARE", 0.0)
     code, out2, err = run_cli("eval", a, "--perplexity", TEXT, "--seqlen", "64", "--max-tokens", "1000", "--json")
     assert code == 0 and json.loads(out2)["blockwise"] is True, err
     assert json.loads(out2)["perplexity"] == pytest.approx(json.loads(out)["perplexity"], rel=1e-6)
@@ -148,3 +149,76 @@ def test_streaming_evaluator_refuses_update_methods_and_protection(lm, tmp_path)
         Evaluator(pruner, "sparsegpt", eval_windows=2, eval_seqlen=64, streaming=True)
     with pytest.raises(CompressError, match="protected heads"):
         Evaluator(pruner, "wanda", eval_windows=2, eval_seqlen=64, streaming=True, protect=object())
+
+
+def _head_probes(vocab: int):
+    from compress.heads.capture import Probe
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for t in (9, 12, 7):
+        ids = torch.randint(0, vocab, (t,), generator=g)
+        span = torch.zeros(t, dtype=torch.bool)
+        span[1:4] = True
+        labels = torch.full((t,), -100)
+        labels[-2:] = ids[-2:]
+        out.append(Probe(ids, span, torch.cat([ids[:1], ids[4:]]), None, labels))
+    return out
+
+
+@pytest.fixture(scope="module")
+def head_models(tmp_path_factory):
+    from conftest import finetune_like
+
+    root = tmp_path_factory.mktemp("heads")
+    base = save_llama(root / "base", seed=0, num_hidden_layers=3)
+    return base, finetune_like(base, root / "ft", scale=0.05)
+
+
+@pytest.mark.parametrize("method", ["chd", "sink", "nhar", "seekr"])
+def test_blockwise_head_scores_equal_whole_model(head_models, method):
+    from compress.heads.blockwise import BlockCapture
+    from compress.heads.score import score_heads
+
+    base, ft = head_models
+    probes = _head_probes(96)
+    whole, meta_w = score_heads(load_model(ft), probes, method, base_model=load_model(base), quiet=True)
+    with BlockCapture(ft) as cap, BlockCapture(base) as base_cap:
+        seen = []  # parameters of the blocks on the device each time a block starts
+        layers = cap.runner.model.model.layers
+        hooks = [b.register_forward_pre_hook(lambda *_: seen.append(
+            sum(p.numel() for p in layers.parameters() if p.device.type != "meta"))) for b in layers]
+        blocks, meta_b = score_heads(cap, probes, method, base_model=base_cap, quiet=True)
+        for h in hooks:
+            h.remove()
+    assert whole.abs().max() > 0
+    assert torch.allclose(blocks, whole, rtol=1e-5, atol=1e-7)
+    per_block = sum(p.numel() for p in layers[0].parameters())
+    assert seen and max(seen) == per_block  # one block of the stack at a time, never two
+    if method == "sink":
+        assert meta_b["sink_rate"] == meta_w["sink_rate"]
+
+
+def test_blockwise_head_scores_gpt2_and_the_cli(family, tmp_path):
+    from compress.heads.blockwise import BlockCapture
+    from compress.heads.score import score_heads
+    from compress.heads.scorefile import load_scores
+
+    probes = _head_probes(512)
+    whole, _ = score_heads(load_model(family["gpt2"]), probes, "sink", quiet=True)
+    with BlockCapture(family["gpt2"]) as cap:
+        blocks, _ = score_heads(cap, probes, "sink", quiet=True)
+    assert torch.allclose(blocks, whole, rtol=1e-5, atol=1e-7)
+    lines = [json.dumps({"prompt": "The cat sat on the mat. Where is the cat?", "context": "The cat sat on the mat.",
+                         "answer": "mat"}),
+             json.dumps({"prompt": "The dog ate a bone. What did the dog eat?", "context": "The dog ate a bone.",
+                         "answer": "bone"})]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    outs = {}
+    for flag in ("--blockwise", "--whole-model"):
+        out = tmp_path / f"s{flag}.safetensors"
+        code, _, err = run_cli("heads", "score", family["llama"], "--method", "chd", "--probes", tmp_path / "p.jsonl",
+                               "--out", out, flag, "-q")
+        assert code == 0, err
+        outs[flag] = load_scores(out).scores
+    assert torch.allclose(outs["--blockwise"], outs["--whole-model"], rtol=1e-5, atol=1e-7)

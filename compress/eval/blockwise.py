@@ -7,9 +7,7 @@ run at the end, one batch at a time. The windows, positions and formulas are tho
 float summation order.
 
 **When.** ``compress eval`` goes block by block when ``--blockwise`` says so, or, by default, when the weights
-(in the evaluation dtype, both models for KL) take more than ``STREAM_SHARE`` of the device's free memory (free
-GPU memory; available RAM on the CPU): the rest is left to the activations, the logits of a batch and the
-allocator's slack, which a whole-model forward needs beside its weights.
+(in the evaluation dtype, both models for KL) do not fit (``compress.io.fit.should_stream``).
 """
 
 from __future__ import annotations
@@ -20,25 +18,6 @@ import os
 import torch
 
 from compress.errors import CompressError
-
-# weights above this share of the free device memory are run block by block (see the module docstring)
-STREAM_SHARE = 0.5
-
-
-def weight_bytes(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes the floating-point weights of a checkpoint take in ``dtype`` (headers only: nothing is read)."""
-    from compress.io.reader import open_checkpoint
-
-    with open_checkpoint(path) as ck:
-        infos = [ck.info(n) for n in ck.names()]
-    return sum(t.numel * dtype.itemsize if t.is_float else t.nbytes for t in infos)
-
-
-def should_stream(nbytes: int, device: str | torch.device) -> bool:
-    """Whether weights of ``nbytes`` are better run block by block on ``device`` (``STREAM_SHARE``)."""
-    from compress.runtime import free_bytes
-
-    return nbytes > STREAM_SHARE * free_bytes(device)
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ def _blockwise(cfg: EvalConfig, models: list[Path], device: str) -> bool:
     """``cfg.blockwise``, or (None) whether the weights of ``models`` are too big to run whole on ``device``."""
     if cfg.blockwise is not None:
         return cfg.blockwise
-    from compress.eval.blockwise import should_stream, weight_bytes
+    from compress.io.fit import should_stream, weight_bytes
 
     dtype = torch_dtype(cfg.dtype or "float32")
     return should_stream(sum(weight_bytes(m, dtype) for m in models), device)

@@ -23,7 +23,7 @@ the block's dense weights and the dense calibration statistics (collected block 
 windows, as ``shared`` calibration does: a few floats per input feature), then the KL is summed at the LM head.
 The masks are those of ``Pruner.prune``, so both ways give the same KL. ``streaming=None`` chooses by size: the
 in-memory path (today's, what makes small models fast) unless the weights in float32 take more than
-``compress.eval.blockwise.STREAM_SHARE`` of the device's free memory. Mask methods only (magnitude, Wanda), and
+``compress.io.fit.STREAM_SHARE`` of the device's free memory. Mask methods only (magnitude, Wanda), and
 no protected heads.
 """
 
@@ -225,7 +225,7 @@ class Evaluator:
         self.pruner, self.method, self.protect, self.batch_size = pruner, method, protect, batch_size
         self.device = pruner.device
         if streaming is None:
-            from compress.eval.blockwise import should_stream, weight_bytes
+            from compress.io.fit import should_stream, weight_bytes
 
             streaming = should_stream(weight_bytes(pruner.model_dir), self.device)
         if streaming and protect:
