@@ -441,7 +441,12 @@ class PruneConfig(Compute, ProtectOptions):
     batch_size: int = Field(8, ge=1)
     targets: Optional[str] = None
     ignore: Optional[str] = None
-    cache_dir: Path = CALIB_CACHE
+    calibration: Literal["sequential", "shared"] = Field(
+        "sequential", description="sequential: each block calibrated on the outputs of the blocks already pruned "
+        "(the SparseGPT/Wanda reference code, llm-compressor); shared: every block on the dense model's "
+        "activations (one calibration serves many strategies)")
+    cache_dir: Optional[Path] = Field(None, description="opt-in cache of the shared calibration's statistics "
+                                      "(its size is printed before it is written); none by default")
     blocksize: int = Field(128, ge=1)
     percdamp: float = Field(0.01, gt=0)
     sparse_out: Optional[Path] = None

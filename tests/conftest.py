@@ -91,3 +91,24 @@ def run_cli(*args: str):
         except SystemExit as ex:
             code = ex.code if isinstance(ex.code, int) else 1
     return code, o.getvalue(), e.getvalue()
+
+
+@pytest.fixture(scope="module")
+def stories260k(tmp_path_factory) -> Path:
+    """The real pretrained stories260K (llama2.c) as a Hugging Face Llama folder, with its 512-token tokenizer."""
+    from compress.data import stories260k_files
+    from compress.io.llama2c import convert_llama2c
+
+    out = tmp_path_factory.mktemp("stories") / "stories260k"
+    convert_llama2c(*stories260k_files(), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def calib_wikitext(tmp_path_factory) -> Path:
+    """A short calibration text: the first 20,000 characters of the bundled wikitext2.valid."""
+    from compress.data import corpus_path, read_text
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(read_text(corpus_path("wikitext2.valid"))[:20000])
+    return path

@@ -17,13 +17,8 @@ from compress.sparsify.protect import Protect
 
 
 @pytest.fixture(scope="module")
-def stories(tmp_path_factory) -> Path:
-    from compress.data import stories260k_files
-    from compress.io.llama2c import convert_llama2c
-
-    out = tmp_path_factory.mktemp("stories") / "stories260k"
-    convert_llama2c(*stories260k_files(), out)
-    return out
+def stories(stories260k) -> Path:
+    return stories260k
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +31,8 @@ def tiny(tmp_path_factory, stories) -> Path:
 
 
 @pytest.fixture(scope="module")
-def calib_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(read_text(corpus_path("wikitext2.valid"))[:20000])
-    return path
+def calib_file(calib_wikitext) -> Path:
+    return calib_wikitext
 
 
 def _pruner(model, calib, cache, **kw):

@@ -117,6 +117,32 @@ def bench_prune(
         max_tokens=max_tokens, k=k, quiet=quiet)
 
 
+@bench_app.command("prune-memory")
+def bench_prune_memory(
+    params: float = typer.Option(3e8, help="Parameters of the random float32 Llama."),
+    methods: str = typer.Option("wanda", help="Comma-separated pruning methods to measure."),
+    calibrations: str = typer.Option("sequential,shared", help="Comma-separated calibration modes to measure."),
+    nsamples: int = typer.Option(8, help="Calibration windows."),
+    seqlen: int = typer.Option(128, help="Tokens per calibration window."),
+    workdir: Path = typer.Option(Path("checkpoints/bench-prune-memory"), help="Scratch folder (removed after)."),
+    results: Path = RESULTS,
+):
+    """Peak RSS of `compress prune` (block by block, CPU) against the weight bytes, each case in its own process."""
+    from compress.bench.prune_memory import run
+    from compress.prune.registry import get_prune_method
+
+    names = tuple(v.strip() for v in methods.split(",") if v.strip())
+    modes = tuple(v.strip() for v in calibrations.split(",") if v.strip())
+    for name in names:
+        get_prune_method(name)
+    bad = [m for m in modes if m not in ("sequential", "shared")]
+    if not names or not modes or bad:
+        raise CompressError(f"--methods / --calibrations: give comma-separated names (calibrations: sequential, "
+                            f"shared{'; got ' + bad[0] if bad else ''})")
+    run(params=params, workdir=workdir, results=results, methods=names, calibrations=modes, nsamples=nsamples,
+        seqlen=seqlen)
+
+
 @bench_app.command("nps")
 def bench_nps(
     zoo: str = typer.Argument("minilm-8task", help="minilm-8task (built by `compress zoo build`)."),

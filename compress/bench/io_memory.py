@@ -34,7 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -194,6 +196,23 @@ def measure(argv: list[str], *, env: dict[str, str] | None = None, use_gnu_time:
             "rss_method": "gnu-time" if use_gnu_time else "wait4-runner", "stdout": stdout.strip()}
 
 
+@contextmanager
+def scratch_dir(workdir: Path) -> Iterator[Path]:
+    """A fresh folder inside ``workdir``, removed afterwards with ``workdir`` itself when this made it."""
+    made = not workdir.exists()
+    workdir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if made:
+            try:
+                workdir.rmdir()
+            except OSError:
+                pass
+
+
 # -- the benchmark -----------------------------------------------------------------------------------------
 def run(size_gb: float = 1.0, workdir: str | os.PathLike = "checkpoints/bench-io-memory",
         results: str | os.PathLike = "checkpoints/bench", *, seed: int = 0, shard_size: int | None = None,
@@ -213,12 +232,9 @@ def run(size_gb: float = 1.0, workdir: str | os.PathLike = "checkpoints/bench-io
         shard_size = max(spec["largest_bytes"], min(500 * MB, spec["total_bytes"] // 2))
 
     load_start = os.getloadavg()
-    made_workdir = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     env = {**os.environ, "COMPRESS_QUIET": "1"}
     py = sys.executable
-    try:
+    with scratch_dir(workdir) as scratch:
         base, ft = scratch / "base", scratch / "finetuned"
         d1, d01, rec = scratch / "d1.safetensors", scratch / "d01.safetensors", scratch / "rec"
         _log(f"writing two checkpoints of {spec['total_bytes'] / MB:.1f} MB each ({len(spec['tensors'])} tensors, "
@@ -252,13 +268,6 @@ def run(size_gb: float = 1.0, workdir: str | os.PathLike = "checkpoints/bench-io
                 shown = ["python", "-c", "<load_file both, subtract>", *argv[3:]]
             rows.append({"key": key, "case": label, "command": shlex.join(shown), **m,
                          "output_bytes": _folder_bytes(output) if output is not None else None})
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        if made_workdir:
-            try:
-                workdir.rmdir()
-            except OSError:
-                pass
 
     size = spec["total_bytes"]
     baseline = rows[0]["peak_rss_bytes"]

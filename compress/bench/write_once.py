@@ -119,18 +119,15 @@ def run(size_gb: float = 1.0, workdir: str | os.PathLike = "checkpoints/bench-wr
     import torch
 
     from compress.bench import publish, save_results
-    from compress.bench.io_memory import model_spec, write_pair
+    from compress.bench.io_memory import model_spec, scratch_dir, write_pair
 
     if not size_gb > 0:
         raise CompressError(f"--size-gb must be positive, got {size_gb}")
     workdir, results = Path(workdir), Path(results)
     spec = model_spec(int(size_gb * 10**9), max_hidden)
-    made_workdir = not workdir.exists()
-    workdir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     env = {**os.environ, "COMPRESS_QUIET": "1"}
     after_tree = source_tree()
-    try:
+    with scratch_dir(workdir) as scratch:
         trees = [("after", "this checkout", after_tree)]
         if before is not None:
             trees.insert(0, ("before", before, checkout(before, scratch / "before-src")))
@@ -159,13 +156,6 @@ def run(size_gb: float = 1.0, workdir: str | os.PathLike = "checkpoints/bench-wr
             _log(f"  {key}: output {size / MB:.1f} MB, write(2) {m['wchar'] / MB:.1f} MB "
                  f"({m['wchar'] / size:.2f}x), to storage {storage / MB:.1f} MB in {m['seconds']:.1f} s")
             shutil.rmtree(out)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        if made_workdir:
-            try:
-                workdir.rmdir()
-            except OSError:
-                pass
     report = {"benchmark": "write-once", "command": "compress apply (density-1.0 delta)",
               "checkpoint_bytes": spec["total_bytes"], "checkpoint_tensors": len(spec["tensors"]),
               "hidden_size": spec["hidden_size"], "layers": spec["layers"], "shard_size": shard_size, "seed": seed,

@@ -70,33 +70,41 @@ def run_prune(cfg) -> dict:
     pruner = Pruner(cfg.model, cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed,
                     targets=cfg.targets, ignore=DEFAULT_IGNORE if cfg.ignore is None else (cfg.ignore or None),
                     device=device, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, blocksize=cfg.blocksize,
-                    percdamp=cfg.percdamp, quiet=cfg.quiet)
-    protect = resolve_protect(cfg, pruner.model)  # named as the loaded model names its parameters
+                    percdamp=cfg.percdamp, quiet=cfg.quiet, calibration=cfg.calibration)
+    protect = resolve_protect(cfg, pruner.skeleton)  # named as the loaded model names its parameters
     strategy = pruner.strategy(cfg.sparsity, cfg.layer_sparsity, cfg.strategy, cfg.owl, cfg.owl_m, cfg.owl_lambda)
-    result = pruner.prune(strategy, cfg.method, cfg.pattern, protect)
+    # block by block, each block written as soon as it is pruned: the whole model is never in memory
+    result = pruner.prune_blocks(strategy, cfg.method, cfg.pattern, protect, out=cfg.out,
+                                 dtype=torch_dtype(cfg.dtype), overwrite=cfg.overwrite, shard_size=cfg.shard_size)
     report = {**result.summary(), "layers": len(pruner.modules), "blocks": pruner.n_blocks,
-              "calibration_forward_passes": pruner.forward_passes, "cache_key": pruner.key()
-              if spec.calibrated else None}
+              "calibration": cfg.calibration, "calibration_forward_passes": pruner.forward_passes,
+              "cache_key": pruner.key() if spec.calibrated and cfg.cache_dir is not None else None}
     calibration = ("from cache" if spec.calibrated and not pruner.forward_passes
-                   else "computed" if pruner.forward_passes else "not needed")
+                   else f"{cfg.calibration}, computed" if pruner.forward_passes else "not needed")
     console.print(f"pruned {len(pruner.modules)} layers in {pruner.n_blocks} blocks: {cfg.method} {cfg.pattern}, "
                   f"sparsity {result.sparsity:.4f} over {report['params_pruned_over']:,} parameters "
                   f"({strategy.source}; calibration {calibration})")
     if eval_text is not None:
         from compress.eval.perplexity import perplexity
 
+        # the whole model, dense then pruned (as written, when written): an opt-in evaluation
         tok = pruner.tokenizer()
         dense = perplexity(pruner.model, tok, eval_text, seqlen=cfg.eval_seqlen, max_tokens=cfg.eval_max_tokens,
                            device=device)
-        pruner.load(result)
-        pruned = perplexity(pruner.model, tok, eval_text, seqlen=cfg.eval_seqlen, max_tokens=cfg.eval_max_tokens,
+        if result.weights:
+            pruner.load(result)
+            pruned_model = pruner.model
+        else:
+            from compress.io.models import load_model
+
+            pruner._model = pruner._dense_w = None  # freed before the pruned model is loaded
+            pruned_model = load_model(cfg.out, device=device, dtype=torch_dtype("float32"))
+        pruned = perplexity(pruned_model, tok, eval_text, seqlen=cfg.eval_seqlen, max_tokens=cfg.eval_max_tokens,
                             device=device)
-        pruner.load(None)
+        del pruned_model
         report["perplexity"] = {"text": eval_text, "dense": dense, "pruned": pruned}
         print(f"perplexity on {eval_text}: dense {dense:.4f}, pruned {pruned:.4f}")
     if cfg.out is not None:
-        pruner.save(result, cfg.out, dtype=torch_dtype(cfg.dtype), overwrite=cfg.overwrite,
-                    shard_size=cfg.shard_size)
         report["out"] = str(cfg.out)
         line = f"wrote {cfg.out}"
         if sparse_out is not None:

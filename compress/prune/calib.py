@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compress.config import CALIB_CACHE
 from compress.errors import CompressError
-from compress.io.blocks import find_blocks, is_conv1d, is_linear
+from compress.io.blocks import find_blocks, is_conv1d, is_linear, language_model_prefix
 
 # Names searched (re.search) in module names; embeddings are nn.Embedding and never candidates anyway.
 DEFAULT_IGNORE = r"(^|\.)(lm_head|embed_out|score|classifier|pooler|qa_outputs|cls)(\.|$)"
@@ -61,7 +59,7 @@ def find_prunable(model: nn.Module, targets: str | None = None, ignore: str | No
                   ) -> tuple[list[Prunable], int]:
     """(prunable layers, number of blocks). Candidates are linear layers whose name matches ``targets``
     (default: every one inside the blocks) and not ``ignore``; one-line error when none is left."""
-    prefix, blocks = find_blocks(model)
+    prefix, blocks = find_blocks(model, language_model_prefix(model))
     out = []
     for name, m in model.named_modules():
         if not is_linear(m):
@@ -144,55 +142,74 @@ class LayerStats:
         return self.sqsum.clamp_min(0).sqrt()
 
 
-@torch.no_grad()
-def collect_stats(model: nn.Module, modules: list[Prunable], windows: torch.Tensor, *, hessian: bool,
-                  batch_size: int = 8, device: str = "cpu", quiet: bool = False) -> dict[str, LayerStats]:
-    """One forward pass of the (dense) model over ``windows``; forward hooks on every prunable layer add up
-    Σx² per input feature and, with ``hessian``, XᵀX. A layer whose input, in the first batch, is the very tensor
-    an earlier layer received gets that layer's statistics (the same object) instead of its own."""
-    from compress.progress import track
+class StatsHooks:
+    """Forward hooks on prunable layers that add up Σx² per input feature and, with ``hessian``, XᵀX, while the
+    model (or one block of it) runs; ``stats`` once the ``with`` ends. A layer whose input, in the first batch, is
+    the very tensor an earlier layer received gets that layer's statistics (the same object) instead of its own.
+    A batch ends when the first layer to fire fires again."""
 
-    by_name = dict(model.named_modules())
-    stats: dict[str, LayerStats] = {}
-    for p in modules:
-        z = torch.zeros(p.in_features, dtype=torch.float32, device=device)
-        stats[p.name] = LayerStats(z, 0, torch.zeros(p.in_features, p.in_features, dtype=torch.float32,
-                                                    device=device) if hessian else None)
-    alias: dict[str, str] = {}
-    first_inputs: dict[int, tuple[torch.Tensor, str]] | None = {}  # None once the first batch is done
+    def __init__(self, root: nn.Module, modules: list[Prunable], hessian: bool, device, prefix: str = ""):
+        by_name = dict(root.named_modules())
+        self._modules = [(p.name, by_name[p.name[len(prefix):]]) for p in modules]
+        self.stats: dict[str, LayerStats] = {}
+        for p in modules:
+            z = torch.zeros(p.in_features, dtype=torch.float32, device=device)
+            self.stats[p.name] = LayerStats(z, 0, torch.zeros(p.in_features, p.in_features, dtype=torch.float32,
+                                                              device=device) if hessian else None)
+        self._alias: dict[str, str] = {}
+        self._first: dict[int, tuple[torch.Tensor, str]] | None = {}  # None once the first batch is done
+        self._opener: str | None = None
+        self._handles: list = []
 
-    def hook(name):
+    def _hook(self, name: str):
         def fn(_module, args, _output):
-            if first_inputs is not None:
-                seen = first_inputs.get(id(args[0]))
+            if self._opener is None:
+                self._opener = name
+            elif name == self._opener:
+                self._first = None  # the second batch begins: the inputs of the first may be freed
+            if self._first is not None:
+                seen = self._first.get(id(args[0]))
                 if seen is not None and seen[0] is args[0]:
-                    alias[name] = seen[1]
+                    self._alias[name] = seen[1]
                     return
-                first_inputs[id(args[0])] = (args[0], name)
-            elif name in alias:
+                self._first[id(args[0])] = (args[0], name)
+            elif name in self._alias:
                 return
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            s = stats[name]
+            s = self.stats[name]
             s.sqsum += (x * x).sum(0)
             s.tokens += x.shape[0]
             if s.hessian is not None:
                 s.hessian.addmm_(x.T, x)
         return fn
 
-    handles = [by_name[p.name].register_forward_hook(hook(p.name)) for p in modules]
+    def __enter__(self) -> "StatsHooks":
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self._modules]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._first = None
+        for name, root in self._alias.items():
+            self.stats[name] = self.stats[root]
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, modules: list[Prunable], windows: torch.Tensor, *, hessian: bool,
+                  batch_size: int = 8, device: str = "cpu", quiet: bool = False) -> dict[str, LayerStats]:
+    """One forward pass of the whole (dense) model over ``windows`` with ``StatsHooks`` on every prunable layer."""
+    from compress.progress import track
+
     was_training = model.training
     model.eval()
     try:
-        for batch in track(list(windows.split(batch_size)), "calibration", quiet=quiet):
-            model(input_ids=batch.to(device))
-            first_inputs = None
+        with StatsHooks(model, modules, hessian, device) as hooks:
+            for batch in track(list(windows.split(batch_size)), "calibration", quiet=quiet):
+                model(input_ids=batch.to(device))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    for name, root in alias.items():
-        stats[name] = stats[root]
-    return stats
+    return hooks.stats
 
 
 def _aliases(stats: dict[str, LayerStats]) -> dict[str, str]:
@@ -201,24 +218,93 @@ def _aliases(stats: dict[str, LayerStats]) -> dict[str, str]:
     return {name: first[id(s)] for name, s in stats.items() if first.setdefault(id(s), name) != name}
 
 
-def save_stats(stats: dict[str, LayerStats], path: Path, meta: dict) -> None:
-    from safetensors.torch import save_file
+def stats_nbytes(modules: list[Prunable], hessian: bool) -> int:
+    """Bytes of a statistics cache file for ``modules`` at most (layers found to share an input store theirs
+    once)."""
+    return sum(4 * p.in_features * (1 + (p.in_features if hessian else 0)) for p in modules)
 
-    from compress.io.writer import atomic_file
 
+class StatsCache:
+    """One statistics cache file written as the statistics come (``add`` a block's, then ``close``), atomically:
+    its size is printed and checked against the free disk before anything is written, and a full disk stops with
+    one line naming the file, with no temporary left behind."""
+
+    def __init__(self, path: Path, nbytes: int, meta: dict, quiet: bool = False, exact: bool = True):
+        import shutil
+        from contextlib import ExitStack
+
+        from compress.io.writer import SafetensorsStreamWriter, atomic_file
+        from compress.progress import console, quiet_default
+
+        self.path, self.meta = Path(path), meta
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.path.parent).free
+        if nbytes > free:
+            raise CompressError(f"{self.path}: the statistics cache needs {nbytes / 1e9:,.2f} GB but "
+                                f"{self.path.parent} has {free / 1e9:,.2f} GB free; leave out --cache-dir or "
+                                "name a folder on a larger disk")
+        if not (quiet or quiet_default()):
+            console.print(f"statistics cache: writing {'' if exact else 'up to '}{nbytes / 1e9:,.3f} GB "
+                          f"({nbytes:,} bytes) to {self.path}", soft_wrap=True)
+        self._stack = ExitStack()
+        tmp = self._stack.enter_context(atomic_file(self.path, overwrite=True))
+        self._writer = SafetensorsStreamWriter(tmp)
+        self._tokens: dict[str, int] = {}
+        self._alias: dict[str, str] = {}
+
+    def add(self, stats: dict[str, LayerStats]) -> None:
+        alias = _aliases(stats)
+        try:
+            for name, s in stats.items():
+                self._tokens[name] = s.tokens
+                if name in alias:
+                    self._alias[name] = alias[name]
+                    continue
+                self._writer.add(f"{name}.sqsum", s.sqsum.cpu().contiguous())
+                if s.hessian is not None:
+                    self._writer.add(f"{name}.hessian", s.hessian.cpu().contiguous())
+        except BaseException as e:
+            self.abort(e)
+            raise
+
+    def close(self) -> None:
+        self._writer.metadata.update({"meta": json.dumps(self.meta), "tokens": json.dumps(self._tokens),
+                                      "alias": json.dumps(self._alias)})
+        try:
+            self._writer.close()
+        except BaseException as e:
+            self.abort(e)
+            raise
+        self._stack.close()
+
+    def abort(self, e: BaseException) -> None:
+        """Remove the temporary; an OSError ``e`` (a full disk) comes out as the line naming the file."""
+        self._writer.abort()
+        self._stack.__exit__(type(e), e, e.__traceback__)
+
+
+def save_stats(stats: dict[str, LayerStats], path: Path, meta: dict, quiet: bool = False) -> None:
     alias = _aliases(stats)
-    tensors = {}
-    for name, s in stats.items():
-        if name in alias:
-            continue
-        tensors[f"{name}.sqsum"] = s.sqsum.cpu().contiguous()
-        if s.hessian is not None:
-            tensors[f"{name}.hessian"] = s.hessian.cpu().contiguous()
-    tokens = {name: s.tokens for name, s in stats.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path, overwrite=True) as tmp:
-        save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta), "tokens": json.dumps(tokens),
-                                               "alias": json.dumps(alias)})
+    nbytes = sum(4 * s.sqsum.numel() + (4 * s.hessian.numel() if s.hessian is not None else 0)
+                 for name, s in stats.items() if name not in alias)
+    cache = StatsCache(path, nbytes, meta, quiet)
+    cache.add(stats)
+    cache.close()
+
+
+def has_stats(path: Path, modules: list[Prunable], hessian: bool) -> bool:
+    """Whether the cache file holds statistics of every layer of ``modules`` (its header only is read)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            alias, keys = json.loads(f.metadata().get("alias", "{}")), set(f.keys())
+    except (OSError, KeyError, ValueError, json.JSONDecodeError):
+        return False
+    want = ("sqsum", "hessian") if hessian else ("sqsum",)
+    return all(f"{alias.get(p.name, p.name)}.{k}" in keys for p in modules for k in want)
 
 
 def load_stats(path: Path, modules: list[Prunable], hessian: bool, device: str = "cpu"
@@ -258,7 +344,3 @@ def text_sha256(text: str) -> str:
 def cache_paths(cache_dir: Path, key: str) -> dict[str, Path]:
     return {"norms": Path(cache_dir) / f"{key}.norms.safetensors",
             "hessian": Path(cache_dir) / f"{key}.hessian.safetensors"}
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("COMPRESS_CALIB_CACHE", CALIB_CACHE))

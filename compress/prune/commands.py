@@ -12,7 +12,6 @@ from compress.config import build
 from compress.errors import CompressError
 from compress.extras import require
 from compress.options import (
-    CALIB_CACHE_DIR,
     OVERWRITE,
     PER_LAYER,
     PROTECT_HEADS,
@@ -50,8 +49,11 @@ def prune(
     protect: Optional[Path] = typer.Option(None, help="Protect JSON: tensors / row / column ranges kept dense."),
     protect_heads: Optional[Path] = PROTECT_HEADS, protect_top: Optional[float] = PROTECT_TOP,
     per_layer: bool = PER_LAYER, protect_sparsity: Optional[float] = PROTECT_SPARSITY,
-    cache_dir: Optional[Path] = typer.Option(None, help="Calibration statistics cache "
-                                                        f"(default {CALIB_CACHE_DIR})."),
+    calibration: Optional[str] = typer.Option(None, help="sequential (default): each block calibrated on the "
+                                                         "outputs of the blocks already pruned; shared: on the "
+                                                         "dense model's activations."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Opt-in cache of the shared calibration's statistics "
+                                                        "(default: none; its size is printed before writing)."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Folder to write (Hugging Face layout)."),
     sparse_out: Optional[Path] = typer.Option(None, help="Sparse file (values + packed mask; default "
                                                          "OUT.sparse.safetensors)."),
@@ -104,7 +106,8 @@ def prune(
             raise CompressError(f"--layer-sparsity '{layer_sparsity}': give comma-separated numbers") from None
     flags = dict(sparsity=sparsity, method=method, pattern=pattern, layer_sparsity=vector, strategy=strategy,
                  owl=owl or None, owl_m=owl_m, owl_lambda=owl_lambda, calib=calib, nsamples=nsamples, seqlen=seqlen,
-                 seed=seed, targets=targets, ignore=ignore, protect=protect, cache_dir=cache_dir, out=out_path,
+                 seed=seed, targets=targets, ignore=ignore, protect=protect, calibration=calibration,
+                 cache_dir=cache_dir, out=out_path,
                  **protect_flags(protect_heads, protect_top, per_layer, protect_sparsity),
                  sparse_out=sparse_out, no_sparse=no_sparse or None, eval_perplexity=eval_perplexity, dtype=dtype,
                  device=device, overwrite=overwrite or None, quiet=quiet or None)

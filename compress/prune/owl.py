@@ -38,5 +38,11 @@ def owl_strategy(block_scores: Mapping[int, list[torch.Tensor]], block_params: S
                  m: float = 5.0, lam: float = 0.08) -> Strategy:
     """OWL's strategy from each block's Wanda score matrices."""
     ratios = [outlier_ratio(block_scores[b], m) for b in range(len(block_params))]
+    return owl_from_ratios(ratios, block_params, sparsity, m, lam)
+
+
+def owl_from_ratios(ratios: Sequence[float], block_params: Sequence[int], sparsity: float, m: float = 5.0,
+                    lam: float = 0.08) -> Strategy:
+    """OWL's strategy from each block's outlier ratio D_l (a block-wise pass computes one block at a time)."""
     values = owl_allocation(ratios, block_params, sparsity, lam)
-    return Strategy(tuple(values), "owl", {"owl_m": m, "owl_lambda": lam, "outlier_ratio": ratios})
+    return Strategy(tuple(values), "owl", {"owl_m": m, "owl_lambda": lam, "outlier_ratio": list(ratios)})

@@ -8,11 +8,19 @@ r = p.prune(p.owl(0.7), method="sparsegpt")            # OWL allocation at 70%
 r = p.prune([0.3, 0.5, 0.7, ...], method="wanda")      # one sparsity per block
 p.save(r, "pruned/")                                   # a Hugging Face folder (zeros stored densely)
 p.load(r); ...evaluate p.model...; p.load(None)        # in memory, back to dense
+p.prune_blocks(0.5, "sparsegpt", calibration="sequential", out="pruned/")   # block by block, streamed to disk
 ```
 
-The dense weights of the prunable layers stay on ``device``; the calibration statistics (``calib.py``) are
-computed on first use and cached on disk, so a second Pruner of the same model and calibration set does no
-forward pass. SparseGPT's inverse-Hessian factor depends only on the layer, so it is computed once per layer.
+Two paths. **Block by block** (``prune_blocks``; ``prune`` when the Pruner's ``calibration`` is
+``sequential``): ``compress.io.blocks.BlockRunner`` reads one block's weights at a time, its statistics are
+collected while it runs, its layers are pruned and, with ``out``, written at once; nothing of the model but the
+embeddings and that block is in memory. ``calibration="sequential"`` calibrates each block on the outputs of the
+blocks already pruned (the SparseGPT/Wanda reference code, llm-compressor's sequential pipeline);
+``"shared"`` on the dense model's activations. **In memory** (``prune``/``prune_many`` when ``shared``, the
+default here: one calibration, many strategies, for the evaluators of ``compress.strategy``): the model is loaded
+on first use (``model``), the dense weights of the prunable layers stay on ``device``, and the dense statistics
+are computed once (cached on disk only with ``cache_dir``). SparseGPT's inverse-Hessian factor depends only on
+the layer, so it is computed once per layer. Both paths give the same result in shared mode.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from compress.sparsify.protect import Protect
 
 DEFAULT_CALIB = "wikitext2.valid"
 DEFAULT_SEQLEN = 512
+CALIBRATIONS = ("sequential", "shared")
 
 
 def resolve_text(calib: str | os.PathLike | None) -> tuple[str, str]:
@@ -80,40 +89,63 @@ class Pruner:
                  seqlen: int | None = None, seed: int = 0, targets: str | None = None,
                  ignore: str | None = C.DEFAULT_IGNORE,
                  device: str = "cpu", cache_dir: str | os.PathLike | None = None, batch_size: int = 8,
-                 blocksize: int = 128, percdamp: float = 0.01, quiet: bool = False):
-        from compress.eval.classify import hf_quiet
+                 blocksize: int = 128, percdamp: float = 0.01, quiet: bool = False, calibration: str = "shared"):
+        from compress.io.blocks import empty_model
+        from compress.io.reader import check_weight_files
 
         self.model_dir = Path(model)
         if read_model_config(self.model_dir) is None:
             raise CompressError(f"{self.model_dir}: not a Hugging Face model folder (no config.json)")
-        self.device, self.quiet = device, quiet
+        if calibration not in CALIBRATIONS:
+            raise CompressError(f"calibration '{calibration}': choose one of {', '.join(CALIBRATIONS)}")
+        self.device, self.quiet, self.calibration = device, quiet, calibration
         self.nsamples, self.seed, self.batch_size = nsamples, seed, batch_size
         self.blocksize, self.percdamp = blocksize, percdamp
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else C.default_cache_dir()
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.calib = calib
-        with hf_quiet():
-            self.model = _load_model(self.model_dir, device)
-        _check_finite_model(self.model, self.model_dir)
-        self.modules, self.n_blocks = C.find_prunable(self.model, targets, ignore)
-        max_pos = getattr(self.model.config, "max_position_embeddings", None)
+        check_weight_files(self.model_dir)
+        self.skeleton = empty_model(self.model_dir)  # names, shapes and config; no weights
+        self.modules, self.n_blocks = C.find_prunable(self.skeleton, targets, ignore)
+        max_pos = getattr(self.skeleton.config, "max_position_embeddings", None)
         if seqlen is None:
             seqlen = min(DEFAULT_SEQLEN, max_pos or DEFAULT_SEQLEN)
         self.seqlen = seqlen
         if max_pos is not None and seqlen > max_pos:
             raise CompressError(f"--seqlen {seqlen} is longer than the model's max_position_embeddings {max_pos}")
-        mods = dict(self.model.named_modules())
-        self._module = {p.name: mods[p.name] for p in self.modules}
         self.block_params = [sum(p.numel for p in self.modules if p.block == b) for b in range(self.n_blocks)]
         if not any(self.block_params):
             raise CompressError(f"{self.model_dir}: every selected layer lies outside the blocks; a per-block "
                                 "strategy needs layers inside them (check --targets/--ignore)")
-        self._dense = {p.name: self._weight(p).detach().float().clone() for p in self.modules}
+        self._model: torch.nn.Module | None = None
+        self._dense_w: dict[str, torch.Tensor] | None = None
         self._stats: dict[str, C.LayerStats] | None = None
         self._has_hessian = False
         self._hinv: dict = {}  # the methods' ``Layer.cache`` (SparseGPT's inverse-Hessian factors)
         self._key: str | None = None
         self.forward_passes = 0  # calibration forward passes this Pruner ran (0 on a cache hit)
         self.calibration_seconds = 0.0
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The whole model in float32 on ``device``, loaded on first use (the in-memory path only)."""
+        if self._model is None:
+            from compress.eval.classify import hf_quiet
+
+            with hf_quiet():
+                model = _load_model(self.model_dir, self.device)
+            _check_finite_model(model, self.model_dir)
+            mods = dict(model.named_modules())
+            self._module = {p.name: mods[p.name] for p in self.modules}
+            self._model = model
+        return self._model
+
+    @property
+    def _dense(self) -> dict[str, torch.Tensor]:
+        """The dense weights of the prunable layers ([out, in], float32, on ``device``; the in-memory path)."""
+        if self._dense_w is None:
+            self.model  # noqa: B018  (loads it)
+            self._dense_w = {p.name: self._weight(p).detach().float().clone() for p in self.modules}
+        return self._dense_w
 
     # -- weights -------------------------------------------------------------------------------------------
     def _weight(self, p: C.Prunable) -> torch.Tensor:
@@ -128,7 +160,7 @@ class Pruner:
         if not protect:
             return None
         stored = (p.in_features, p.out_features) if p.transposed else (p.out_features, p.in_features)
-        keep = protect.keep(self.param_name(p), stored, device=self._dense[p.name].device)
+        keep = protect.keep(self.param_name(p), stored, device=self.device)
         if keep is None or not bool(keep.any()):
             return None
         return keep.T if p.transposed else keep
@@ -136,8 +168,9 @@ class Pruner:
     @torch.no_grad()
     def load(self, result: PruneResult | None) -> None:
         """Put ``result``'s weights into ``self.model`` (None: the dense weights back)."""
+        dense = self._dense
         for p in self.modules:
-            w = self._dense[p.name] if result is None else result.weights[p.name]
+            w = dense[p.name] if result is None else result.weights[p.name]
             self._weight(p).copy_(w)
 
     # -- calibration ---------------------------------------------------------------------------------------
@@ -168,14 +201,11 @@ class Pruner:
         """Per-layer statistics of the dense model: from memory, the disk cache, or one forward pass."""
         if self._stats is not None and (self._has_hessian or not hessian):
             return self._stats
-        paths = C.cache_paths(self.cache_dir, self.key())
-        order = ("hessian",) if hessian else ("norms", "hessian")
-        for kind in order:
-            got = C.load_stats(paths[kind], self.modules, kind == "hessian", self.device)
-            if got is not None:
-                self._stats, self._has_hessian = got, kind == "hessian"
-                self._hinv.clear()
-                return got
+        got = self._cached_stats(self.modules, hessian)
+        if got is not None:
+            self._stats, self._has_hessian = got
+            self._hinv.clear()
+            return self._stats
         windows = self.windows()  # before any work: a too-short text fails here
         t0 = time.perf_counter()
         self.load(None)
@@ -183,18 +213,46 @@ class Pruner:
                                 device=self.device, quiet=self.quiet)
         self.forward_passes += 1
         self.calibration_seconds += time.perf_counter() - t0
-        meta = {"model": str(self.model_dir), "calib": str(self.calib or DEFAULT_CALIB), "nsamples": self.nsamples,
-                "seqlen": self.seqlen, "seed": self.seed}
-        C.save_stats(stats, paths["hessian" if hessian else "norms"], meta)
+        if self.cache_dir is not None:
+            C.save_stats(stats, self._cache_path(hessian), self._cache_meta(), self.quiet)
         self._stats, self._has_hessian = stats, hessian
         self._hinv.clear()
         return stats
 
+    def _cache_path(self, hessian: bool) -> Path:
+        return C.cache_paths(self.cache_dir, self.key())["hessian" if hessian else "norms"]
+
+    def _cache_meta(self) -> dict:
+        return {"model": str(self.model_dir), "calib": str(self.calib or DEFAULT_CALIB), "nsamples": self.nsamples,
+                "seqlen": self.seqlen, "seed": self.seed}
+
+    def _cached_stats(self, modules: list[C.Prunable], hessian: bool, device: str | None = None
+                      ) -> tuple[dict[str, C.LayerStats], bool] | None:
+        """(statistics of ``modules`` from the disk cache, whether they hold Hessians), or None (no cache or no
+        entry)."""
+        if self.cache_dir is None:
+            return None
+        for h in (True,) if hessian else (False, True):
+            got = C.load_stats(self._cache_path(h), modules, h, device or self.device)
+            if got is not None:
+                return got, h
+        return None
+
     # -- strategies ----------------------------------------------------------------------------------------
     def owl(self, sparsity: float, m: float = 5.0, lam: float = 0.08) -> Strategy:
-        """OWL's per-block allocation at mean ``sparsity`` (Wanda scores of the dense model)."""
-        from compress.prune.owl import owl_strategy
+        """OWL's per-block allocation at mean ``sparsity`` (Wanda scores of the dense model): from the in-memory
+        statistics when the model is loaded, else in one block-wise pass of the dense model (the same numbers)."""
+        from compress.prune.owl import outlier_ratio, owl_from_ratios, owl_strategy
 
+        if self._model is None:
+            ratios = []
+
+            def score(i, layers, weights, stats):
+                ratios.append(outlier_ratio([M.wanda_scores(weights[p.name], stats[p.name].col_norm)
+                                             for p in layers], m))
+
+            self._dense_pass(score)
+            return owl_from_ratios(ratios, self.block_params, sparsity, m, lam)
         stats = self.stats()
         scores: dict[int, list[torch.Tensor]] = {b: [] for b in range(self.n_blocks)}
         for p in self.modules:
@@ -230,16 +288,14 @@ class Pruner:
     # -- pruning -------------------------------------------------------------------------------------------
     def prune(self, strategy: Strategy | float | Sequence[float], method: str = "wanda",
               pattern: str = "unstructured", protect: Protect | None = None) -> PruneResult:
-        """Prune every selected layer to its block's sparsity; the model itself is left dense."""
+        """Prune every selected layer to its block's sparsity; the model itself is left dense. Sequential
+        calibration runs block by block (``prune_blocks``), shared in memory (``prune_many``)."""
+        if self.calibration == "sequential":
+            return self.prune_blocks(strategy, method, pattern, protect, keep_weights=True)
         return self.prune_many([strategy], method, pattern, protect)[0]
 
-    @torch.no_grad()
-    def prune_many(self, strategies: Sequence[Strategy | float | Sequence[float]], method: str = "wanda",
-                   pattern: str = "unstructured", protect: Protect | None = None) -> list[PruneResult]:
-        """``prune`` for K strategies from the one calibration, ``method`` a name of ``compress.prune.registry``.
-        Mask methods (magnitude, Wanda) are cheap per strategy; an update method solves the K problems of each
-        layer at once (SparseGPT: one batched column loop, ``sparsegpt_prune_many``, bit-compatible with K calls
-        of ``prune`` up to float summation order). Holds K pruned copies of the prunable weights on the device."""
+    def _setup(self, strategies, method: str, pattern: str):
+        """(method spec, validated strategies, N:M pattern or None, each strategy's mean sparsity)."""
         spec = get_prune_method(method)
         sts = [self.as_strategy(st) for st in strategies]
         nm = M.parse_pattern(pattern)
@@ -249,19 +305,62 @@ class Pruner:
                 if any(abs(x - want) > 1e-9 for x in st.layer_sparsity):
                     raise CompressError(f"pattern {pattern} prunes exactly {want:g} of every layer; the strategy "
                                         f"({st.source}) asks for other sparsities")
+        return spec, sts, nm, [st.mean(self.block_params) for st in sts]
+
+    def _budgets(self, sts, means, protected: dict[str, int], x: float) -> list[dict]:
+        """Each strategy's zero budget of every layer when some entries are protected (``methods.allot_zeros``):
+        protected entries take fewer zeros than their share, the free ones of the same block (then of the model)
+        take the rest, so each block and the whole model still meet the requested sparsity."""
+        prot = [protected[p.name] for p in self.modules]
+        budgets = []
+        for st, mean in zip(sts, means):
+            ss = [st.layer_sparsity[p.block] if p.block is not None else mean for p in self.modules]
+            got = M.allot_zeros([p.numel for p in self.modules], prot, [p.block for p in self.modules], ss, x)
+            budgets.append({p.name: z for p, z in zip(self.modules, got)})
+        return budgets
+
+    def _prune_layer(self, spec, p: C.Prunable, w: torch.Tensor, stats, ss: list[float], keep, zs: list, nm,
+                     x: float, cache: dict, budgeted: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One layer pruned to each sparsity of ``ss``: [(weight, keep-mask)] ([out, in], float32)."""
+        if keep is None and budgeted:
+            # nothing of this layer is protected, but it may take zeros that protected layers of its block could
+            # not: pruned to its budget like the others
+            keep = torch.zeros_like(w, dtype=torch.bool)
+        if keep is None or nm is not None:
+            dense = [(x_ == 0 and nm is None) or (keep is not None and bool(keep.all())) for x_ in ss]
+        else:
+            dense = [z == (0, 0) for z in zs]
+        out: list = [(w.clone(), torch.ones_like(w, dtype=torch.bool)) if d else None for d in dense]
+        todo = [b for b, d in enumerate(dense) if not d]
+        layer = Layer(p.name, w, stats, nm=nm, keep=keep, protect_sparsity=x, blocksize=self.blocksize,
+                      percdamp=self.percdamp, cache=cache)
+        if spec.mask is not None:
+            for b in todo:
+                mask = spec.mask(layer, ss[b], zs[b])
+                out[b] = (w * mask, mask)
+        elif todo:
+            new, masks = spec.update(layer, [ss[b] for b in todo], [zs[b] for b in todo])
+            for j, b in enumerate(todo):
+                out[b] = (new[j] * masks[j], masks[j])
+        return out
+
+    @torch.no_grad()
+    def prune_many(self, strategies: Sequence[Strategy | float | Sequence[float]], method: str = "wanda",
+                   pattern: str = "unstructured", protect: Protect | None = None) -> list[PruneResult]:
+        """``prune`` for K strategies from the one calibration, ``method`` a name of ``compress.prune.registry``.
+        Mask methods (magnitude, Wanda) are cheap per strategy; an update method solves the K problems of each
+        layer at once (SparseGPT: one batched column loop, ``sparsegpt_prune_many``, bit-compatible with K calls
+        of ``prune`` up to float summation order). Holds K pruned copies of the prunable weights on the device.
+        Sequential calibration ties the statistics to one strategy: each is then pruned block by block."""
+        if self.calibration == "sequential":
+            return [self.prune(st, method, pattern, protect) for st in strategies]
+        spec, sts, nm, means = self._setup(strategies, method, pattern)
         stats = self.stats(hessian=spec.hessian) if spec.calibrated else None
-        means = [st.mean(self.block_params) for st in sts]
         keeps = {p.name: self._keep(p, protect) for p in self.modules} if protect else {}
         x = (protect.sparsity or 0.0) if protect else 0.0
         budgets: list[dict] = [{} for _ in sts]
         if keeps and nm is None:
-            # protected entries take fewer zeros than their share: the free ones of the same block (then of the
-            # model) take the rest, so each block and the whole model still meet the requested sparsity
-            prot = [0 if keeps[p.name] is None else int(keeps[p.name].sum()) for p in self.modules]
-            for b, (st, mean) in enumerate(zip(sts, means)):
-                ss = [st.layer_sparsity[p.block] if p.block is not None else mean for p in self.modules]
-                got = M.allot_zeros([p.numel for p in self.modules], prot, [p.block for p in self.modules], ss, x)
-                budgets[b] = {p.name: z for p, z in zip(self.modules, got)}
+            budgets = self._budgets(sts, means, {n: 0 if k is None else int(k.sum()) for n, k in keeps.items()}, x)
         t0 = time.perf_counter()
         weights: list[dict] = [{} for _ in sts]
         kept: list[dict] = [{} for _ in sts]
@@ -269,28 +368,8 @@ class Pruner:
         for p in self.modules:
             ss = [st.layer_sparsity[p.block] if p.block is not None else mean for st, mean in zip(sts, means)]
             w = self._dense[p.name]
-            keep = keeps.get(p.name)
-            zs = [bud.get(p.name) for bud in budgets]
-            if keep is None and budgets[0]:
-                # nothing of this layer is protected, but it may take zeros that protected layers of its block
-                # could not: pruned to its budget like the others
-                keep = torch.zeros_like(w, dtype=torch.bool)
-            if keep is None or nm is not None:
-                dense = [(x_ == 0 and nm is None) or (keep is not None and bool(keep.all())) for x_ in ss]
-            else:
-                dense = [z == (0, 0) for z in zs]
-            out: list = [(w.clone(), torch.ones_like(w, dtype=torch.bool)) if d else None for d in dense]
-            todo = [b for b, d in enumerate(dense) if not d]
-            layer = Layer(p.name, w, stats[p.name] if stats is not None else None, nm=nm, keep=keep,
-                          protect_sparsity=x, blocksize=self.blocksize, percdamp=self.percdamp, cache=self._hinv)
-            if spec.mask is not None:
-                for b in todo:
-                    mask = spec.mask(layer, ss[b], zs[b])
-                    out[b] = (w * mask, mask)
-            elif todo:
-                new, masks = spec.update(layer, [ss[b] for b in todo], [zs[b] for b in todo])
-                for j, b in enumerate(todo):
-                    out[b] = (new[j] * masks[j], masks[j])
+            out = self._prune_layer(spec, p, w, stats[p.name] if stats is not None else None, ss, keeps.get(p.name),
+                                    [bud.get(p.name) for bud in budgets], nm, x, self._hinv, bool(budgets[0]))
             for b, (new, mask) in enumerate(out):
                 weights[b][p.name] = new
                 kept[b][p.name] = int(torch.count_nonzero(mask))
@@ -300,6 +379,188 @@ class Pruner:
         seconds = (time.perf_counter() - t0) / len(sts)
         return [PruneResult(weights[b], st, method, pattern, kept[b], seconds, dict(numel))
                 for b, st in enumerate(sts)]
+
+    # -- block by block ------------------------------------------------------------------------------------
+    def _runner(self):
+        from compress.io.blocks import BlockRunner
+
+        return BlockRunner(self.model_dir, device=self.device, dtype=torch.float32)
+
+    def _block_layers(self, runner, i: int, block) -> tuple[list[C.Prunable], dict[str, torch.Tensor]]:
+        """Block ``i``'s prunable layers and their weights as loaded ([out, in] views, float32)."""
+        layers = [p for p in self.modules if p.block == i]
+        head = f"{runner.prefix}.{i}."
+        weights = {}
+        for p in layers:
+            w = block.get_submodule(p.name[len(head):]).weight
+            weights[p.name] = w.T if p.transposed else w
+        return layers, weights
+
+    def _block_stats(self, runner, i, block, acts, layers, hessian: bool, outputs: bool):
+        """Block ``i``'s statistics while it runs over ``acts`` (outputs handed on with ``outputs``)."""
+        with C.StatsHooks(block, layers, hessian, self.device, prefix=f"{runner.prefix}.{i}.") as hooks:
+            runner.run(i, block, acts, outputs=outputs)
+        return hooks.stats
+
+    @torch.no_grad()
+    def _dense_pass(self, visit) -> None:
+        """One block-wise pass of the dense model over the calibration windows: ``visit(i, layers, weights,
+        stats)`` for every block (Wanda norms), then the block is freed."""
+        windows = self.windows()
+        with self._runner() as runner:
+            acts = runner.start(windows.split(self.batch_size))
+            for i, block in runner.blockwise():
+                layers, weights = self._block_layers(runner, i, block)
+                visit(i, layers, weights, self._block_stats(runner, i, block, acts, layers, False, True))
+        self.forward_passes += 1
+
+    def _outer(self, p: C.Prunable, spec) -> None:
+        if spec.calibrated:
+            raise CompressError(f"layer '{p.name}' lies outside the blocks: block-wise pruning calibrates the "
+                                "layers inside them; leave it out (--targets/--ignore) or use --method magnitude")
+
+    @torch.no_grad()
+    def prune_blocks(self, strategy: Strategy | float | Sequence[float], method: str = "wanda",
+                     pattern: str = "unstructured", protect: Protect | None = None, *,
+                     calibration: str | None = None, out: str | os.PathLike | None = None,
+                     dtype: torch.dtype | None = None, overwrite: bool = False, shard_size: str = "5GB",
+                     keep_weights: bool | None = None, extra: dict | None = None) -> PruneResult:
+        """Prune block by block (see the module docstring): with ``out``, the Hugging Face folder is written as
+        the blocks are done (what ``save`` writes); ``keep_weights`` (default: without ``out``) also returns the
+        pruned weights (float32, on the CPU) for ``load``/``save``. ``calibration`` defaults to the Pruner's."""
+        mode = calibration or self.calibration
+        if mode not in CALIBRATIONS:
+            raise CompressError(f"calibration '{mode}': choose one of {', '.join(CALIBRATIONS)}")
+        spec, sts, nm, means = self._setup([strategy], method, pattern)
+        st, mean = sts[0], means[0]
+        keep_weights = out is None if keep_weights is None else keep_weights
+        x = (protect.sparsity or 0.0) if protect else 0.0
+        budgets: dict = {}
+        if protect and nm is None:
+            counts = {}
+            for p in self.modules:  # one layer's mask at a time: only the counts are kept
+                k = self._keep(p, protect)
+                counts[p.name] = 0 if k is None else int(k.sum())
+            if any(counts.values()):
+                budgets = self._budgets([st], [mean], counts, x)[0]
+        windows = self.windows() if spec.calibrated else None  # before any work: a too-short text fails here
+        for p in self.modules:
+            if p.block is None:
+                self._outer(p, spec)
+        res = PruneResult({}, st, method, pattern, {}, 0.0, {})
+        t0 = time.perf_counter()
+        runner = self._runner()
+        cache = None
+
+        def prune_one(p, w, stats, s):
+            keep = self._keep(p, protect)
+            (new, mask), = self._prune_layer(spec, p, w, stats, [s], keep, [budgets.get(p.name)], nm, x, hinv,
+                                             bool(budgets))
+            res.kept[p.name] = int(torch.count_nonzero(mask))
+            res.numel[p.name] = w.numel()
+            if keep_weights:
+                res.weights[p.name] = new.cpu()
+            return new
+
+        def stored(name, p, new):
+            t = (new.T if p.transposed else new).to(runner.ck.info(name).dtype).cpu()
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+        def tensors():
+            nonlocal cache
+            ck = runner.ck
+            block_names = [runner.block_tensor_names(i) for i in range(self.n_blocks)]
+            inside = {n for names in block_names for n in names.values()}
+            by_ck = {runner.tensor_name(f"{p.name}.weight"): p for p in self.modules}
+            for name in ck.names():  # embeddings, final norm, heads: as stored (outer layers: magnitude only)
+                if name not in inside:
+                    p = by_ck.get(name)
+                    t = ck.get(name)
+                    if p is not None:
+                        w = (t.T if p.transposed else t).float().to(self.device)
+                        t = stored(name, p, prune_one(p, w, None, mean))
+                    elif dtype is not None and t.is_floating_point():
+                        t = t.to(dtype)
+                    yield name, t
+            acts, cached, computed = None, False, False
+            if spec.calibrated:
+                acts = runner.start(windows.split(self.batch_size))
+                if mode == "shared" and self.cache_dir is not None:
+                    cached = any(C.has_stats(self._cache_path(h), self.modules, h)
+                                 for h in ((True,) if spec.hessian else (False, True)))
+                    if not cached:
+                        cache = C.StatsCache(self._cache_path(spec.hessian), C.stats_nbytes(self.modules, spec.hessian),
+                                             self._cache_meta(), self.quiet, exact=False)
+            from compress.progress import track
+
+            for i in track(range(self.n_blocks), f"pruning ({mode})", quiet=self.quiet):
+                block = runner.load_block(i)
+                layers, weights = self._block_layers(runner, i, block)
+                stats = None
+                if spec.calibrated:
+                    got = self._cached_stats(layers, spec.hessian) if cached else None
+                    if got is not None:
+                        stats = got[0]
+                        runner.run(i, block, acts)
+                    else:
+                        stats = self._block_stats(runner, i, block, acts, layers, spec.hessian, mode == "shared")
+                        computed = True
+                        if cache is not None:
+                            cache.add(stats)
+                hinv.clear()
+                new = {p.name: prune_one(p, weights[p.name], stats[p.name] if stats else None,
+                                         st.layer_sparsity[i]) for p in layers}
+                del stats
+                hinv.clear()
+                if mode == "sequential" and acts is not None and i < self.n_blocks - 1:
+                    for p in layers:  # the next block sees this one pruned
+                        weights[p.name].copy_(new[p.name])
+                    runner.run(i, block, acts)
+                for mname, name in block_names[i].items():
+                    p = by_ck.get(name)
+                    yield name, (stored(name, p, new[p.name]) if p is not None else
+                                 ck.get(name, dtype=dtype) if dtype is not None else ck.get(name))
+                del new, weights
+                runner.free_block(i)
+            if cache is not None:
+                cache.close()
+                cache = None
+            self.forward_passes += computed
+
+        hinv: dict = {}
+        try:
+            if out is None:
+                for _ in tensors():
+                    pass
+            else:
+                from compress.io.writer import write_folder
+
+                info: dict = {}
+                card: dict = {}
+
+                def finish(folder: Path) -> None:
+                    # the summary is known once every block is done; the card is written after this
+                    import json
+
+                    res.seconds = time.perf_counter() - t0
+                    info.update(self._info(res, {"calibration": mode, **(extra or {})}))
+                    card.update(self._card(res, info))
+                    (folder / "prune.json").write_text(json.dumps(info, indent=1) + "\n")
+
+                write_folder(out, tensors(), overwrite=overwrite, expected_tensors=len(runner.ck),
+                             shard_size=shard_size, metadata={"compress": "prune"}, aux_from=self.model_dir,
+                             finish=finish, card=card)
+        except BaseException as e:
+            if cache is not None:  # a half-written statistics cache is removed too
+                cache.abort(e)
+            raise
+        finally:
+            runner.close()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        res.seconds = time.perf_counter() - t0
+        self.calibration_seconds += res.seconds
+        return res
 
     def layer_sparsity(self, result: PruneResult) -> list[float]:
         """Measured sparsity of each block (zeros over the block's pruned parameters)."""
@@ -315,9 +576,22 @@ class Pruner:
         from compress.io.reader import open_checkpoint
 
         ck = ck if ck is not None else open_checkpoint(self.model_dir)
-        return _checkpoint_names(self.model, self.modules, ck, self.model_dir)
+        return _checkpoint_names(self.skeleton, self.modules, ck, self.model_dir)
 
     # -- output --------------------------------------------------------------------------------------------
+    def _info(self, result: PruneResult, extra: dict | None = None) -> dict:
+        """What ``prune.json`` holds."""
+        return {**result.summary(), "layer_sparsity_measured": self.layer_sparsity(result),
+                "model": str(self.model_dir), "calib": str(self.calib or DEFAULT_CALIB), "nsamples": self.nsamples,
+                "seqlen": self.seqlen, "seed": self.seed, **(extra or {})}
+
+    def _card(self, result: PruneResult, info: dict) -> dict:
+        return {"title": f"{self.model_dir.name} pruned ({result.method}, {result.pattern})",
+                "method": f"compress prune, {result.method}",
+                "inputs": {"model": str(self.model_dir), "calibration": info["calib"]},
+                "params": {"sparsity": f"{result.sparsity:.4f}", "strategy": result.strategy.source,
+                           "nsamples": self.nsamples, "seqlen": self.seqlen}}
+
     def save(self, result: PruneResult, out: str | os.PathLike, *, dtype: torch.dtype | None = None,
              overwrite: bool = False, shard_size: str = "5GB", extra: dict | None = None) -> Path:
         """A Hugging Face folder: every tensor of the source checkpoint, pruned weights replaced (streamed one
@@ -329,9 +603,7 @@ class Pruner:
 
         ck = open_checkpoint(self.model_dir)
         by_ck = self.checkpoint_names(ck)
-        info = {**result.summary(), "layer_sparsity_measured": self.layer_sparsity(result),
-                "model": str(self.model_dir), "calib": str(self.calib or DEFAULT_CALIB), "nsamples": self.nsamples,
-                "seqlen": self.seqlen, "seed": self.seed, **(extra or {})}
+        info = self._info(result, extra)
 
         def tensors():
             for name in ck.names():
@@ -345,14 +617,9 @@ class Pruner:
                     t = t.to(dtype)
                 yield name, t.contiguous()
 
-        card = {"title": f"{self.model_dir.name} pruned ({result.method}, {result.pattern})",
-                "method": f"compress prune, {result.method}",
-                "inputs": {"model": str(self.model_dir), "calibration": info["calib"]},
-                "params": {"sparsity": f"{result.sparsity:.4f}", "strategy": result.strategy.source,
-                           "nsamples": self.nsamples, "seqlen": self.seqlen}}
         return write_folder(out, tensors(), overwrite=overwrite, expected_tensors=len(ck), shard_size=shard_size,
                             metadata={"compress": "prune"}, aux_from=self.model_dir,
-                            files={"prune.json": json.dumps(info, indent=1) + "\n"}, card=card)
+                            files={"prune.json": json.dumps(info, indent=1) + "\n"}, card=self._card(result, info))
 
 
 def _check_finite_model(model: torch.nn.Module, path: Path) -> None:
@@ -365,14 +632,15 @@ def _check_finite_model(model: torch.nn.Module, path: Path) -> None:
 
 
 def _checkpoint_names(model, modules, ck, model_dir) -> dict[str, "C.Prunable"]:
+    from compress.io.blocks import checkpoint_name
+
     by_ck = {}
     prefix = getattr(model, "base_model_prefix", "") or ""
     for p in modules:
         name = f"{p.name}.weight"
-        for cand in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
-            if cand in ck:
-                by_ck[cand] = p
-                break
+        found = checkpoint_name(name, ck, prefix)
+        if found is not None:
+            by_ck[found] = p
         else:
             raise CompressError(f"{model_dir}: weight '{name}' of the loaded model is not in the checkpoint")
     return by_ck
