@@ -14,8 +14,6 @@ from compress.eval import kl_divergence, perplexity
 from compress.eval.blockwise import blockwise_kl, blockwise_perplexity
 from compress.io.models import load_model, load_tokenizer
 
-TEXT = "wikitext2.valid"
-
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
@@ -54,34 +52,30 @@ def _save_tok(path, tokenizer_from):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
-def test_blockwise_perplexity_equals_whole_model(family, arch):
-    from compress.data import corpus_path
-
+def test_blockwise_perplexity_equals_whole_model(family, arch, calib_wikitext):
     path = family[arch]
     tok = load_tokenizer(path)
     kw = dict(seqlen=64, max_tokens=1500, batch_size=4)
-    whole = perplexity(load_model(path), tok, corpus_path(TEXT), **kw)
-    blocks = blockwise_perplexity(path, tok, corpus_path(TEXT), **kw)
+    whole = perplexity(load_model(path), tok, calib_wikitext, **kw)
+    blocks = blockwise_perplexity(path, tok, calib_wikitext, **kw)
     assert blocks == pytest.approx(whole, rel=1e-6)
     assert 50 < whole  # a random model: near the vocabulary size, far from 1
 
 
-def test_blockwise_kl_equals_whole_model(family):
-    from compress.data import corpus_path
-
+def test_blockwise_kl_equals_whole_model(family, calib_wikitext):
     a, b = family["llama"], family["llama2"]
     tok = load_tokenizer(a)
     kw = dict(seqlen=64, max_tokens=1500, batch_size=4)
-    whole = kl_divergence(load_model(a), load_model(b), tok, corpus_path(TEXT), **kw)
-    blocks = blockwise_kl(a, b, tok, corpus_path(TEXT), **kw)
+    whole = kl_divergence(load_model(a), load_model(b), tok, calib_wikitext, **kw)
+    blocks = blockwise_kl(a, b, tok, calib_wikitext, **kw)
     assert whole > 1e-3
     assert blocks == pytest.approx(whole, rel=1e-5)
-    assert blockwise_kl(a, a, tok, corpus_path(TEXT), **kw) == pytest.approx(0.0, abs=1e-9)
+    assert blockwise_kl(a, a, tok, calib_wikitext, **kw) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_eval_cli_blockwise_flag_and_auto(family, monkeypatch):
+def test_eval_cli_blockwise_flag_and_auto(family, monkeypatch, calib_wikitext):
     a, b = family["llama"], family["llama2"]
-    args = ["eval", a, "--kl-to", b, "--calib", TEXT, "--seqlen", "64", "--max-tokens", "1000", "--json"]
+    args = ["eval", a, "--kl-to", b, "--calib", calib_wikitext, "--seqlen", "64", "--max-tokens", "1000", "--json"]
     code, out_w, err = run_cli(*args, "--whole-model")
     assert code == 0, err
     code, out_b, err = run_cli(*args, "--blockwise")
@@ -90,25 +84,26 @@ def test_eval_cli_blockwise_flag_and_auto(family, monkeypatch):
     assert (w["blockwise"], bl["blockwise"]) == (False, True)
     assert bl["kl_nats_per_token"] == pytest.approx(w["kl_nats_per_token"], rel=1e-5)
     # automatic: a tiny model runs whole; with no share of the device left for weights it runs block by block
-    code, out, err = run_cli("eval", a, "--perplexity", TEXT, "--seqlen", "64", "--max-tokens", "1000", "--json")
+    ppl = ["eval", a, "--perplexity", calib_wikitext, "--seqlen", "64", "--max-tokens", "1000", "--json"]
+    code, out, err = run_cli(*ppl)
     assert code == 0 and json.loads(out)["blockwise"] is False, err
     monkeypatch.setattr("compress.io.fit.STREAM_SHARE", 0.0)
-    code, out2, err = run_cli("eval", a, "--perplexity", TEXT, "--seqlen", "64", "--max-tokens", "1000", "--json")
+    code, out2, err = run_cli(*ppl)
     assert code == 0 and json.loads(out2)["blockwise"] is True, err
     assert json.loads(out2)["perplexity"] == pytest.approx(json.loads(out)["perplexity"], rel=1e-6)
 
 
-def test_blockwise_refuses_an_encoder_decoder_with_one_line(lm, tmp_path):
+def test_blockwise_refuses_an_encoder_decoder_with_one_line(lm, tmp_path, calib_wikitext):
     from transformers import BertConfig, BertModel, T5Config, T5ForConditionalGeneration
 
     t5 = _save(T5ForConditionalGeneration(T5Config(vocab_size=512, d_model=16, d_kv=4, d_ff=32, num_layers=1,
                                                    num_heads=2)), tmp_path / "t5", lm)
-    code, out, err = run_cli("eval", t5, "--perplexity", TEXT, "--max-tokens", "200", "--blockwise")
+    code, out, err = run_cli("eval", t5, "--perplexity", calib_wikitext, "--max-tokens", "200", "--blockwise")
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "encoder-decoder" in err and "t5" in err
     bert = _save(BertModel(BertConfig(vocab_size=512, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                       intermediate_size=32)), tmp_path / "bert", lm)
-    code, out, err = run_cli("eval", bert, "--perplexity", TEXT, "--max-tokens", "200", "--blockwise")
+    code, out, err = run_cli("eval", bert, "--perplexity", calib_wikitext, "--max-tokens", "200", "--blockwise")
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "no LM head" in err and "bert" in err
 
@@ -117,11 +112,11 @@ STRATEGIES = ([0.5, 0.5, 0.5, 0.5], [0.3, 0.6, 0.7, 0.2], [0.0, 0.9, 0.5, 0.5])
 
 
 @pytest.mark.parametrize("method", ["wanda", "magnitude"])
-def test_streaming_evaluator_equals_in_memory(lm, tmp_path, method):
+def test_streaming_evaluator_equals_in_memory(lm, method, calib_wikitext):
     from compress.prune import Pruner
     from compress.strategy.evaluate import Evaluator
 
-    pruner = Pruner(lm, TEXT, nsamples=8, seqlen=64, cache_dir=tmp_path / "cache")
+    pruner = Pruner(lm, calib_wikitext, nsamples=8, seqlen=64)  # no cache: the streaming side calibrates itself
     kw = dict(eval_windows=6, eval_seqlen=64, batch_size=4)
     mem = Evaluator(pruner, method, streaming=False, **kw)
     stream = Evaluator(pruner, method, streaming=True, **kw)
@@ -139,12 +134,12 @@ def test_streaming_evaluator_equals_in_memory(lm, tmp_path, method):
     assert all(p.device.type == "meta" for p in model.model.layers.parameters())
 
 
-def test_streaming_evaluator_refuses_update_methods_and_protection(lm, tmp_path):
+def test_streaming_evaluator_refuses_update_methods_and_protection(lm, tmp_path, calib_wikitext):
     from compress.errors import CompressError
     from compress.prune import Pruner
     from compress.strategy.evaluate import Evaluator
 
-    pruner = Pruner(lm, TEXT, nsamples=8, seqlen=64, cache_dir=tmp_path / "cache")
+    pruner = Pruner(lm, calib_wikitext, nsamples=8, seqlen=64, cache_dir=tmp_path / "cache")
     with pytest.raises(CompressError, match="sparsegpt.*mask methods"):
         Evaluator(pruner, "sparsegpt", eval_windows=2, eval_seqlen=64, streaming=True)
     with pytest.raises(CompressError, match="protected heads"):

@@ -142,45 +142,21 @@ class StreamedModel:
                                 "layers inside them (check --targets/--ignore)")
         self.pruner, self.batch_size = pruner, batch_size
         self.runner = BlockRunner(pruner.model_dir, device=pruner.device, dtype=dtype)
-        self.layers = [[p for p in pruner.modules if p.block == i] for i in range(self.runner.n_blocks)]
         self.numel = sum(p.numel for p in pruner.modules)
-        self.stats = self._dense_stats(pruner.windows(), pruner.batch_size) if spec.calibrated else None
+        self.stats = self._dense_stats(pruner) if spec.calibrated else None
         self.start = self.runner.start(windows.split(batch_size))
         self.sparsity = 0.0
         self.resident: list[int] = []  # parameters on the device while each block ran (the last pass)
 
-    def _weights(self, i: int, block) -> dict[str, torch.Tensor]:
-        """Block ``i``'s prunable weights as loaded ([out, in] views)."""
-        head = f"{self.runner.prefix}.{i}."
-        out = {}
-        for p in self.layers[i]:
-            w = block.get_submodule(p.name[len(head):]).weight
-            out[p.name] = w.T if p.transposed else w
-        return out
-
-    @torch.no_grad()
-    def _dense_stats(self, windows: torch.Tensor, batch_size: int) -> dict:
-        """Σx² per input feature of every prunable layer on the dense model's activations (shared calibration)."""
-        from compress.prune.calib import LayerStats
-
-        runner = self.runner
-        acts = runner.start(windows.split(batch_size))
-        stats = {}
-        for i, block in runner.blockwise():
-            head, handles = f"{runner.prefix}.{i}.", []
-            for p in self.layers[i]:
-                st = stats[p.name] = LayerStats(torch.zeros(p.in_features, device=runner.device), 0)
-
-                def hook(_m, args, _out, st=st):
-                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                    st.sqsum += (x * x).sum(0)
-                    st.tokens += x.shape[0]
-                handles.append(block.get_submodule(p.name[len(head):]).register_forward_hook(hook))
-            try:
-                runner.run(i, block, acts)
-            finally:
-                for h in handles:
-                    h.remove()
+    @staticmethod
+    def _dense_stats(pruner) -> dict:
+        """Σx² per input feature of every prunable layer on the dense model's activations (shared calibration):
+        from the pruner's statistics cache, else one block-wise pass (``Pruner._dense_pass``)."""
+        got = pruner._cached_stats(pruner.modules, False)
+        if got is not None:
+            return got[0]
+        stats: dict = {}
+        pruner._dense_pass(lambda i, layers, weights, block_stats: stats.update(block_stats))
         return stats
 
     @torch.no_grad()
@@ -194,7 +170,7 @@ class StreamedModel:
         pruned, self.resident = 0, []
         for i, block in runner.blockwise():
             if strategy is not None and strategy[i] > 0:
-                for name, w in self._weights(i, block).items():
+                for name, w in self.pruner._block_layers(runner, i, block)[1].items():
                     layer = Layer(name, w.float(), self.stats[name] if self.stats is not None else None)
                     mask = self.spec.mask(layer, float(strategy[i]), None)
                     w.mul_(mask)
