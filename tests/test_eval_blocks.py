@@ -116,14 +116,18 @@ def test_streaming_evaluator_equals_in_memory(lm, method, calib_wikitext):
     from compress.prune import Pruner
     from compress.strategy.evaluate import Evaluator
 
-    pruner = Pruner(lm, calib_wikitext, nsamples=8, seqlen=64)  # no cache: the streaming side calibrates itself
+    def pruner():  # its own, with no cache: each streaming evaluator calibrates block by block
+        return Pruner(lm, calib_wikitext, nsamples=8, seqlen=64)
+
     kw = dict(eval_windows=6, eval_seqlen=64, batch_size=4)
-    mem = Evaluator(pruner, method, streaming=False, **kw)
-    stream = Evaluator(pruner, method, streaming=True, **kw)
+    mem = Evaluator(pruner(), method, streaming=False, **kw)
+    stream = Evaluator(pruner(), method, streaming=True, **kw)
+    cached = Evaluator(pruner(), method, streaming=True, host_cache=True, **kw)  # blocks from a host copy, once read
     assert (mem.stream, stream.ranked) == (None, None)
     for st in STRATEGIES:
-        a, b = mem.evaluate(st), stream.evaluate(st)
+        a, b, c = mem.evaluate(st), stream.evaluate(st), cached.evaluate(st)
         assert b["kl"] == pytest.approx(a["kl"], rel=1e-5) and a["kl"] > 1e-5
+        assert c["kl"] == b["kl"]  # the masks never reach the host copy
         assert b["sparsity"] == pytest.approx(a["sparsity"], abs=1e-12)
     # only the embeddings, the LM head and the running block are on the device: never a second block
     model = stream.stream.runner.model

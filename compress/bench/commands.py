@@ -222,6 +222,9 @@ def bench_unicuco(
                                                   "block when the float32 weights take over half the free device "
                                                   "memory)."),
     dtype: str = typer.Option("float32", help="--streaming: the dtype blocks run in (float32, bfloat16)."),
+    host_cache: bool = typer.Option(False, "--host-cache", help="--streaming: keep each block's weights in pinned "
+                                                                "host memory after the first read (the model's size "
+                                                                "in host RAM; no file reads per evaluation)."),
     search_requests: Optional[int] = typer.Option(None, help="Time the per-request search on this many of the "
                                                              "requests (evenly spread) and scale it to all; both "
                                                              "figures are printed (default: every request)."),
@@ -246,7 +249,7 @@ def bench_unicuco(
     run(zoo, zoo_root=zoo_root, results=results, device=resolve_device(device), requests=requests,
         sparsity_range=(lo, hi), budget=budget, train_budget=train_budget, rounds=rounds, steps=steps,
         optimizer=optimizer, nsamples=nsamples, eval_windows=eval_windows, seed=seed, streaming=streaming,
-        dtype=torch_dtype(dtype), search_requests=search_requests, quiet=quiet)
+        dtype=torch_dtype(dtype), host_cache=host_cache, search_requests=search_requests, quiet=quiet)
 
 
 @bench_app.command("serve")

@@ -68,7 +68,8 @@ def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path
         method: str = "wanda", nsamples: int = 128, seqlen: Optional[int] = None, eval_windows: int = 32,
         eval_seqlen: Optional[int] = None, spread: float = 0.2, max_block: float = 0.95, calib: str = "wikitext2.valid",
         seed: int = 0, batch_size: int = 16, cache_dir: Optional[Path] = None, streaming: Optional[bool] = None,
-        dtype: torch.dtype = torch.float32, search_requests: Optional[int] = None, quiet: bool = False) -> dict:
+        dtype: torch.dtype = torch.float32, host_cache: bool = False, search_requests: Optional[int] = None,
+        quiet: bool = False) -> dict:
     import tempfile
 
     from compress.data import corpus_path
@@ -100,12 +101,13 @@ def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path
         pruner = make_pruner(model_dir, calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                              cache_dir=cache_dir or tmpcache, batch_size=8, quiet=quiet)
         ev = Evaluator(pruner, method, eval_windows=eval_windows, eval_seqlen=eval_seqlen, batch_size=batch_size,
-                       streaming=streaming, dtype=dtype)
+                       streaming=streaming, dtype=dtype, host_cache=host_cache)
         if not ev.streaming:
             pruner.stats(hessian=get_prune_method(method).hessian)
         _sync(device)
         report["setup_seconds"] = time.perf_counter() - t0
         report["streaming"], report["dtype"] = ev.streaming, str(dtype).removeprefix("torch.")
+        report["host_cache"] = bool(ev.streaming and host_cache)
         report["eval_windows_used"] = int(ev.windows.shape[0])
         report["eval_seqlen"] = ev.eval_seqlen
         bp = pruner.block_params
@@ -147,7 +149,8 @@ def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path
         test_windows = text_windows(tok, corpus_path(TEST_TEXT), ev.eval_seqlen, None)
         test_windows = test_windows[torch.linspace(0, len(test_windows) - 1, min(eval_windows, len(test_windows))
                                                    ).round().long()]
-        test_ev = Evaluator(pruner, method, batch_size=batch_size, windows=test_windows)
+        test_ev = Evaluator(pruner, method, batch_size=batch_size, windows=test_windows, streaming=ev.streaming,
+                            dtype=dtype, host_cache=host_cache)
         size = size_model(model_dir, prunable_numels(model_dir))
         rows = []
         for t, s_served, srch in zip([targets[i] for i in searched_at], [served[i] for i in searched_at],
@@ -204,7 +207,8 @@ def markdown(report: dict) -> str:
              f"windows of "
              f"{report['eval_seqlen']} tokens of the calibration text (the evaluator), and on as many windows of "
              f"{TEST_TEXT} (test, never searched). Device: {report.get('device_name', report['device'])}; evaluator "
-             + ("streaming blocks" if report.get("streaming") else "in memory") + f" ({report.get('dtype')}).", "",
+             + ("streaming blocks" + (" from a host copy" if report.get("host_cache") else " from the files")
+                if report.get("streaming") else "in memory") + f" ({report.get('dtype')}).", "",
              "| | evaluations | seconds |", "|---|---:|---:|",
              f"| shared setup (model, calibration, dense log-probs) | | {report['setup_seconds']:.2f} |",
              f"| UniCuCo: design + active rounds ({u['design']} + {u['active']}) | {u['evaluations']} | "

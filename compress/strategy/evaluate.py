@@ -128,7 +128,7 @@ class StreamedModel:
     dense model) and sets ``sparsity``."""
 
     def __init__(self, pruner, method: str, windows: torch.Tensor, batch_size: int,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, host_cache: bool = False):
         from compress.io.blocks import BlockRunner
         from compress.prune.registry import get_prune_method
 
@@ -147,16 +147,36 @@ class StreamedModel:
         self.start = self.runner.start(windows.split(batch_size))
         self.sparsity = 0.0
         self.resident: list[int] = []  # parameters on the device while each block ran (the last pass)
+        # host_cache: each block's dense weights kept in (pinned) host memory after their first read, so that an
+        # evaluation copies them to the device instead of reading the files again (host memory: the model)
+        self.host: dict[int, dict[str, torch.Tensor]] | None = {} if host_cache else None
+
+    def _load(self, i: int):
+        from compress.io.blocks import load_block_from
+
+        if self.host is None:
+            return self.runner.load_block(i)
+        if i in self.host:
+            return load_block_from(self.runner, i, self.host[i])
+        block = self.runner.load_block(i)
+        pin = self.runner.device.type == "cuda"
+        self.host[i] = {n: (p.detach().cpu().pin_memory() if pin else p.detach().clone())
+                        for n, p in block.named_parameters()}
+        return block
 
     @staticmethod
     def _dense_stats(pruner) -> dict:
         """Σx² per input feature of every prunable layer on the dense model's activations (shared calibration):
-        from the pruner's statistics cache, else one block-wise pass (``Pruner._dense_pass``)."""
+        the pruner's own (in memory or its cache), else from one block-wise pass (``Pruner._dense_pass``), kept as
+        the pruner's (the same numbers its whole-model pass gives), so a second evaluator does no pass."""
+        if pruner._stats is not None:
+            return pruner._stats
         got = pruner._cached_stats(pruner.modules, False)
-        if got is not None:
-            return got[0]
-        stats: dict = {}
-        pruner._dense_pass(lambda i, layers, weights, block_stats: stats.update(block_stats))
+        stats: dict = got[0] if got is not None else {}
+        if got is None:
+            pruner._dense_pass(lambda i, layers, weights, block_stats: stats.update(block_stats))
+        pruner._stats, pruner._has_hessian = stats, got is not None and got[1]
+        pruner._hinv.clear()
         return stats
 
     @torch.no_grad()
@@ -168,7 +188,8 @@ class StreamedModel:
         runner, start = self.runner, self.start
         acts = Activations([h.clone() for h in start.hidden], start.calls, start.on_device)
         pruned, self.resident = 0, []
-        for i, block in runner.blockwise():
+        for i in range(runner.n_blocks):
+            block = self._load(i)
             if strategy is not None and strategy[i] > 0:
                 for name, w in self.pruner._block_layers(runner, i, block)[1].items():
                     layer = Layer(name, w.float(), self.stats[name] if self.stats is not None else None)
@@ -177,6 +198,7 @@ class StreamedModel:
                     pruned += mask.numel() - int(mask.sum())
             self.resident.append(sum(p.numel() for p in runner.model.parameters() if p.device.type != "meta"))
             runner.run(i, block, acts)
+            runner.free_block(i)
         self.sparsity = pruned / self.numel
         for h in acts.hidden:
             yield logprobs(runner.head(h))
@@ -191,7 +213,7 @@ class Evaluator:
     def __init__(self, pruner, method: str = "wanda", *, eval_windows: int = 32, eval_seqlen: int | None = None,
                  batch_size: int = 16, protect=None, log: str | os.PathLike | None = None,
                  windows: torch.Tensor | None = None, streaming: bool | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, host_cache: bool = False):
         from compress.io.files import read_model_config
         from compress.prune import calib as C
         from compress.prune.pruner import resolve_text
@@ -224,7 +246,7 @@ class Evaluator:
         t0 = time.perf_counter()
         if streaming:
             self.ranked = None
-            self.stream = StreamedModel(pruner, method, windows, batch_size, dtype)
+            self.stream = StreamedModel(pruner, method, windows, batch_size, dtype, host_cache)
             self.ref = list(self.stream.logprobs(None))
         else:
             self.stream = None
