@@ -22,9 +22,9 @@ block on the device), each block read from the checkpoint, its layers masked by 
 the block's dense weights and the dense calibration statistics (collected block by block on the calibration
 windows, as ``shared`` calibration does: a few floats per input feature), then the KL is summed at the LM head.
 The masks are those of ``Pruner.prune``, so both ways give the same KL. ``streaming=None`` chooses by size: the
-in-memory path (today's, what makes small models fast) unless the weights in float32 take more than
+in-memory path (today's, what makes small models fast) unless the float32 weights take more than
 ``compress.io.fit.STREAM_SHARE`` of the device's free memory. Mask methods only (magnitude, Wanda), and
-no protected heads.
+no protected heads (chosen by size, the others stay in memory).
 """
 
 from __future__ import annotations
@@ -222,10 +222,11 @@ class Evaluator:
         spec = get_prune_method(method)  # before any work
         self.pruner, self.method, self.protect, self.batch_size = pruner, method, protect, batch_size
         self.device = pruner.device
-        if streaming is None:
+        if streaming is None:  # by size, where streaming can evaluate the method
             from compress.io.fit import should_stream, weight_bytes
 
-            streaming = should_stream(weight_bytes(pruner.model_dir), self.device)
+            streaming = (spec.mask is not None and not protect
+                         and should_stream(weight_bytes(pruner.model_dir), self.device))
         if streaming and protect:
             raise CompressError("the streaming evaluator prunes without protected heads; leave out the protection "
                                 "or evaluate in memory")
