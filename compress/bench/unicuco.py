@@ -150,7 +150,7 @@ def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path
         test_windows = test_windows[torch.linspace(0, len(test_windows) - 1, min(eval_windows, len(test_windows))
                                                    ).round().long()]
         test_ev = Evaluator(pruner, method, batch_size=batch_size, windows=test_windows, streaming=ev.streaming,
-                            dtype=dtype, host_cache=host_cache)
+                            dtype=dtype, host_cache=ev.stream.host if ev.stream is not None and host_cache else False)
         size = size_model(model_dir, prunable_numels(model_dir))
         rows = []
         for t, s_served, srch in zip([targets[i] for i in searched_at], [served[i] for i in searched_at],

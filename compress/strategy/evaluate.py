@@ -128,7 +128,7 @@ class StreamedModel:
     dense model) and sets ``sparsity``."""
 
     def __init__(self, pruner, method: str, windows: torch.Tensor, batch_size: int,
-                 dtype: torch.dtype = torch.float32, host_cache: bool = False):
+                 dtype: torch.dtype = torch.float32, host_cache: bool | dict = False):
         from compress.io.blocks import BlockRunner
         from compress.prune.registry import get_prune_method
 
@@ -148,8 +148,10 @@ class StreamedModel:
         self.sparsity = 0.0
         self.resident: list[int] = []  # parameters on the device while each block ran (the last pass)
         # host_cache: each block's dense weights kept in (pinned) host memory after their first read, so that an
-        # evaluation copies them to the device instead of reading the files again (host memory: the model)
-        self.host: dict[int, dict[str, torch.Tensor]] | None = {} if host_cache else None
+        # evaluation copies them to the device instead of reading the files again (host memory: the model); a
+        # dict is another StreamedModel's ``host`` of the same model, shared
+        self.host: dict[int, dict[str, torch.Tensor]] | None = (
+            host_cache if isinstance(host_cache, dict) else {} if host_cache else None)
 
     def _load(self, i: int):
         from compress.io.blocks import load_block_from
@@ -213,7 +215,7 @@ class Evaluator:
     def __init__(self, pruner, method: str = "wanda", *, eval_windows: int = 32, eval_seqlen: int | None = None,
                  batch_size: int = 16, protect=None, log: str | os.PathLike | None = None,
                  windows: torch.Tensor | None = None, streaming: bool | None = None,
-                 dtype: torch.dtype = torch.float32, host_cache: bool = False):
+                 dtype: torch.dtype = torch.float32, host_cache: bool | dict = False):
         from compress.io.files import read_model_config
         from compress.prune import calib as C
         from compress.prune.pruner import resolve_text
