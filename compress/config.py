@@ -131,6 +131,9 @@ class EvalConfig(Compute):
     batch_size: int = Field(64, ge=1)
     seqlen: int = Field(256, ge=2)
     max_tokens: Optional[int] = Field(None, ge=2)
+    blockwise: Optional[bool] = Field(None, description="perplexity and KL: run the model(s) block by block (only "
+                                      "the embeddings and one block on the device); None: when the weights take "
+                                      "more than half the device's free memory")
 
     @model_validator(mode="after")
     def _one_evaluator(self):
@@ -567,6 +570,9 @@ class HeadsScoreConfig(Compute):
     limit: Optional[int] = Field(None, ge=1)
     epsilon: float = Field(0.3, gt=0, lt=1, description="sink: first-token attention above ε marks a sink head")
     anchors: int = Field(3, ge=1, description="nhar: anchor words per layer")
+    blockwise: Optional[bool] = Field(None, description="run the probes block by block (only one block on the "
+                                      "device; text probes); None: when the weights take more than half the "
+                                      "device's free memory")
     overwrite: bool = False
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ and must not pay torch's import. Progress bars and quiet mode are in ``compress.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from compress.config import DTYPE_NAMES
@@ -37,3 +38,20 @@ def compute_dtype(*dtypes):
     import torch
 
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def free_bytes(device) -> int:
+    """Memory free for new tensors on ``device``: free GPU memory, or the RAM the kernel reports available."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

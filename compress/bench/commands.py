@@ -11,7 +11,7 @@ from compress.config import build
 from compress.errors import CompressError
 from compress.extras import require
 from compress.options import CALIB_CACHE, DEVICE, QUIET, RESULTS, RESULTS_DIR, ZOO_ROOT, csv, pair
-from compress.runtime import resolve_device
+from compress.runtime import resolve_device, torch_dtype
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print and save what they measure.")
 
@@ -252,9 +252,22 @@ def bench_unicuco(
     nsamples: int = typer.Option(128, help="Calibration windows."),
     eval_windows: int = typer.Option(32, help="Held-out windows the KL runs on."),
     seed: int = typer.Option(0, help="Seed."),
+    streaming: Optional[bool] = typer.Option(None, "--streaming/--in-memory",
+                                             help="Evaluate block by block (only the embeddings and one block on "
+                                                  "the device) or with the model in memory (default: block by "
+                                                  "block when the float32 weights take over half the free device "
+                                                  "memory)."),
+    dtype: str = typer.Option("float32", help="--streaming: the dtype blocks run in (float32, bfloat16)."),
+    host_cache: bool = typer.Option(False, "--host-cache", help="--streaming: keep each block's weights in pinned "
+                                                                "host memory after the first read (the model's size "
+                                                                "in host RAM; no file reads per evaluation)."),
+    search_requests: Optional[int] = typer.Option(None, help="Time the per-request search on this many of the "
+                                                             "requests (evenly spread) and scale it to all; both "
+                                                             "figures are printed (default: every request)."),
     device: str = DEVICE, quiet: bool = QUIET,
 ):
-    """UniCuCo (StratNet through a GP) against a search per request: total time, KL, sparsity error, Pareto plot."""
+    """UniCuCo (StratNet through a GP) against a search per request: total time, KL, sparsity error, Pareto plot.
+    ZOO may be any causal LM folder with a tokenizer (a 7B-class random Llama: --streaming --search-requests 4)."""
     from compress.bench.unicuco import run
 
     require("search", "compress bench unicuco")
@@ -262,14 +275,17 @@ def bench_unicuco(
 
     if optimizer not in ("cma", "bayes"):
         raise CompressError(f"--optimizer {optimizer}: choose cma or bayes")
-    if requests < 1 or budget < 2 or train_budget < 8:
-        raise CompressError("--requests >= 1, --budget >= 2 and --train-budget >= 8")
+    if requests < 1 or budget < 2 or train_budget < 8 or (search_requests is not None and search_requests < 1):
+        raise CompressError("--requests >= 1, --budget >= 2, --train-budget >= 8 and --search-requests >= 1")
     lo, hi = pair(sparsity_range, "--sparsity-range")
     if not 0 < lo < hi < 0.95:
         raise CompressError(f"--sparsity-range {sparsity_range}: need 0 < low < high < 0.95")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise CompressError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
     run(zoo, zoo_root=zoo_root, results=results, device=resolve_device(device), requests=requests,
         sparsity_range=(lo, hi), budget=budget, train_budget=train_budget, rounds=rounds, steps=steps,
-        optimizer=optimizer, nsamples=nsamples, eval_windows=eval_windows, seed=seed, quiet=quiet)
+        optimizer=optimizer, nsamples=nsamples, eval_windows=eval_windows, seed=seed, streaming=streaming,
+        dtype=torch_dtype(dtype), host_cache=host_cache, search_requests=search_requests, quiet=quiet)
 
 
 @bench_app.command("serve")

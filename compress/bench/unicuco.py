@@ -14,6 +14,11 @@ cached dense statistics, KL to the dense model on held-out windows of the calibr
    of each served strategy against its target; sparse-file size of each (``project.size_model``, the dtype as
    stored).
 
+**At size** (a 7B-class folder): ``streaming=True`` (default: by size, ``Evaluator``'s rule) runs every evaluation
+block by block, so neither side holds the model on the device; ``search_requests=K`` times the per-request search
+on K of the requests (evenly spread) and scales its time to all of them (the report prints both figures, and the
+quality rows are those K requests).
+
 Saves ``unicuco_<name>.json``, ``.md`` and ``.png`` (size against KL: served, searched, uniform).
 """
 
@@ -62,11 +67,14 @@ def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path
         budget: int = 160, train_budget: int = 160, rounds: int = 2, steps: int = 300, optimizer: str = "cma",
         method: str = "wanda", nsamples: int = 128, seqlen: Optional[int] = None, eval_windows: int = 32,
         eval_seqlen: Optional[int] = None, spread: float = 0.2, max_block: float = 0.95, calib: str = "wikitext2.valid",
-        seed: int = 0, batch_size: int = 16, cache_dir: Optional[Path] = None, quiet: bool = False) -> dict:
+        seed: int = 0, batch_size: int = 16, cache_dir: Optional[Path] = None, streaming: Optional[bool] = None,
+        dtype: torch.dtype = torch.float32, host_cache: bool = False, search_requests: Optional[int] = None,
+        quiet: bool = False) -> dict:
     import tempfile
 
     from compress.data import corpus_path
     from compress.eval.perplexity import text_windows
+    from compress.prune.pruner import prunable_numels
     from compress.prune.registry import get_prune_method
     from compress.prune.strategy import weighted_mean
     from compress.strategy.evaluate import Evaluator
@@ -77,6 +85,8 @@ def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path
     model_dir, name = _model_dir(zoo, zoo_root)
     lo, hi = sparsity_range
     targets = [lo + (hi - lo) * i / (requests - 1) for i in range(requests)] if requests > 1 else [(lo + hi) / 2]
+    k = min(search_requests or requests, requests)
+    searched_at = torch.linspace(0, requests - 1, k).round().long().tolist() if k < requests else list(range(requests))
     report: dict = {"model": str(model_dir), "name": name, "device": device, "requests": requests,
                     "sparsity_range": [lo, hi], "search_budget": budget, "train_budget": train_budget,
                     "rounds": rounds, "steps": steps, "optimizer": optimizer, "method": method, "calib": calib,
@@ -90,10 +100,14 @@ def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path
         _warm_imports()
         pruner = make_pruner(model_dir, calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
                              cache_dir=cache_dir or tmpcache, batch_size=8, quiet=quiet)
-        pruner.stats(hessian=get_prune_method(method).hessian)
-        ev = Evaluator(pruner, method, eval_windows=eval_windows, eval_seqlen=eval_seqlen, batch_size=batch_size)
+        ev = Evaluator(pruner, method, eval_windows=eval_windows, eval_seqlen=eval_seqlen, batch_size=batch_size,
+                       streaming=streaming, dtype=dtype, host_cache=host_cache)
+        if not ev.streaming:
+            pruner.stats(hessian=get_prune_method(method).hessian)
         _sync(device)
         report["setup_seconds"] = time.perf_counter() - t0
+        report["streaming"], report["dtype"] = ev.streaming, str(dtype).removeprefix("torch.")
+        report["host_cache"] = bool(ev.streaming and host_cache)
         report["eval_windows_used"] = int(ev.windows.shape[0])
         report["eval_seqlen"] = ev.eval_seqlen
         bp = pruner.block_params
@@ -116,24 +130,31 @@ def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path
         n_before = ev.evaluations
         t0 = time.perf_counter()
         searched = []
-        for i, t in enumerate(track(targets, "per-request search", quiet=quiet)):
-            searched.append(search_sparsity(ev, t, bp, spread=spread, max_block=max_block, optimizer=optimizer,
-                                            budget=budget, seed=seed + i))
+        for i in track(searched_at, "per-request search", quiet=quiet):
+            searched.append(search_sparsity(ev, targets[i], bp, spread=spread, max_block=max_block,
+                                            optimizer=optimizer, budget=budget, seed=seed + i))
         _sync(device)
-        search_seconds = time.perf_counter() - t0
-        report["search"] = {"seconds": search_seconds, "evaluations": ev.evaluations - n_before,
-                            "seconds_per_request": search_seconds / requests}
-        console.print(f"[bench unicuco] search: {ev.evaluations - n_before} evaluations in {search_seconds:.1f} s")
+        measured = time.perf_counter() - t0
+        search_seconds = measured * requests / k
+        report["search"] = {"seconds": search_seconds, "seconds_measured": measured, "requests_searched": k,
+                            "scaled": k < requests, "evaluations": (ev.evaluations - n_before) * requests // k,
+                            "evaluations_measured": ev.evaluations - n_before,
+                            "seconds_per_request": measured / k}
+        console.print(f"[bench unicuco] search: {ev.evaluations - n_before} evaluations on {k} of {requests} "
+                      f"requests in {measured:.1f} s" + (f", scaled to {requests}: {search_seconds:.1f} s"
+                                                        if k < requests else ""))
 
         # -- quality (not timed into either side) -----------------------------------------------------------
         tok = pruner.tokenizer()
         test_windows = text_windows(tok, corpus_path(TEST_TEXT), ev.eval_seqlen, None)
         test_windows = test_windows[torch.linspace(0, len(test_windows) - 1, min(eval_windows, len(test_windows))
                                                    ).round().long()]
-        test_ev = Evaluator(pruner, method, batch_size=batch_size, windows=test_windows)
-        size = size_model(model_dir, {n: p.numel for n, p in pruner.checkpoint_names().items()})
+        test_ev = Evaluator(pruner, method, batch_size=batch_size, windows=test_windows, streaming=ev.streaming,
+                            dtype=dtype, host_cache=ev.stream.host if ev.stream is not None and host_cache else False)
+        size = size_model(model_dir, prunable_numels(model_dir))
         rows = []
-        for t, s_served, srch in zip(targets, served, searched):
+        for t, s_served, srch in zip([targets[i] for i in searched_at], [served[i] for i in searched_at],
+                                     searched):
             rec = ev.evaluate(s_served, phase="served")
             uniform = [t] * len(bp)
             row = {"target": t, "served": s_served, "searched": srch["strategy"],
@@ -156,7 +177,7 @@ def summarize(report: dict) -> dict:
     rows = report["rows"]
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     u, s = report["unicuco"], report["search"]
-    out = {"mean_kl_served": mean("kl_served"), "mean_kl_searched": mean("kl_searched"),
+    out = {"rows": len(rows), "mean_kl_served": mean("kl_served"), "mean_kl_searched": mean("kl_searched"),
            "mean_kl_uniform": mean("kl_uniform"), "mean_test_kl_served": mean("test_kl_served"),
            "mean_test_kl_searched": mean("test_kl_searched"), "mean_test_kl_uniform": mean("test_kl_uniform"),
            "served_better_than_uniform": sum(r["kl_served"] < r["kl_uniform"] for r in rows),
@@ -185,7 +206,9 @@ def markdown(report: dict) -> str:
              f"windows of {report['calib']}); KL to the dense model on {report['eval_windows_used']} held-out "
              f"windows of "
              f"{report['eval_seqlen']} tokens of the calibration text (the evaluator), and on as many windows of "
-             f"{TEST_TEXT} (test, never searched). Device: {report.get('device_name', report['device'])}.", "",
+             f"{TEST_TEXT} (test, never searched). Device: {report.get('device_name', report['device'])}; evaluator "
+             + ("streaming blocks" + (" from a host copy" if report.get("host_cache") else " from the files")
+                if report.get("streaming") else "in memory") + f" ({report.get('dtype')}).", "",
              "| | evaluations | seconds |", "|---|---:|---:|",
              f"| shared setup (model, calibration, dense log-probs) | | {report['setup_seconds']:.2f} |",
              f"| UniCuCo: design + active rounds ({u['design']} + {u['active']}) | {u['evaluations']} | "
@@ -197,6 +220,10 @@ def markdown(report: dict) -> str:
              f"| **UniCuCo total** | {u['evaluations']} | **{u['total_seconds']:.2f}** |",
              f"| **per-request search** ({report['optimizer']}, {report['search_budget']} each) | "
              f"{srch['evaluations']} | **{srch['seconds']:.2f}** |", "",
+             *([f"The search was timed on {srch['requests_searched']} of the {report['requests']} requests (evenly "
+                f"spread): {srch['evaluations_measured']} evaluations in {srch['seconds_measured']:.2f} s, scaled by "
+                f"{report['requests']}/{srch['requests_searched']} to the figure above; the quality rows below are "
+                "those requests.", ""] if srch.get("scaled") else []),
              f"Speed-up (search ÷ UniCuCo): **{s['speedup']:.1f}×** ({s['speedup_with_setup']:.1f}× with the shared "
              f"setup on both sides). UniCuCo's time is dominated by {s['unicuco_dominant']}.", "",
              "| mean KL over the requests | served (UniCuCo) | searched | uniform |", "|---|---:|---:|---:|",
@@ -206,9 +233,9 @@ def markdown(report: dict) -> str:
              f"{s['mean_test_kl_uniform']:.5f} |", "",
              f"Served against searched: {100 * s['served_vs_searched']:+.2f}% (evaluator windows), "
              f"{100 * s['served_vs_searched_test']:+.2f}% ({TEST_TEXT}). Served better than uniform at "
-             f"{s['served_better_than_uniform']}/{report['requests']} requests "
-             f"({s['served_better_than_uniform_test']}/{report['requests']} on {TEST_TEXT}); searched at "
-             f"{s['searched_better_than_uniform']}/{report['requests']}. Largest sparsity error of a served strategy: "
+             f"{s['served_better_than_uniform']}/{s['rows']} requests "
+             f"({s['served_better_than_uniform_test']}/{s['rows']} on {TEST_TEXT}); searched at "
+             f"{s['searched_better_than_uniform']}/{s['rows']}. Largest sparsity error of a served strategy: "
              f"{s['max_sparsity_error_points']:.4f} points.", "",
              "| target | KL served | KL searched | KL uniform | test KL served | test KL searched | test KL uniform | "
              "served strategy |", "|---:|---:|---:|---:|---:|---:|---:|---|"]

@@ -32,6 +32,10 @@ def eval_cmd(
     max_tokens: Optional[int] = typer.Option(None, help="--perplexity: score the first N tokens only."),
     batch_size: int = typer.Option(64, help="Rows (--task) or windows (--perplexity) per forward pass."),
     dtype: Optional[str] = typer.Option(None, help="Load the model in this dtype (default float32)."),
+    blockwise: Optional[bool] = typer.Option(None, "--blockwise/--whole-model",
+                                             help="--perplexity, --kl-to: run block by block (only the embeddings "
+                                                  "and one block on the device) or whole (default: block by block "
+                                                  "when the weights take more than half the free device memory)."),
     device: str = DEVICE,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
@@ -39,7 +43,8 @@ def eval_cmd(
     --recall."""
     cfg = build(EvalConfig, model=model, task=task, perplexity=perplexity, kl_to=kl_to, calib=calib, recall=recall,
                 head=head, split=split, limit=limit,
-                seqlen=seqlen, max_tokens=max_tokens, batch_size=batch_size, dtype=dtype, device=device)
+                seqlen=seqlen, max_tokens=max_tokens, batch_size=batch_size, dtype=dtype, blockwise=blockwise,
+                device=device)
     from compress.eval.run import run_eval
 
     info, line = run_eval(cfg)

@@ -24,15 +24,29 @@ from compress.errors import CompressError
 from compress.eval.perplexity import text_windows
 
 
+def logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """[B, T−1, V] float32 next-token log-probabilities from a window's [B, T, V] logits."""
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
 def next_token_logprobs(model, batch: torch.Tensor) -> torch.Tensor:
     """[B, T−1, V] float32 log-probabilities of each next token of ``batch``."""
-    return torch.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
+    return logprobs(model(input_ids=batch, use_cache=False).logits)
 
 
 def token_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """[B, T] KL(q ‖ p) per position from log-probabilities (q: the reference)."""
     # kl_div(input=log p_model, target=log p_ref, log_target=True) = Σ p_ref (log p_ref − log p_model)
     return torch.nn.functional.kl_div(logp, logq, reduction="none", log_target=True).sum(-1)
+
+
+def kl_sum(logp: torch.Tensor, logq: torch.Tensor) -> tuple[float, int]:
+    """(Σ KL(q ‖ p) over the positions of a batch, float64; their number); one line when the vocabularies differ."""
+    if logp.shape[-1] != logq.shape[-1]:
+        raise CompressError(f"model and reference have different vocabulary sizes ({logp.shape[-1]} vs "
+                            f"{logq.shape[-1]}); KL needs the same tokenizer")
+    kl = token_kl(logp, logq)
+    return kl.double().sum().item(), kl.numel()
 
 
 @torch.no_grad()
@@ -49,14 +63,8 @@ def kl_divergence(model, ref_model, tokenizer, text: str | os.PathLike, seqlen: 
     try:
         for batch in windows.split(batch_size):
             batch = batch.to(device)
-            logp = next_token_logprobs(model, batch)
-            logq = next_token_logprobs(ref_model, batch)
-            if logp.shape[-1] != logq.shape[-1]:
-                raise CompressError(f"model and reference have different vocabulary sizes ({logp.shape[-1]} vs "
-                                    f"{logq.shape[-1]}); KL needs the same tokenizer")
-            kl = token_kl(logp, logq)
-            total += kl.double().sum().item()
-            count += kl.numel()
+            s, n = kl_sum(next_token_logprobs(model, batch), next_token_logprobs(ref_model, batch))
+            total, count = total + s, count + n
     finally:
         model.train(flags[0])
         ref_model.train(flags[1])

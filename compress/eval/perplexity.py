@@ -50,6 +50,15 @@ def text_windows(tokenizer, text_or_path: str | os.PathLike, seqlen: int, max_to
     return token_windows(ids, seqlen)
 
 
+def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> tuple[float, int]:
+    """(Σ next-token NLL over a batch of windows, float64; the number of predicted tokens) from [B, T, V] logits."""
+    targets = batch[:, 1:]
+    logits = logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                            reduction="sum")
+    return nll.double().item(), targets.numel()
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text_or_path: str | os.PathLike, seqlen: int = 256, max_tokens: int | None = None,
                batch_size: int = 8, device: str | torch.device = "cpu") -> float:
@@ -62,11 +71,8 @@ def perplexity(model, tokenizer, text_or_path: str | os.PathLike, seqlen: int = 
     try:
         for batch in windows.split(batch_size):
             batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            targets = batch[:, 1:]
-            nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                     reduction="sum").double().item()
-            count += targets.numel()
+            s, n = window_nll(model(input_ids=batch, use_cache=False).logits, batch)
+            nll, count = nll + s, count + n
     finally:
         model.train(was_training)
     return math.exp(nll / count)

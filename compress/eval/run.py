@@ -34,18 +34,36 @@ def text_or_corpus(value: str, flag: str) -> Path:
     return text
 
 
+def _blockwise(cfg: EvalConfig, models: list[Path], device: str) -> bool:
+    """``cfg.blockwise``, or (None) whether the weights of ``models`` are too big to run whole on ``device``."""
+    if cfg.blockwise is not None:
+        return cfg.blockwise
+    from compress.io.fit import should_stream, weight_bytes
+
+    dtype = torch_dtype(cfg.dtype or "float32")
+    return should_stream(sum(weight_bytes(m, dtype) for m in models), device)
+
+
 def _eval_perplexity(cfg: EvalConfig) -> tuple[dict, str]:
     from compress.eval.classify import hf_quiet
     from compress.eval.perplexity import load_causal_lm, perplexity
 
     text = text_or_corpus(cfg.perplexity, "--perplexity")
     device = resolve_device(cfg.device)
-    with hf_quiet():
-        model, tok = load_causal_lm(cfg.model, device=device, dtype=torch_dtype(cfg.dtype) or "float32")
-    ppl = perplexity(model, tok, text, seqlen=cfg.seqlen, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
-                     device=device)
+    blockwise = _blockwise(cfg, [cfg.model], device)
+    kw = dict(seqlen=cfg.seqlen, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, device=device)
+    if blockwise:
+        from compress.eval.blockwise import blockwise_perplexity
+        from compress.io.models import load_tokenizer
+
+        dtype = torch_dtype(cfg.dtype or "float32")
+        ppl = blockwise_perplexity(cfg.model, load_tokenizer(cfg.model), text, dtype=dtype, **kw)
+    else:
+        with hf_quiet():
+            model, tok = load_causal_lm(cfg.model, device=device, dtype=torch_dtype(cfg.dtype) or "float32")
+        ppl = perplexity(model, tok, text, **kw)
     info = {"evaluator": "perplexity", "model": str(cfg.model), "text": str(text), "seqlen": cfg.seqlen,
-            "max_tokens": cfg.max_tokens, "perplexity": ppl}
+            "max_tokens": cfg.max_tokens, "blockwise": blockwise, "perplexity": ppl}
     return info, f"perplexity {ppl:.4f} on {text} (windows of {cfg.seqlen} tokens)"
 
 
@@ -56,13 +74,21 @@ def _eval_kl(cfg: EvalConfig) -> tuple[dict, str]:
 
     text = text_or_corpus(cfg.calib, "--calib")
     device = resolve_device(cfg.device)
-    with hf_quiet():
-        model, tok = load_causal_lm(cfg.model, device=device, dtype=torch_dtype(cfg.dtype) or "float32")
-        ref, _ = load_causal_lm(cfg.kl_to, device=device, dtype=torch_dtype(cfg.dtype) or "float32")
-    kl = kl_divergence(model, ref, tok, text, seqlen=cfg.seqlen, max_tokens=cfg.max_tokens,
-                       batch_size=cfg.batch_size, device=device)
+    blockwise = _blockwise(cfg, [cfg.model, cfg.kl_to], device)
+    kw = dict(seqlen=cfg.seqlen, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, device=device)
+    if blockwise:
+        from compress.eval.blockwise import blockwise_kl
+        from compress.io.models import load_tokenizer
+
+        kl = blockwise_kl(cfg.model, cfg.kl_to, load_tokenizer(cfg.model), text,
+                          dtype=torch_dtype(cfg.dtype or "float32"), **kw)
+    else:
+        with hf_quiet():
+            model, tok = load_causal_lm(cfg.model, device=device, dtype=torch_dtype(cfg.dtype) or "float32")
+            ref, _ = load_causal_lm(cfg.kl_to, device=device, dtype=torch_dtype(cfg.dtype) or "float32")
+        kl = kl_divergence(model, ref, tok, text, **kw)
     info = {"evaluator": "kl_to", "model": str(cfg.model), "reference": str(cfg.kl_to), "text": str(text),
-            "seqlen": cfg.seqlen, "max_tokens": cfg.max_tokens, "kl_nats_per_token": kl}
+            "seqlen": cfg.seqlen, "max_tokens": cfg.max_tokens, "blockwise": blockwise, "kl_nats_per_token": kl}
     return info, f"KL(reference ‖ model) {kl:.6f} nats/token on {text}"
 
 

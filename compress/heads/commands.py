@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -25,13 +26,18 @@ def heads_score(
     limit: Optional[int] = typer.Option(None, help="Use the first N probes."),
     epsilon: float = typer.Option(0.3, help="sink: ε of the sink-head rate."),
     anchors: int = typer.Option(3, help="nhar: anchor words per layer (most frequent logit-lens decodings)."),
+    blockwise: Optional[bool] = typer.Option(None, "--blockwise/--whole-model",
+                                             help="Run the probes block by block (only one block on the device; "
+                                                  "text probes) or whole (default: block by block when the "
+                                                  "weights take more than half the free device memory)."),
     device: str = DEVICE, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ):
     """One importance score per attention head ([layers, heads] + KV-group scores) and a heatmap."""
     from compress.config import HeadsScoreConfig
 
     run_score(build(HeadsScoreConfig, model=model, method=method, probes=probes, out=out_path, base=base,
-                    limit=limit, epsilon=epsilon, anchors=anchors, device=device, overwrite=overwrite, quiet=quiet))
+                    limit=limit, epsilon=epsilon, anchors=anchors, blockwise=blockwise, device=device,
+                    overwrite=overwrite, quiet=quiet))
 
 
 @heads_app.command("reinforce")
@@ -103,16 +109,36 @@ def run_score(cfg) -> dict:
     device = resolve_device(cfg.device)
     check_output(cfg.out, cfg.overwrite, config_inputs(cfg))
     items = read_probes(cfg.probes, cfg.limit)
-    model, tok, llava = load_model(cfg.model, device)
-    image_token = None
-    if llava:
-        image_token = getattr(model.config, "image_token_id", None)
-        image_token = image_token if image_token is not None else model.config.image_token_index
-    probes = encode_probes(tok, items, cfg.method, cfg.probes, image_token)
-    base = load_model(cfg.base, device, tokenizer=False)[0] if cfg.base is not None else None
-    layout = attention_layout(model)
-    scores, meta = score_heads(model, probes, cfg.method, layout=layout, base_model=base, epsilon=cfg.epsilon,
-                               n_anchors=cfg.anchors, quiet=cfg.quiet)
+    blockwise = cfg.blockwise
+    if blockwise is None:
+        from compress.io.fit import should_stream, weight_bytes
+
+        blockwise = should_stream(sum(weight_bytes(m) for m in (cfg.model, cfg.base) if m is not None), device)
+    with contextlib.ExitStack() as stack:
+        if blockwise:
+            from compress.heads.blockwise import BlockCapture
+            from compress.io.models import load_tokenizer
+
+            model = stack.enter_context(BlockCapture(cfg.model, device=device, quiet=cfg.quiet))
+            llava = model.config.model_type == "llava"
+            if llava and cfg.method == "vhd":
+                raise CompressError(f"{cfg.model}: vhd compares probes with and without their image, which needs "
+                                    "the vision tower; score it with --whole-model")
+            tok = load_tokenizer(cfg.model, processor=llava, why="no tokenizer to encode the probes")
+            base = (stack.enter_context(BlockCapture(cfg.base, device=device, quiet=cfg.quiet))
+                    if cfg.base is not None else None)
+            layout = model.layout
+        else:
+            model, tok, llava = load_model(cfg.model, device)
+            base = load_model(cfg.base, device, tokenizer=False)[0] if cfg.base is not None else None
+            layout = attention_layout(model)
+        image_token = None
+        if llava:
+            image_token = getattr(model.config, "image_token_id", None)
+            image_token = image_token if image_token is not None else model.config.image_token_index
+        probes = encode_probes(tok, items, cfg.method, cfg.probes, image_token)
+        scores, meta = score_heads(model, probes, cfg.method, layout=layout, base_model=base, epsilon=cfg.epsilon,
+                                   n_anchors=cfg.anchors, quiet=cfg.quiet)
     meta_s = {k: v for k, v in meta.items() if not isinstance(v, list)}
     save_scores(cfg.out, scores, layout, {**meta_s, "model": str(cfg.model), "probes": str(cfg.probes),
                                           **({"base": str(cfg.base)} if cfg.base else {})}, overwrite=cfg.overwrite)

@@ -18,29 +18,40 @@ METHODS = ("vhd", "chd", "nhar", "seekr", "sink")
 def score_heads(model, probes: Sequence[Probe], method: str, *, layout: Optional[AttentionLayout] = None,
                 base_model=None, epsilon: float = 0.3, n_anchors: int = 3,
                 anchors: Optional[torch.Tensor] = None, quiet: Optional[bool] = None) -> tuple[torch.Tensor, dict]:
-    """([L, H] scores, metadata) of ``method`` on ``probes``. ``base_model``: seekr's model before fine-tuning."""
+    """([L, H] scores, metadata) of ``method`` on ``probes``. ``base_model``: seekr's model before fine-tuning.
+    ``model`` (and ``base_model``) may be a ``heads.blockwise.BlockCapture``: the same scores, block by block."""
+    from compress.heads.blockwise import BlockCapture
+
     if method not in METHODS:
         raise CompressError(f"unknown head score '{method}' (choose {', '.join(METHODS)})")
     if not probes:
         raise CompressError("no probes to score heads on")
-    layout = layout or attention_layout(model)
-    model.eval()
+    blocks = isinstance(model, BlockCapture)
+    layout = layout or (model.layout if blocks else attention_layout(model))
+    if not blocks:
+        model.eval()
     meta: dict = {"method": method, "n_probes": len(probes)}
     if method in ("vhd", "chd"):
-        pairs = [head_outputs_pair(model, layout, p) for p in track(probes, f"heads {method}", quiet=quiet)]
+        pairs = model.head_output_pairs(probes) if blocks else [
+            head_outputs_pair(model, layout, p) for p in track(probes, f"heads {method}", quiet=quiet)]
         scores = S.head_divergence(torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs]))
     elif method == "sink":
-        per = [S.sink_ratio(attention_maps(model, p)) for p in track(probes, "heads sink", quiet=quiet)]
+        per = model.sink_ratios(probes) if blocks else [
+            S.sink_ratio(attention_maps(model, p)) for p in track(probes, "heads sink", quiet=quiet)]
         scores = S.mean_over(per)
         meta.update(epsilon=epsilon, sink_rate=S.sink_rate(scores, epsilon))
     elif method == "nhar":
-        runs = []
-        for p in track(probes, "heads nhar", quiet=quiet):
-            if p.span is None or not bool(p.span.any()):
-                raise CompressError("nhar needs probes with a span (image tokens or a context)")
-            attn, hidden = attention_maps(model, p, hidden=True)
-            pos = torch.nonzero(p.span).reshape(-1)
-            runs.append((attn[:, :, -1, :], p.span, logit_lens(model, hidden, pos, layout.n_layers), pos))
+        if any(p.span is None or not bool(p.span.any()) for p in probes):
+            raise CompressError("nhar needs probes with a span (image tokens or a context)")
+        positions = [torch.nonzero(p.span).reshape(-1) for p in probes]
+        if blocks:
+            runs = [(last, p.span, lens, pos)
+                    for (last, lens), p, pos in zip(model.last_attention_and_lens(probes), probes, positions)]
+        else:
+            runs = []
+            for p, pos in zip(track(probes, "heads nhar", quiet=quiet), positions):
+                attn, hidden = attention_maps(model, p, hidden=True)
+                runs.append((attn[:, :, -1, :], p.span, logit_lens(model, hidden, pos, layout.n_layers), pos))
         anchor = anchors if anchors is not None else S.anchor_words([r[2] for r in runs], n_anchors)
         anchor = anchor.reshape(layout.n_layers, -1) if anchor.dim() > 1 else anchor.expand(layout.n_layers, -1)
         per = []
@@ -54,12 +65,15 @@ def score_heads(model, probes: Sequence[Probe], method: str, *, layout: Optional
     else:  # seekr
         if base_model is None:
             raise CompressError("seekr needs the model before fine-tuning (--base) for its forgettability")
-        base_model.eval()
-        sens, forg = [], []
-        for p in track(probes, "heads seekr", quiet=quiet):
-            attn, grad = attention_and_grad(model, p)
-            sens.append(S.attention_sensitivity(grad))
-            forg.append(S.attention_change(attn, attention_maps(base_model, p)))
+        if blocks:
+            sens, forg = model.seekr(probes, base_model)
+        else:
+            base_model.eval()
+            sens, forg = [], []
+            for p in track(probes, "heads seekr", quiet=quiet):
+                attn, grad = attention_and_grad(model, p)
+                sens.append(S.attention_sensitivity(grad))
+                forg.append(S.attention_change(attn, attention_maps(base_model, p)))
         s, f = S.mean_over(sens), S.mean_over(forg)
         scores = S.seekr(s, f)
         meta.update(sensitivity=s.tolist(), forgettability=f.tolist())

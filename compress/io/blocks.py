@@ -357,3 +357,13 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
         return t
     out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     return out.copy_(t, non_blocking=False)
+
+
+def load_block_from(runner: BlockRunner, i: int, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Block ``i`` of ``runner`` with its weights from ``tensors`` ({parameter name inside the block: tensor}, such
+    as a host copy kept from an earlier ``load_block``) moved to the device in the runner's dtype, not read from
+    the checkpoint; ``free_block`` frees it as usual."""
+    block = runner.blocks[i]
+    for name, t in tensors.items():
+        runner._set(block.get_parameter(name), t.to(runner.device, runner.dtype, non_blocking=True, copy=True))
+    return block

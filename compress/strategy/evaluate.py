@@ -15,6 +15,16 @@ masks ``Pruner.prune`` computes (``methods.row_mask``/``tensor_mask``, same coun
 equal), without a sort per evaluation. Other methods (SparseGPT) and protected heads go through ``Pruner.prune``.
 Every evaluation is logged (strategy, mean sparsity, KL, seconds) in ``Evaluator.history`` and, when a log path
 is given, appended to a JSON lines file.
+
+*Streaming* (``StreamedModel``), for a model that does not fit on the device: nothing of the model is kept; every
+evaluation runs the held-out windows block by block (``compress.io.blocks.BlockRunner``: the embeddings and one
+block on the device), each block read from the checkpoint, its layers masked by the method's own ``mask`` from
+the block's dense weights and the dense calibration statistics (collected block by block on the calibration
+windows, as ``shared`` calibration does: a few floats per input feature), then the KL is summed at the LM head.
+The masks are those of ``Pruner.prune``, so both ways give the same KL. ``streaming=None`` chooses by size: the
+in-memory path (today's, what makes small models fast) unless the float32 weights take more than
+``compress.io.fit.STREAM_SHARE`` of the device's free memory. Mask methods only (magnitude, Wanda), and
+no protected heads (chosen by size, the others stay in memory).
 """
 
 from __future__ import annotations
@@ -112,12 +122,101 @@ class RankedWeights:
         return pruned / total
 
 
+class StreamedModel:
+    """The model of ``pruner.model_dir`` run block by block over ``windows``, pruned on the fly (see the module
+    docstring): ``logprobs(strategy)`` yields each batch's next-token log-probabilities (``strategy`` None: the
+    dense model) and sets ``sparsity``."""
+
+    def __init__(self, pruner, method: str, windows: torch.Tensor, batch_size: int,
+                 dtype: torch.dtype = torch.float32, host_cache: bool | dict = False):
+        from compress.io.blocks import BlockRunner
+        from compress.prune.registry import get_prune_method
+
+        self.spec = spec = get_prune_method(method)
+        if spec.mask is None:
+            raise CompressError(f"pruning method '{method}' changes the surviving weights; the streaming evaluator "
+                                "takes mask methods (magnitude, wanda)")
+        outside = [p.name for p in pruner.modules if p.block is None]
+        if outside:
+            raise CompressError(f"layer '{outside[0]}' lies outside the blocks; the streaming evaluator prunes the "
+                                "layers inside them (check --targets/--ignore)")
+        self.pruner, self.batch_size = pruner, batch_size
+        self.runner = BlockRunner(pruner.model_dir, device=pruner.device, dtype=dtype)
+        self.numel = sum(p.numel for p in pruner.modules)
+        self.stats = self._dense_stats(pruner) if spec.calibrated else None
+        self.start = self.runner.start(windows.split(batch_size))
+        self.sparsity = 0.0
+        self.resident: list[int] = []  # parameters on the device while each block ran (the last pass)
+        # host_cache: each block's dense weights kept in (pinned) host memory after their first read, so that an
+        # evaluation copies them to the device instead of reading the files again (host memory: the model); a
+        # dict is another StreamedModel's ``host`` of the same model, shared
+        self.host: dict[int, dict[str, torch.Tensor]] | None = (
+            host_cache if isinstance(host_cache, dict) else {} if host_cache else None)
+
+    def _load(self, i: int):
+        from compress.io.blocks import load_block_from
+
+        if self.host is None:
+            return self.runner.load_block(i)
+        if i in self.host:
+            return load_block_from(self.runner, i, self.host[i])
+        block = self.runner.load_block(i)
+        pin = self.runner.device.type == "cuda"
+        self.host[i] = {n: (p.detach().cpu().pin_memory() if pin else p.detach().clone())
+                        for n, p in block.named_parameters()}
+        return block
+
+    @staticmethod
+    def _dense_stats(pruner) -> dict:
+        """Σx² per input feature of every prunable layer on the dense model's activations (shared calibration):
+        the pruner's own (in memory or its cache), else from one block-wise pass (``Pruner._dense_pass``), kept as
+        the pruner's (the same numbers its whole-model pass gives), so a second evaluator does no pass."""
+        if pruner._stats is not None:
+            return pruner._stats
+        got = pruner._cached_stats(pruner.modules, False)
+        stats: dict = got[0] if got is not None else {}
+        if got is None:
+            pruner._dense_pass(lambda i, layers, weights, block_stats: stats.update(block_stats))
+        pruner._stats, pruner._has_hessian = stats, got is not None and got[1]
+        pruner._hinv.clear()
+        return stats
+
+    @torch.no_grad()
+    def logprobs(self, strategy: Sequence[float] | None = None):
+        from compress.eval.kl import logprobs
+        from compress.io.blocks import Activations
+        from compress.prune.registry import Layer
+
+        runner, start = self.runner, self.start
+        acts = Activations([h.clone() for h in start.hidden], start.calls, start.on_device)
+        pruned, self.resident = 0, []
+        for i in range(runner.n_blocks):
+            block = self._load(i)
+            if strategy is not None and strategy[i] > 0:
+                for name, w in self.pruner._block_layers(runner, i, block)[1].items():
+                    layer = Layer(name, w.float(), self.stats[name] if self.stats is not None else None)
+                    mask = self.spec.mask(layer, float(strategy[i]), None)
+                    w.mul_(mask)
+                    pruned += mask.numel() - int(mask.sum())
+            self.resident.append(sum(p.numel() for p in runner.model.parameters() if p.device.type != "meta"))
+            runner.run(i, block, acts)
+            runner.free_block(i)
+        self.sparsity = pruned / self.numel
+        for h in acts.hidden:
+            yield logprobs(runner.head(h))
+
+    def close(self) -> None:
+        self.runner.close()
+
+
 class Evaluator:
     """``evaluator(strategy) -> KL`` for per-block strategies of ``pruner``'s model (see the module docstring)."""
 
     def __init__(self, pruner, method: str = "wanda", *, eval_windows: int = 32, eval_seqlen: int | None = None,
                  batch_size: int = 16, protect=None, log: str | os.PathLike | None = None,
-                 windows: torch.Tensor | None = None):
+                 windows: torch.Tensor | None = None, streaming: bool | None = None,
+                 dtype: torch.dtype = torch.float32, host_cache: bool | dict = False):
+        from compress.io.files import read_model_config
         from compress.prune import calib as C
         from compress.prune.pruner import resolve_text
         from compress.prune.registry import get_prune_method
@@ -125,7 +224,16 @@ class Evaluator:
         spec = get_prune_method(method)  # before any work
         self.pruner, self.method, self.protect, self.batch_size = pruner, method, protect, batch_size
         self.device = pruner.device
-        max_pos = getattr(pruner.model.config, "max_position_embeddings", None) or 256
+        if streaming is None:  # by size, where streaming can evaluate the method
+            from compress.io.fit import should_stream, weight_bytes
+
+            streaming = (spec.mask is not None and not protect
+                         and should_stream(weight_bytes(pruner.model_dir), self.device))
+        if streaming and protect:
+            raise CompressError("the streaming evaluator prunes without protected heads; leave out the protection "
+                                "or evaluate in memory")
+        self.streaming = streaming
+        max_pos = (read_model_config(pruner.model_dir) or {}).get("max_position_embeddings") or 256
         self.eval_seqlen = eval_seqlen or min(256, max_pos)
         if windows is None:
             text, label = resolve_text(pruner.calib)
@@ -136,12 +244,18 @@ class Evaluator:
             windows = heldout_windows(ids, starts, pruner.seqlen, self.eval_seqlen, eval_windows)
         self.windows = windows
         self.history: list[dict] = []
-        self.ranked = RankedWeights(pruner, method) if spec.scores is not None else None
         self.log_path = Path(log) if log is not None else None
         self.seconds = {"dense": 0.0, "prune": 0.0, "forward": 0.0}
         t0 = time.perf_counter()
-        pruner.load(None)
-        self.ref = self._logprobs()
+        if streaming:
+            self.ranked = None
+            self.stream = StreamedModel(pruner, method, windows, batch_size, dtype, host_cache)
+            self.ref = list(self.stream.logprobs(None))
+        else:
+            self.stream = None
+            self.ranked = RankedWeights(pruner, method) if spec.scores is not None else None
+            pruner.load(None)
+            self.ref = self._logprobs().split(self.batch_size)
         self.seconds["dense"] = time.perf_counter() - t0
 
     @torch.no_grad()
@@ -152,12 +266,14 @@ class Evaluator:
         return torch.cat(out)
 
     @torch.no_grad()
-    def kl(self) -> float:
-        """KL(dense ‖ the model as it is now in ``pruner.model``)."""
-        model = self.pruner.model
+    def kl(self, batches=None) -> float:
+        """KL(dense ‖ the model as it is now in ``pruner.model``), or of the log-probabilities ``batches`` yields."""
+        if batches is None:
+            model = self.pruner.model
+            batches = (next_token_logprobs(model, b.to(self.device)) for b in self.windows.split(self.batch_size))
         total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        for b, ref in zip(self.windows.split(self.batch_size), self.ref.split(self.batch_size)):
-            kl = token_kl(next_token_logprobs(model, b.to(self.device)), ref)
+        for logp, ref in zip(batches, self.ref):
+            kl = token_kl(logp, ref)
             total += kl.double().sum()
             count += kl.numel()
         return float(total) / count
@@ -173,15 +289,21 @@ class Evaluator:
 
         t0 = time.perf_counter()
         st = Strategy(tuple(float(v) for v in strategy), phase or "evaluation")
-        if self.ranked is not None and not self.protect:
-            sparsity = self.ranked.load(st.layer_sparsity)
+        if self.stream is not None:  # masks and forward are one pass over the blocks: all counted as forward
+            t1 = t0
+            kl = self.kl(self.stream.logprobs(st.layer_sparsity))
+            sparsity = self.stream.sparsity
         else:
-            result = self.pruner.prune(st, self.method, protect=self.protect)
-            self.pruner.load(result)
-            sparsity = result.sparsity
+            if self.ranked is not None and not self.protect:
+                sparsity = self.ranked.load(st.layer_sparsity)
+            else:
+                result = self.pruner.prune(st, self.method, protect=self.protect)
+                self.pruner.load(result)
+                sparsity = result.sparsity
+            self.sync()
+            t1 = time.perf_counter()
+            kl = self.kl()
         self.sync()
-        t1 = time.perf_counter()
-        kl = self.kl()
         t2 = time.perf_counter()
         self.seconds["prune"] += t1 - t0
         self.seconds["forward"] += t2 - t1
