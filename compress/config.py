@@ -237,6 +237,7 @@ class Conditional(_Config):
 
 
 SHARED_PARAMS = ("weight", "density", "gamma", "epsilon", "lambda", "t", "normalize")
+SHARED_PARAMS += ("rank", "common", "steps", "lr")  # TSV-M, Iso-CTS, WUDI, AdaMerging (compress.merge.subspace)
 MODEL_PARAMS = ("weight", "density", "gamma", "epsilon")
 FLAG_PARAMS = ("normalize", "rescale", "int8_mask")  # true/false (rescale and int8_mask: mergekit recipes only)
 _SETTING_FORMS = "a number, a list of numbers (a gradient over the layers) or a list of {filter, value}"
@@ -297,8 +298,10 @@ def setting_problem(key: str, setting: Any) -> Optional[str]:
         return str(e)
     if not all(_is_number(x) for x in leaves):
         return f"must be {_SETTING_FORMS}, got {setting!r}"
-    if key == "density" and not all(0.0 < x <= 1.0 for x in leaves):
+    if key in ("density", "rank", "common") and not all(0.0 < x <= 1.0 for x in leaves):
         return f"must be in (0, 1], got {setting!r}"
+    if key in ("steps", "lr") and not all(x >= 0 for x in leaves):
+        return f"must be >= 0, got {setting!r}"
     return None
 
 

@@ -20,6 +20,7 @@ from compress.heads.select import resolve_protect
 from compress.io.reader import Checkpoint, all_finite, is_peft_adapter, open_checkpoint
 from compress.merge.methods import METHODS, Method, check_config, linear, method_preset, slerp, task_vector_merge
 from compress.merge.recipe import layer_position, resolve_setting
+from compress.merge.subspace import SUBSPACE_METHODS, subspace_merge
 from compress.progress import console, track
 from compress.runtime import resolve_device, torch_dtype
 from compress.sparsify.masks import seeded_generator
@@ -163,7 +164,7 @@ class Merger:
                 v = resolve_setting(scope[key], name, t)
                 if v is not None:
                     return float(v)
-        return DEFAULTS[key]
+        return DEFAULTS.get(key)  # None: the method's own default (compress.merge.subspace)
 
     def _merged_names(self) -> list[str]:
         return [n for n in self.ref.names() if self.ref.info(n).is_float]
@@ -242,6 +243,11 @@ class Merger:
             out = linear(stacked, weights, normalize=bool(self.cfg.parameters.get("normalize", True)))
         elif self.cfg.method == "slerp":
             out = slerp(self.param("t", name), base.float(), self.inputs[0].weight(name, base, self.device).float())
+        elif self.cfg.method in SUBSPACE_METHODS:
+            stacked = self._stacked_deltas(name, base)
+            out = base if stacked is None else subspace_merge(
+                self.cfg.method, name, stacked, weights, lam=self.param("lambda", name),
+                **{k: self.param(k, name) for k in SUBSPACE_METHODS[self.cfg.method].params}).add_(base)
         else:
             stacked = self._stacked_deltas(name, base)
             if stacked is None:
