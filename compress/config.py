@@ -364,6 +364,10 @@ class MergeConfig(Compute, ProtectOptions):
     out: Optional[Path] = None
     shard_size: str = SHARD_SIZE
     overwrite: bool = False
+    # adamerging (compress.merge.adamerging): λ per task ("task") or per task and tensor ("layer"); unlabeled text
+    # for causal LMs (classifiers adapt on their heads' unlabeled dev rows)
+    granularity: Literal["task", "layer"] = "layer"
+    text: Optional[Path] = None
 
     @model_validator(mode="after")
     def _check(self) -> "MergeConfig":

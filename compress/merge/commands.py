@@ -52,6 +52,9 @@ def merge(
     tie_break: Optional[str] = typer.Option(None, help="Equal magnitudes at the top-k threshold: index (lowest "
                                                        "first, fast) or argsort (mergekit's order, bit-exact)."),
     seed: Optional[int] = typer.Option(None, help="Seed of random drops, combined with each tensor's name."),
+    granularity: Optional[str] = typer.Option(None, help="adamerging: one λ per task (task) or per task and "
+                                                         "tensor (layer, default)."),
+    text: Optional[Path] = typer.Option(None, help="adamerging of causal LMs: unlabeled text to adapt on."),
     param: Optional[list[str]] = typer.Option(None, help="A method parameter KEY=VALUE, repeatable: rank (tsv), "
                                                          "common (iso_cts), steps and lr (wudi, adamerging)."),
     vocab: Optional[str] = typer.Option(None, help="Vocabulary sizes differ: error (default), base (keep the "
@@ -93,7 +96,7 @@ def merge(
     params.update(_key_values(param or []))
     flags = dict(base=base, method=method, variant=variant, topk=topk, sign_on=sign_on, consensus=consensus,
                  disjoint=disjoint, rescale=rescale, tie_break=tie_break, seed=seed, vocab=vocab, dtype=dtype,
-                 shard_size=shard_size, protect=protect,
+                 shard_size=shard_size, protect=protect, granularity=granularity, text=text,
                  **protect_flags(protect_heads, protect_top, per_layer, protect_sparsity),
                  out=out_path, device=device, overwrite=overwrite or None, quiet=quiet or None)
     if recipe is not None:

@@ -147,6 +147,7 @@ class Merger:
         self.out_dtype = torch_dtype(cfg.dtype)
         self.compute_dtype = torch_dtype(cfg.compute_dtype) or torch.float32
         self._global: Optional[list[GlobalThreshold]] = None
+        self._ada = None  # adamerging's learned coefficients (``prepare``)
         self.protect = resolve_protect(cfg, self.ref.root if self.ref.root is not None else self.ref.path)
 
     def _protected(self, name: str, like: torch.Tensor) -> Optional[torch.Tensor]:
@@ -243,6 +244,10 @@ class Merger:
             out = linear(stacked, weights, normalize=bool(self.cfg.parameters.get("normalize", True)))
         elif self.cfg.method == "slerp":
             out = slerp(self.param("t", name), base.float(), self.inputs[0].weight(name, base, self.device).float())
+        elif self.cfg.method == "adamerging":
+            stacked = self._stacked_deltas(name, base)
+            out = base if stacked is None or name not in self._ada.groups else task_vector_merge(
+                stacked, self._ada.weights(name), METHODS["task_arithmetic"], inplace=True).add_(base)
         elif self.cfg.method in SUBSPACE_METHODS:
             stacked = self._stacked_deltas(name, base)
             out = base if stacked is None else subspace_merge(
@@ -300,6 +305,10 @@ class Merger:
     def prepare(self, quiet: Optional[bool] = None) -> None:
         if self._uses_global_topk() and self._global is None:
             self._global = self._global_thresholds(quiet)
+        if self.cfg.method == "adamerging" and self._ada is None:
+            from compress.merge.adamerging import learn_for_merger
+
+            self._ada = learn_for_merger(self, quiet)
 
     def tensors(self, quiet: Optional[bool] = None):
         """(name, merged tensor) for every tensor of the reference model, in its order."""
