@@ -118,7 +118,9 @@ def choose_lambda(apply: Callable[[float], None], dev_score: Callable[[], float]
 # -- minilm-8task -------------------------------------------------------------------------------------------
 
 def run_minilm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500, test_limit: Optional[int] = None,
-               lambdas=LAMBDAS, batch_size: int = 256, quiet: bool = False, quick: bool = False) -> dict:
+               lambdas=LAMBDAS, batch_size: int = 256, quiet: bool = False, quick: bool = False,
+               merges: Optional[dict] = None) -> dict:
+    """The minilm-8task table; ``merges``: the merge rows to run (default ``MERGES``, all of them)."""
     from compress.eval.classify import TaskEvaluator, load_encoder, load_heads, set_encoder_weights
     from compress.io.reader import open_checkpoint
 
@@ -165,7 +167,7 @@ def run_minilm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500
         s = score("dev")
         return sum(s.values()) / len(s)
 
-    for row, (method, params) in MERGES.items():
+    for row, (method, params) in (MERGES if merges is None else merges).items():
         if method == "linear":
             start = time.perf_counter()
             load(merged_deltas(zoo / "base", models, method, params, device))
