@@ -142,3 +142,15 @@ def test_a_bad_parameter_is_one_line_naming_it(three_llamas, tmp_path):
     code, _, err = run_cli("merge", recipe)
     assert code == 2 and "rank" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_shipped_recipes_load(tmp_path):
+    from pathlib import Path
+
+    from compress.merge import load_recipe
+
+    root = Path(__file__).resolve().parent.parent / "recipes" / "merge"
+    cfg = load_recipe(root / "subspace.yml")
+    assert cfg.method == "iso_cts" and cfg.parameters["common"] == 0.8
+    ada = load_recipe(root / "adamerging.yml")
+    assert ada.method == "adamerging" and ada.granularity == "layer" and ada.parameters["steps"] == 50

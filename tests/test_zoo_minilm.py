@@ -355,13 +355,13 @@ def test_bench_merge_table_on_the_quick_zoo(zoo_quick, tmp_path):
     from compress.bench.merge import run
 
     report = run("minilm-8task", zoo_root=zoo_quick.parent, results=tmp_path, dev_limit=60, test_limit=100,
-                 lambdas=(0.5, 1.0), quiet=True)
+                 lambdas=(0.5, 1.0), quiet=True, quick=True)
     rows = report["rows"]
     assert list(rows) == ["zero-shot", "individual fine-tuned", "simple average", "task arithmetic", "TIES",
-                          "DARE-TIES"]
+                          "DARE-TIES", "TSV-M", "Iso-C", "Iso-CTS", "WUDI", "AdaMerging"]
     assert rows["individual fine-tuned"]["normalized_avg"] == pytest.approx(1.0)
     assert rows["individual fine-tuned"]["avg"] > rows["zero-shot"]["avg"]
-    for name in ("task arithmetic", "TIES", "DARE-TIES"):
+    for name in ("task arithmetic", "TIES", "DARE-TIES", "TSV-M", "Iso-C", "Iso-CTS", "WUDI"):
         assert rows[name]["lambda"] in (0.5, 1.0)
         best = rows[name]["dev_by_lambda"][str(rows[name]["lambda"])]
         assert best == max(rows[name]["dev_by_lambda"].values())

@@ -15,7 +15,7 @@ def run(zoo_name: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path =
         device: str = "cpu", dev_limit: Optional[int] = 500, test_limit: Optional[int] = None, quiet: bool = False,
         lambdas=LAMBDAS, quick: bool = False) -> dict:
     zoo = zoo_root / zoo_name
-    lambdas = QUICK["lambdas"] if quick else lambdas
+    lambdas = QUICK["lambdas"] if quick and lambdas is LAMBDAS else lambdas  # an explicit grid wins
     if zoo_name == "minilm-8task":
         report = run_minilm(zoo, device=device, dev_limit=dev_limit, test_limit=test_limit, lambdas=lambdas,
                             quiet=quiet, quick=quick)
