@@ -107,6 +107,8 @@ def test_compress_merge_adamerging_writes_base_plus_learned_task_arithmetic(enco
     name = "encoder.layer.1.intermediate.dense.weight"
     want = base_sd[name] + (lam.reshape(2, 1, 1) * deltas[name]).sum(0)
     torch.testing.assert_close(open_checkpoint(out).get(name), want, atol=1e-6, rtol=1e-5)
+    card = (out / "README.md").read_text()
+    assert "entropy" in card and str(round(float(lam[0]), 4)) in card
 
 
 def test_causal_lm_adapts_on_unlabeled_text_and_needs_it(tmp_path):

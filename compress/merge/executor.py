@@ -336,6 +336,7 @@ class Merger:
         from compress.io.writer import write_folder
 
         start = time.perf_counter()
+        self.prepare(quiet)
         summary = MergeSummary(out=Path(out))
         if self.cfg.vocab == "base":
             summary.dropped_rows = {n: r - self.ref.info(n).shape[0] for n, r in self.vocab_rows.items()
@@ -368,6 +369,8 @@ class Merger:
         return summary
 
     def _describe(self) -> str:
+        if self.cfg.method in SUBSPACE_METHODS:
+            return f"{self.cfg.method} ({SUBSPACE_METHODS[self.cfg.method].paper})"
         if self.method is None:
             return self.cfg.method
         return f"{self.cfg.method} ({METHODS[self.cfg.method].paper}); variant {self.cfg.variant}"
@@ -377,6 +380,11 @@ class Merger:
         if self.method is not None:
             p.update(topk=self.method.topk, sign_on=self.method.sign_on, disjoint=self.method.disjoint,
                      rescale=self.method.rescale, consensus=self.method.consensus, seed=self.cfg.seed)
+        if self._ada is not None:  # what AdaMerging learned (the card is written after ``prepare``)
+            h = self._ada.history
+            p.update(granularity=self.cfg.granularity, entropy=f"{h[0]:.4f} → {h[-1]:.4f} in {len(h) - 1} steps")
+            if self.cfg.granularity == "task":
+                p["lambda per model"] = [round(v, 4) for v in self._ada.coefficients[:, 0].tolist()]
         for i, m in enumerate(self.cfg.models):
             if m.parameters:
                 p[f"model {i + 1}"] = m.parameters
