@@ -240,6 +240,7 @@ class Conditional(_Config):
 
 
 SHARED_PARAMS = ("weight", "density", "gamma", "epsilon", "lambda", "t", "normalize")
+SHARED_PARAMS += ("rank", "common", "steps", "lr")  # TSV-M, Iso-CTS, WUDI, AdaMerging (compress.merge.subspace)
 MODEL_PARAMS = ("weight", "density", "gamma", "epsilon")
 FLAG_PARAMS = ("normalize", "rescale", "int8_mask")  # true/false (rescale and int8_mask: mergekit recipes only)
 _SETTING_FORMS = "a number, a list of numbers (a gradient over the layers) or a list of {filter, value}"
@@ -300,8 +301,10 @@ def setting_problem(key: str, setting: Any) -> Optional[str]:
         return str(e)
     if not all(_is_number(x) for x in leaves):
         return f"must be {_SETTING_FORMS}, got {setting!r}"
-    if key == "density" and not all(0.0 < x <= 1.0 for x in leaves):
+    if key in ("density", "rank", "common") and not all(0.0 < x <= 1.0 for x in leaves):
         return f"must be in (0, 1], got {setting!r}"
+    if key in ("steps", "lr") and not all(x >= 0 for x in leaves):
+        return f"must be >= 0, got {setting!r}"
     return None
 
 
@@ -364,6 +367,10 @@ class MergeConfig(Compute, ProtectOptions):
     out: Optional[Path] = None
     shard_size: str = SHARD_SIZE
     overwrite: bool = False
+    # adamerging (compress.merge.adamerging): λ per task ("task") or per task and tensor ("layer"); unlabeled text
+    # for causal LMs (classifiers adapt on their heads' unlabeled dev rows)
+    granularity: Literal["task", "layer"] = "layer"
+    text: Optional[Path] = None
 
     @model_validator(mode="after")
     def _check(self) -> "MergeConfig":

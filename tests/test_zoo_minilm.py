@@ -211,7 +211,7 @@ def test_bench_merge_reports_the_official_metric_beside_accuracy(zoo_quick, tmp_
             (zoo / "cola" / f.name).symlink_to(f)
     subj = Head.load(zoo_quick / "subj")
     Head(subj.weight, subj.bias, task="cola", labels=["0", "1"]).save(zoo / "cola")
-    report = run_minilm(zoo, dev_limit=20, test_limit=100, lambdas=(1.0,), quiet=True)
+    report = run_minilm(zoo, dev_limit=20, test_limit=100, lambdas=(1.0,), quiet=True, quick=True)
     save(report, tmp_path / "r", markdown_minilm(report))
     assert report["tasks"] == ["cola"] and report["official_metrics"] == {"cola": "mcc"}
     rows = report["rows"]
@@ -224,7 +224,12 @@ def test_bench_merge_reports_the_official_metric_beside_accuracy(zoo_quick, tmp_
     assert saved["rows"]["TIES"]["official"] == rows["TIES"]["official"]
     md = (tmp_path / "r" / "merge_minilm-8task.md").read_text().splitlines()
     header = next(line for line in md if line.startswith("| method |"))
-    assert header.startswith("| method | cola | cola MCC | avg |")
+    assert header.startswith("| method | cola | cola MCC | avg |") and header.endswith("| λ | merge s |")
+    # the subspace and test-time rows, each with its merge's seconds; AdaMerging's λ is learned, not searched
+    for name in ("TSV-M", "Iso-C", "Iso-CTS", "WUDI", "AdaMerging"):
+        assert rows[name]["merge_seconds"] > 0 and set(rows[name]["official"]) == {"cola"}, name
+    ada = next(line for line in md if line.startswith("| AdaMerging |")).split(" | ")
+    assert ada[-2] == "learned" and rows["AdaMerging"]["settings_tried"][0]["params"] == {"steps": 5}
     zero = next(line for line in md if line.startswith("| zero-shot |")).split(" | ")
     assert zero[1:3] == [f"{100 * want['zero-shot'].accuracy:.1f}", f"{100 * want['zero-shot'].official:.1f}"]
 
@@ -350,13 +355,13 @@ def test_bench_merge_table_on_the_quick_zoo(zoo_quick, tmp_path):
     from compress.bench.merge import run
 
     report = run("minilm-8task", zoo_root=zoo_quick.parent, results=tmp_path, dev_limit=60, test_limit=100,
-                 lambdas=(0.5, 1.0), quiet=True)
+                 lambdas=(0.5, 1.0), quiet=True, quick=True)
     rows = report["rows"]
     assert list(rows) == ["zero-shot", "individual fine-tuned", "simple average", "task arithmetic", "TIES",
-                          "DARE-TIES"]
+                          "DARE-TIES", "TSV-M", "Iso-C", "Iso-CTS", "WUDI", "AdaMerging"]
     assert rows["individual fine-tuned"]["normalized_avg"] == pytest.approx(1.0)
     assert rows["individual fine-tuned"]["avg"] > rows["zero-shot"]["avg"]
-    for name in ("task arithmetic", "TIES", "DARE-TIES"):
+    for name in ("task arithmetic", "TIES", "DARE-TIES", "TSV-M", "Iso-C", "Iso-CTS", "WUDI"):
         assert rows[name]["lambda"] in (0.5, 1.0)
         best = rows[name]["dev_by_lambda"][str(rows[name]["lambda"])]
         assert best == max(rows[name]["dev_by_lambda"].values())

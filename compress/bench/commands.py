@@ -121,15 +121,17 @@ def bench_merge(
     results: Path = RESULTS,
     dev_limit: Optional[int] = typer.Option(500, help="Dev rows per task for choosing λ (0: all)."),
     test_limit: Optional[int] = typer.Option(None, help="Test rows per task (default: all)."),
+    quick: bool = typer.Option(False, help="3 λ, no setting grid, few WUDI/AdaMerging steps: a CPU smoke run."),
     device: str = DEVICE, quiet: bool = QUIET,
 ):
-    """Zero-shot, individual, average, task arithmetic, TIES and DARE-TIES on the zoo's fine-tuned models."""
+    """Zero-shot, individual, average, task arithmetic, TIES, DARE-TIES, TSV-M, Iso-C, Iso-CTS, WUDI and AdaMerging
+    on the zoo's fine-tuned models."""
     from compress.bench.merge import run
 
     require("bench", "compress bench merge", ("matplotlib",))
 
     run(zoo, zoo_root=zoo_root, results=results, device=resolve_device(device), dev_limit=dev_limit or None,
-        test_limit=test_limit, quiet=quiet)
+        test_limit=test_limit, quiet=quiet, quick=quick)
 
 
 @bench_app.command("prune")

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from compress.bench.merge_zoo import LAMBDAS, MERGES, choose_lambda, merged_deltas
+from compress.bench.merge_zoo import LAMBDAS, MERGES, lambda_cell, merged_deltas, seconds_cell, settings, tune_merge
 from compress.errors import CompressError
 from compress.progress import console
 
@@ -39,7 +39,8 @@ def heldout_texts(zoo: Path) -> dict[str, str]:
 
 
 def run_lm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500, test_limit: Optional[int] = None,
-           lambdas=LAMBDAS, quiet: bool = False, max_tokens: int = 32768, seqlen: int = 256) -> dict:
+           lambdas=LAMBDAS, quiet: bool = False, max_tokens: int = 32768, seqlen: int = 256,
+           quick: bool = False) -> dict:
     from compress.eval.perplexity import load_causal_lm, perplexity
     from compress.eval.recall import read_recall_items, recall_eval
 
@@ -95,27 +96,32 @@ def run_lm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500, te
         return sum(parts) / len(parts)
 
     models = [zoo / t for t in TASKS]
+    # AdaMerging adapts on unlabeled text: the dev halves of the held-out texts (never the test halves)
+    adapt_text = tmp / "dev-text.txt"
+    adapt_text.write_text("\n".join(v[0] for v in texts.values()))
+
+    def at(merged: dict, lam: float) -> None:
+        load({n: base_sd[n].float() + lam * d for n, d in merged.items()})
+
     for row, (method, params) in MERGES.items():
-        merged = merged_deltas(zoo / "base", models, method, params, device)
         if method == "linear":
-            load(merged)
-            rows[row] = {"scores": score("test"), "method": method}
+            start = time.perf_counter()
+            load(merged_deltas(zoo / "base", models, method, params, device))
+            rows[row] = {"scores": score("test"), "method": method, "merge_seconds": time.perf_counter() - start}
             continue
-
-        def at(lam: float) -> None:
-            load({n: base_sd[n].float() + lam * d for n, d in merged.items()})
-
-        best, seen = choose_lambda(at, lambda: normalized(score("dev"), individual_dev), lambdas)
-        at(best)
-        rows[row] = {"scores": score("test"), "method": method, "params": params, "lambda": best,
-                     "dev_by_lambda": {str(k): v for k, v in seen.items()}}
+        fields = {"text": adapt_text} if method == "adamerging" else {}
+        chosen = tune_merge(zoo / "base", models, method, settings(row, method, params, quick), device, at,
+                            lambda: normalized(score("dev"), individual_dev), lambdas, **fields)
+        rows[row] = {"scores": score("test"), "method": method, **chosen}
         if not quiet:
-            console.print(f"[bench merge] {row}: λ = {best} (dev normalized {seen[best]:.4f})")
+            console.print(f"[bench merge] {row}: {chosen['params']}, λ = {chosen['lambda']} (dev normalized "
+                          f"{chosen['dev']:.4f}, {chosen['merge_seconds']:.1f} s)")
     for r in rows.values():
         r["normalized_avg"] = normalized(r["scores"], individual)
     return {"zoo": "lm-zoo", "zoo_dir": str(zoo), "tasks": list(TASKS), "individual": individual,
             "dev_limit": dev_limit, "test_limit": test_limit, "lambdas": list(lambdas), "device": device,
-            "max_tokens": max_tokens, "seqlen": seqlen, "seconds": time.perf_counter() - t0, "rows": rows,
+            "max_tokens": max_tokens, "seqlen": seqlen, "quick": quick, "seconds": time.perf_counter() - t0,
+            "rows": rows,
             "plot_key": "plot", "columns": ["shakespeare", "ptb", "recall"],
             "plot_ylabel": "normalized score (own task's model = 1)"}
 
@@ -143,7 +149,7 @@ def add_diagonal(report: dict) -> dict:
 
 def markdown_lm(report: dict) -> str:
     add_diagonal(report)
-    head = ["method", *[c[1] for c in COLUMNS], "normalized avg ↑", "λ"]
+    head = ["method", *[c[1] for c in COLUMNS], "normalized avg ↑", "λ", "merge s"]
     lines = ["# compress bench merge — lm-zoo", "",
              "Second half of each held-out text / recall prompt set (the first half chose λ). Normalized: individual "
              "perplexity ÷ perplexity (domains), accuracy ÷ individual accuracy (recall), averaged.", "",
@@ -151,8 +157,8 @@ def markdown_lm(report: dict) -> str:
     for name, r in report["rows"].items():
         s = r["scores"]
         cells = ["–" if s[k] != s[k] else fmt.format(s[k]).replace("%", "") for k, _, fmt in COLUMNS]
-        lines.append("| " + " | ".join([name, *cells, f"{100 * r['normalized_avg']:.1f}",
-                                        str(r.get("lambda", ""))]) + " |")
+        lines.append("| " + " | ".join([name, *cells, f"{100 * r['normalized_avg']:.1f}", lambda_cell(r),
+                                        seconds_cell(r)]) + " |")
     lines += ["", f"device {report['device']}, {report['seconds']:.0f} s; perplexity over ≤ {report['max_tokens']} "
               f"tokens per half, windows of {report['seqlen']}.", ""]
     # the plot shows normalized per-task scores of the merged rows against the per-task models

@@ -1,13 +1,15 @@
 """``compress bench merge``: what merging keeps of each task's skill, on the zoo's real fine-tuned models.
 
 minilm-8task (the shape of the CLIP ViT-B/32 eight-task table of the merging papers): rows zero-shot (the
-pretrained encoder with each task's own head), individual fine-tuned, simple average, task arithmetic, TIES and
-DARE-TIES; columns the eight tasks' test accuracy, their average and the normalized average (accuracy ÷ the
-individual model's accuracy, averaged), and beside a task whose official metric is not accuracy that metric
-(MCC for CoLA, F1 for MRPC: task.json ``metric``), under ``official`` in the JSON. λ of task arithmetic, TIES
-and DARE-TIES is chosen on the dev splits
-(best mean dev accuracy over a grid), as the papers do; the merged vectors come from ``compress.merge.Merger``
-(the same code as `compress merge`), computed once at λ = 1 and scaled, since each method is linear in λ.
+pretrained encoder with each task's own head), individual fine-tuned, simple average, task arithmetic, TIES,
+DARE-TIES, the data-free subspace merges TSV-M, Iso-C, Iso-CTS and WUDI (``compress.merge.subspace``) and the
+test-time AdaMerging (``compress.merge.adamerging``: λ learned on unlabeled dev rows); columns the eight tasks'
+test accuracy, their average and the normalized average (accuracy ÷ the individual model's accuracy, averaged),
+and beside a task whose official metric is not accuracy that metric (MCC for CoLA, F1 for MRPC: task.json
+``metric``), under ``official`` in the JSON. λ is chosen on the dev splits (best mean dev accuracy over a grid),
+as the papers do, and so are the settings of ``GRIDS`` (TSV-M's rank, Iso-CTS' common fraction, WUDI's step
+size); each row records its merge's seconds. The merged vectors come from ``compress.merge.Merger`` (the same
+code as `compress merge`), computed once at λ = 1 and scaled, since each method is linear in λ.
 
 lm-zoo: the same rows over the domain and recall task models, columns perplexity per domain (lower is better),
 context-recall accuracy and hallucination rate; λ chosen on dev text and dev recall prompts.
@@ -29,21 +31,69 @@ from compress.errors import CompressError
 from compress.progress import console
 
 LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5, 2.0)
-MERGES = {  # row → (method, parameters); λ searched for all but the average
+MERGES = {  # row → (method, parameters); λ searched for all but the average and AdaMerging (which learns it)
     "simple average": ("linear", {}),
     "task arithmetic": ("task_arithmetic", {}),
     "TIES": ("ties", {"density": 0.2}),
     "DARE-TIES": ("dare_ties", {"density": 0.2}),
+    "TSV-M": ("tsv", {}),
+    "Iso-C": ("iso_c", {}),
+    "Iso-CTS": ("iso_cts", {"common": 0.8}),
+    "WUDI": ("wudi", {}),
+    "AdaMerging": ("adamerging", {}),
 }
+# settings tried besides the row's parameters, each with its own λ search; the best mean dev score wins
+GRIDS = {
+    "TSV-M": [{}, {"rank": 0.25}],
+    "Iso-CTS": [{"common": 0.8}, {"common": 0.5}],
+    "WUDI": [{}, {"lr": 1e-4}],
+}
+LEARNED = ("adamerging",)  # methods whose merge already holds its coefficients: no λ search
+QUICK = {"lambdas": (0.3, 0.6, 1.0), "steps": {"wudi": 20, "adamerging": 5}}  # --quick: a CPU run end to end
+
+
+def settings(row: str, method: str, params: dict, quick: bool) -> list[dict]:
+    """The parameter settings a row tries (only its own with ``quick``, and fewer optimiser steps)."""
+    grid = [params] if quick else GRIDS.get(row, [params])
+    if quick and method in QUICK["steps"]:
+        grid = [{**p, "steps": QUICK["steps"][method]} for p in grid]
+    return grid
+
+
+def tune_merge(base: Path, models: list[Path], method: str, grid: list[dict], device: str,
+               at: Callable[[dict, float], None], dev_score: Callable[[], float], lambdas=LAMBDAS,
+               **fields) -> dict:
+    """Merge once per setting of ``grid``, choose λ on dev (a learned method keeps its own) and the setting with the
+    best dev score; leaves that model loaded through ``at(merged, λ)``. ``fields``: extra MergeConfig fields."""
+    best, trials = None, []
+    for params in grid:
+        start = time.perf_counter()
+        merged = merged_deltas(base, models, method, params, device, **fields)
+        seconds = time.perf_counter() - start
+        if method in LEARNED:
+            at(merged, 1.0)
+            lam, seen = 1.0, {1.0: dev_score()}
+        else:
+            lam, seen = choose_lambda(lambda v: at(merged, v), dev_score, lambdas)
+        trials.append({"params": params, "lambda": lam, "dev": seen[lam], "merge_seconds": seconds,
+                       "dev_by_lambda": {str(k): v for k, v in seen.items()}})
+        if best is None or seen[lam] > best[0]["dev"]:
+            best = (trials[-1], merged)
+        else:
+            del merged
+    chosen, merged = best
+    at(merged, chosen["lambda"])
+    return {**chosen, "settings_tried": trials}
 
 
 def merged_deltas(base: Path, models: list[Path], method: str, params: dict, device: str,
-                  quiet: bool = True) -> dict[str, torch.Tensor]:
-    """{name: merged tensor − base} at λ = 1 (or the merged tensor itself for 'linear'), float32 on ``device``."""
+                  quiet: bool = True, **fields) -> dict[str, torch.Tensor]:
+    """{name: merged tensor − base} at λ = 1 (or the merged tensor itself for 'linear'), float32 on ``device``.
+    ``fields``: more MergeConfig fields (e.g. AdaMerging's ``text``)."""
     from compress.merge.executor import Merger
 
     cfg = build(MergeConfig, method=method, base=base, models=[{"model": m} for m in models],
-                parameters=params, device=device, quiet=quiet)
+                parameters=params, device=device, quiet=quiet, **fields)
     merger = Merger(cfg)
     out = {}
     for name, t in merger.tensors(quiet=quiet):
@@ -68,7 +118,9 @@ def choose_lambda(apply: Callable[[float], None], dev_score: Callable[[], float]
 # -- minilm-8task -------------------------------------------------------------------------------------------
 
 def run_minilm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500, test_limit: Optional[int] = None,
-               lambdas=LAMBDAS, batch_size: int = 256, quiet: bool = False) -> dict:
+               lambdas=LAMBDAS, batch_size: int = 256, quiet: bool = False, quick: bool = False,
+               merges: Optional[dict] = None) -> dict:
+    """The minilm-8task table; ``merges``: the merge rows to run (default ``MERGES``, all of them)."""
     from compress.eval.classify import TaskEvaluator, load_encoder, load_heads, set_encoder_weights
     from compress.io.reader import open_checkpoint
 
@@ -107,28 +159,26 @@ def run_minilm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500
         individual_official.update(s["official"])
     rows["individual fine-tuned"] = {"acc": individual, "official": individual_official}
     models = [zoo / t for t in tasks]
-    for row, (method, params) in MERGES.items():
-        start = time.perf_counter()
-        merged = merged_deltas(zoo / "base", models, method, params, device)
-        merge_seconds = time.perf_counter() - start
+
+    def at(merged: dict, lam: float) -> None:
+        load({n: base_sd[n].float() + lam * d for n, d in merged.items()})
+
+    def dev() -> float:
+        s = score("dev")
+        return sum(s.values()) / len(s)
+
+    for row, (method, params) in (MERGES if merges is None else merges).items():
         if method == "linear":
-            load(merged)
-            rows[row] = {**test_scores(), "method": method, "merge_seconds": merge_seconds}
+            start = time.perf_counter()
+            load(merged_deltas(zoo / "base", models, method, params, device))
+            rows[row] = {**test_scores(), "method": method, "merge_seconds": time.perf_counter() - start}
             continue
-
-        def at(lam: float) -> None:
-            load({n: base_sd[n].float() + lam * d for n, d in merged.items()})
-
-        def dev() -> float:
-            s = score("dev")
-            return sum(s.values()) / len(s)
-
-        best, seen = choose_lambda(at, dev, lambdas)
-        at(best)
-        rows[row] = {**test_scores(), "method": method, "params": params, "lambda": best,
-                     "dev_by_lambda": {str(k): v for k, v in seen.items()}, "merge_seconds": merge_seconds}
+        chosen = tune_merge(zoo / "base", models, method, settings(row, method, params, quick), device, at, dev,
+                            lambdas)
+        rows[row] = {**test_scores(), "method": method, **chosen}
         if not quiet:
-            console.print(f"[bench merge] {row}: λ = {best} (dev {seen[best]:.4f})")
+            console.print(f"[bench merge] {row}: {chosen['params']}, λ = {chosen['lambda']} (dev "
+                          f"{chosen['dev']:.4f}, {chosen['merge_seconds']:.1f} s)")
     for r in rows.values():
         accs = r["acc"]
         r["avg"] = sum(accs.values()) / len(accs)
@@ -136,7 +186,7 @@ def run_minilm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500
     return {"zoo": "minilm-8task", "zoo_dir": str(zoo), "tasks": tasks, "metric": "test accuracy",
             "official_metrics": official_metrics(evals["test"]),
             "dev_limit": dev_limit, "test_limit": test_limit, "lambdas": list(lambdas), "device": device,
-            "seconds": time.perf_counter() - t0, "rows": rows}
+            "quick": quick, "seconds": time.perf_counter() - t0, "rows": rows}
 
 
 def official_metrics(evaluators: dict) -> dict[str, str]:
@@ -162,10 +212,23 @@ def task_cells(row: dict, tasks: list[str], official: dict[str, str]) -> list[st
     return cells
 
 
+def lambda_cell(row: dict) -> str:
+    """λ as chosen, "learned" for AdaMerging, with the chosen setting (rank, common, lr) beside it."""
+    if "lambda" not in row:
+        return ""
+    lam = "learned" if row.get("method") in LEARNED else f"{row['lambda']:g}"
+    extra = ", ".join(f"{k} {v:g}" for k, v in (row.get("params") or {}).items() if k not in ("density", "steps"))
+    return f"{lam} ({extra})" if extra else lam
+
+
+def seconds_cell(row: dict) -> str:
+    return f"{row['merge_seconds']:.1f}" if "merge_seconds" in row else ""
+
+
 def markdown_minilm(report: dict) -> str:
     tasks = report["tasks"]
     official = report.get("official_metrics", {})
-    head = ["method", *task_columns(tasks, official), "avg", "normalized avg", "λ"]
+    head = ["method", *task_columns(tasks, official), "avg", "normalized avg", "λ", "merge s"]
     note = (" Beside a task's accuracy, its official metric × 100 where it is not accuracy (MCC for CoLA, F1 of "
             "label 1 for MRPC); avg and normalized average accuracies." if official else "")
     lines = [f"# compress bench merge — {report['zoo']}", "",
@@ -175,8 +238,11 @@ def markdown_minilm(report: dict) -> str:
     for name, r in report["rows"].items():
         cells = task_cells(r, tasks, official)
         lines.append("| " + " | ".join([name, *cells, f"{100 * r['avg']:.1f}", f"{100 * r['normalized_avg']:.1f}",
-                                        str(r.get("lambda", ""))]) + " |")
-    lines += ["", f"device {report['device']}, {report['seconds']:.0f} s.", ""]
+                                        lambda_cell(r), seconds_cell(r)]) + " |")
+    quick = " Quick settings (--quick: 3 λ, no setting grid, few optimiser steps): a smoke run, not the table." \
+        if report.get("quick") else ""
+    lines += ["", f"device {report['device']}, {report['seconds']:.0f} s; merge s: one merge of the chosen setting "
+              f"(reading the checkpoints included; AdaMerging's includes its learning).{quick}", ""]
     return "\n".join(lines)
 
 

@@ -35,7 +35,7 @@ def merge(
                                                            "(--models A B C)."),
     method: Optional[str] = typer.Option(None, help="linear, slerp, task_arithmetic, magnitude_prune, ties, "
                                                     "dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, "
-                                                    "della_linear."),
+                                                    "della_linear, tsv, iso_c, iso_cts, wudi, adamerging."),
     density: Optional[list[float]] = typer.Option(None, help="Fraction of each task vector kept: one value, or "
                                                              "one per model."),
     weights: Optional[list[float]] = typer.Option(None, help="One weight per model (default 1)."),
@@ -52,6 +52,11 @@ def merge(
     tie_break: Optional[str] = typer.Option(None, help="Equal magnitudes at the top-k threshold: index (lowest "
                                                        "first, fast) or argsort (mergekit's order, bit-exact)."),
     seed: Optional[int] = typer.Option(None, help="Seed of random drops, combined with each tensor's name."),
+    granularity: Optional[str] = typer.Option(None, help="adamerging: one λ per task (task) or per task and "
+                                                         "tensor (layer, default)."),
+    text: Optional[Path] = typer.Option(None, help="adamerging of causal LMs: unlabeled text to adapt on."),
+    param: Optional[list[str]] = typer.Option(None, help="A method parameter KEY=VALUE, repeatable: rank (tsv), "
+                                                         "common (iso_cts), steps and lr (wudi, adamerging)."),
     vocab: Optional[str] = typer.Option(None, help="Vocabulary sizes differ: error (default), base (keep the "
                                                    "base's rows) or union (keep every row)."),
     dtype: Optional[str] = typer.Option(None, help="dtype of the output (default: the base's)."),
@@ -88,9 +93,10 @@ def merge(
         params["lambda"] = lam
     if t is not None:
         params["t"] = t
+    params.update(_key_values(param or []))
     flags = dict(base=base, method=method, variant=variant, topk=topk, sign_on=sign_on, consensus=consensus,
                  disjoint=disjoint, rescale=rescale, tie_break=tie_break, seed=seed, vocab=vocab, dtype=dtype,
-                 shard_size=shard_size, protect=protect,
+                 shard_size=shard_size, protect=protect, granularity=granularity, text=text,
                  **protect_flags(protect_heads, protect_top, per_layer, protect_sparsity),
                  out=out_path, device=device, overwrite=overwrite or None, quiet=quiet or None)
     if recipe is not None:
@@ -109,6 +115,19 @@ def merge(
     extra = f"; dropped rows: {s.dropped_rows}" if s.dropped_rows else ""
     out.print(f"wrote {s.out}: {s.tensors} tensors, {s.params:,} parameters, {cfg.method} of {len(cfg.models)} "
               f"models in {s.seconds:.1f} s ({s.gb_per_s:.2f} GB/s read){extra}")
+
+
+def _key_values(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise CompressError(f"--param: expected KEY=NUMBER (e.g. rank=0.125), got '{item}'")
+    return out
 
 
 def _merge_cli_models(cfg, models, weights, density, params):

@@ -21,6 +21,7 @@ from compress.io.prefetch import walk
 from compress.io.reader import Checkpoint, all_finite, is_peft_adapter, open_checkpoint
 from compress.merge.methods import METHODS, Method, check_config, linear, method_preset, slerp, task_vector_merge
 from compress.merge.recipe import layer_position, resolve_setting
+from compress.merge.subspace import SUBSPACE_METHODS, subspace_merge
 from compress.progress import console, track
 from compress.runtime import resolve_device, torch_dtype
 from compress.sparsify.masks import seeded_generator
@@ -159,6 +160,7 @@ class Merger:
         self.out_dtype = torch_dtype(cfg.dtype)
         self.compute_dtype = torch_dtype(cfg.compute_dtype) or torch.float32
         self._global: Optional[list[GlobalThreshold]] = None
+        self._ada = None  # adamerging's learned coefficients (``prepare``)
         self.protect = resolve_protect(cfg, self.ref.root if self.ref.root is not None else self.ref.path)
 
     def _protected(self, name: str, like: torch.Tensor) -> Optional[torch.Tensor]:
@@ -176,7 +178,7 @@ class Merger:
                 v = resolve_setting(scope[key], name, t)
                 if v is not None:
                     return float(v)
-        return DEFAULTS[key]
+        return DEFAULTS.get(key)  # None: the method's own default (compress.merge.subspace)
 
     def _merged_names(self) -> list[str]:
         return [n for n in self.ref.names() if self.ref.info(n).is_float]
@@ -274,6 +276,15 @@ class Merger:
             out = linear(stacked, weights, normalize=bool(self.cfg.parameters.get("normalize", True)))
         elif self.cfg.method == "slerp":
             out = slerp(self.param("t", name), base.float(), self.inputs[0].weight(name, base, self.device).float())
+        elif self.cfg.method == "adamerging":
+            stacked = self._stacked_deltas(name, base)
+            out = base if stacked is None or name not in self._ada.groups else task_vector_merge(
+                stacked, self._ada.weights(name), METHODS["task_arithmetic"], inplace=True).add_(base)
+        elif self.cfg.method in SUBSPACE_METHODS:
+            stacked = self._stacked_deltas(name, base)
+            out = base if stacked is None else subspace_merge(
+                self.cfg.method, name, stacked, weights, lam=self.param("lambda", name),
+                **{k: self.param(k, name) for k in SUBSPACE_METHODS[self.cfg.method].params}).add_(base)
         else:
             stacked = self._stacked_deltas(name, base)
             if stacked is None:
@@ -328,6 +339,10 @@ class Merger:
     def prepare(self, quiet: Optional[bool] = None) -> None:
         if self._uses_global_topk() and self._global is None:
             self._global = self._global_thresholds(quiet)
+        if self.cfg.method == "adamerging" and self._ada is None:
+            from compress.merge.adamerging import learn_for_merger
+
+            self._ada = learn_for_merger(self, quiet)
 
     def tensors(self, quiet: Optional[bool] = None):
         """(name, merged tensor) for every tensor of the reference model, in its order."""
@@ -347,6 +362,7 @@ class Merger:
         from compress.io.writer import write_folder
 
         start = time.perf_counter()
+        self.prepare(quiet)
         summary = MergeSummary(out=Path(out))
         if self.cfg.vocab == "base":
             summary.dropped_rows = {n: r - self.ref.info(n).shape[0] for n, r in self.vocab_rows.items()
@@ -379,6 +395,8 @@ class Merger:
         return summary
 
     def _describe(self) -> str:
+        if self.cfg.method in SUBSPACE_METHODS:
+            return f"{self.cfg.method} ({SUBSPACE_METHODS[self.cfg.method].paper})"
         if self.method is None:
             return self.cfg.method
         return f"{self.cfg.method} ({METHODS[self.cfg.method].paper}); variant {self.cfg.variant}"
@@ -388,6 +406,11 @@ class Merger:
         if self.method is not None:
             p.update(topk=self.method.topk, sign_on=self.method.sign_on, disjoint=self.method.disjoint,
                      rescale=self.method.rescale, consensus=self.method.consensus, seed=self.cfg.seed)
+        if self._ada is not None:  # what AdaMerging learned (the card is written after ``prepare``)
+            h = self._ada.history
+            p.update(granularity=self.cfg.granularity, entropy=f"{h[0]:.4f} → {h[-1]:.4f} in {len(h) - 1} steps")
+            if self.cfg.granularity == "task":
+                p["lambda per model"] = [round(v, 4) for v in self._ada.coefficients[:, 0].tolist()]
         for i, m in enumerate(self.cfg.models):
             if m.parameters:
                 p[f"model {i + 1}"] = m.parameters

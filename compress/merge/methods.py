@@ -47,6 +47,7 @@ from typing import Literal, Optional
 import torch
 
 from compress.errors import CompressError
+from compress.merge.subspace import SUBSPACE_METHODS
 from compress.sparsify.masks import keep_count
 from compress.sparsify.topk import magnitude_bits, topk_mask
 
@@ -282,6 +283,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 FULL_WEIGHT_METHODS = ("linear", "slerp")
 ALL_METHODS = tuple(METHODS) + FULL_WEIGHT_METHODS
+ALL_METHODS += tuple(SUBSPACE_METHODS) + ("adamerging",)  # compress.merge.subspace, compress.merge.adamerging
 
 
 def check_method(name: str) -> str:
