@@ -149,9 +149,10 @@ class EvalConfig(Compute):
 # --- zoo recipes (recipes/zoo/*.yml) --------------------------------------------------------------------------
 
 def _task_name(v: str) -> str:
-    # which tasks exist is the data layer's to say (compress.data.task_dir); a schema only refuses a path here
-    if not v or any(c in v for c in "/\\") or v.startswith("."):
-        raise ValueError(f"task '{v}' must be a task's name, not a path")
+    # a task of the data root by name, or a task folder by path: which exist, and whether a folder is a valid
+    # task, is the data layer's to say (compress.data.task_dir)
+    if not v.strip():
+        raise ValueError("a task is a name (sst2) or the path of a task folder, not an empty string")
     return v
 
 

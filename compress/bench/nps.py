@@ -74,9 +74,9 @@ class _Zoo:
         self.dev, self.test, self.individual, self.individual_dev, self.individual_official = {}, {}, {}, {}, {}
         for t in tasks:
             h = self.heads[t]
-            ev = TaskEvaluator(t, "dev", tokenizer=tok, limit=dev_limit, max_length=h.max_length)
+            ev = TaskEvaluator(h.task_ref, "dev", tokenizer=tok, limit=dev_limit, max_length=h.max_length)
             self.dev[t] = TaskObjective(ev, h, self.encoder, search.objective, search.batch_size)
-            self.test[t] = TaskEvaluator(t, "test", tokenizer=tok, limit=test_limit, max_length=h.max_length,
+            self.test[t] = TaskEvaluator(h.task_ref, "test", tokenizer=tok, limit=test_limit, max_length=h.max_length,
                                          batch_size=256)
             self.setter(self.tau[t])
             self.dev[t].set_reference(self.encoder)

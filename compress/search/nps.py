@@ -301,6 +301,7 @@ class NpsResult:
     evaluations: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    best_at: dict[int, list[float]] = field(default_factory=dict)  # the best point after n evaluations
 
     def as_dict(self, with_history: bool = True) -> dict:
         d = {k: getattr(self, k) for k in ("lambdas", "weights", "groups", "value", "start_value", "dev",
@@ -312,19 +313,36 @@ class NpsResult:
 
 def search(problem: NpsProblem, setter: ModelSetter, objective: Callable, *, optimizer: str = "cma",
            budget: int = 100, sigma0: float = 0.5, popsize: Optional[int] = None, seed: int = 0,
-           log: Optional[Callable[[dict], None]] = None) -> NpsResult:
-    """Evaluate the unweighted starts, then run ``optimizer`` from the best of them; ``budget`` counts every
-    evaluation (starts included). The model is left at the best point found."""
+           log: Optional[Callable[[dict], None]] = None, starts: Optional[list[list[float]]] = None,
+           penalty: Optional[Callable[[torch.Tensor], float]] = None, checkpoints: tuple[int, ...] = ()
+           ) -> NpsResult:
+    """Evaluate the starts (default: the unweighted ones, ``NpsProblem.starts``), then run ``optimizer`` from the
+    best of them; ``budget`` counts every evaluation (starts included). ``penalty(delta)`` is added to the
+    objective's value (logged as ``penalty``). ``checkpoints``: numbers of evaluations after which the best point
+    so far is kept in ``best_at`` (what a smaller budget would have returned). The model is left at the best point
+    found."""
     from compress.search.optimize import minimize
 
     t0 = time.perf_counter()
     history: list[dict] = []
+    best_at: dict[int, list[float]] = {}
+    seen = {"n": 0, "best": math.inf, "x": None}
 
     def f(x):
-        setter(problem.delta(x))
-        return objective(setter.module)
+        delta = problem.delta(x)
+        setter(delta)
+        v, m = objective(setter.module)
+        if penalty is not None:
+            p = penalty(delta)
+            v, m = v + p, {**m, "penalty": p}
+        seen["n"] += 1
+        if v < seen["best"]:
+            seen["best"], seen["x"] = v, list(x)
+        if seen["n"] in checkpoints:
+            best_at[seen["n"]] = seen["x"]
+        return v, m
 
-    starts = problem.starts()
+    starts = starts or problem.starts()
     if budget < len(starts) + 1:
         raise CompressError(f"nps: budget {budget} is below the {len(starts) + 1} evaluations the starts need")
     best_x, best_v = None, math.inf
@@ -356,8 +374,9 @@ def search(problem: NpsProblem, setter: ModelSetter, objective: Callable, *, opt
     setter(problem.delta(x))
     _, dev = objective(setter.module)
     lambdas, w = problem.decode(x)
+    best_at.update({n: x for n in checkpoints if n >= len(history)})  # the run stopped before them
     return NpsResult(x, lambdas, w.tolist(), problem.group_names, value, start_value, dev, len(history),
-                     time.perf_counter() - t0, history)
+                     time.perf_counter() - t0, history, best_at)
 
 
 
