@@ -504,11 +504,18 @@ class NpsSearch(_Config):
     dev_limit: Optional[int] = Field(500, ge=1, description="dev rows per task the objective runs on")
     batch_size: int = Field(256, ge=1)
     seed: int = 0
+    anchor: Literal["none", "ties"] = Field("none", description="merge: 'ties' runs the protocol that generalizes "
+                                            "(compress.search.protocol): dev halves, TIES start, penalty toward "
+                                            "TIES, TIES unless the search beats it on the validation half")
+    regularize: float = Field(1.0, ge=0, allow_inf_nan=False, description="anchor ties: strength of the penalty "
+                              "on the squared distance from the TIES merge, relative to its norm")
 
     @model_validator(mode="after")
     def _check_search(self):
         if self.task_weights == "per_task" and self.select == "random":
             raise ValueError("task_weights per_task needs select topk")
+        if self.anchor == "ties" and (self.combine, self.select, self.rescale) != ("ties", "topk", "none"):
+            raise ValueError("anchor ties starts from TIES: it needs combine ties, select topk, rescale none")
         return self
 
 

@@ -18,28 +18,30 @@ from compress.eval.classify import Head, evaluate, load_heads
 
 ANIMALS = ("cat", "dog", "horse", "rabbit", "parrot", "goat")
 VEHICLES = ("car", "truck", "bus", "train", "bicycle", "tractor")
+FRUIT = ("apple", "banana", "cherry", "plum", "mango", "pear")
+TOOLS = ("hammer", "saw", "drill", "wrench", "chisel", "spanner")
 
 
-def _rows(n: int, seed: int) -> list[dict]:
-    """An easy two-class task: sentences about animals (0) or vehicles (1)."""
+def _rows(n: int, seed: int, classes=(ANIMALS, VEHICLES)) -> list[dict]:
+    """An easy two-class task: sentences about one kind of thing (0) or another (1)."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         label = i % 2
-        thing = rng.choice(VEHICLES if label else ANIMALS)
+        thing = rng.choice(classes[label])
         rows.append({"text": f"{rng.choice(('I saw a', 'there is a', 'my neighbour has a'))} {thing} "
                              f"{rng.choice(('today', 'outside', 'in the street', 'again'))}", "label": label})
     rng.shuffle(rows)
     return rows
 
 
-def make_task(folder, *, n=(192, 40, 60), gz=("dev",), **fields):
+def make_task(folder, *, n=(192, 40, 60), gz=("dev",), classes=(ANIMALS, VEHICLES), **fields):
     """A task folder: task.json plus train/dev/test (``gz`` splits gzip-compressed, the others plain .jsonl)."""
     folder.mkdir(parents=True)
-    info = {"labels": ["animal", "vehicle"], "pair": False, "description": "animals or vehicles", **fields}
+    info = {"labels": ["a", "b"], "pair": False, "description": "one kind of thing or another", **fields}
     (folder / "task.json").write_text(json.dumps(info))
     for seed, (split, count) in enumerate(zip(("train", "dev", "test"), n)):
-        text = "".join(json.dumps(r) + "\n" for r in _rows(count, seed))
+        text = "".join(json.dumps(r) + "\n" for r in _rows(count, seed, classes))
         if split in gz:
             with gzip.open(folder / f"{split}.jsonl.gz", "wt", encoding="utf-8") as f:
                 f.write(text)
@@ -125,17 +127,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_zoo_from_a_task_folder_then_eval_by_path(tmp_path, one_thread):
-    """The zoo recipe, quick, on the CPU, over a task the project has never seen, given by path."""
+def test_zoo_from_task_folders_then_eval_and_bench_by_path(tmp_path, one_thread):
+    """The zoo recipe, quick, on the CPU, over two tasks the project has never seen, given by path; then
+    `compress eval --task <path>` and the NPS merge protocol of `compress bench nps` on them."""
     task = make_task(tmp_path / "data" / "things")
+    other = make_task(tmp_path / "data" / "kit", classes=(FRUIT, TOOLS), gz=())
     root = tmp_path / "zoo"
-    code, out, err = run_cli("zoo", "build", "minilm-8task", "--quick", "--tasks", str(task), "--out-root", root)
+    code, out, err = run_cli("zoo", "build", "minilm-8task", "--quick", "--tasks", f"{task},{other}", "--out-root",
+                             root)
     assert code == 0, err
     zoo = root / "minilm-8task"
-    assert sorted(p.name for p in zoo.iterdir()) == ["base", "build.json", "results.md", "things"]
+    assert sorted(p.name for p in zoo.iterdir()) == ["base", "build.json", "kit", "results.md", "things"]
     head = Head.load(zoo / "things")
-    assert head.task == "things" and head.task_path == str(task.resolve()) and head.labels == ["animal", "vehicle"]
-    assert list(load_heads(zoo)) == ["things"]
+    assert head.task == "things" and head.task_path == str(task.resolve()) and head.labels == ["a", "b"]
+    assert list(load_heads(zoo)) == ["kit", "things"]
     build = json.loads((zoo / "build.json").read_text())
     assert build["tasks"]["things"]["data"] == str(task.resolve())
     code, out, err = run_cli("eval", zoo / "things", "--task", str(task), "--json")
@@ -153,3 +158,55 @@ def test_zoo_from_a_task_folder_then_eval_by_path(tmp_path, one_thread):
                              tmp_path / "zoo2")
     assert code == 2 and "would be built into base/, the zoo's own folder" in err and err.count("\n") == 1
     assert not (tmp_path / "zoo2").exists()
+    _bench_merge_protocol(root, tmp_path / "bench")
+    _merge_command_protocol(zoo, task, other, tmp_path)
+
+
+def _bench_merge_protocol(root, results):
+    """Two seeds at a tiny budget; a candidate of enormous strength never leaves TIES."""
+    code, out, err = run_cli("bench", "nps", "--zoo-root", root, "--results", results, "--parts", "merge",
+                             "--dev-limit", "40", "--test-limit", "40", "--merge-seeds", "0,1", "--merge-budget", "12",
+                             "--merge-checkpoints", "6", "--merge-strength", "0,1000000", "--quiet")
+    assert code == 0, err
+    mg = json.loads((results / "nps_minilm-8task.json").read_text())["merge"]
+    assert mg["tasks"] == ["kit", "things"] and [r["seed"] for r in mg["runs"]] == [0, 1]
+    assert {"task arithmetic", "TIES", "DARE-TIES", "individual"} <= set(mg["baselines"])
+    for r in mg["runs"]:
+        assert r["chosen"] in ("nps", "ties") and r["budget"] in (6, 12) and len(r["candidates"]) == 2
+        same = "NPS search" if r["chosen"] == "nps" else "TIES (λ on dev)"
+        assert r["rows"]["NPS protocol"] == r["rows"][same]
+        assert r["chosen"] == "ties" or r["validation"]["nps"] > r["validation"]["ties"]
+        stiff = r["candidates"][1]
+        assert stiff["strength"] == 1e6 and set(stiff["validation"]["by_budget"].values()) == {
+            stiff["validation"]["ties"]}
+    avgs = [r["rows"]["NPS protocol"]["avg"] for r in mg["runs"]]
+    s = mg["summary"]["NPS protocol"]
+    assert s["avg"] == pytest.approx(sum(avgs) / 2) and s["avg_sd"] == pytest.approx(abs(avgs[0] - avgs[1]) / 2 ** 0.5)
+    md = (results / "nps_minilm-8task.md").read_text()
+    assert "| NPS protocol |" in md and " ± " in md and "| TIES (λ on dev) |" in md
+
+
+def _merge_command_protocol(zoo, task, other, tmp_path):
+    """`compress merge` with an NPS recipe that anchors on TIES: at an enormous strength the search cannot beat
+    TIES on validation, so the model written is TIES at the λ the whole dev split chose, as `compress merge
+    --method ties` writes it."""
+    import re
+
+    from compress.io.reader import open_checkpoint
+
+    recipe = tmp_path / "nps.yml"
+    recipe.write_text(json.dumps({
+        "method": "nps", "base": str(zoo / "base"), "models": [str(zoo / "kit"), str(zoo / "things")],
+        "tasks": [str(other), str(task)], "density": 0.2, "out": str(tmp_path / "merged"),
+        "search": {"anchor": "ties", "regularize": 1e6, "combine": "ties", "task_weights": "per_task",
+                   "grouping": "layer", "parts": 1, "budget": 8, "dev_limit": 40, "objective": "accuracy"}}))
+    code, out, err = run_cli("merge", recipe)
+    assert code == 0, err
+    lam = re.search(r"kept TIES at λ ([0-9.]+) \(validation half: TIES ([0-9.]+), NPS ([0-9.]+)", out)
+    assert lam and lam[2] == lam[3], out
+    code, _, err = run_cli("merge", "--method", "ties", "--base", zoo / "base", "--models", zoo / "kit",
+                           zoo / "things", "--density", "0.2", "--lambda", lam[1], "--out", tmp_path / "ties")
+    assert code == 0, err
+    got, want = open_checkpoint(tmp_path / "merged"), open_checkpoint(tmp_path / "ties")
+    for name in want.names():
+        assert torch.allclose(got.get(name), want.get(name), atol=1e-6, rtol=0), name

@@ -406,21 +406,28 @@ def load_flat(base, models: list, device: str, names: Optional[list[str]] = None
     return layout, base_flat, taus
 
 
-def build_objectives(cfg, encoder, tokenizer, setter: ModelSetter, taus: list[torch.Tensor]):
-    """One ``TaskObjective`` per model's task (its head; KL reference = that fine-tuned model) and per keep task."""
+def build_objectives(cfg, encoder, tokenizer, setter: ModelSetter, taus: list[torch.Tensor], halves: bool = False):
+    """One ``TaskObjective`` per model's task (its head; KL reference = that fine-tuned model) and per keep task.
+    ``halves``: (whole dev, search half, validation half) instead, the halves split by (seed, task)."""
     from compress.eval.classify import Head, TaskEvaluator
     from compress.search.objective import MeanObjective, TaskObjective
+    from compress.search.protocol import split_halves
 
     s = cfg.search
-    objs = []
+    objs, parts = [], ([], [])
     heads = cfg.heads or cfg.models
     for task, head_dir, tau in zip(cfg.tasks, heads, taus):
         head = Head.load(head_dir)
         ev = TaskEvaluator(task, "dev", tokenizer=tokenizer, limit=s.dev_limit, max_length=head.max_length)
-        o = TaskObjective(ev, head, encoder, s.objective, s.batch_size)
         setter(tau)
-        o.set_reference(encoder)
-        objs.append(o)
+        rows = [None] + (list(split_halves(len(ev.data), s.seed, ev.task)) if halves else [])
+        for r, where in zip(rows, (objs, *parts)):
+            o = TaskObjective(ev, head, encoder, s.objective, s.batch_size, rows=r)
+            o.set_reference(encoder)
+            where.append(o)
+    if halves:
+        setter(None)
+        return tuple(MeanObjective(o) for o in (objs, *parts))
     for task, head_dir in zip(cfg.keep, cfg.keep_heads):
         head = Head.load(head_dir)
         ev = TaskEvaluator(task, "dev", tokenizer=tokenizer, limit=s.dev_limit, max_length=head.max_length)
@@ -497,8 +504,9 @@ def run_nps(cfg) -> dict:
         raise CompressError(f"{cfg.base}: no tokenizer files; NPS scores the dev split of each task with it")
     layout, base_flat, taus = load_flat(base, cfg.models, device, names=set(encoder.state_dict()))
     setter = ModelSetter(encoder, layout, base_flat)
-    objective = build_objectives(cfg, encoder, tok, setter, taus)
     s = cfg.search
+    protocol = cfg.mode == "merge" and s.anchor == "ties"
+    objective = build_objectives(cfg, encoder, tok, setter, taus, halves=protocol)
     problem = NpsProblem(layout, taus, cfg.density, s, protect)
     log_file = open(cfg.log, "w") if cfg.log is not None else None
     try:
@@ -508,14 +516,28 @@ def run_nps(cfg) -> dict:
             if not cfg.quiet:
                 console.print(f"[nps] {rec['i']:4d} {rec.get('phase', '')} value {rec['value']:.5f}", highlight=False)
 
-        res = search(problem, setter, objective, optimizer=s.optimizer, budget=s.budget, sigma0=s.sigma0,
-                     popsize=s.popsize, seed=s.seed, log=log)
+        if protocol:
+            from compress.search.protocol import merge_protocol
+
+            dev, search_half, validation_half = objective
+            proto = merge_protocol(problem, setter, search_half, validation_half, dev, strength=s.regularize,
+                                   budget=s.budget, checkpoints=(s.budget // 4, s.budget // 2),
+                                   optimizer=s.optimizer, sigma0=s.sigma0, popsize=s.popsize, seed=s.seed, log=log)
+            res = proto.search
+            res.x, res.lambdas = proto.x, problem.decode(proto.x)[0]
+            res.weights = problem.decode(proto.x)[1].tolist()
+            _, res.dev = dev(encoder)
+        else:
+            res = search(problem, setter, objective, optimizer=s.optimizer, budget=s.budget, sigma0=s.sigma0,
+                         popsize=s.popsize, seed=s.seed, log=log)
     finally:
         if log_file is not None:
             log_file.close()
     delta = problem.delta(res.x)
     summary = {"mode": cfg.mode, "density": cfg.density, **res.as_dict(with_history=False),
                "kept": int(torch.count_nonzero(delta)), "params": layout.numel}
+    if protocol:
+        summary["protocol"] = proto.as_dict()
     if cfg.out is not None:
         meta = {"base": str(cfg.base), "finetuned": ",".join(map(str, cfg.models)), "method": "nps",
                 "density": repr(cfg.density), "seed": str(s.seed),

@@ -114,16 +114,20 @@ class ProtocolResult:
 def merge_protocol(problem, setter, search_objective, validation_objective, dev_objective, *, strength: float,
                    budget: int, checkpoints: tuple[int, ...] = (), optimizer: str = "cma", sigma0: float = 0.5,
                    popsize: Optional[int] = None, seed: int = 0, margin: float = 0.0, lambdas=TIES_LAMBDAS,
-                   log: Optional[Callable[[dict], None]] = None) -> ProtocolResult:
+                   log: Optional[Callable[[dict], None]] = None, tuned: Optional[dict] = None) -> ProtocolResult:
     """Steps 2–5 of the module's docstring, on objectives built from the search half, the validation half and the
-    whole dev split. The model is left at the answer."""
+    whole dev split. ``tuned``: a dict that keeps the TIES tunings (``tune_ties``) for the next call on the same
+    objectives (several candidate settings of one split). The model is left at the answer."""
     from compress.search.nps import search
 
     check_ties_space(problem.space)
     if problem.K < 2:
         raise CompressError("protocol: merging needs two task vectors or more")
     checkpoints = tuple(sorted({b for b in (*checkpoints, budget) if 2 <= b <= budget}))
-    lam_s, by_lam_s = tune_ties(problem, setter, search_objective, lambdas)
+    tuned = {} if tuned is None else tuned
+    if "search" not in tuned:
+        tuned["search"] = tune_ties(problem, setter, search_objective, lambdas)
+    lam_s, by_lam_s = tuned["search"]
     x0 = problem.point([lam_s] * problem.K)
     anchor = problem.delta(x0)
     res = search(problem, setter, search_objective, optimizer=optimizer, budget=budget, sigma0=sigma0,
@@ -138,7 +142,9 @@ def merge_protocol(problem, setter, search_objective, validation_objective, dev_
     by_budget = {b: validate(res.best_at[b]) for b in checkpoints}
     best_b = max(by_budget, key=lambda b: (by_budget[b], -b))
     validation = {"ties": ties_val, "nps": by_budget[best_b], "by_budget": {str(b): v for b, v in by_budget.items()}}
-    lam_d, by_lam_d = tune_ties(problem, setter, dev_objective, lambdas)
+    if "dev" not in tuned:
+        tuned["dev"] = tune_ties(problem, setter, dev_objective, lambdas)
+    lam_d, by_lam_d = tuned["dev"]
     if by_budget[best_b] > ties_val + margin:
         chosen, x = "nps", res.best_at[best_b]
     else:
