@@ -152,9 +152,10 @@ class EvalConfig(Compute):
 # --- zoo recipes (recipes/zoo/*.yml) --------------------------------------------------------------------------
 
 def _task_name(v: str) -> str:
-    # which tasks exist is the data layer's to say (compress.data.task_dir); a schema only refuses a path here
-    if not v or any(c in v for c in "/\\") or v.startswith("."):
-        raise ValueError(f"task '{v}' must be a task's name, not a path")
+    # a task of the data root by name, or a task folder by path: which exist, and whether a folder is a valid
+    # task, is the data layer's to say (compress.data.task_dir)
+    if not v.strip():
+        raise ValueError("a task is a name (sst2) or the path of a task folder, not an empty string")
     return v
 
 
@@ -518,11 +519,18 @@ class NpsSearch(_Config):
     dev_limit: Optional[int] = Field(500, ge=1, description="dev rows per task the objective runs on")
     batch_size: int = Field(256, ge=1)
     seed: int = 0
+    anchor: Literal["none", "ties"] = Field("none", description="merge: 'ties' runs the protocol that generalizes "
+                                            "(compress.search.protocol): dev halves, TIES start, penalty toward "
+                                            "TIES, TIES unless the search beats it on the validation half")
+    regularize: float = Field(1.0, ge=0, allow_inf_nan=False, description="anchor ties: strength of the penalty "
+                              "on the squared distance from the TIES merge, relative to its norm")
 
     @model_validator(mode="after")
     def _check_search(self):
         if self.task_weights == "per_task" and self.select == "random":
             raise ValueError("task_weights per_task needs select topk")
+        if self.anchor == "ties" and (self.combine, self.select, self.rescale) != ("ties", "topk", "none"):
+            raise ValueError("anchor ties starts from TIES: it needs combine ties, select topk, rescale none")
         return self
 
 

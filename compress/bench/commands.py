@@ -196,19 +196,19 @@ def bench_nps(
     objective: str = typer.Option("kl", help="kl, loss or accuracy on the dev rows."),
     select: str = typer.Option("random", help="Compression search: random (DARE generalized per part) or topk "
                                               "(the paper's top-k of the reweighted vector)."),
-    merge_select: str = typer.Option("topk", help="Merge search: topk or random."),
     merge_objective: str = typer.Option("accuracy", help="Merge search objective: accuracy (mean dev accuracy, "
                                                          "as λ is chosen for TIES), kl or loss."),
-    merge_density: float = typer.Option(0.2, help="Density of each task vector in the NPS merge."),
-    merge_grouping: str = typer.Option("layer", help="Merge search: part weights per none, layer or module."),
-    merge_parts: int = typer.Option(1, "--merge-m", help="Merge search: M (1 with layer grouping and per_task: "
-                                                         "one scale per task and layer)."),
-    merge_combine: str = typer.Option("sum", help="Merge search: sum (the paper's) or ties (sign election and "
-                                                  "disjoint mean on the searched vectors)."),
-    merge_task_weights: str = typer.Option("per_task", help="Merge search: shared part weights or per_task (one "
-                                                          "table per task vector, as NPS searches each vector)."),
-    merge_budget: int = typer.Option(1800, help="Evaluations of the merge search (the +2 over TIES needed 1800; see "
-                                                "README)."),
+    merge_density: float = typer.Option(0.2, help="Density of each task vector in the NPS merge (TIES' trim)."),
+    merge_grouping: str = typer.Option("layer", help="Merge protocol candidates: part weights per none, layer or "
+                                                     "module (comma-separated; chosen on the validation half)."),
+    merge_parts: str = typer.Option("1", "--merge-m", help="Merge protocol candidates: M (comma-separated)."),
+    merge_strength: str = typer.Option("0,1", help="Merge protocol candidates: strength of the penalty on the "
+                                                   "distance from TIES (comma-separated)."),
+    merge_budget: int = typer.Option(200, help="Evaluations of each merge search (the largest budget)."),
+    merge_checkpoints: str = typer.Option("50,100", help="Smaller budgets whose best point is validated too "
+                                                         "(the budget is chosen on the validation half)."),
+    merge_seeds: str = typer.Option("0,1,2", help="Seeds of the merge protocol (dev split and search)."),
+    merge_margin: float = typer.Option(0.0, help="NPS is kept if it beats TIES on validation by more than this."),
     cost_budgets: str = typer.Option("30,60,120,240", help="Budgets of the cost sweep."),
     cost_ms: str = typer.Option("2,4,8,16", help="M values of the cost sweep."),
     dev_limit: int = typer.Option(500, help="Dev rows per task for the search (0: all)."),
@@ -216,7 +216,7 @@ def bench_nps(
     device: str = DEVICE, quiet: bool = QUIET,
 ):
     """NPS against magnitude top-k and DARE (compression), TIES and task arithmetic (merging), and search cost."""
-    from compress.bench.nps import run
+    from compress.bench.nps import MergeProtocol, run
     from compress.config import NpsSearch
 
     require("search", "compress bench nps")
@@ -226,13 +226,18 @@ def bench_nps(
     floats = lambda s, flag: [float(v) for v in csv(s, flag)]  # noqa: E731
     search = build(NpsSearch, budget=budget, parts=nps_parts, grouping=grouping, objective=objective,
                    dev_limit=dev_limit or None, select=select)
-    merge_search = build(NpsSearch, **{**search.model_dump(), "select": merge_select, "objective": merge_objective,
-                                       "task_weights": merge_task_weights, "combine": merge_combine,
-                                       "grouping": merge_grouping, "parts": merge_parts})
+    merge_search = build(NpsSearch, **{**search.model_dump(), "select": "topk", "objective": merge_objective,
+                                       "task_weights": "per_task", "combine": "ties"})
+    proto = MergeProtocol(seeds=tuple(int(v) for v in floats(merge_seeds, "--merge-seeds")),
+                          groupings=tuple(v.strip() for v in merge_grouping.split(",") if v.strip()),
+                          ms=tuple(int(v) for v in floats(merge_parts, "--merge-m")),
+                          strengths=tuple(floats(merge_strength, "--merge-strength")), budget=merge_budget,
+                          checkpoints=tuple(int(v) for v in floats(merge_checkpoints, "--merge-checkpoints")),
+                          margin=merge_margin)
     run(zoo_root, results, device=resolve_device(device), tasks=csv(tasks, "--tasks") if tasks else None,
         densities=floats(densities, "--densities"), parts=tuple(csv(parts, "--parts")), search=search,
         merge_search=merge_search,
-        merge_density=merge_density, merge_budget=merge_budget,
+        merge_density=merge_density, merge_protocol=proto,
         cost_budgets=[int(v) for v in floats(cost_budgets, "--cost-budgets")],
         cost_ms=[int(v) for v in floats(cost_ms, "--cost-ms")], dev_limit=dev_limit or None,
         test_limit=test_limit, quiet=quiet)

@@ -130,8 +130,8 @@ def run_minilm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500
     tasks = list(heads)
     encoder, tok = load_encoder(zoo / "base", device=device)
     base_sd = {n: t.detach().clone() for n, t in encoder.state_dict().items()}
-    evals = {split: {t: TaskEvaluator(t, split, tokenizer=tok, limit=lim, max_length=heads[t].max_length,
-                                      batch_size=batch_size) for t in tasks}
+    evals = {split: {t: TaskEvaluator(heads[t].task_ref, split, tokenizer=tok, limit=lim,
+                                      max_length=heads[t].max_length, batch_size=batch_size) for t in tasks}
              for split, lim in (("dev", dev_limit), ("test", test_limit))}
 
     def score(split: str, only: Optional[list[str]] = None) -> dict[str, float]:

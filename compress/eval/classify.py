@@ -55,6 +55,12 @@ class Head:
     pooling: str = "mean"
     max_length: int = 128
     source: Optional[Path] = field(default=None, compare=False)  # folder it was loaded from (for its tokenizer)
+    task_path: Optional[str] = None  # the task's folder, when the task is not one of the data root's
+
+    @property
+    def task_ref(self) -> str:
+        """What ``compress.data`` finds the task's data by: its folder's path, else its name."""
+        return self.task_path or self.task
 
     def __post_init__(self):
         if self.weight.ndim != 2 or self.bias.shape != (self.weight.shape[0],):
@@ -88,6 +94,8 @@ class Head:
                   metadata={"format": "pt", "compress.format": HEAD_FORMAT, "task": self.task})
         meta = {"format": HEAD_FORMAT, "task": self.task, "num_labels": self.num_labels, "labels": self.labels,
                 "pooling": self.pooling, "hidden_size": self.hidden_size, "max_length": self.max_length}
+        if self.task_path is not None:
+            meta["task_path"] = self.task_path
         (folder / HEAD_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -108,8 +116,15 @@ class Head:
         missing = [k for k in ("task", "labels") if k not in meta]
         if missing:
             raise CompressError(f"{folder / HEAD_CONFIG}: missing {', '.join(missing)}")
+        from compress.data import check_task_name
+
+        check_task_name(meta["task"], f"{folder / HEAD_CONFIG}: task")
+        task_path = meta.get("task_path")
+        if task_path is not None and (not isinstance(task_path, str) or not Path(task_path).is_absolute()):
+            raise CompressError(f"{folder / HEAD_CONFIG}: task_path must be an absolute folder path")
         return cls(weight=weight, bias=bias, task=meta["task"], labels=list(meta["labels"]),
-                   pooling=meta.get("pooling", "mean"), max_length=int(meta.get("max_length", 128)), source=folder)
+                   pooling=meta.get("pooling", "mean"), max_length=int(meta.get("max_length", 128)), source=folder,
+                   task_path=task_path)
 
 
 def has_head(folder: str | os.PathLike) -> bool:
@@ -117,12 +132,14 @@ def has_head(folder: str | os.PathLike) -> bool:
 
 
 def load_heads(zoo_dir: str | os.PathLike, tasks: Optional[list[str]] = None) -> dict[str, Head]:
-    """The heads of a built minilm-8task folder, by task (default: every task folder that holds a head)."""
+    """The heads of a built minilm-8task folder, by task (default: every task folder that holds a head, the
+    bundled tasks first in the benchmark's order, then the others by name)."""
     from compress.data import TASKS
 
     zoo_dir = Path(zoo_dir)
     if tasks is None:
-        tasks = [t for t in TASKS if has_head(zoo_dir / t)]
+        found = {p.name for p in zoo_dir.iterdir() if p.is_dir() and has_head(p)} if zoo_dir.is_dir() else set()
+        tasks = [t for t in TASKS if t in found] + sorted(found - set(TASKS))
         if not tasks:
             raise CompressError(f"{zoo_dir}: no task folders with a head (build it: compress zoo build minilm-8task)")
     return {t: Head.load(zoo_dir / t) for t in tasks}
@@ -303,11 +320,12 @@ class ClassifyResult:
 class TaskEvaluator:
     """One task split tokenized once, scored against any (encoder, head): the building block of λ searches."""
 
-    def __init__(self, task: str, split: str = "test", *, tokenizer, limit: Optional[int] = None,
+    def __init__(self, task: str | os.PathLike, split: str = "test", *, tokenizer, limit: Optional[int] = None,
                  max_length: int = 128, batch_size: int = 128):
-        from compress.data import load_task, task_metric
+        """``task``: a task of the data root by name, or a task folder by path (``Head.task_ref``)."""
+        from compress.data import load_task, task_metric, task_name
 
-        self.task, self.split, self.batch_size = task, split, batch_size
+        self.task, self.split, self.batch_size = task_name(task), split, batch_size
         self.metric = task_metric(task)
         self.rows = load_task(task, split, limit)
         self.data = encode_rows(tokenizer, self.rows, max_length)
@@ -338,7 +356,7 @@ class Classifier:
     head: Head
 
     def evaluate(self, split: str = "test", limit: Optional[int] = None, batch_size: int = 128) -> ClassifyResult:
-        ev = TaskEvaluator(self.head.task, split, tokenizer=self.tokenizer, limit=limit,
+        ev = TaskEvaluator(self.head.task_ref, split, tokenizer=self.tokenizer, limit=limit,
                            max_length=self.head.max_length, batch_size=batch_size)
         return ev.evaluate(self.encoder, self.head)
 
@@ -380,8 +398,7 @@ def evaluate(model, head: str | os.PathLike | Head | None = None, task: Optional
         if h.source is None:
             raise CompressError("no tokenizer: pass tokenizer= or a head loaded from a task folder")
         tok = load_tokenizer(h.source)
-    task = task or h.task
-    ev = TaskEvaluator(task, split, tokenizer=tok, limit=limit, max_length=max_length or h.max_length,
+    ev = TaskEvaluator(task or h.task_ref, split, tokenizer=tok, limit=limit, max_length=max_length or h.max_length,
                        batch_size=batch_size)
     return ev.evaluate(encoder, h)
 

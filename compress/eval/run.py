@@ -11,10 +11,11 @@ from compress.runtime import resolve_device, torch_dtype
 
 
 def _eval_task(cfg: EvalConfig) -> tuple[dict, str]:
-    from compress.data import task_info
+    from compress.data import load_task
     from compress.eval.classify import evaluate
 
-    task_info(cfg.task)  # an unknown task fails here, before any model is loaded
+    if cfg.task is not None:
+        load_task(cfg.task, cfg.split)  # an unknown or malformed task fails here, before any model is loaded
     res = evaluate(cfg.model, head=cfg.head, task=cfg.task, split=cfg.split, limit=cfg.limit,
                    batch_size=cfg.batch_size, device=resolve_device(cfg.device), dtype=torch_dtype(cfg.dtype))
     info = {"evaluator": "task", "model": str(cfg.model), "head": str(cfg.head or cfg.model), "limit": cfg.limit,

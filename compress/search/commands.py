@@ -14,7 +14,14 @@ def _report(summary: dict) -> None:
     console.print(f"nps {summary['mode']}: density {summary['density']:g}, {summary['evaluations']} evaluations in "
                   f"{summary['seconds']:.1f} s, objective {summary['start_value']:.5f} → {summary['value']:.5f}"
                   + (f", dev accuracy {acc:.4f}" if acc is not None else "")
+                  + (_protocol_line(summary["protocol"]) if "protocol" in summary else "")
                   + (f"; wrote {summary['out']}" if summary.get("out") else ""), highlight=False)
+
+
+def _protocol_line(p: dict) -> str:
+    v = p["validation"]
+    return (f"; kept {'NPS' if p['chosen'] == 'nps' else 'TIES at λ ' + format(p['ties_lambda_dev'], 'g')} "
+            f"(validation half: TIES {v['ties']:.4f}, NPS {v['nps']:.4f} at budget {p['budget']})")
 
 
 def nps_prune_command(*, base=None, finetuned=None, density=None, task=None, out=None, device=None, recipe=None,

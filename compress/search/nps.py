@@ -301,6 +301,7 @@ class NpsResult:
     evaluations: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    best_at: dict[int, list[float]] = field(default_factory=dict)  # the best point after n evaluations
 
     def as_dict(self, with_history: bool = True) -> dict:
         d = {k: getattr(self, k) for k in ("lambdas", "weights", "groups", "value", "start_value", "dev",
@@ -312,19 +313,36 @@ class NpsResult:
 
 def search(problem: NpsProblem, setter: ModelSetter, objective: Callable, *, optimizer: str = "cma",
            budget: int = 100, sigma0: float = 0.5, popsize: Optional[int] = None, seed: int = 0,
-           log: Optional[Callable[[dict], None]] = None) -> NpsResult:
-    """Evaluate the unweighted starts, then run ``optimizer`` from the best of them; ``budget`` counts every
-    evaluation (starts included). The model is left at the best point found."""
+           log: Optional[Callable[[dict], None]] = None, starts: Optional[list[list[float]]] = None,
+           penalty: Optional[Callable[[torch.Tensor], float]] = None, checkpoints: tuple[int, ...] = ()
+           ) -> NpsResult:
+    """Evaluate the starts (default: the unweighted ones, ``NpsProblem.starts``), then run ``optimizer`` from the
+    best of them; ``budget`` counts every evaluation (starts included). ``penalty(delta)`` is added to the
+    objective's value (logged as ``penalty``). ``checkpoints``: numbers of evaluations after which the best point
+    so far is kept in ``best_at`` (what a smaller budget would have returned). The model is left at the best point
+    found."""
     from compress.search.optimize import minimize
 
     t0 = time.perf_counter()
     history: list[dict] = []
+    best_at: dict[int, list[float]] = {}
+    seen = {"n": 0, "best": math.inf, "x": None}
 
     def f(x):
-        setter(problem.delta(x))
-        return objective(setter.module)
+        delta = problem.delta(x)
+        setter(delta)
+        v, m = objective(setter.module)
+        if penalty is not None:
+            p = penalty(delta)
+            v, m = v + p, {**m, "penalty": p}
+        seen["n"] += 1
+        if v < seen["best"]:
+            seen["best"], seen["x"] = v, list(x)
+        if seen["n"] in checkpoints:
+            best_at[seen["n"]] = seen["x"]
+        return v, m
 
-    starts = problem.starts()
+    starts = starts or problem.starts()
     if budget < len(starts) + 1:
         raise CompressError(f"nps: budget {budget} is below the {len(starts) + 1} evaluations the starts need")
     best_x, best_v = None, math.inf
@@ -356,8 +374,9 @@ def search(problem: NpsProblem, setter: ModelSetter, objective: Callable, *, opt
     setter(problem.delta(x))
     _, dev = objective(setter.module)
     lambdas, w = problem.decode(x)
+    best_at.update({n: x for n in checkpoints if n >= len(history)})  # the run stopped before them
     return NpsResult(x, lambdas, w.tolist(), problem.group_names, value, start_value, dev, len(history),
-                     time.perf_counter() - t0, history)
+                     time.perf_counter() - t0, history, best_at)
 
 
 
@@ -387,21 +406,28 @@ def load_flat(base, models: list, device: str, names: Optional[list[str]] = None
     return layout, base_flat, taus
 
 
-def build_objectives(cfg, encoder, tokenizer, setter: ModelSetter, taus: list[torch.Tensor]):
-    """One ``TaskObjective`` per model's task (its head; KL reference = that fine-tuned model) and per keep task."""
+def build_objectives(cfg, encoder, tokenizer, setter: ModelSetter, taus: list[torch.Tensor], halves: bool = False):
+    """One ``TaskObjective`` per model's task (its head; KL reference = that fine-tuned model) and per keep task.
+    ``halves``: (whole dev, search half, validation half) instead, the halves split by (seed, task)."""
     from compress.eval.classify import Head, TaskEvaluator
     from compress.search.objective import MeanObjective, TaskObjective
+    from compress.search.protocol import split_halves
 
     s = cfg.search
-    objs = []
+    objs, parts = [], ([], [])
     heads = cfg.heads or cfg.models
     for task, head_dir, tau in zip(cfg.tasks, heads, taus):
         head = Head.load(head_dir)
         ev = TaskEvaluator(task, "dev", tokenizer=tokenizer, limit=s.dev_limit, max_length=head.max_length)
-        o = TaskObjective(ev, head, encoder, s.objective, s.batch_size)
         setter(tau)
-        o.set_reference(encoder)
-        objs.append(o)
+        rows = [None] + (list(split_halves(len(ev.data), s.seed, ev.task)) if halves else [])
+        for r, where in zip(rows, (objs, *parts)):
+            o = TaskObjective(ev, head, encoder, s.objective, s.batch_size, rows=r)
+            o.set_reference(encoder)
+            where.append(o)
+    if halves:
+        setter(None)
+        return tuple(MeanObjective(o) for o in (objs, *parts))
     for task, head_dir in zip(cfg.keep, cfg.keep_heads):
         head = Head.load(head_dir)
         ev = TaskEvaluator(task, "dev", tokenizer=tokenizer, limit=s.dev_limit, max_length=head.max_length)
@@ -479,8 +505,9 @@ def run_nps(cfg) -> dict:
         raise CompressError(f"{cfg.base}: no tokenizer files; NPS scores the dev split of each task with it")
     layout, base_flat, taus = load_flat(base, cfg.models, device, names=set(encoder.state_dict()))
     setter = ModelSetter(encoder, layout, base_flat)
-    objective = build_objectives(cfg, encoder, tok, setter, taus)
     s = cfg.search
+    protocol = cfg.mode == "merge" and s.anchor == "ties"
+    objective = build_objectives(cfg, encoder, tok, setter, taus, halves=protocol)
     problem = NpsProblem(layout, taus, cfg.density, s, protect)
     log_file = open(cfg.log, "w") if cfg.log is not None else None
     try:
@@ -490,14 +517,28 @@ def run_nps(cfg) -> dict:
             if not cfg.quiet:
                 console.print(f"[nps] {rec['i']:4d} {rec.get('phase', '')} value {rec['value']:.5f}", highlight=False)
 
-        res = search(problem, setter, objective, optimizer=s.optimizer, budget=s.budget, sigma0=s.sigma0,
-                     popsize=s.popsize, seed=s.seed, log=log)
+        if protocol:
+            from compress.search.protocol import merge_protocol
+
+            dev, search_half, validation_half = objective
+            proto = merge_protocol(problem, setter, search_half, validation_half, dev, strength=s.regularize,
+                                   budget=s.budget, checkpoints=(s.budget // 4, s.budget // 2),
+                                   optimizer=s.optimizer, sigma0=s.sigma0, popsize=s.popsize, seed=s.seed, log=log)
+            res = proto.search
+            res.x, res.lambdas = proto.x, problem.decode(proto.x)[0]
+            res.weights = problem.decode(proto.x)[1].tolist()
+            _, res.dev = dev(encoder)
+        else:
+            res = search(problem, setter, objective, optimizer=s.optimizer, budget=s.budget, sigma0=s.sigma0,
+                         popsize=s.popsize, seed=s.seed, log=log)
     finally:
         if log_file is not None:
             log_file.close()
     delta = problem.delta(res.x)
     summary = {"mode": cfg.mode, "density": cfg.density, **res.as_dict(with_history=False),
                "kept": int(torch.count_nonzero(delta)), "params": layout.numel}
+    if protocol:
+        summary["protocol"] = proto.as_dict()
     if cfg.out is not None:
         meta = {"base": str(cfg.base), "finetuned": ",".join(map(str, cfg.models)), "method": "nps",
                 "density": repr(cfg.density), "seed": str(s.seed),

@@ -27,7 +27,9 @@ KINDS = ("kl", "loss", "accuracy")
 
 
 class TaskObjective:
-    def __init__(self, evaluator, head, encoder, kind: Kind = "kl", batch_size: int = 256):
+    def __init__(self, evaluator, head, encoder, kind: Kind = "kl", batch_size: int = 256,
+                 rows: Optional[torch.Tensor] = None):
+        """``rows``: indices of the evaluator's rows to score (default all), e.g. one half of a split dev set."""
         from compress.eval.classify import _device_of
 
         if kind not in KINDS:
@@ -38,7 +40,10 @@ class TaskObjective:
         self.split = evaluator.split
         data = evaluator.data
         device = _device_of(encoder)
-        order = torch.argsort(data.lengths, descending=True, stable=True)  # less padding per batch
+        rows = torch.arange(len(data)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= len(data):
+            raise CompressError(f"objective: rows of task '{self.task}' must be indices in [0, {len(data)})")
+        order = rows[torch.argsort(data.lengths[rows], descending=True, stable=True)]  # less padding per batch
         self.batches = [data.batch(idx, device) for idx in order.split(batch_size)]
         self.labels = data.labels[order].to(device)
         self.reference: Optional[torch.Tensor] = None

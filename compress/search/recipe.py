@@ -9,7 +9,7 @@ from compress.errors import CompressError
 
 SEARCH_FIELDS = ("partition", "parts", "edges", "span", "grouping", "topk", "values", "rescale", "select",
                  "task_weights", "combine", "optimizer", "budget", "popsize", "sigma0", "objective", "dev_limit",
-                 "batch_size", "seed")
+                 "batch_size", "seed", "anchor", "regularize")
 
 
 def recipe_method(recipe: Path) -> Optional[str]:

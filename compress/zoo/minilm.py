@@ -35,7 +35,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from compress.config import ClassifierTrain, MiniLMRecipe
-from compress.data import TASKS, load_task, task_dir, task_info
+from compress.data import is_task_path, load_task, task_dir, task_info
 from compress.errors import CompressError
 from compress.eval.classify import Head, TaskEvaluator, encode_rows, hf_quiet, load_tokenizer, pooled_output
 from compress.io.files import load_recipe
@@ -105,7 +105,8 @@ def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
 
 def finetune_task(base_dir: str | Path, task: str, params: ClassifierTrain, *, seed: int = 0, device: str = "cpu",
                   tokenizer=None, quiet: bool = False):
-    """Fine-tune the encoder in ``base_dir`` (all of it) with a fresh head on ``task``'s training split.
+    """Fine-tune the encoder in ``base_dir`` (all of it) with a fresh head on ``task``'s training split (``task``:
+    a task of the data root by name, or a task folder by path; the head records that folder).
 
     Returns (encoder, head: ``Head``, stats: dict). Deterministic from (seed, task): bit for bit on the CPU; on
     CUDA up to the order of floating-point reductions in the GPU kernels."""
@@ -113,7 +114,8 @@ def finetune_task(base_dir: str | Path, task: str, params: ClassifierTrain, *, s
     tok = tokenizer or load_tokenizer(base_dir)
     rows = load_task(task, "train", params.train_limit)
     data = encode_rows(tok, rows, params.max_length)
-    s = task_seed(seed, task)
+    name = info["name"]
+    s = task_seed(seed, name)
     gen = torch.Generator().manual_seed(s)
     torch.manual_seed(s)  # dropout masks (CPU and CUDA generators)
     dev = torch.device(device)
@@ -139,11 +141,11 @@ def finetune_task(base_dir: str | Path, task: str, params: ClassifierTrain, *, s
     labels_all = data.labels
 
     epoch_losses: list[float] = []
-    columns = (TextColumn(f"[bold]{task:>8}"), BarColumn(), MofNCompleteColumn(),
+    columns = (TextColumn(f"[bold]{name:>8}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
     t0 = time.perf_counter()
     with Progress(*columns, console=console, disable=quiet or quiet_default()) as bar:
-        bar_task = bar.add_task(task, total=total, loss="-")
+        bar_task = bar.add_task(name, total=total, loss="-")
         for _ in range(params.epochs):
             perm = torch.randperm(n, generator=gen)
             loss_sum = torch.zeros((), device=dev)
@@ -170,8 +172,9 @@ def finetune_task(base_dir: str | Path, task: str, params: ClassifierTrain, *, s
         torch.cuda.synchronize(dev)
     train_seconds = time.perf_counter() - t0
     encoder.eval()
-    h = Head(weight=head.weight.detach().cpu(), bias=head.bias.detach().cpu(), task=task,
-             labels=[str(x) for x in info["labels"]], pooling="mean", max_length=params.max_length)
+    h = Head(weight=head.weight.detach().cpu(), bias=head.bias.detach().cpu(), task=name,
+             labels=[str(x) for x in info["labels"]], pooling="mean", max_length=params.max_length,
+             task_path=str(task_dir(task)) if is_task_path(task) else None)
     stats = {"train_rows": n, "steps": total, "warmup_steps": warmup, "seed": s, "epoch_losses": epoch_losses,
              "train_seconds": round(train_seconds, 2)}
     return encoder, h, stats
@@ -198,10 +201,32 @@ def _table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+# folders of a built zoo beside the task folders: a task may not be named like them
+RESERVED = ("base", "build.json", "results.md")
+
+
+def check_tasks(tasks: list[str], where: str = "tasks") -> list[str]:
+    """The zoo folder name of each task (a name of the data root or a task folder's path); every task valid, no
+    two with one name, none named like the zoo's own files."""
+    names = []
+    for ref in tasks:
+        try:
+            name = task_info(ref)["name"]
+        except CompressError as e:
+            raise CompressError(f"{where}: {e}") from None
+        if name in RESERVED or name in names:
+            why = "the zoo's own folder" if name in RESERVED else "another task's"
+            raise CompressError(f"{where}: task '{ref}' would be built into {name}/, {why}; rename its folder")
+        names.append(name)
+    return names
+
+
 def load_minilm_recipe(recipe: str | Path, quick: bool = False) -> MiniLMRecipe:
-    """The recipe, with every task it names (tasks, per_task, targets) checked against the data folder."""
+    """The recipe, with every task it names (tasks, per_task, targets) checked against the data folder (or the
+    task folders it gives by path)."""
     rec: MiniLMRecipe = load_recipe(recipe, MiniLMRecipe, quick=quick)
-    for where, names in (("tasks", rec.tasks), ("per_task", rec.per_task), ("targets", rec.targets)):
+    check_tasks(rec.tasks, f"{recipe}: tasks")
+    for where, names in (("per_task", rec.per_task), ("targets", rec.targets)):
         for name in names:
             try:
                 task_dir(name)
@@ -218,10 +243,8 @@ def build(out_dir: str | Path, *, recipe: str | Path, device: str = "cpu", quick
     rec = load_minilm_recipe(recipe, quick=quick)
     tasks = list(rec.tasks)
     if only:
-        unknown = [t for t in only if t not in TASKS]
-        if unknown:
-            raise CompressError(f"unknown task '{unknown[0]}' (choose from {', '.join(TASKS)})")
         tasks = list(dict.fromkeys(only))
+    names = check_tasks(tasks, "--tasks" if only else f"{recipe}: tasks")
     out_dir = check_output(out_dir, overwrite)
     device = resolve_device(device)
     src = pretrained_dir()
@@ -245,7 +268,7 @@ def build(out_dir: str | Path, *, recipe: str | Path, device: str = "cpu", quick
         write_model_card(base_dir, "all-MiniLM-L6-v2 (base of minilm-8task)", "zoo minilm-8task: pretrained encoder",
                          {"pretrained": str(src)})
         tok = load_tokenizer(base_dir)
-        for task in tasks:
+        for task, name in zip(tasks, names):
             params = rec.train_for(task)
             encoder, head, stats = finetune_task(base_dir, task, params, seed=rec.seed, device=device,
                                                  tokenizer=tok, quiet=quiet)
@@ -256,17 +279,19 @@ def build(out_dir: str | Path, *, recipe: str | Path, device: str = "cpu", quick
                                    batch_size=rec.eval.batch_size)
                 res = ev.evaluate(encoder, head)
                 evals[split] = {**res.as_dict(), "majority": _majority(ev.labels)}
-            task_dir = tmp / task
+            out_task = tmp / name
             with hf_quiet():
-                save_module(encoder.to("cpu"), task_dir)
-            head.save(task_dir)
-            copy_aux(base_dir, task_dir, TOKENIZER_FILES)
-            write_model_card(task_dir, f"all-MiniLM-L6-v2 fine-tuned on {task}",
+                save_module(encoder.to("cpu"), out_task)
+            head.save(out_task)
+            copy_aux(base_dir, out_task, TOKENIZER_FILES)
+            write_model_card(out_task, f"all-MiniLM-L6-v2 fine-tuned on {name}",
                              "zoo minilm-8task: full fine-tune, linear head on mean pooling",
-                             {"base": "../base", "data": f"tasks/{task} (train split)"}, params.model_dump())
+                             {"base": "../base", "data": f"{head.task_path or 'tasks/' + name} (train split)"},
+                             params.model_dump())
             del encoder
             target = None if quick else rec.targets.get(task)  # targets are for the full build
-            results[task] = {"num_labels": head.num_labels, "labels": head.labels, "pair": task_info(task)["pair"],
+            results[name] = {"num_labels": head.num_labels, "labels": head.labels, "pair": task_info(task)["pair"],
+                             "data": head.task_ref,
                              **stats, "eval_seconds": round(time.perf_counter() - t_eval, 2),
                              "hyperparameters": params.model_dump(), "dev": evals["dev"], "test": evals["test"],
                              "target": target,

@@ -1,0 +1,212 @@
+"""Tasks from any data folder: discovery under the data root, a task folder given by path, strict task.json
+validation, and a minilm zoo built (quick, on the CPU) from a task folder outside the bundled ones, then scored
+with `compress eval --task <path>`."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+
+import pytest
+import torch
+from conftest import run_cli
+
+from compress.data import TASKS, load_task, task_dir, task_info, task_names
+from compress.errors import CompressError
+from compress.eval.classify import Head, evaluate, load_heads
+
+ANIMALS = ("cat", "dog", "horse", "rabbit", "parrot", "goat")
+VEHICLES = ("car", "truck", "bus", "train", "bicycle", "tractor")
+FRUIT = ("apple", "banana", "cherry", "plum", "mango", "pear")
+TOOLS = ("hammer", "saw", "drill", "wrench", "chisel", "spanner")
+
+
+def _rows(n: int, seed: int, classes=(ANIMALS, VEHICLES)) -> list[dict]:
+    """An easy two-class task: sentences about one kind of thing (0) or another (1)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        thing = rng.choice(classes[label])
+        rows.append({"text": f"{rng.choice(('I saw a', 'there is a', 'my neighbour has a'))} {thing} "
+                             f"{rng.choice(('today', 'outside', 'in the street', 'again'))}", "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+def make_task(folder, *, n=(192, 40, 60), gz=("dev",), classes=(ANIMALS, VEHICLES), **fields):
+    """A task folder: task.json plus train/dev/test (``gz`` splits gzip-compressed, the others plain .jsonl)."""
+    folder.mkdir(parents=True)
+    info = {"labels": ["a", "b"], "pair": False, "description": "one kind of thing or another", **fields}
+    (folder / "task.json").write_text(json.dumps(info))
+    for seed, (split, count) in enumerate(zip(("train", "dev", "test"), n)):
+        text = "".join(json.dumps(r) + "\n" for r in _rows(count, seed, classes))
+        if split in gz:
+            with gzip.open(folder / f"{split}.jsonl.gz", "wt", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            (folder / f"{split}.jsonl").write_text(text)
+    return folder
+
+
+def test_tasks_under_the_data_root_are_discovered(tmp_path, monkeypatch):
+    assert task_names() == list(TASKS)
+    monkeypatch.setenv("COMPRESS_DATA", str(tmp_path))
+    make_task(tmp_path / "tasks" / "things")
+    make_task(tmp_path / "tasks" / "sst2")
+    (tmp_path / "tasks" / "notes").mkdir()  # no task.json: not a task
+    assert task_names() == ["sst2", "things"]
+    assert task_info("things")["name"] == "things" and len(load_task("things", "dev")) == 40
+    assert len(load_task(tmp_path / "tasks" / "things", "train", limit=5)) == 5  # the same task by path
+    with pytest.raises(CompressError, match=r"unknown task 'notes' \(choose one of sst2, things, or give the path"):
+        task_dir("notes")
+
+
+BAD = [  # (task.json fields over a valid one, or a raw file text, and the message naming the field)
+    ({"labels": ["a"]}, "'labels' must be a list of 2 to 1000 label names"),
+    ({"labels": ["a", "a"]}, "'labels' lists a name twice"),
+    ({"labels": ["a", 3]}, "labels[1] must be a printable string"),
+    ({"labels": ["a", "b\x1b[2J"]}, "labels[1] must be a printable string"),
+    ({"pair": "yes"}, "'pair' must be true (rows are text pairs) or false"),
+    ({"metric": "auc"}, "'metric' must be one of accuracy, mcc, f1 (got 'auc')"),
+    ({"rows": {"val": 3}}, "rows: unknown split 'val'"),
+    ({"rows": {"dev": -1}}, "rows.dev must be a positive integer (got -1)"),
+    ({"rows": {"dev": 7}}, "dev.jsonl.gz: task.json rows.dev says 7, the file has 40 rows"),
+    ({"name": "other"}, "'name' is 'other', but the folder is 'mine'"),
+    ({"script": "rm -rf /"}, "unknown field 'script'"),
+    ({"description": ["x"]}, "'description' must be a string"),
+    ({"pair": True}, "dev.jsonl.gz:1: task.json says pair true, but this row has no 'text_pair'"),
+    ("[1, 2]", "must be a JSON object"),
+    ("{labels", "cannot read as JSON"),
+]
+
+
+@pytest.mark.parametrize("change, msg", BAD)
+def test_task_json_is_validated_strictly(tmp_path, change, msg):
+    folder = make_task(tmp_path / "mine")
+    if isinstance(change, str):
+        (folder / "task.json").write_text(change)
+    else:
+        info = json.loads((folder / "task.json").read_text())
+        (folder / "task.json").write_text(json.dumps({**info, **change}))
+    # the CLI reads the task before it loads any model: one line naming the file and the field
+    code, out, err = run_cli("eval", tmp_path / "model", "--task", str(folder), "--split", "dev")
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"error: {folder}") and msg in err, err
+
+
+def test_task_folder_errors(tmp_path):
+    for ref, msg in [(tmp_path / "none", "no such task folder"), (tmp_path, r"not a task folder \(no task.json\)")]:
+        with pytest.raises(CompressError, match=msg):
+            task_dir(ref)
+    folder = make_task(tmp_path / "-odd name", n=(4, 4, 4))
+    with pytest.raises(CompressError, match=r"the folder's name: '-odd name' is not a task name"):
+        task_dir(folder)
+    folder = make_task(tmp_path / "nodev", n=(4, 4, 4))
+    (folder / "dev.jsonl.gz").unlink()
+    with pytest.raises(CompressError, match=r"nodev: no dev split \(dev.jsonl.gz or dev.jsonl\)"):
+        load_task(folder, "dev")
+    (folder / "test.jsonl").write_text('{"text": "a", "label": 2}\n')
+    with pytest.raises(CompressError, match=r"test.jsonl:1: label 2 is not an integer in \[0, 2\)"):
+        load_task(folder, "test")
+    head = tmp_path / "head"
+    head.mkdir()
+    Head(torch.zeros(2, 4), torch.zeros(2), task="ok", labels=["a", "b"]).save(head)
+    meta = json.loads((head / "head.json").read_text())
+    (head / "head.json").write_text(json.dumps({**meta, "task": "../../etc"}))
+    with pytest.raises(CompressError, match=r"head.json: task: '../../etc' is not a task name"):
+        Head.load(head)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_zoo_from_task_folders_then_eval_and_bench_by_path(tmp_path, one_thread):
+    """The zoo recipe, quick, on the CPU, over two tasks the project has never seen, given by path; then
+    `compress eval --task <path>` and the NPS merge protocol of `compress bench nps` on them."""
+    task = make_task(tmp_path / "data" / "things")
+    other = make_task(tmp_path / "data" / "kit", classes=(FRUIT, TOOLS), gz=())
+    root = tmp_path / "zoo"
+    code, out, err = run_cli("zoo", "build", "minilm-8task", "--quick", "--tasks", f"{task},{other}", "--out-root",
+                             root)
+    assert code == 0, err
+    zoo = root / "minilm-8task"
+    assert sorted(p.name for p in zoo.iterdir()) == ["base", "build.json", "kit", "results.md", "things"]
+    head = Head.load(zoo / "things")
+    assert head.task == "things" and head.task_path == str(task.resolve()) and head.labels == ["a", "b"]
+    assert list(load_heads(zoo)) == ["kit", "things"]
+    build = json.loads((zoo / "build.json").read_text())
+    assert build["tasks"]["things"]["data"] == str(task.resolve())
+    code, out, err = run_cli("eval", zoo / "things", "--task", str(task), "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["task"] == "things" and info["n"] == 60 and info["accuracy"] >= 0.8, info  # chance is 0.5
+    # the head knows where its task lives: the Python API needs no task argument
+    assert evaluate(zoo / "things").accuracy == info["accuracy"]
+    # by name, the task is not one of the data root's
+    code, out, err = run_cli("eval", zoo / "things", "--task", "things")
+    assert code == 2 and "unknown task 'things'" in err and err.count("\n") == 1
+    # a task folder named like the zoo's own folder is refused before anything is written
+    base_task = make_task(tmp_path / "data2" / "base", n=(4, 4, 4))
+    code, out, err = run_cli("zoo", "build", "minilm-8task", "--quick", "--tasks", str(base_task), "--out-root",
+                             tmp_path / "zoo2")
+    assert code == 2 and "would be built into base/, the zoo's own folder" in err and err.count("\n") == 1
+    assert not (tmp_path / "zoo2").exists()
+    _bench_merge_protocol(root, tmp_path / "bench")
+    _merge_command_protocol(zoo, task, other, tmp_path)
+
+
+def _bench_merge_protocol(root, results):
+    """Two seeds at a tiny budget; a candidate of enormous strength never leaves TIES."""
+    code, out, err = run_cli("bench", "nps", "--zoo-root", root, "--results", results, "--parts", "merge",
+                             "--dev-limit", "40", "--test-limit", "40", "--merge-seeds", "0,1", "--merge-budget", "12",
+                             "--merge-checkpoints", "6", "--merge-strength", "0,1000000", "--quiet")
+    assert code == 0, err
+    mg = json.loads((results / "nps_minilm-8task.json").read_text())["merge"]
+    assert mg["tasks"] == ["kit", "things"] and [r["seed"] for r in mg["runs"]] == [0, 1]
+    assert {"task arithmetic", "TIES", "DARE-TIES", "individual"} <= set(mg["baselines"])
+    for r in mg["runs"]:
+        assert r["chosen"] in ("nps", "ties") and r["budget"] in (6, 12) and len(r["candidates"]) == 2
+        same = "NPS search" if r["chosen"] == "nps" else "TIES (λ on dev)"
+        assert r["rows"]["NPS protocol"] == r["rows"][same]
+        assert r["chosen"] == "ties" or r["validation"]["nps"] > r["validation"]["ties"]
+        stiff = r["candidates"][1]
+        assert stiff["strength"] == 1e6 and set(stiff["validation"]["by_budget"].values()) == {
+            stiff["validation"]["ties"]}
+    avgs = [r["rows"]["NPS protocol"]["avg"] for r in mg["runs"]]
+    s = mg["summary"]["NPS protocol"]
+    assert s["avg"] == pytest.approx(sum(avgs) / 2) and s["avg_sd"] == pytest.approx(abs(avgs[0] - avgs[1]) / 2 ** 0.5)
+    md = (results / "nps_minilm-8task.md").read_text()
+    assert "| NPS protocol |" in md and " ± " in md and "| TIES (λ on dev) |" in md
+
+
+def _merge_command_protocol(zoo, task, other, tmp_path):
+    """`compress merge` with an NPS recipe that anchors on TIES: at an enormous strength the search cannot beat
+    TIES on validation, so the model written is TIES at the λ the whole dev split chose, as `compress merge
+    --method ties` writes it."""
+    import re
+
+    from compress.io.reader import open_checkpoint
+
+    recipe = tmp_path / "nps.yml"
+    recipe.write_text(json.dumps({
+        "method": "nps", "base": str(zoo / "base"), "models": [str(zoo / "kit"), str(zoo / "things")],
+        "tasks": [str(other), str(task)], "density": 0.2, "out": str(tmp_path / "merged"),
+        "search": {"anchor": "ties", "regularize": 1e6, "combine": "ties", "task_weights": "per_task",
+                   "grouping": "layer", "parts": 1, "budget": 8, "dev_limit": 40, "objective": "accuracy"}}))
+    code, out, err = run_cli("merge", recipe)
+    assert code == 0, err
+    lam = re.search(r"kept TIES at λ ([0-9.]+) \(validation half: TIES ([0-9.]+), NPS ([0-9.]+)", out)
+    assert lam and lam[2] == lam[3], out
+    code, _, err = run_cli("merge", "--method", "ties", "--base", zoo / "base", "--models", zoo / "kit",
+                           zoo / "things", "--density", "0.2", "--lambda", lam[1], "--out", tmp_path / "ties")
+    assert code == 0, err
+    got, want = open_checkpoint(tmp_path / "merged"), open_checkpoint(tmp_path / "ties")
+    for name in want.names():
+        assert torch.allclose(got.get(name), want.get(name), atol=1e-6, rtol=0), name
