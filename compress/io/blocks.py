@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
+from compress.runtime import tf32
 
 # attributes, on the module that holds the blocks, naming the norm that follows the last block
 FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
@@ -311,7 +312,8 @@ class BlockRunner:
         """Run block ``i`` (loaded) over every batch; with ``outputs``, its outputs replace ``acts.hidden``."""
         for b, x in enumerate(acts.hidden):
             args, kwargs = acts.calls[b][i]
-            out = block(x.to(self.device, non_blocking=True), *args, **kwargs)
+            with tf32(True):
+                out = block(x.to(self.device, non_blocking=True), *args, **kwargs)
             if isinstance(out, tuple):
                 out = out[0]
             if outputs:

@@ -34,6 +34,7 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.io.blocks import find_blocks, is_conv1d, is_linear, language_model_prefix
+from compress.runtime import tf32
 
 # Names searched (re.search) in module names; embeddings are nn.Embedding and never candidates anyway.
 DEFAULT_IGNORE = r"(^|\.)(lm_head|embed_out|score|classifier|pooler|qa_outputs|cls)(\.|$)"
@@ -180,7 +181,8 @@ class StatsHooks:
             s.sqsum += (x * x).sum(0)
             s.tokens += x.shape[0]
             if s.hessian is not None:
-                s.hessian.addmm_(x.T, x)
+                with tf32(False):
+                    s.hessian.addmm_(x.T, x)
         return fn
 
     def __enter__(self) -> "StatsHooks":
