@@ -105,7 +105,8 @@ class Staging:
             fits = [b for b in self._free if b.numel() >= nbytes]
             if fits:
                 buf = min(fits, key=torch.Tensor.numel)
-                self._free.remove(buf)
+                # by identity: list.remove compares tensors with ==, elementwise
+                self._free = [b for b in self._free if b is not buf]
                 return buf
         return torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True)
 
