@@ -178,7 +178,7 @@ class BlockCapture:
         forg = [[None] * n for _ in probes]
         with torch.no_grad():
             for i, block in self._blocks("seekr forward"):
-                inputs.append(list(acts.hidden))
+                inputs.append([h.cpu() for h in acts.hidden])  # every block's input, for the backward pass: host
                 bblock = base.runner.load_block(i)
                 mine, theirs = {}, {}
                 with self._hooks(i, block, on_attention=lambda b, a: mine.__setitem__(b, a[:1].float())):
