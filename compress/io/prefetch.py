@@ -107,6 +107,8 @@ class Staging:
                 buf = min(fits, key=torch.Tensor.numel)
                 self._free.remove(buf)
                 return buf
+            if self._free:  # too small: let the largest go, so the pool holds at most one buffer per reader
+                self._free.remove(max(self._free, key=torch.Tensor.numel))
         return torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8, pin_memory=True)
 
     def _stream(self):
