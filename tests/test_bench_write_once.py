@@ -20,15 +20,20 @@ def test_run_small_before_and_after(tmp_path, monkeypatch):
     report = run(size_gb=0.02, workdir=tmp_path / "work", results=res, before=str(old), max_hidden=256,
                  shard_size="8MB", publish_results=False)
     assert json.loads((res / "write_once.json").read_text()) == json.loads(json.dumps(report))
-    assert "| after (this checkout) |" in (res / "write_once.md").read_text()
-    before, after = report["cases"]
-    assert before["key"] == "before" and before["compress"].startswith(str(old))
-    assert after["key"] == "after" and after["compress"].startswith(str(source_tree()))
+    assert "| apply | after (this checkout) |" in (res / "write_once.md").read_text()
+    rows = {(r["command"], r["key"]): r for r in report["cases"]}
+    assert sorted(rows) == sorted((c, k) for c in ("apply", "extract", "sparse file", "extract-lora")
+                                  for k in ("before", "after"))
+    before, after = rows["apply", "before"], rows["apply", "after"]
+    assert before["compress"].startswith(str(old)) and after["compress"].startswith(str(source_tree()))
     for r in (before, after):
         # the output is the checkpoint (plus config, card and padded headers), in shards of 8 MB
         assert report["checkpoint_bytes"] <= r["output_bytes"] < 1.01 * report["checkpoint_bytes"]
         assert r["shards"] >= 2
         assert 0.99 < r["wchar_ratio"] < 1.05, r
+    # this checkout writes every file once; the old delta, sparse and adapter writers copied theirs behind the header
+    for command in ("extract", "sparse file", "extract-lora"):
+        assert 0.99 < rows[command, "after"]["wchar_ratio"] < 1.02, rows[command, "after"]
     assert not (tmp_path / "work").exists()  # the scratch folder is gone
 
 

@@ -7,6 +7,7 @@ errors to float tolerance) and measures how long each takes on each device, in o
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from compress.bench.io_memory import model_spec, write_pair
+from compress.bench.timing import MIN_ROUNDS, alternate, ratios, summary
 from compress.errors import CompressError
 
 
@@ -58,7 +60,15 @@ def _same_lora(a: Path, b: Path, base: Path, ft: Path) -> bool:
     return True
 
 
-def run(size_gb: float = 0.5, results: str | Path = "checkpoints/bench", device: str = "cuda") -> dict:
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()
+
+
+def run(size_gb: float = 0.5, results: str | Path = "checkpoints/bench", device: str = "cuda",
+        rounds: int = MIN_ROUNDS) -> dict:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CompressError("bench devices compares cpu with cuda, and CUDA is not available here")
     results = Path(results)
@@ -76,11 +86,17 @@ def run(size_gb: float = 0.5, results: str | Path = "checkpoints/bench", device:
             ("apply d=0.1", ["apply", "--base", b, "--delta", None], "rec"),
             ("extract-lora r=16", ["extract-lora", "--base", b, "--finetuned", f, "--rank", "16"], "lora"),
         ):
-            secs, paths = {}, {}
-            for side, dev in (("cpu", "cpu"), ("dev", device)):
-                a = [x if x is not None else str(tmp / "cpu-d01.safetensors") for x in args]
-                paths[side] = tmp / f"{side}-{out}"
-                secs[side] = _cli(*a, "--out", str(paths[side]), "--device", dev)
+            a = [x if x is not None else str(tmp / "cpu-d01.safetensors") for x in args]
+            paths = {side: tmp / f"{side}-{out}" for side in ("cpu", "dev")}
+
+            def case(side: str, dev: str):
+                return lambda i: {"seconds": _cli(*a, "--out", str(paths[side]), "--device", dev)}
+
+            # cpu and device in turn, `rounds` times: the speed-up is the median of the per-round ratios
+            got = alternate({"cpu": case("cpu", "cpu"), "dev": case("dev", device)}, rounds,
+                            before=lambda side, i: _remove(paths[side]))
+            speedup = ratios(got["cpu"], got["dev"])
+            secs = {side: summary(got[side])["seconds"]["median"] for side in got}
             if out.endswith(".safetensors"):
                 same = paths["cpu"].read_bytes() == paths["dev"].read_bytes()
             elif out == "rec":
@@ -88,15 +104,18 @@ def run(size_gb: float = 0.5, results: str | Path = "checkpoints/bench", device:
             else:
                 same = _same_lora(paths["cpu"], paths["dev"], tmp / "base", tmp / "ft")
             rows.append({"case": label, "cpu_s": round(secs["cpu"], 2), "device_s": round(secs["dev"], 2),
-                         "speedup": round(secs["cpu"] / secs["dev"], 2), "same_output": bool(same)})
+                         "speedup": round(speedup["median"], 2), "speedup_min": round(speedup["min"], 2),
+                         "speedup_max": round(speedup["max"], 2), "rounds": rounds, "same_output": bool(same)})
             print(json.dumps(rows[-1]), flush=True)
     report = {"size_gb": size_gb, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else device,
               "cpu_threads": torch.get_num_threads(), "rows": rows,
               "note": "seconds include process start and imports (about 2-5 s)"}
     results.mkdir(parents=True, exist_ok=True)
     (results / "devices.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = [f"| case | cpu s | {device} s | cpu/{device} | same output |", "|---|---:|---:|---:|---|"]
-    md += [f"| {r['case']} | {r['cpu_s']} | {r['device_s']} | {r['speedup']} | {r['same_output']} |" for r in rows]
+    md = [f"| case | cpu s (median) | {device} s (median) | cpu/{device}: median (min–max of {rounds} rounds) "
+          "| same output |", "|---|---:|---:|---:|---|"]
+    md += [f"| {r['case']} | {r['cpu_s']} | {r['device_s']} | {r['speedup']} ({r['speedup_min']}–{r['speedup_max']}) "
+           f"| {r['same_output']} |" for r in rows]
     (results / "devices.md").write_text(f"# compress bench devices ({report['device']}, {size_gb} GB checkpoints)\n\n"
                                         + "\n".join(md) + "\n")
     print("\n".join(md))

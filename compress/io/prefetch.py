@@ -94,8 +94,9 @@ class Staging:
     """Pinned host buffers for reads bound for a CUDA device, reused (pinning memory is slow): a read lands in one,
     is copied to the device on a side stream, and the buffer goes back to the pool once the copy is done."""
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, limit: int = DEFAULT_THREADS):
         self.device = torch.device(device)
+        self.limit = max(1, limit)
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
         self._streams = threading.local()
@@ -128,7 +129,8 @@ class Staging:
             stream.synchronize()  # the buffer can be reused, and the consumer's stream sees finished data
         finally:
             with self._lock:
-                self._free.append(buf)
+                # at most one buffer a reader thread: the smallest goes when another joins a full pool
+                self._free = sorted(self._free + [buf], key=torch.Tensor.numel)[-self.limit:]
         dev.record_stream(torch.cuda.current_stream(self.device))
         return dev
 
