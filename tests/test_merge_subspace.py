@@ -82,6 +82,14 @@ def test_wudi_objective_decreases_and_one_task_is_its_own_minimiser():
     assert seen[-1] < 0.5 * seen[0]
     assert all(b <= a * (1 + 1e-4) for a, b in zip(seen[20:], seen[21:]))  # settles into a steady descent
     assert out.shape == (16, 6) and not out.requires_grad
+    # the closed-form gradient is autograd's: the same Adam steps on the objective itself land at the same place
+    ref = deltas.sum(0).clone().requires_grad_(True)
+    opt = torch.optim.Adam([ref], lr=1e-2)
+    for _ in range(10):
+        opt.zero_grad()
+        wudi_objective(ref, deltas).backward()
+        opt.step()
+    torch.testing.assert_close(wudi(deltas, steps=10, lr=1e-2), ref.detach(), atol=1e-5, rtol=1e-4)
     # the Gram form (out > in) and the direct form agree
     grams = torch.bmm(deltas.transpose(1, 2), deltas)
     torch.testing.assert_close(wudi_objective(out, deltas, grams), wudi_objective(out, deltas), rtol=1e-4, atol=1e-6)

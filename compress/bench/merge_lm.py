@@ -40,7 +40,8 @@ def heldout_texts(zoo: Path) -> dict[str, str]:
 
 def run_lm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500, test_limit: Optional[int] = None,
            lambdas=LAMBDAS, quiet: bool = False, max_tokens: int = 32768, seqlen: int = 256,
-           quick: bool = False) -> dict:
+           quick: bool = False, merges: Optional[dict] = None) -> dict:
+    """The lm-zoo table; ``merges``: the merge rows to run (default ``MERGES``, all of them)."""
     from compress.eval.perplexity import load_causal_lm, perplexity
     from compress.eval.recall import read_recall_items, recall_eval
 
@@ -103,7 +104,7 @@ def run_lm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500, te
     def at(merged: dict, lam: float) -> None:
         load({n: base_sd[n].float() + lam * d for n, d in merged.items()})
 
-    for row, (method, params) in MERGES.items():
+    for row, (method, params) in (MERGES if merges is None else merges).items():
         if method == "linear":
             start = time.perf_counter()
             load(merged_deltas(zoo / "base", models, method, params, device))

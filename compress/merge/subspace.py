@@ -114,25 +114,33 @@ def wudi(deltas: torch.Tensor, steps: int = 300, lr: float = 1e-5, init: Optiona
     via Task Vectors", ICML 2025): per linear layer, the merged delta minimising ``wudi_objective`` by Adam (the
     paper's ``steps`` = 300, ``lr`` = 1e-5) from the task-arithmetic sum (or ``init``), data-free, on the device
     the deltas are on. With one task the sum is already the minimiser (the objective is 0 there).
-    ``history``: a list that receives the objective before each step and after the last."""
+    ``history``: a list that receives the objective before each step and after the last.
+
+    The objective is quadratic, Σ_i tr(D_i G_i D_iᵀ)/‖τ_i‖² with D_i = τ_m − τ_i and G_i = τ_iᵀ τ_i, so its
+    gradient is 2 (τ_m A − B) with A = Σ_i G_i/‖τ_i‖² and B = Σ_i τ_i G_i/‖τ_i‖², formed once: a step costs one
+    matrix product instead of one per task, and Adam sees the same gradients as through autograd.
+    """
     steps = int(steps)
     if steps < 0 or not lr > 0:
         raise CompressError(f"wudi: steps must be >= 0 and lr > 0 (got steps {steps}, lr {lr})")
     deltas = deltas.detach()
-    grams = torch.bmm(deltas.transpose(1, 2), deltas) if deltas.shape[2] < deltas.shape[1] else None
+    a = deltas.new_zeros((deltas.shape[2], deltas.shape[2]))
+    b = torch.zeros_like(deltas[0])
+    for t in deltas:
+        norm = t.pow(2).sum()
+        if norm > 0:
+            g = (t.T @ t) / norm
+            a += g
+            b += t @ g
     merged = (deltas.sum(0) if init is None else init.to(deltas)).clone().requires_grad_(True)
     opt = torch.optim.Adam([merged], lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            loss = wudi_objective(merged, deltas, grams)
-            if history is not None:
-                history.append(float(loss.detach()))
-            loss.backward()
-            opt.step()
+    for _ in range(steps):
+        if history is not None:
+            history.append(float(wudi_objective(merged.detach(), deltas)))
+        merged.grad = 2 * (merged.detach() @ a - b)
+        opt.step()
     if history is not None:
-        with torch.no_grad():
-            history.append(float(wudi_objective(merged, deltas, grams)))
+        history.append(float(wudi_objective(merged.detach(), deltas)))
     return merged.detach()
 
 
