@@ -78,6 +78,8 @@ def test_the_start_is_ties_as_the_merge_functions_compute_it():
         stack = torch.stack([t[sl].reshape(shape) for t in problem.taus])
         want = task_vector_merge(stack, [1.0] * 3, method_preset("ties", "peft"), density=0.3, lam=0.7)
         assert torch.allclose(_ties(problem, 0.7)[sl].reshape(shape), want, atol=1e-6, rtol=1e-5), name
+    # one λ for all: TIES at λ is λ times TIES at 1 (what tune_ties relies on)
+    assert torch.allclose(_ties(problem, 0.7), 0.7 * _ties(problem, 1.0), atol=1e-6, rtol=1e-6)
     # the same point in every candidate's space (grouping, M): one TIES tuning serves them all
     other = NpsProblem(problem.layout, problem.taus, 0.3, Space(parts=4, grouping="module", combine="ties",
                                                                 task_weights="per_task", topk="per_tensor"))
