@@ -202,8 +202,9 @@ def _merge_command_protocol(zoo, task, other, tmp_path):
                    "grouping": "layer", "parts": 1, "budget": 6, "dev_limit": 40, "objective": "accuracy"}}))
     code, out, err = run_cli("merge", recipe)
     assert code == 0, err
-    lam = re.search(r"kept TIES at λ ([0-9.]+) \(validation half: TIES ([0-9.]+), NPS ([0-9.]+)", out)
-    assert lam and lam[2] == lam[3], out
+    # the summary line goes to stderr with the progress output, wrapped to the console's width
+    lam = re.search(r"kept TIES at λ ([0-9.]+) \(validation half: TIES ([0-9.]+), NPS ([0-9.]+)", " ".join(err.split()))
+    assert lam and lam[2] == lam[3], err
     code, _, err = run_cli("merge", "--method", "ties", "--base", zoo / "base", "--models", zoo / "kit",
                            zoo / "things", "--density", "0.2", "--lambda", lam[1], "--out", tmp_path / "ties")
     assert code == 0, err

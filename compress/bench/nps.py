@@ -291,6 +291,9 @@ def run_merge(zoo_dir: Path, zoo: _Zoo, report: dict, tasks, search, density, pr
         mg = {"tasks": tasks, "density": density, "protocol": asdict(proto), "objective": search.objective,
               "official_metrics": {t: m for t, m in ref["official_metrics"].items() if t in tasks},
               "baselines": rows, "baseline_seconds": ref["seconds"], "runs": []}
+        report["merge"] = mg
+        if save is not None:
+            save()  # the baselines survive a run stopped before its first seed
     report["merge"] = mg
     done = {r["seed"] for r in mg["runs"]}
     for seed in proto.seeds:
