@@ -10,7 +10,7 @@ import torch
 
 from compress.config import NpsSearch as Space
 from compress.errors import CompressError
-from compress.search.nps import ModelSetter, NpsProblem, make_layout
+from compress.search.nps import ModelSetter, NpsProblem, make_layout, search
 from compress.search.protocol import anchor_penalty, merge_protocol, split_halves, tune_ties
 
 
@@ -58,6 +58,10 @@ def _near(target: torch.Tensor, scale: float):
     return objective
 
 
+def _protocol(problem, setter, *objectives, **kw):
+    return merge_protocol(problem, setter, *objectives, run_search=search, **kw)
+
+
 def _ties(problem, lam):
     return problem.delta(problem.point([lam] * problem.K))
 
@@ -78,6 +82,8 @@ def test_the_start_is_ties_as_the_merge_functions_compute_it():
         stack = torch.stack([t[sl].reshape(shape) for t in problem.taus])
         want = task_vector_merge(stack, [1.0] * 3, method_preset("ties", "peft"), density=0.3, lam=0.7)
         assert torch.allclose(_ties(problem, 0.7)[sl].reshape(shape), want, atol=1e-6, rtol=1e-5), name
+    # one λ for all: TIES at λ is λ times TIES at 1 (what tune_ties relies on)
+    assert torch.allclose(_ties(problem, 0.7), 0.7 * _ties(problem, 1.0), atol=1e-6, rtol=1e-6)
     # the same point in every candidate's space (grouping, M): one TIES tuning serves them all
     other = NpsProblem(problem.layout, problem.taus, 0.3, Space(parts=4, grouping="module", combine="ties",
                                                                 task_weights="per_task", topk="per_tensor"))
@@ -92,7 +98,7 @@ def test_fallback_returns_ties_when_the_search_does_not_beat_it_on_validation():
     search_obj = _near(away, scale)
     val_obj = _near(_ties(problem, 1.0), scale)
     dev_obj = _near(_ties(problem, 0.7), 50.0)
-    r = merge_protocol(problem, setter, search_obj, val_obj, dev_obj, strength=0.0, budget=60, seed=0)
+    r = _protocol(problem, setter, search_obj, val_obj, dev_obj, strength=0.0, budget=60, seed=0)
     assert r.search.value < r.search.start_value  # the search did fit its half
     assert r.validation["nps"] <= r.validation["ties"]
     assert r.chosen == "ties" and r.ties_lambda_dev == 0.7
@@ -103,7 +109,7 @@ def test_the_search_is_kept_where_it_beats_ties_on_validation():
     problem, setter = _setup()
     away, scale = _away(problem)
     obj = _near(away, scale)
-    r = merge_protocol(problem, setter, obj, obj, _near(_ties(problem, 0.7), 50.0), strength=0.0, budget=60,
+    r = _protocol(problem, setter, obj, obj, _near(_ties(problem, 0.7), 50.0), strength=0.0, budget=60,
                        checkpoints=(10, 30), seed=0)
     assert r.chosen == "nps" and r.validation["nps"] > r.validation["ties"]
     # the budget is chosen on validation: the best of the checkpoints (here the full run, as validation = search)
@@ -120,7 +126,7 @@ def test_the_regularizer_pulls_toward_ties():
     anchor = _ties(problem, lam_s)
     dist = {}
     for strength in (0.0, 1e6):
-        r = merge_protocol(problem, setter, obj, obj, obj, strength=strength, budget=40, seed=0)
+        r = _protocol(problem, setter, obj, obj, obj, strength=strength, budget=40, seed=0)
         dist[strength] = float((problem.delta(r.search.x) - anchor).norm() / anchor.norm())
     assert dist[0.0] > 0.05 and dist[1e6] == 0.0  # a large strength never leaves TIES
     pen = anchor_penalty(anchor, 2.0)
@@ -138,4 +144,4 @@ def test_the_protocol_needs_a_space_that_holds_ties():
     setter = ModelSetter(_Two(), layout, torch.zeros(layout.numel))
     obj = _near(taus[0], 10.0)
     with pytest.raises(CompressError, match="its space needs combine: ties"):
-        merge_protocol(problem, setter, obj, obj, obj, strength=0.0, budget=10)
+        _protocol(problem, setter, obj, obj, obj, strength=0.0, budget=10)

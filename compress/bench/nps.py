@@ -208,6 +208,7 @@ def run_protocol_seed(zoo: _Zoo, tasks, search, density: float, proto: MergeProt
     """One seed of the protocol: every candidate setting searched on the search half, the best on validation
     kept if it beats TIES there; test scores of the answer, of the search's point, and of TIES on these splits."""
     from compress.search.nps import NpsProblem
+    from compress.search.nps import search as nps_search
     from compress.search.objective import MeanObjective
     from compress.search.protocol import merge_protocol
 
@@ -224,7 +225,8 @@ def run_protocol_seed(zoo: _Zoo, tasks, search, density: float, proto: MergeProt
                                               "rescale": "none", "task_weights": "per_task", "seed": seed})
             problem = NpsProblem(zoo.layout, taus, density, space)
             for strength in proto.strengths:
-                r = merge_protocol(problem, zoo.setter, s_obj, v_obj, dev, strength=strength, budget=proto.budget,
+                r = merge_protocol(problem, zoo.setter, s_obj, v_obj, dev, run_search=nps_search, strength=strength,
+                                   budget=proto.budget,
                                    checkpoints=proto.checkpoints, optimizer=search.optimizer, sigma0=search.sigma0,
                                    popsize=search.popsize, seed=seed, margin=proto.margin, tuned=tuned)
                 cands.append(({"grouping": grouping, "M": m, "strength": strength}, problem, r))
@@ -291,6 +293,9 @@ def run_merge(zoo_dir: Path, zoo: _Zoo, report: dict, tasks, search, density, pr
         mg = {"tasks": tasks, "density": density, "protocol": asdict(proto), "objective": search.objective,
               "official_metrics": {t: m for t, m in ref["official_metrics"].items() if t in tasks},
               "baselines": rows, "baseline_seconds": ref["seconds"], "runs": []}
+        report["merge"] = mg
+        if save is not None:
+            save()  # the baselines survive a run stopped before its first seed
     report["merge"] = mg
     done = {r["seed"] for r in mg["runs"]}
     for seed in proto.seeds:

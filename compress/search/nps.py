@@ -521,7 +521,8 @@ def run_nps(cfg) -> dict:
             from compress.search.protocol import merge_protocol
 
             dev, search_half, validation_half = objective
-            proto = merge_protocol(problem, setter, search_half, validation_half, dev, strength=s.regularize,
+            proto = merge_protocol(problem, setter, search_half, validation_half, dev, run_search=search,
+                                   strength=s.regularize,
                                    budget=s.budget, checkpoints=(s.budget // 4, s.budget // 2),
                                    optimizer=s.optimizer, sigma0=s.sigma0, popsize=s.popsize, seed=s.seed, log=log)
             res = proto.search

@@ -80,9 +80,12 @@ def check_ties_space(space) -> None:
 def tune_ties(problem, setter, objective, lambdas=TIES_LAMBDAS) -> tuple[float, dict[float, float]]:
     """TIES' λ with the best mean accuracy of ``objective`` over the grid (ties to the smaller λ), and every
     score seen."""
+    # one λ for all vectors: the elected signs do not depend on it and the disjoint mean scales with it, so TIES at
+    # λ is λ times TIES at 1 (one top-k pass for the whole grid)
+    unit = problem.delta(problem.point([1.0] * problem.K))
     seen = {}
     for lam in lambdas:
-        setter(problem.delta(problem.point([lam] * problem.K)))
+        setter(unit * lam)
         seen[lam] = mean_accuracy(objective(setter.module)[1])
     return max(seen, key=lambda lam: (seen[lam], -lam)), seen
 
@@ -111,15 +114,15 @@ class ProtocolResult:
                 "ties_dev_by_lambda": {str(k): v for k, v in self.ties_dev_by_lambda.items()}}
 
 
-def merge_protocol(problem, setter, search_objective, validation_objective, dev_objective, *, strength: float,
+def merge_protocol(problem, setter, search_objective, validation_objective, dev_objective, *, run_search: Callable,
+                   strength: float,
                    budget: int, checkpoints: tuple[int, ...] = (), optimizer: str = "cma", sigma0: float = 0.5,
                    popsize: Optional[int] = None, seed: int = 0, margin: float = 0.0, lambdas=TIES_LAMBDAS,
                    log: Optional[Callable[[dict], None]] = None, tuned: Optional[dict] = None) -> ProtocolResult:
     """Steps 2–5 of the module's docstring, on objectives built from the search half, the validation half and the
-    whole dev split. ``tuned``: a dict that keeps the TIES tunings (``tune_ties``) for the next call on the same
-    objectives (several candidate settings of one split). The model is left at the answer."""
-    from compress.search.nps import search
-
+    whole dev split; ``run_search`` is ``compress.search.nps.search`` (passed in: nps runs this protocol, so
+    this module does not import it). ``tuned``: a dict that keeps the TIES tunings (``tune_ties``) for the next
+    call on the same objectives (several candidate settings of one split). The model is left at the answer."""
     check_ties_space(problem.space)
     if problem.K < 2:
         raise CompressError("protocol: merging needs two task vectors or more")
@@ -130,7 +133,7 @@ def merge_protocol(problem, setter, search_objective, validation_objective, dev_
     lam_s, by_lam_s = tuned["search"]
     x0 = problem.point([lam_s] * problem.K)
     anchor = problem.delta(x0)
-    res = search(problem, setter, search_objective, optimizer=optimizer, budget=budget, sigma0=sigma0,
+    res = run_search(problem, setter, search_objective, optimizer=optimizer, budget=budget, sigma0=sigma0,
                  popsize=popsize, seed=seed, log=log, starts=[x0], penalty=anchor_penalty(anchor, strength),
                  checkpoints=checkpoints)
 
