@@ -7,6 +7,7 @@ top-k (TIES as in its paper) adds two streaming passes that keep only 65,536-bin
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,16 @@ from compress.config import MergeConfig
 from compress.errors import CompressError
 from compress.heads.select import resolve_protect
 from compress.io.reader import Checkpoint, all_finite, is_peft_adapter, open_checkpoint
-from compress.merge.methods import METHODS, Method, check_config, linear, method_preset, slerp, task_vector_merge
+from compress.merge.methods import (
+    METHODS,
+    REQUIRED,
+    WEIGHT_METHODS,
+    Method,
+    check_config,
+    method_preset,
+    task_vector_merge,
+    weight_method,
+)
 from compress.merge.recipe import layer_position, resolve_setting
 from compress.progress import console, track
 from compress.runtime import resolve_device, torch_dtype
@@ -136,6 +146,7 @@ class Merger:
         self.ref_label = "the base" if self.base is not None else "the first model"
         self.vocab_rows = _check_names(self.ref, self.ref_label, self.inputs, cfg.vocab)
         self.method: Optional[Method] = None
+        self.weight_method = weight_method(cfg.method) if cfg.method in WEIGHT_METHODS else None
         if cfg.method in METHODS:
             normalize = cfg.parameters.get("normalize")
             if normalize is not None and not isinstance(normalize, bool):
@@ -144,7 +155,8 @@ class Merger:
         config = self.ref.config or {}
         self.num_layers = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers")
         self.out_dtype = torch_dtype(cfg.dtype)
-        self.compute_dtype = torch_dtype(cfg.compute_dtype) or torch.float32
+        # mergekit merges in its inputs' own dtype unless the recipe names one; the native default is float32
+        self.compute_dtype = torch_dtype(cfg.compute_dtype) or (None if cfg.variant == "mergekit" else torch.float32)
         self._global: Optional[list[GlobalThreshold]] = None
         self.protect = resolve_protect(cfg, self.ref.root if self.ref.root is not None else self.ref.path)
 
@@ -156,14 +168,18 @@ class Merger:
 
     # -- parameters ------------------------------------------------------------------------------------
     def param(self, key: str, name: str, model: Optional[int] = None) -> float:
+        return float(self.setting(key, name, model, DEFAULTS[key]))
+
+    def setting(self, key: str, name: str, model: Optional[int] = None, default=None):
+        """The value of parameter ``key`` for tensor ``name`` (the model's own first, then the shared one)."""
         t = layer_position(name, self.num_layers)
         scopes = ([self.cfg.models[model].parameters] if model is not None else []) + [self.cfg.parameters]
         for scope in scopes:
             if key in scope:
                 v = resolve_setting(scope[key], name, t)
                 if v is not None:
-                    return float(v)
-        return DEFAULTS[key]
+                    return v
+        return default
 
     def _merged_names(self) -> list[str]:
         return [n for n in self.ref.names() if self.ref.info(n).is_float]
@@ -208,10 +224,17 @@ class Merger:
             if ck is not None and name in ck and (id(ck), name) not in self._pending:
                 self._pending[(id(ck), name)] = self._pool.submit(ck.get, name, check_finite=False)
 
+    def _dtype(self, name: str) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        stored = [ck.info(name).dtype for ck in [self.base] + [i.ckpt for i in self.inputs]
+                  if ck is not None and name in ck]
+        return functools.reduce(torch.promote_types, stored)
+
     def _base_tensor(self, name: str) -> torch.Tensor:
         if self.base is not None:
-            return self._read(self.base, name).to(device=self.device, dtype=self.compute_dtype)
-        return self.inputs[0].full(name, self.device, self.compute_dtype)
+            return self._read(self.base, name).to(device=self.device, dtype=self._dtype(name))
+        return self.inputs[0].full(name, self.device, self._dtype(name))
 
     def _stacked_deltas(self, name: str, base: torch.Tensor) -> Optional[torch.Tensor]:
         """[n_models, *shape] deltas written straight into one buffer (None: no model changes this tensor)."""
@@ -236,12 +259,8 @@ class Merger:
         base = self._base_tensor(name)
         n = len(self.inputs)
         weights = [self.param("weight", name, i) for i in range(n)]
-        if self.cfg.method == "linear":
-            # full-weight methods average in float32 whatever compute_dtype says (as mergekit's linear and slerp)
-            stacked = torch.stack([inp.weight(name, base, self.device).float() for inp in self.inputs])
-            out = linear(stacked, weights, normalize=bool(self.cfg.parameters.get("normalize", True)))
-        elif self.cfg.method == "slerp":
-            out = slerp(self.param("t", name), base.float(), self.inputs[0].weight(name, base, self.device).float())
+        if self.weight_method is not None:
+            out = self._weight_merge(name, base, weights)
         else:
             stacked = self._stacked_deltas(name, base)
             if stacked is None:
@@ -262,7 +281,26 @@ class Merger:
         out = self._extra_rows(name, out)
         if not all_finite(out):
             self._name_nonfinite(name)
-        return out.to(self.out_dtype or info.dtype)
+        # mergekit writes what a method returns when its recipe names no dtype (ramplus_tl and arcee_fusion
+        # return float32 from bf16 inputs); the native schema writes the stored dtype
+        return out.to(self.out_dtype or (out.dtype if self.compute_dtype is None else info.dtype))
+
+    def _weight_merge(self, name: str, base: torch.Tensor, weights: list[float]) -> torch.Tensor:
+        m = self.weight_method
+        if m.name in ("linear", "slerp"):
+            # they average in float32 whatever compute_dtype says, and return the inputs' dtype (as mergekit's)
+            dtype, base = base.dtype, base.float()
+            return self._weight_merge_as(m, name, base, weights).to(dtype)
+        return self._weight_merge_as(m, name, base, weights)
+
+    def _weight_merge_as(self, m, name: str, base: torch.Tensor, weights: list[float]) -> torch.Tensor:
+        stacked = torch.stack([inp.weight(name, base, self.device).to(base.dtype) for inp in self.inputs])
+        params = {k: self.setting(k, name, None, None if v is REQUIRED else v) for k, v in m.params.items()}
+        for k in m.model_params:
+            params[k] = [self.setting(k, name, i) for i in range(len(self.inputs))]
+        params["generator"] = seeded_generator(self.cfg.seed, name)
+        return m.merge(base if m.base in ("required", "optional") and self.base is not None else None, stacked,
+                       weights, params)
 
     def _name_nonfinite(self, name: str) -> None:
         """The merged tensor has NaN/Inf: name the input that has them, else say the merge overflowed."""

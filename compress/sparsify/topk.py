@@ -128,3 +128,91 @@ class GlobalThreshold:
         """Kept free entries (protected entries are False here: the caller keeps them by its own rule)."""
         m = (magnitude_bits(t) >= self.threshold).reshape(t.shape)
         return m if protected is None else m & ~protected
+
+
+# -- torch.argsort's order, without the sort -------------------------------------------------------------------
+# torch's CPU sort (``stable=False``, the default that mergekit's TIES and Breadcrumbs call) is libstdc++'s
+# ``std::sort``: an introsort of (value, index) pairs — median-of-three pivot moved to the front, Hoare partition,
+# segments of at most 16 left to one final insertion sort. Equal values end wherever the partitions put them, so
+# no index rule predicts them. But partitions never move an entry across a cut, so which entries land in the
+# first k places depends only on the partitions of the segments that hold position k: replaying those (one
+# segment per level, each partition vectorized) is a quickselect with introsort's exact moves, O(n) instead of
+# O(n log n). A segment that would reach introsort's heapsort fallback (depth 2·⌊log2 n⌋, never seen on real
+# deltas) is handed to torch.argsort itself.
+
+_INSERTION = 16
+
+
+class _Fallback(Exception):
+    pass
+
+
+def _partition(v: torch.Tensor, desc: bool) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """One introsort step on the segment ``v`` as libstdc++ takes it: (cut, left places, right places) of the
+    swaps, after moving the median of three to the front (done here, in place, on ``v`` only)."""
+    def before(a, b):  # the sort's comparator on two places
+        return bool(v[a] > v[b]) if desc else bool(v[a] < v[b])
+
+    s = v.numel()
+    a, b, c = 1, s // 2, s - 1
+    if before(a, b):
+        m = b if before(b, c) else (c if before(a, c) else a)
+    else:
+        m = a if before(a, c) else (c if before(b, c) else b)
+    p = v[m].clone()
+    seg = v[1:]
+    # the left scan stops at entries not before the pivot, the right scan at those the pivot is not before; the
+    # i-th stops of the two scans swap while the left one lies below the right one. For the i-th left stop at q
+    # (the (i+1)-th, counted in ``ca``) that holds when more than i right stops lie above q.
+    lstop = seg <= p if desc else seg >= p
+    rstop = seg >= p if desc else seg <= p
+    if m != 0:  # the median's place holds the old front entry after the swap
+        old = v[0]
+        lstop[m - 1] = bool(old <= p) if desc else bool(old >= p)
+        rstop[m - 1] = bool(old >= p) if desc else bool(old <= p)
+    ca = lstop.cumsum(0, dtype=torch.int32)
+    rb = rstop.flip(0).cumsum(0, dtype=torch.int32).flip(0)  # right stops at or above each place
+    above = rb - rstop.to(torch.int32)
+    swap_l = lstop & (above >= ca)
+    left = torch.nonzero(swap_l).reshape(-1)
+    n = left.numel()
+    right = torch.nonzero(rstop & (rb <= n)).reshape(-1).flip(0)
+    if not lstop.any():
+        raise _Fallback
+    nxt = int(torch.searchsorted(ca, torch.tensor([n + 1], dtype=torch.int32))) if n < int(ca[-1]) else s - 1
+    cut = min(nxt, int(right[-1]) if n else s - 1) + 1
+    return cut, left + 1, right + 1, m
+
+
+def sort_order_first(values: torch.Tensor, k: int, descending: bool = True) -> torch.Tensor:
+    """Flat indices of the entries that ``torch.sort(values.reshape(-1), descending=…)`` (unstable, CPU) puts in
+    its first k places, found without sorting (see above). ``values``: a float32 CPU tensor."""
+    flat = values.reshape(-1)
+    n = flat.numel()
+    k = max(0, min(k, n))
+    if k in (0, n):
+        return torch.arange(k)
+    v, ix = flat.clone(), torch.arange(n, dtype=torch.int32 if n < 2 ** 31 else torch.int64)
+    taken, depth = [], 2 * (n.bit_length() - 1)
+    try:
+        while v.numel() > _INSERTION:
+            if depth == 0:
+                raise _Fallback
+            depth -= 1
+            cut, left, right, m = _partition(v, descending)
+            for t in (v, ix):
+                t[0], t[m] = t[m].clone(), t[0].clone()
+            if k >= cut:  # the left part is in whole: its entries after the swaps
+                taken.append(ix[:cut].clone().index_copy_(0, left, ix.index_select(0, right)))
+                k -= cut
+                if not k:
+                    return torch.cat(taken).long()
+                src, dst, keep = left, right - cut, slice(cut, None)
+            else:
+                src, dst, keep = right, left, slice(0, cut)
+            v, ix = (t[keep].clone().index_copy_(0, dst, t.index_select(0, src)) for t in (v, ix))
+    except _Fallback:
+        return torch.sort(flat, descending=descending).indices[:k]
+    # the final insertion sort is stable within the last segment
+    order = torch.sort(v, descending=descending, stable=True).indices
+    return torch.cat(taken + [ix[order[:k]]]).long()
