@@ -70,3 +70,95 @@ def mergekit_recipe(case: Case, base: str, models: list[str], dtype: Optional[st
     if dtype:
         recipe["dtype"] = dtype
     return recipe
+
+
+# -- tiny checkpoints both tools read, built from seeded draws (not a model's init, which changes with versions) ---
+
+def tiny_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def build_checkpoints(root, n_models: int = 3) -> dict:
+    """A base and ``n_models`` fine-tuned tiny Llamas under ``root`` in float32 and bf16 (the bf16 ones are the
+    float32 ones rounded): {"float32": (base, [models]), "bfloat16": (…)}. Values are seeded draws per tensor name,
+    so every run and machine with this torch builds the same bytes."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    from compress.sparsify.masks import seeded_generator
+
+    cfg = tiny_llama_config()
+    cfg.architectures = ["LlamaForCausalLM"]
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    base = {k: torch.randn(s, generator=seeded_generator(0, k)) * 0.02 for k, s in shapes.items()}
+    models = [{k: v + 0.01 * torch.randn(v.shape, generator=seeded_generator(i, k)) for k, v in base.items()}
+              for i in range(1, n_models + 1)]
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        tag = str(dtype).removeprefix("torch.")
+        paths = []
+        for i, sd in enumerate([base] + models):
+            path = Path(root) / f"{'base' if i == 0 else f'ft{i}'}-{tag}"
+            path.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path / "model.safetensors"),
+                      metadata={"format": "pt"})
+            cfg.torch_dtype = tag
+            cfg.save_pretrained(path)
+            paths.append(str(path))
+        out[tag] = (paths[0], paths[1:])
+    return out
+
+
+def digest(folder) -> str:
+    """sha256 over every tensor of a written model (name, dtype, shape, bytes), in name order."""
+    import hashlib
+    from pathlib import Path
+
+    import torch
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    tensors = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}:{t.dtype}:{list(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_reference(path, workdir) -> dict:
+    """Run every deterministic case through mergekit (importable in this interpreter: the venv of
+    ``compress.bench.merge_speed.mergekit_env``) in float32 and bf16, and save {case: {dtype: digest}} to
+    ``path``: the fixture the unit tests compare ``compress merge`` against without mergekit."""
+    import json
+    import logging
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    logging.disable(logging.WARNING)
+    ckpts = build_checkpoints(Path(workdir) / "ckpts")
+    ref = {"mergekit": version("mergekit"), "cases": {}}
+    for case in CASES:
+        if case.random:
+            continue
+        for tag, (base, models) in ckpts.items():
+            out = Path(workdir) / f"{case.name}-{tag}".replace(" ", "_").replace(",", "")
+            cfg = MergeConfiguration.model_validate(mergekit_recipe(case, base, models))
+            run_merge(cfg, str(out), MergeOptions(lazy_unpickle=True, copy_tokenizer=False, quiet=True))
+            ref["cases"].setdefault(case.name, {})[tag] = digest(out)
+    Path(path).write_text(json.dumps(ref, indent=1, sort_keys=True) + "\n")
+    return ref

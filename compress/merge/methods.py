@@ -48,6 +48,7 @@ from typing import Callable, Literal, Optional
 
 import torch
 
+from compress.config import WEIGHT_METHOD_PARAMS
 from compress.errors import CompressError
 from compress.merge import elementwise as e
 from compress.merge import geometric as g
@@ -453,6 +454,11 @@ def check_config(cfg) -> None:
         return
     if cfg.base is None:
         raise CompressError(f"method '{cfg.method}' needs a base model")
+    for where, scope in [("parameters", cfg.parameters)] + [(f"models.{i}.parameters", mm.parameters)
+                                                            for i, mm in enumerate(cfg.models)]:
+        foreign = sorted(set(scope) & (set(WEIGHT_METHOD_PARAMS) - {"int8_mask"} | {"scale"}))
+        if foreign:
+            raise CompressError(f"{where}.{foreign[0]}: method '{cfg.method}' has no parameter '{foreign[0]}'")
     m = method_preset(cfg.method, cfg.variant, **cfg.overrides())
     if m.sparsify == "magnitude" and m.topk == "global":
         scopes = [("parameters", cfg.parameters)] + [(f"models.{i}.parameters", mm.parameters)
