@@ -195,10 +195,11 @@ def run(params: float = 0.5e9, workdir: str | os.PathLike = "checkpoints/bench-m
                 "compress": ours + [str(outs["compress"])]}
         tools = ["mergekit", "compress"]
         if "density" in recipe["parameters"]:
-            # equal |δ| at the top-k threshold: ours keeps lowest index first, mergekit takes argsort's order
-            outs["compress_argsort"] = workdir / f"out-compress-argsort-{method}"
-            argv["compress_argsort"] = ours + [str(outs["compress_argsort"]), "--tie-break", "argsort"]
-            tools.append("compress_argsort")
+            # a mergekit YAML keeps equal |δ| at the top-k threshold in mergekit's argsort order (replayed, not
+            # sorted); the radix selection that keeps them lowest index first is the other row
+            outs["compress_index"] = workdir / f"out-compress-index-{method}"
+            argv["compress_index"] = ours + [str(outs["compress_index"]), "--tie-break", "index"]
+            tools.append("compress_index")
         row = {"method": method, "recipe": cfg}
         for tool in tools:
             _log(f"{method}: running {tool} ...")
@@ -214,8 +215,8 @@ def run(params: float = 0.5e9, workdir: str | os.PathLike = "checkpoints/bench-m
         row["time_ratio"] = row["compress"]["seconds"] / row["mergekit"]["seconds"]
         row["rss_ratio"] = row["compress"]["peak_rss_bytes"] / row["mergekit"]["peak_rss_bytes"]
         row["compare"] = compare(outs["mergekit"], outs["compress"])
-        if "compress_argsort" in outs:
-            row["compare_argsort"] = compare(outs["mergekit"], outs["compress_argsort"])
+        if "compress_index" in outs:
+            row["compare_index"] = compare(outs["mergekit"], outs["compress_index"])
         rows.append(row)
         if not keep:
             for o in outs.values():
@@ -256,17 +257,18 @@ def markdown(report: dict) -> str:
             f"{r['rss_ratio']:.3f}", f"{r['compress'].get('gb_per_s', float('nan')):.2f}",
             f"{c.get('max_abs_diff', float('nan')):.3g}",
             f"{c.get('entries_beyond_bf16_step', '?')} of {c.get('entries', '?')}"]) + " |")
-        if "compress_argsort" in r:
-            a, ca = r["compress_argsort"], r["compare_argsort"]
+        if "compress_index" in r:
+            a, ca = r["compress_index"], r["compare_index"]
             lines.append("| " + " | ".join([
-                f"{r['method']} (--tie-break argsort)", f"{r['mergekit']['seconds']:.1f}", f"{a['seconds']:.1f}",
+                f"{r['method']} (--tie-break index)", f"{r['mergekit']['seconds']:.1f}", f"{a['seconds']:.1f}",
                 f"{a['seconds'] / r['mergekit']['seconds']:.3f}", f"{r['mergekit']['peak_rss_bytes'] / MB:.0f}",
                 f"{a['peak_rss_bytes'] / MB:.0f}", f"{a['peak_rss_bytes'] / r['mergekit']['peak_rss_bytes']:.3f}",
                 f"{a.get('gb_per_s', float('nan')):.2f}", f"{ca.get('max_abs_diff', float('nan')):.3g}",
                 f"{ca.get('entries_beyond_bf16_step', '?')} of {ca.get('entries', '?')}"]) + " |")
     m = report["machine"]
-    lines += ["", "Default compress keeps equal magnitudes at the top-k threshold lowest index first; "
-              "`--tie-break argsort` takes mergekit's (argsort) order instead.",
+    lines += ["", "A mergekit YAML keeps equal magnitudes at the top-k threshold in mergekit's (argsort) order, "
+              "found by replaying torch's sort rather than sorting; `--tie-break index` keeps them lowest index "
+              "first (radix selection).",
               "", f"GB/s: bytes of the three checkpoints ÷ compress's own merge time (without process start-up). "
               f"Python {m['python']}, torch {m['torch']}, {m['cpus']} CPUs"
               + (f", {m['gpu']}" if m.get("gpu") else "") + f"; load average {m['loadavg_1min_start']:.1f} → "

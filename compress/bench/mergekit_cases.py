@@ -51,6 +51,9 @@ CASES: tuple[Case, ...] = (
          model_parameters=({"weight": 1.0}, {"weight": 0.5}, {"weight": 0.7})),
     Case("breadcrumbs", "breadcrumbs", parameters={"density": 0.5, "gamma": 0.05, "weight": 1.0}),
     Case("della at density 1", "della", parameters={"density": 1.0, "weight": 0.5}),
+    # random drops: equal to mergekit in distribution, not draw for draw
+    Case("dare_ties", "dare_ties", parameters={"density": 0.5, "weight": 1.0}, random=True),
+    Case("della", "della", parameters={"density": 0.5, "epsilon": 0.1, "weight": 1.0}, random=True),
 )
 
 

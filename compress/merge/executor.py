@@ -391,9 +391,12 @@ class Merger:
         return summary
 
     def _describe(self) -> str:
-        if self.method is None:
-            return self.cfg.method
-        return f"{self.cfg.method} ({METHODS[self.cfg.method].paper}); variant {self.cfg.variant}"
+        paper = (METHODS[self.cfg.method] if self.method is not None else self.weight_method).paper
+        if self.cfg.variant == "mergekit":
+            return (f"{self.cfg.method} ({paper}); mergekit 0.1.5's semantics: its variant of every switch, its "
+                    "argsort order for equal magnitudes, its dtype (the inputs' unless the recipe names one), its "
+                    "weight and density-rounding rules")
+        return f"{self.cfg.method} ({paper}); variant {self.cfg.variant}"
 
     def _card_params(self) -> dict:
         p = {k: v for k, v in self.cfg.parameters.items()}
