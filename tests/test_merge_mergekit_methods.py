@@ -209,3 +209,16 @@ def test_refused_forms_name_the_field(ckpts, tmp_path, change, culprit):
     code, _, err = _merge(tmp_path, r)
     assert code == 2 and len(err.strip().splitlines()) == 1 and culprit in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_native_recipe_runs_a_new_method_in_float32(ckpts, tmp_path):
+    base, models = ckpts["bfloat16"]
+    r = {"method": "model_stock", "base": base, "models": [{"model": m} for m in models],
+         "parameters": {"filter_wise": True}}
+    (tmp_path / "n.yml").write_text(yaml.safe_dump(r))
+    code, _, err = run_cli("merge", tmp_path / "n.yml", "--out", tmp_path / "n")
+    assert code == 0, err
+    k = "model.layers.1.self_attn.o_proj.weight"
+    stack = torch.stack([_sd(m)[k].float() for m in models])
+    want = geometric.model_stock(_sd(base)[k].float(), stack, filter_wise=True).to(torch.bfloat16)
+    assert torch.equal(_sd(tmp_path / "n")[k], want)  # the native schema merges in float32, writes the stored dtype

@@ -286,21 +286,17 @@ class Merger:
         return out.to(self.out_dtype or (out.dtype if self.compute_dtype is None else info.dtype))
 
     def _weight_merge(self, name: str, base: torch.Tensor, weights: list[float]) -> torch.Tensor:
-        m = self.weight_method
-        if m.name in ("linear", "slerp"):
-            # they average in float32 whatever compute_dtype says, and return the inputs' dtype (as mergekit's)
-            dtype, base = base.dtype, base.float()
-            return self._weight_merge_as(m, name, base, weights).to(dtype)
-        return self._weight_merge_as(m, name, base, weights)
-
-    def _weight_merge_as(self, m, name: str, base: torch.Tensor, weights: list[float]) -> torch.Tensor:
+        m, dtype = self.weight_method, base.dtype
+        if m.float32:
+            base = base.float()
         stacked = torch.stack([inp.weight(name, base, self.device).to(base.dtype) for inp in self.inputs])
         params = {k: self.setting(k, name, None, None if v is REQUIRED else v) for k, v in m.params.items()}
         for k in m.model_params:
             params[k] = [self.setting(k, name, i) for i in range(len(self.inputs))]
         params["generator"] = seeded_generator(self.cfg.seed, name)
-        return m.merge(base if m.base in ("required", "optional") and self.base is not None else None, stacked,
-                       weights, params)
+        out = m.merge(base if m.base in ("required", "optional") and self.base is not None else None, stacked,
+                      weights, params)
+        return out.to(dtype) if m.float32 else out
 
     def _name_nonfinite(self, name: str) -> None:
         """The merged tensor has NaN/Inf: name the input that has them, else say the merge overflowed."""

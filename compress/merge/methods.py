@@ -306,7 +306,8 @@ class WeightMethod:
     ``base``: required | optional | none | input (an input like the others: mergekit's karcher and linear average
     the base with the models, so a recipe lists it among them). ``models``: (least, most) models besides the base.
     ``params``: name → default (``REQUIRED``: none) of the shared parameters; ``weighted``: it reads a weight per
-    model, which mergekit requires of every model; ``model_params``: other per-model parameters."""
+    model, which mergekit requires of every model; ``model_params``: other per-model parameters. ``float32``: it
+    computes in float32 whatever the merge dtype and returns the inputs' dtype (mergekit's linear and slerp)."""
 
     name: str
     merge: Callable[..., torch.Tensor]
@@ -315,6 +316,7 @@ class WeightMethod:
     params: dict = field(default_factory=dict)
     weighted: bool = False
     model_params: tuple[str, ...] = ()
+    float32: bool = False
     paper: str = ""
 
 
@@ -330,9 +332,9 @@ def _slerp(base, x, w, p):
 
 
 WEIGHT_METHODS: dict[str, WeightMethod] = {m.name: m for m in (
-    WeightMethod("linear", _linear, base="input", params={"normalize": True}, weighted=True,
+    WeightMethod("linear", _linear, base="input", params={"normalize": True}, weighted=True, float32=True,
                  paper="Wortsman et al. 2022, model soups (weighted average of full weights)"),
-    WeightMethod("slerp", _slerp, models=(1, 1), params={"t": 0.5},
+    WeightMethod("slerp", _slerp, models=(1, 1), params={"t": 0.5}, float32=True,
                  paper="Shoemake 1985, spherical interpolation of the base and one model (mergekit slerp)"),
     WeightMethod("nuslerp", lambda b, x, w, p: g.nuslerp(b, x, w, row_wise=p["nuslerp_row_wise"],
                                                         flatten=p["nuslerp_flatten"]),
