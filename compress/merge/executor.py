@@ -322,7 +322,7 @@ class Merger:
                 extra[: part.shape[0]] += part
                 count[: part.shape[0]] += 1
         extra /= count.clamp(min=1).reshape((-1,) + (1,) * (extra.dim() - 1))
-        return torch.cat([merged, extra])
+        return torch.cat([merged, extra.to(merged.dtype)])
 
     # -- the whole model -------------------------------------------------------------------------------
     def prepare(self, quiet: Optional[bool] = None) -> None:
