@@ -77,30 +77,38 @@ def mergekit_recipe(case: Case, base: str, models: list[str], dtype: Optional[st
 
 # -- tiny checkpoints both tools read, built from seeded draws (not a model's init, which changes with versions) ---
 
-def tiny_llama_config():
-    from transformers import LlamaConfig
+# a Llama of 2 blocks, hidden 32, 4 heads (2 key/value heads), vocabulary 96: what mergekit and compress read
+TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 96, "hidden_size": 32,
+              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "hidden_act": "silu", "tie_word_embeddings": False}
 
-    return LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+
+def tiny_llama_shapes() -> dict[str, tuple[int, ...]]:
+    c = TINY_LLAMA
+    h, kv = c["hidden_size"], c["hidden_size"] // c["num_attention_heads"] * c["num_key_value_heads"]
+    block = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+             "self_attn.o_proj": (h, h), "mlp.gate_proj": (c["intermediate_size"], h),
+             "mlp.up_proj": (c["intermediate_size"], h), "mlp.down_proj": (h, c["intermediate_size"]),
+             "input_layernorm": (h,), "post_attention_layernorm": (h,)}
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], h)}
+    for i in range(c["num_hidden_layers"]):
+        shapes.update({f"model.layers.{i}.{k}.weight": s for k, s in block.items()})
+    return {**shapes, "model.norm.weight": (h,), "lm_head.weight": (c["vocab_size"], h)}
 
 
 def build_checkpoints(root, n_models: int = 3) -> dict:
     """A base and ``n_models`` fine-tuned tiny Llamas under ``root`` in float32 and bf16 (the bf16 ones are the
     float32 ones rounded): {"float32": (base, [models]), "bfloat16": (…)}. Values are seeded draws per tensor name,
     so every run and machine with this torch builds the same bytes."""
+    import json
     from pathlib import Path
 
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaForCausalLM
 
     from compress.sparsify.masks import seeded_generator
 
-    cfg = tiny_llama_config()
-    cfg.architectures = ["LlamaForCausalLM"]
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in LlamaForCausalLM(cfg).state_dict().items()}
-    base = {k: torch.randn(s, generator=seeded_generator(0, k)) * 0.02 for k, s in shapes.items()}
+    base = {k: torch.randn(s, generator=seeded_generator(0, k)) * 0.02 for k, s in tiny_llama_shapes().items()}
     models = [{k: v + 0.01 * torch.randn(v.shape, generator=seeded_generator(i, k)) for k, v in base.items()}
               for i in range(1, n_models + 1)]
     out = {}
@@ -112,8 +120,7 @@ def build_checkpoints(root, n_models: int = 3) -> dict:
             path.mkdir(parents=True, exist_ok=True)
             save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(path / "model.safetensors"),
                       metadata={"format": "pt"})
-            cfg.torch_dtype = tag
-            cfg.save_pretrained(path)
+            (path / "config.json").write_text(json.dumps({**TINY_LLAMA, "torch_dtype": tag}, indent=2) + "\n")
             paths.append(str(path))
         out[tag] = (paths[0], paths[1:])
     return out
