@@ -186,29 +186,41 @@ def test_linear_keeps_a_listed_base_in_the_average(ckpts, tmp_path):
     assert "mergekit 0.1.5's semantics" in (tmp_path / "out" / "README.md").read_text()  # the card says so
 
 
+W = {"weight": 1}
+
+
 @pytest.mark.parametrize("change, culprit", [
-    ({"models": [{"model": "M0", "parameters": {"weight": 1}}, {"model": "M1"}]}, "models[1]"),
-    ({"merge_method": "linear", "models": [{"model": "M0", "parameters": {"weight": 1}}]}, "base_model"),
+    ({"models": [{"model": "M0", "parameters": W}, {"model": "M1"}]}, "models[1]"),
+    ({"merge_method": "linear", "models": [{"model": "M0", "parameters": W}]}, "base_model"),
     ({"merge_method": "nearswap", "models": [{"model": "M0"}]}, "parameters.t"),
-    ({"merge_method": "nuslerp", "models": [{"model": f"M{i}", "parameters": {"weight": 1}} for i in range(3)]},
-     "exactly 2"),
+    ({"merge_method": "nuslerp", "models": [{"model": f"M{i}", "parameters": W} for i in range(3)]}, "exactly 2"),
     ({"merge_method": "model_stock", "models": [{"model": "M0"}]}, "at least 2"),
     ({"merge_method": "sce", "parameters": {"select_topk": 2}}, "parameters.select_topk"),
-    ({"merge_method": "sce", "parameters": {"filter_wise": True}}, "parameters.filter_wise"),
     ({"merge_method": "model_stock", "parameters": {"filter_wise": 1}}, "parameters.filter_wise"),
+    ({"merge_method": "karcher", "parameters": {"max_iter": 0.5}}, "parameters.max_iter"),
     ({"merge_method": "passthrough", "models": [{"model": "M0"}]}, "base_model"),
-    ({"merge_method": "ties", "parameters": {"select_topk": 0.5, "weight": 1}}, "select_topk"),
+    ({"merge_method": "sce", "parameters": {"select_topk": 0.5, "filter_wsie": True}}, "filter_wsie"),
 ])
 def test_refused_forms_name_the_field(ckpts, tmp_path, change, culprit):
     base, models = ckpts["float32"]
-    r = {"merge_method": "task_arithmetic", "base_model": base,
-         "models": [{"model": "M0", "parameters": {"weight": 1}}, {"model": "M1", "parameters": {"weight": 1}}]}
+    r = {"merge_method": "task_arithmetic", "base_model": base, "models": [{"model": "M0"}, {"model": "M1"}]}
     r.update(change)
     for m in r["models"]:
         m["model"] = models[int(m["model"][1:])]
     code, _, err = _merge(tmp_path, r)
     assert code == 2 and len(err.strip().splitlines()) == 1 and culprit in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_parameters_a_method_does_not_read_are_ignored_as_mergekit_does_and_named(ckpts, tmp_path):
+    base, models = ckpts["float32"]
+    plain = {"merge_method": "sce", "base_model": base, "models": [{"model": m} for m in models[:2]]}
+    extra = {**plain, "parameters": {"filter_wise": True},
+             "models": [{"model": models[0], "parameters": {"weight": 0.5}}, {"model": models[1]}]}
+    assert _merge(tmp_path, plain, "plain")[0] == 0
+    code, _, err = _merge(tmp_path, extra, "extra")
+    assert code == 0 and "filter_wise" in err and "models[0]: sce does not read weight" in " ".join(err.split())
+    assert digest(tmp_path / "plain") == digest(tmp_path / "extra")
 
 
 def test_native_recipe_runs_a_new_method_in_float32(ckpts, tmp_path):

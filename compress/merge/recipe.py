@@ -101,6 +101,14 @@ def from_mergekit(data: dict, root: Path, **cli) -> MergeConfig:
     if "rescale" in params:
         overrides["rescale"] = "l1" if params.pop("rescale") else "none"
     params.pop("int8_mask", None)
+    # a parameter the method does not read is ignored, as mergekit ignores it, but named on stderr
+    if method in WEIGHT_METHODS:
+        m = WEIGHT_METHODS[method]
+        reads_per_model = set(m.model_params) | ({"weight"} if m.weighted else set())
+        params = _drop_unread(params, set(m.params) | reads_per_model, "parameters", method)
+    else:
+        reads_per_model = _MK_MODEL_PARAMS - {"scale"}
+        params = _drop_unread(params, _MK_PARAMS - set(WEIGHT_METHOD_PARAMS) - {"t"}, "parameters", method)
     models, base = [], data.get("base_model")
     # mergekit's linear and karcher take the base as one more input; which methods require a weight per model
     base_is_input = method in WEIGHT_METHODS and WEIGHT_METHODS[method].base == "input"
@@ -124,6 +132,7 @@ def from_mergekit(data: dict, root: Path, **cli) -> MergeConfig:
         bad = sorted(set(mp) - _MK_MODEL_PARAMS)
         if bad:
             raise CompressError(f"mergekit recipe: models[{i}]: unknown parameter '{bad[0]}'")
+        mp = _drop_unread(mp, reads_per_model, f"models[{i}]", method)
         _check_settings(mp, f"models[{i}].parameters")
         is_base = base is not None and str(entry["model"]) == str(base)
         if is_base and not base_is_input:
@@ -152,6 +161,16 @@ def from_mergekit(data: dict, root: Path, **cli) -> MergeConfig:
                   vocab=tok or "error", **overrides)
     fields.update({k: v for k, v in cli.items() if v is not None})
     return build(MergeConfig, **fields)
+
+
+def _drop_unread(params: dict, reads: set, where: str, method: str) -> dict:
+    unread = sorted(set(params) - reads)
+    if unread:
+        from compress.progress import console
+
+        console.print(f"[yellow]mergekit recipe: {where}: {method} does not read {', '.join(unread)} (ignored, as "
+                      "mergekit ignores it)")
+    return {k: v for k, v in params.items() if k in reads}
 
 
 def _mapping(value: Any, field: str) -> dict:
