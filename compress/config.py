@@ -361,6 +361,7 @@ class MergeConfig(Compute, ProtectOptions):
     out: Optional[Path] = None
     shard_size: str = SHARD_SIZE
     overwrite: bool = False
+    copy_tokenizer: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> "MergeConfig":

@@ -30,6 +30,8 @@ from compress.search.recipe import wants_nps
 
 def merge(
     recipe: Optional[Path] = typer.Argument(None, help="A merge recipe (ours or mergekit's YAML); flags override it."),
+    out_dir: Optional[Path] = typer.Argument(None, metavar="OUT", help="Folder to write (mergekit's form; same as "
+                                                                         "--out)."),
     base: Optional[Path] = typer.Option(None, help="Base checkpoint the task vectors are taken from."),
     models: Optional[list[Path]] = typer.Option(None, help="Models to merge: checkpoints or LoRA adapter folders "
                                                            "(--models A B C)."),
@@ -65,11 +67,20 @@ def merge(
                                                       "entries skip sparsification."),
     protect_heads: Optional[Path] = PROTECT_HEADS, protect_top: Optional[float] = PROTECT_TOP,
     per_layer: bool = PER_LAYER, protect_sparsity: Optional[float] = PROTECT_SPARSITY,
+    cuda: bool = typer.Option(False, "--cuda", help="mergekit's flag: the same as --device cuda."),
+    out_shard_size: Optional[str] = typer.Option(None, help="mergekit's flag: largest shard in parameters (e.g. 5B, "
+                                                            "500M); sets --shard-size in bytes of the output dtype."),
+    copy_tokenizer: Optional[bool] = typer.Option(None, "--copy-tokenizer/--no-copy-tokenizer",
+                                                  help="Copy the tokenizer files to the output (default: yes)."),
+    lazy_unpickle: bool = typer.Option(False, "--lazy-unpickle", help="mergekit's flag, accepted and ignored: "
+                                                                      "compress always reads one tensor at a time."),
+    random_seed: Optional[int] = typer.Option(None, help="mergekit's flag: the same as --seed."),
     overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ):
     """Merge task-tuned checkpoints into one model (TIES, DARE, task arithmetic, SLERP, NPS, …), streaming."""
     from compress.config import MergeConfig
-    from compress.merge import load_recipe, run_merge
+    from compress.merge import run_merge
+    from compress.merge.slices import load_recipe
 
     if wants_nps(method, recipe, recipe_decides=method is None):
         from compress.search.commands import nps_merge_command
@@ -81,6 +92,7 @@ def merge(
                           **protect_flags(protect_heads, protect_top, per_layer, protect_sparsity))
         return
 
+    out_path, device, seed = mergekit_forms(out_path, out_dir, device, cuda, seed, random_seed)
     params: dict = {}
     if density and len(density) == 1:
         params["density"] = density[0]
@@ -90,11 +102,14 @@ def merge(
         params["t"] = t
     flags = dict(base=base, method=method, variant=variant, topk=topk, sign_on=sign_on, consensus=consensus,
                  disjoint=disjoint, rescale=rescale, tie_break=tie_break, seed=seed, vocab=vocab, dtype=dtype,
-                 shard_size=shard_size, protect=protect,
+                 shard_size=shard_size, protect=protect, copy_tokenizer=copy_tokenizer,
                  **protect_flags(protect_heads, protect_top, per_layer, protect_sparsity),
                  out=out_path, device=device, overwrite=overwrite or None, quiet=quiet or None)
     if recipe is not None:
         cfg = load_recipe(recipe, **flags)
+        if (models or weights or density or params) and hasattr(cfg, "run"):
+            raise CompressError(f"{recipe}: a recipe with slices, modules, LoRA references or a tokenizer section "
+                                "takes its models and parameters from the file, not from --models/--weights/…")
         if models or weights or density or params:
             cfg = _merge_cli_models(cfg, models, weights, density, params)
     else:
@@ -105,10 +120,47 @@ def merge(
         cfg = build(MergeConfig, models=[{"model": m} for m in models], parameters=params,
                     **{k: v for k, v in flags.items() if v is not None})
         cfg = _merge_cli_models(cfg, None, weights, density, {})
-    s = run_merge(cfg)
+    if out_shard_size is not None:
+        cfg = cfg.model_copy(update={"shard_size": str(shard_bytes(out_shard_size, cfg))})
+    s = cfg.run() if hasattr(cfg, "run") else run_merge(cfg)
     extra = f"; dropped rows: {s.dropped_rows}" if s.dropped_rows else ""
     out.print(f"wrote {s.out}: {s.tensors} tensors, {s.params:,} parameters, {cfg.method} of {len(cfg.models)} "
               f"models in {s.seconds:.1f} s ({s.gb_per_s:.2f} GB/s read){extra}")
+
+
+def mergekit_forms(out_path, out_dir, device, cuda, seed, random_seed):
+    """mergekit's CLI forms (positional OUT, --cuda, --random-seed) as the native --out, --device and --seed."""
+    if out_dir is not None:
+        if out_path is not None and out_path != out_dir:
+            raise CompressError(f"two output folders: OUT {out_dir} and --out {out_path}; give one")
+        out_path = out_dir
+    if cuda:
+        if device is not None and not device.startswith("cuda"):
+            raise CompressError(f"--cuda and --device {device} disagree; give one")
+        device = device or "cuda"
+    if random_seed is not None:
+        if seed is not None and seed != random_seed:
+            raise CompressError(f"--random-seed {random_seed} and --seed {seed} disagree; give one")
+        seed = random_seed
+    return out_path, device, seed
+
+
+def shard_bytes(params: str, cfg) -> int:
+    """mergekit's --out-shard-size (parameters: 5B, 500M, 1000) in bytes of the dtype written."""
+    from compress.io.reader import open_checkpoint
+    from compress.runtime import torch_dtype
+
+    text = str(params).strip()
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
+    number = text[:-1] if scale != 1 else text
+    if not number.isdigit() or int(number) <= 0:
+        raise CompressError(f"--out-shard-size: '{params}' is not a parameter count (e.g. 5B, 500M, 1000000)")
+    dtype = torch_dtype(cfg.dtype)
+    if dtype is None:
+        first = cfg.base if cfg.base is not None else cfg.models[0].model
+        with open_checkpoint(first) as ck:
+            dtype = next((i.dtype for i in map(ck.info, ck.names()) if i.is_float), None)
+    return int(number) * scale * (dtype.itemsize if dtype is not None else 4)
 
 
 def _merge_cli_models(cfg, models, weights, density, params):

@@ -32,11 +32,11 @@ DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lamb
 class _Input:
     """One model to merge: full tensors from a checkpoint, or base + ΔW from a LoRA adapter."""
 
-    def __init__(self, path: Path, base: Optional[Checkpoint], read=None):
+    def __init__(self, path: Path, base: Optional[Checkpoint], read=None, opener=None):
         self.path = path
         self.read = read or (lambda ck, name: ck.get(name, check_finite=False))
         self.adapter = None
-        if is_peft_adapter(path):
+        if opener is None and is_peft_adapter(path):
             if base is None:
                 raise CompressError(f"{path} is a LoRA adapter; merging it needs --base")
             from compress.io.lora import LoraAdapter
@@ -44,7 +44,7 @@ class _Input:
             self.adapter = LoraAdapter(path, base)
             self.ckpt = None
         else:
-            self.ckpt = open_checkpoint(path)
+            self.ckpt = (opener or open_checkpoint)(path)
             if base is not None:
                 check_same_architecture(base, self.ckpt)
 
@@ -119,17 +119,20 @@ def _check_names(ref: Checkpoint, ref_label: str, inputs: list[_Input], vocab: s
 
 
 class Merger:
-    """Plans a merge from a ``MergeConfig`` and writes it, or yields merged tensors (``tensors()``)."""
+    """Plans a merge from a ``MergeConfig`` and writes it, or yields merged tensors (``tensors()``).
 
-    def __init__(self, cfg: MergeConfig):
+    ``opener`` (default ``open_checkpoint``) turns the config's paths into checkpoints: the slice planner passes
+    renamed views (compress.merge.slices)."""
+
+    def __init__(self, cfg: MergeConfig, opener=None):
         check_config(cfg)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.base = open_checkpoint(cfg.base) if cfg.base is not None else None
+        self.base = (opener or open_checkpoint)(cfg.base) if cfg.base is not None else None
         # reads of the next tensor overlap the maths of this one (see ``tensors``)
         self._pending: dict[tuple[int, str], object] = {}
         self._pool = None
-        self.inputs = [_Input(m.model, self.base, self._read) for m in cfg.models]
+        self.inputs = [_Input(m.model, self.base, self._read, opener) for m in cfg.models]
         if self.base is None and self.inputs[0].ckpt is None:
             raise CompressError("linear merge without a base: the first model must be a full checkpoint")
         self.ref = self.base if self.base is not None else self.inputs[0].ckpt
@@ -155,8 +158,12 @@ class Merger:
         return keep if keep is not None and bool(keep.any()) else None
 
     # -- parameters ------------------------------------------------------------------------------------
+    def position(self, name: str) -> float:
+        """mergekit's t of a tensor, for gradients."""
+        return layer_position(name, self.num_layers)
+
     def param(self, key: str, name: str, model: Optional[int] = None) -> float:
-        t = layer_position(name, self.num_layers)
+        t = self.position(name)
         scopes = ([self.cfg.models[model].parameters] if model is not None else []) + [self.cfg.parameters]
         for scope in scopes:
             if key in scope:
@@ -346,7 +353,7 @@ class Merger:
                 "params": self._card_params()}
         # write_folder writes tensor i in a thread while tensor i + 1 is merged
         write_folder(out, tensors(), overwrite=self.cfg.overwrite, expected_tensors=len(self.ref.names()),
-                     shard_size=self.cfg.shard_size, aux_from=aux, card=card)
+                     shard_size=self.cfg.shard_size, card=card, **aux_files(aux, self.cfg.copy_tokenizer))
         summary.seconds = time.perf_counter() - start
         summary.bytes_read = sum(i.ckpt.nbytes for i in self.inputs if i.ckpt is not None) + \
             (self.base.nbytes if self.base is not None else 0)
@@ -366,6 +373,15 @@ class Merger:
             if m.parameters:
                 p[f"model {i + 1}"] = m.parameters
         return p
+
+
+def aux_files(src, copy_tokenizer: bool = True) -> dict:
+    """write_folder's arguments that copy ``src``'s config and, unless told not to, its tokenizer files."""
+    if copy_tokenizer:
+        return {"aux_from": src}
+    from compress.io.writer import copy_aux
+
+    return {"finish": lambda folder: copy_aux(src, folder, ("config.json", "generation_config.json"))}
 
 
 def run_merge(cfg: MergeConfig, quiet: Optional[bool] = None) -> MergeSummary:
