@@ -51,6 +51,7 @@ def needs_plan(data: dict) -> bool:
     """Whether a mergekit recipe uses a form only the planner handles."""
     refs = [data.get("base_model")] + [m.get("model") for m in data.get("models") or [] if isinstance(m, dict)]
     return (any(data.get(k) for k in _NEEDS_PLAN) or data.get("tokenizer_source") is not None
+            or data.get("merge_method") == "passthrough"
             or any(isinstance(r, str) and "+" in r for r in refs))
 
 
