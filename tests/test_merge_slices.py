@@ -120,6 +120,19 @@ def test_per_slice_sources_and_parameters_and_modules(pair, tmp_path):
     assert all(torch.equal(m[n], o[n]) for n in o)
 
 
+def test_filters_match_source_names_per_model_and_output_names_shared(pair, tmp_path):
+    a, b = pair
+    per_model = [{"filter": "layers.3.", "value": 2.0}, {"value": 0.5}]  # the source's layer 3 = output layer 1
+    r = _recipe(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(a), "dtype": "float32",
+                           "parameters": {"lambda": [{"filter": "layers.0.", "value": 3.0}, {"value": 1.0}]},
+                           "slices": [{"sources": [_src(a, 2, 4), _src(b, 2, 4, parameters={"weight": per_model})]}]})
+    assert run_cli("merge", r, tmp_path / "o")[0] == 0
+    o, A, B = _sd(tmp_path / "o"), _sd(a), _sd(b)
+    for k, j, w, lam in ((0, 2, 0.5, 3.0), (1, 3, 2.0, 1.0)):
+        n, src = L.format(k, "mlp.up_proj.weight"), L.format(j, "mlp.up_proj.weight")
+        assert torch.allclose(o[n], A[src] + lam * w * (B[src] - A[src]), atol=1e-6), (k, w, lam)
+
+
 def _lora(base: Path, out: Path, seed: int = 0) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM

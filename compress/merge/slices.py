@@ -15,9 +15,9 @@ and the ordinary ``Merger`` merges the part. The planner follows mergekit 0.1.5'
   to W's dtype), as a base or as a source;
 * the output config counts the layers written (and keeps ``layer_types`` in step).
 
-Where the tensors are the same, so is the output: the part's merge is the one ``compress merge`` runs on whole
-models. Not followed: per-source filters match the output tensor name (mergekit matches the source's), which
-differs only for filters naming a layer index.
+A model's own parameters (and their fallbacks) match filters against its source tensor name, the recipe's
+shared ones against the output name, as mergekit's resolver. Where the tensors are the same, so is the output:
+the part's merge is the one ``compress merge`` runs on whole models.
 """
 
 from __future__ import annotations
@@ -520,14 +520,26 @@ def _configs(plan: SlicePlan, part: Part):
 
 
 class _PartMerger(Merger):
-    """A Merger over one part's views: t comes from the slice, not from the output layer index."""
+    """A Merger over one part's views: t comes from the slice, not from the output layer index, and a model's own
+    parameters match their filters against its source tensor name (mergekit's per-input lookup)."""
 
-    def __init__(self, cfg, opener, t: dict[str, float]):
-        super().__init__(cfg, opener=opener)
+    def __init__(self, cfg, views: dict[Path, View], t: dict[str, float]):
+        super().__init__(cfg, opener=views.__getitem__)
         self._t = t
+        self._source_names = [views[Path(m.model)].mapping for m in cfg.models]
+        self._out_name: Optional[str] = None
 
     def position(self, name: str) -> float:
-        return self._t.get(name, 0.0)
+        return self._t.get(self._out_name or name, 0.0)
+
+    def param(self, key: str, name: str, model: Optional[int] = None) -> float:
+        if model is None:
+            return super().param(key, name)
+        self._out_name = name
+        try:
+            return super().param(key, self._source_names[model].get(name, name), model)
+        finally:
+            self._out_name = None
 
 
 def _views(plan: SlicePlan, part: Part) -> dict[Path, View]:
@@ -579,7 +591,7 @@ def write_plan(plan: SlicePlan, quiet: Optional[bool] = None) -> MergeSummary:
             if plan.method == "passthrough":
                 it = _passthrough(plan, part, next(iter(views.values())))
             else:
-                it = _PartMerger(_configs(plan, part), views.__getitem__, part.t).tensors(quiet)
+                it = _PartMerger(_configs(plan, part), views, part.t).tensors(quiet)
             for name, t in it:
                 summary.tensors += 1
                 summary.params += t.numel()

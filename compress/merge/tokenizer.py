@@ -178,12 +178,7 @@ def plan_tokenizer(data: dict, root: Path, refs: dict, base: Optional[str], pars
         return None
     keys = list(refs)
     base = base or keys[0]
-    toks = {base: _load(refs[base].root, base)}
-    base_size = _vocab_size(refs[base]) or len(toks[base].get_vocab())
-    past = [t for t, i in toks[base].get_vocab().items() if i >= base_size]
-    if past:
-        raise CompressError(f"{refs[base].root}: tokenizer has {len(past)} tokens past the config's vocab_size "
-                            f"{base_size} (e.g. {past[0]!r}); trim them from the base's tokenizer first")
+    toks = {base: _stripped(_load(refs[base].root, base), _vocab_size(refs[base]), refs[base].root)}
     for k in keys:
         if k not in toks:
             toks[k] = _load(refs[k].root, k)
@@ -218,6 +213,27 @@ def plan_tokenizer(data: dict, root: Path, refs: dict, base: Optional[str], pars
                 p[i] = j
         perms[k] = p
     return VocabInfo(out, vocab, rows, perms, tokens, {k: t.get_vocab() for k, t in toks.items()})
+
+
+def _stripped(tok, size: Optional[int], where):
+    """The base's tokenizer without the added tokens whose ids are past the model's rows (mergekit strips them
+    too); plain vocabulary entries past the rows are refused."""
+    import json
+
+    import tokenizers
+
+    past = {t: i for t, i in tok.get_vocab().items() if size is not None and i >= size}
+    if not past:
+        return tok
+    added = {a.content for i, a in tok.added_tokens_decoder.items() if i >= size}
+    plain = sorted(set(past) - added)
+    if plain or not getattr(tok, "is_fast", False):
+        raise CompressError(f"{where}: tokenizer has {len(past)} tokens past the config's vocab_size {size} (e.g. "
+                            f"{(plain or list(past))[0]!r}); trim them from the base's tokenizer first")
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    spec["added_tokens"] = [e for e in spec.get("added_tokens", []) if e["id"] < size]
+    tok._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    return tok
 
 
 def _union(toks: dict, sizes: dict):
