@@ -358,7 +358,9 @@ def _slices_of(data: dict, root: Path, layers_of) -> tuple[list[dict], dict]:
         if extra:
             raise CompressError(f"mergekit recipe: {f}: unknown field '{extra[0]}'")
         if sl.get("residual_weight") is not None:
-            raise CompressError(f"mergekit recipe: {f}.residual_weight is not supported (mergekit ignores it too)")
+            from compress.progress import console
+
+            console.print(f"[yellow]{f}.residual_weight is ignored (as mergekit 0.1.5 ignores it)")
         srcs = []
         for j, s in enumerate(sl["sources"]):
             fs = f"{f}.sources[{j}]"
@@ -454,15 +456,20 @@ def plan_mergekit(data: dict, root: Path, **cli) -> SlicePlan:
                           _chained(sl.get("parameters"), module_params, global_params)))
     first, last = parts[0], parts[-1]
     for i, (part, which) in enumerate(((first, 1), (last, 2))):
-        ref = part.sources[[s.key for s in part.sources].index(part.base)] if part.base in \
-            [s.key for s in part.sources] else part.sources[0]
+        # mergekit pairs the last slice's sources with as many weight slots as the first slice has sources
+        srcs = part.sources[: len(first.sources)]
+        keys = [s.key for s in srcs]
+        if method not in ("linear", "passthrough") and part.base not in keys:
+            raise CompressError(f"mergekit recipe: the weights after the layers merge the last slice's first "
+                                f"{len(keys)} sources (as many as the first slice has), which leave out the base "
+                                f"{part.base}; list the base earlier in the last slice")
+        ref = srcs[keys.index(part.base)] if part.base in keys else srcs[0]
         names = groups[ref.key][which]
-        for s in part.sources:
+        for s in srcs:
             missing = [n for n in names if n not in source(s.key)]
             if missing:
                 raise CompressError(f"mergekit recipe: {s.key} has no tensor '{missing[0]}' ({ref.key} has it)")
-        edge = Part(part.sources, part.base, list(names), [{n: n for n in names} for _ in part.sources],
-                    {}, part.parameters)
+        edge = Part(srcs, part.base, list(names), [{n: n for n in names} for _ in srcs], {}, part.parameters)
         if i == 0:
             parts.insert(0, edge)
         else:
