@@ -269,7 +269,7 @@ def test_mergekit_cli_forms_map_to_native_options(pair, tmp_path):
     assert code == 0, err
     shards = sorted((tmp_path / "o").glob("*.safetensors"))
     sizes = [[t.numel() * 4 for t in load_file(s).values()] for s in shards]
-    assert len(shards) > 5 and all(len(z) == 1 or sum(z) <= 2000 * 4 for z in sizes)  # 2K float32 parameters
+    assert len(shards) > 20 and all(len(z) == 1 or sum(z) <= 2000 for z in sizes)  # 2K bytes, as mergekit's writer
     assert run_cli("merge", r, "--out", tmp_path / "n", "--seed", "7")[0] == 0
     assert run_cli("merge", r, "--out", tmp_path / "n8", "--seed", "8")[0] == 0
     o, n, n8 = _sd(tmp_path / "o"), _sd(tmp_path / "n"), _sd(tmp_path / "n8")

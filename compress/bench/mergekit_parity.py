@@ -5,11 +5,12 @@
 2. Tiny Llama, Qwen2, Mistral and GPT-2 checkpoints (4 layers, stories260K's 512-token tokenizer) are built in
    float32 and bfloat16: a base, two fine-tunes ``a`` and ``b`` (base + seeded noise), ``c`` (a fine-tune whose
    tokenizer adds two tokens, embeddings resized) and a PEFT LoRA adapter on the base.
-3. Every case of ``mergekit_cases.CASES`` (one per method mergekit registers) and every planned form (slices,
-   modules, model+lora, LoRA base, tokenizer sections, chat_template) is written as one mergekit YAML per
-   architecture and dtype, and merged by mergekit (``mergekit.merge.run_merge``, all jobs in one process of the
-   venv, as ``mergekit-yaml`` runs it) and by compress (``load_recipe`` + run, in this process). mergekit's CLI
-   flags are checked once through ``mergekit-yaml`` and ``compress merge`` themselves.
+3. Every case of ``mergekit_cases.CASES`` (one per method mergekit registers, no ``dtype:``) and every planned
+   form (slices, modules, model+lora, LoRA base, tokenizer sections, chat_template; ``dtype:`` the checkpoints')
+   is written as one mergekit YAML per architecture and dtype, and merged by mergekit
+   (``mergekit.merge.run_merge``, all jobs in one process of the venv, as ``mergekit-yaml`` runs it) and by compress
+   (``load_recipe`` + run, in this process). mergekit's CLI flags are checked once through ``mergekit-yaml`` and
+   ``compress merge`` themselves.
 4. Deterministic rows must be bit-exact; random rows (DARE, DELLA) are compared with mergekit's own spread
    between two seeds, and the random masks themselves are checked bit for bit in one process (mergekit's
    ``sparsify`` after ``torch.manual_seed(s)`` against compress's ``sparsify_delta`` with a generator seeded s).
@@ -154,10 +155,11 @@ def _src(model: str, a: int, b: int, **params) -> dict:
     return {"model": model, "layer_range": [a, b], **({"parameters": params} if params else {})}
 
 
-def forms(p: dict[str, str]) -> dict[str, dict]:
-    """The planned configuration forms (issue 20), each a mergekit YAML on the paths ``p``."""
+def forms(p: dict[str, str], dtype: Optional[str] = None) -> dict[str, dict]:
+    """The planned configuration forms (issue 20), each a mergekit YAML on the paths ``p``; ``dtype`` named in
+    each (the method cases leave it out, so that they test mergekit's default)."""
     ta = {"merge_method": "task_arithmetic", "base_model": p["base"]}
-    return {
+    return {k: {**v, **({"dtype": dtype} if dtype else {})} for k, v in {
         "slices: frankenmerge (passthrough)": {"merge_method": "passthrough", "slices": [
             {"sources": [_src(p["a"], 0, 3)]}, {"sources": [_src(p["b"], 1, 4)]}]},
         "slices: slerp, t per slice": {"merge_method": "slerp", "base_model": p["base"], "slices": [
@@ -193,7 +195,7 @@ def forms(p: dict[str, str]) -> dict[str, dict]:
                        {"model": p["a"], "parameters": {"weight": 0.3}}]},
         "chat_template": {**ta, "chat_template": TEMPLATE, "models": [
             {"model": p["a"], "parameters": {"weight": 0.5}}]},
-    }
+    }.items()}
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -283,6 +285,7 @@ def _cli_row(exe: Path, paths: dict[str, str], work: Path) -> dict:
         row["compare"] = compare(work / "cli-mk", work / "cli-ours")
         row["shards"] = {t: len(list((work / d).glob("*.safetensors"))) for t, d in (("mergekit", "cli-mk"),
                                                                                       ("compress", "cli-ours"))}
+        row["compare"]["shards_equal"] = row["shards"]["mergekit"] == row["shards"]["compress"]
     return row
 
 
@@ -302,7 +305,7 @@ def run(workdir: str | os.PathLike = "checkpoints/bench-mergekit-parity",
             paths = build_models(workdir / "models", arch, dtype)
             recipes = [(c.name, c.recipe(paths), c.random) for c in cases]
             if with_forms:
-                recipes += [(k, v, False) for k, v in forms(paths).items()]
+                recipes += [(k, v, False) for k, v in forms(paths, dtype).items()]
             for name, recipe, random in recipes:
                 tag = f"{arch}-{dtype}-{len(rows)}"
                 yml = workdir / "recipes" / f"{tag}.yml"
@@ -360,13 +363,14 @@ def verdict(row: dict) -> str:
     c = row["compare"]
     if not c["same_names"]:
         return "tensor names differ"
-    exact = c["equal"] == c["tensors"] and c.get("config_equal", True) and c.get("tokenizer_equal", True)
+    exact = c["equal"] == c["tensors"] and all(c.get(k, True) for k in ("config_equal", "tokenizer_equal",
+                                                                        "shards_equal"))
     if exact:
         return "bit-exact"
     if row["random"] and "spread" in row:
         return "within seed spread" if c["worst_rel_l2"] <= 1.5 * row["spread"]["worst_rel_l2"] else "beyond spread"
-    if not c.get("config_equal", True) or not c.get("tokenizer_equal", True):
-        return "config/tokenizer differ"
+    if not all(c.get(k, True) for k in ("config_equal", "tokenizer_equal", "shards_equal")):
+        return "config/tokenizer/shards differ"
     return "float rounding" if c["worst_rel_diff"] < 1e-5 else "differs"
 
 
@@ -388,7 +392,9 @@ def markdown(report: dict) -> str:
     lines = [f"# compress bench mergekit-parity (mergekit {report['mergekit_version']})", "",
              "Each row: one mergekit YAML through mergekit and `compress merge` on tiny 4-layer checkpoints; worst "
              "rel diff = max |compress − mergekit| / max |mergekit| over the tensors; seed spread = the same between "
-             "two mergekit seeds (random methods).", "",
+             "two mergekit seeds (random methods). The method rows leave `dtype:` out (mergekit's default: merge "
+             "in the checkpoints' dtype); the form rows (slices, modules, LoRA, tokenizer) name the checkpoints' "
+             "dtype.", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 4 + ["---"]) + "|"]
     lines += ["| " + " | ".join(_cell(r)) + " |" for r in rows]
     lines += ["", "## Summary per method or form", "", "| method or form | rows | bit-exact | other verdicts |",

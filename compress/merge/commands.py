@@ -68,8 +68,8 @@ def merge(
     protect_heads: Optional[Path] = PROTECT_HEADS, protect_top: Optional[float] = PROTECT_TOP,
     per_layer: bool = PER_LAYER, protect_sparsity: Optional[float] = PROTECT_SPARSITY,
     cuda: bool = typer.Option(False, "--cuda", help="mergekit's flag: the same as --device cuda."),
-    out_shard_size: Optional[str] = typer.Option(None, help="mergekit's flag: largest shard in parameters (e.g. 5B, "
-                                                            "500M); sets --shard-size in bytes of the output dtype."),
+    out_shard_size: Optional[str] = typer.Option(None, help="mergekit's flag: largest shard, e.g. 5B, 500M (bytes, "
+                                                            "as mergekit's writer counts them; --shard-size)."),
     copy_tokenizer: Optional[bool] = typer.Option(None, "--copy-tokenizer/--no-copy-tokenizer",
                                                   help="Copy the tokenizer files to the output (default: yes)."),
     lazy_unpickle: bool = typer.Option(False, "--lazy-unpickle", help="mergekit's flag, accepted and ignored: "
@@ -121,7 +121,7 @@ def merge(
                     **{k: v for k, v in flags.items() if v is not None})
         cfg = _merge_cli_models(cfg, None, weights, density, {})
     if out_shard_size is not None:
-        cfg = cfg.model_copy(update={"shard_size": str(shard_bytes(out_shard_size, cfg))})
+        cfg = cfg.model_copy(update={"shard_size": str(shard_bytes(out_shard_size))})
     s = cfg.run() if hasattr(cfg, "run") else run_merge(cfg)
     extra = f"; dropped rows: {s.dropped_rows}" if s.dropped_rows else ""
     out.print(f"wrote {s.out}: {s.tensors} tensors, {s.params:,} parameters, {cfg.method} of {len(cfg.models)} "
@@ -145,22 +145,14 @@ def mergekit_forms(out_path, out_dir, device, cuda, seed, random_seed):
     return out_path, device, seed
 
 
-def shard_bytes(params: str, cfg) -> int:
-    """mergekit's --out-shard-size (parameters: 5B, 500M, 1000) in bytes of the dtype written."""
-    from compress.io.reader import open_checkpoint
-    from compress.runtime import torch_dtype
-
-    text = str(params).strip()
+def shard_bytes(size: str) -> int:
+    """mergekit's --out-shard-size (5B, 500M, 1000): its help says parameters, its writer counts bytes; bytes here."""
+    text = str(size).strip()
     scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
     number = text[:-1] if scale != 1 else text
     if not number.isdigit() or int(number) <= 0:
-        raise CompressError(f"--out-shard-size: '{params}' is not a parameter count (e.g. 5B, 500M, 1000000)")
-    dtype = torch_dtype(cfg.dtype)
-    if dtype is None:
-        first = cfg.base if cfg.base is not None else cfg.models[0].model
-        with open_checkpoint(first) as ck:
-            dtype = next((i.dtype for i in map(ck.info, ck.names()) if i.is_float), None)
-    return int(number) * scale * (dtype.itemsize if dtype is not None else 4)
+        raise CompressError(f"--out-shard-size: '{size}' is not a size (e.g. 5B, 500M, 1000000)")
+    return int(number) * scale
 
 
 def _merge_cli_models(cfg, models, weights, density, params):
