@@ -246,13 +246,12 @@ def _aux(mk: Path, ours: Path) -> dict:
 
 def _run_ours(yml: Path, out: Path, seed: Optional[int] = None) -> dict:
     from compress.errors import CompressError
-    from compress.merge.executor import run_merge
-    from compress.merge.slices import load_recipe
+    from compress.merge import load_recipe, run_merge
 
     start = time.perf_counter()
     try:
         cfg = load_recipe(yml, out=out, overwrite=True, quiet=True, seed=seed)
-        cfg.run() if hasattr(cfg, "run") else run_merge(cfg, quiet=True)
+        run_merge(cfg, quiet=True)
         res: dict = {"ok": True}
     except CompressError as e:
         res = {"ok": False, "error": str(e).replace(str(yml), "recipe")[:200]}

@@ -79,8 +79,7 @@ def merge(
 ):
     """Merge task-tuned checkpoints into one model (TIES, DARE, task arithmetic, SLERP, NPS, …), streaming."""
     from compress.config import MergeConfig
-    from compress.merge import run_merge
-    from compress.merge.slices import load_recipe
+    from compress.merge import load_recipe, run_merge
 
     if wants_nps(method, recipe, recipe_decides=method is None):
         from compress.search.commands import nps_merge_command
@@ -122,7 +121,7 @@ def merge(
         cfg = _merge_cli_models(cfg, None, weights, density, {})
     if out_shard_size is not None:
         cfg = cfg.model_copy(update={"shard_size": str(shard_bytes(out_shard_size))})
-    s = cfg.run() if hasattr(cfg, "run") else run_merge(cfg)
+    s = run_merge(cfg)
     extra = f"; dropped rows: {s.dropped_rows}" if s.dropped_rows else ""
     out.print(f"wrote {s.out}: {s.tensors} tensors, {s.params:,} parameters, {cfg.method} of {len(cfg.models)} "
               f"models in {s.seconds:.1f} s ({s.gb_per_s:.2f} GB/s read){extra}")

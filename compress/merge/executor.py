@@ -385,7 +385,10 @@ def aux_files(src, copy_tokenizer: bool = True) -> dict:
 
 
 def run_merge(cfg: MergeConfig, quiet: Optional[bool] = None) -> MergeSummary:
-    """Write the merge that ``cfg`` describes to ``cfg.out`` (atomically)."""
+    """Write the merge that ``cfg`` describes to ``cfg.out`` (atomically); a ``SlicePlan`` (what ``load_recipe``
+    gives for mergekit's slices, LoRA references and tokenizers) runs itself."""
+    if hasattr(cfg, "run"):
+        return cfg.run(quiet)
     if cfg.out is None:
         raise CompressError("no output folder: pass --out DIR (or set out: in the recipe)")
     from compress.io.writer import check_output, config_inputs
