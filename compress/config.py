@@ -378,6 +378,7 @@ class MergeConfig(Compute, ProtectOptions):
     # for causal LMs (classifiers adapt on their heads' unlabeled dev rows)
     granularity: Literal["task", "layer"] = "layer"
     text: Optional[Path] = None
+    copy_tokenizer: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> "MergeConfig":

@@ -4,6 +4,9 @@ mergekit-parity`` all use the same list.
 
 A case names a method, how many fine-tuned models it takes, whether ``base_model`` is given (and listed again
 under ``models:``), and its parameters. ``mergekit_recipe`` writes the mergekit YAML for real paths.
+``CASES`` are the fixture's (every method mergekit 0.1.5 registers but slerp and the random ones are there);
+``PARITY_CASES`` adds the forms the benchmark also runs (per-model densities, a slerp gradient, the linear
+variants of DARE, breadcrumbs and DELLA), on its checkpoints ``base`` and the fine-tunes ``FINE_TUNES``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ class Case:
     parameters: dict = field(default_factory=dict)
     model_parameters: tuple = ()
     random: bool = False  # draws random numbers: equal only in distribution (or with one seed in one process)
+
+    def recipe(self, paths: dict[str, str], dtype: Optional[str] = None) -> dict:
+        """The mergekit YAML (as a dict) on the benchmark's checkpoints ``paths`` ({'base': …, 'a': …, …})."""
+        return mergekit_recipe(self, paths["base"], [paths[k] for k in FINE_TUNES], dtype)
 
 
 CASES: tuple[Case, ...] = (
@@ -54,6 +61,25 @@ CASES: tuple[Case, ...] = (
     # random drops: equal to mergekit in distribution, not draw for draw
     Case("dare_ties", "dare_ties", parameters={"density": 0.5, "weight": 1.0}, random=True),
     Case("della", "della", parameters={"density": 0.5, "epsilon": 0.1, "weight": 1.0}, random=True),
+)
+
+FINE_TUNES = ("a", "b", "d")  # the benchmark's fine-tunes of the base's vocabulary (``c`` adds tokens)
+_W = ({"weight": 0.7}, {"weight": 0.5})
+_DENSE = ({"weight": 0.7, "density": 0.5}, {"weight": 0.5, "density": 0.3})
+_CRUMBS = ({"weight": 0.7, "density": 0.8, "gamma": 0.05}, {"weight": 0.5, "density": 0.9, "gamma": 0.02})
+_DELLA = ({"weight": 0.7, "density": 0.5, "epsilon": 0.1}, {"weight": 0.5, "density": 0.4, "epsilon": 0.1})
+PARITY_CASES: tuple[Case, ...] = CASES + (
+    Case("linear no base", "linear", base=False, model_parameters=({"weight": 0.6}, {"weight": 0.4})),
+    Case("slerp gradient", "slerp", models=1, parameters={"t": [0.0, 0.3, 1.0]}),
+    Case("task_arithmetic", "task_arithmetic", parameters={"lambda": 0.9}, model_parameters=_W),
+    Case("ties per-model density", "ties", parameters={"normalize": True}, model_parameters=_DENSE),
+    Case("breadcrumbs per-model", "breadcrumbs", model_parameters=_CRUMBS),
+    Case("breadcrumbs_ties", "breadcrumbs_ties", model_parameters=_CRUMBS),
+    Case("karcher no base", "karcher", base=False),
+    Case("dare_ties per-model density", "dare_ties", model_parameters=_DENSE, random=True),
+    Case("dare_linear", "dare_linear", model_parameters=_DENSE, random=True),
+    Case("della per-model", "della", parameters={"lambda": 1.0}, model_parameters=_DELLA, random=True),
+    Case("della_linear", "della_linear", model_parameters=_DELLA, random=True),
 )
 
 

@@ -52,10 +52,10 @@ def _widens_exactly(src: torch.dtype, dst: torch.dtype) -> bool:
 class _Input:
     """One model to merge: full tensors from a checkpoint, or base + ΔW from a LoRA adapter."""
 
-    def __init__(self, path: Path, base: Optional[Checkpoint]):
+    def __init__(self, path: Path, base: Optional[Checkpoint], opener=None):
         self.path = path
         self.adapter = None
-        if is_peft_adapter(path):
+        if opener is None and is_peft_adapter(path):
             if base is None:
                 raise CompressError(f"{path} is a LoRA adapter; merging it needs --base")
             from compress.io.lora import LoraAdapter
@@ -63,7 +63,7 @@ class _Input:
             self.adapter = LoraAdapter(path, base)
             self.ckpt = None
         else:
-            self.ckpt = open_checkpoint(path)
+            self.ckpt = (opener or open_checkpoint)(path)
             if base is not None:
                 check_same_architecture(base, self.ckpt)
 
@@ -143,17 +143,20 @@ def _check_names(ref: Checkpoint, ref_label: str, inputs: list[_Input], vocab: s
 
 
 class Merger:
-    """Plans a merge from a ``MergeConfig`` and writes it, or yields merged tensors (``tensors()``)."""
+    """Plans a merge from a ``MergeConfig`` and writes it, or yields merged tensors (``tensors()``).
 
-    def __init__(self, cfg: MergeConfig):
+    ``opener`` (default ``open_checkpoint``) turns the config's paths into checkpoints: the slice planner passes
+    renamed views (compress.merge.slices)."""
+
+    def __init__(self, cfg: MergeConfig, opener=None):
         check_config(cfg)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.base = open_checkpoint(cfg.base) if cfg.base is not None else None
+        self.base = (opener or open_checkpoint)(cfg.base) if cfg.base is not None else None
         # reads of the next tensors overlap the maths of this one (``_walk``); None: the largest tensor's inputs
         self.read_ahead_bytes: Optional[int] = None
         self._stack: Optional[torch.Tensor] = None  # reused by ``_stack_buffer``
-        self.inputs = [_Input(m.model, self.base) for m in cfg.models]
+        self.inputs = [_Input(m.model, self.base, opener) for m in cfg.models]
         if self.base is None and self.inputs[0].ckpt is None:
             raise CompressError("linear merge without a base: the first model must be a full checkpoint")
         self.ref = self.base if self.base is not None else self.inputs[0].ckpt
@@ -182,13 +185,17 @@ class Merger:
         return keep if keep is not None and bool(keep.any()) else None
 
     # -- parameters ------------------------------------------------------------------------------------
+    def position(self, name: str) -> float:
+        """mergekit's t of a tensor, for gradients."""
+        return layer_position(name, self.num_layers)
+
     def param(self, key: str, name: str, model: Optional[int] = None) -> Optional[float]:
         v = self.setting(key, name, model, DEFAULTS.get(key))
         return None if v is None else float(v)  # None: the method's own default (compress.merge.subspace)
 
     def setting(self, key: str, name: str, model: Optional[int] = None, default=None):
         """The value of parameter ``key`` for tensor ``name`` (the model's own first, then the shared one)."""
-        t = layer_position(name, self.num_layers)
+        t = self.position(name)
         scopes = ([self.cfg.models[model].parameters] if model is not None else []) + [self.cfg.parameters]
         for scope in scopes:
             if key in scope:
@@ -423,7 +430,7 @@ class Merger:
                 "params": self._card_params()}
         # write_folder writes tensor i in a thread while tensor i + 1 is merged
         write_folder(out, tensors(), overwrite=self.cfg.overwrite, expected_tensors=len(self.ref.names()),
-                     shard_size=self.cfg.shard_size, aux_from=aux, card=card)
+                     shard_size=self.cfg.shard_size, card=card, **aux_files(aux, self.cfg.copy_tokenizer))
         summary.seconds = time.perf_counter() - start
         summary.bytes_read = sum(i.ckpt.nbytes for i in self.inputs if i.ckpt is not None) + \
             (self.base.nbytes if self.base is not None else 0)
@@ -457,8 +464,20 @@ class Merger:
         return p
 
 
+def aux_files(src, copy_tokenizer: bool = True) -> dict:
+    """write_folder's arguments that copy ``src``'s config and, unless told not to, its tokenizer files."""
+    if copy_tokenizer:
+        return {"aux_from": src}
+    from compress.io.writer import copy_aux
+
+    return {"finish": lambda folder: copy_aux(src, folder, ("config.json", "generation_config.json"))}
+
+
 def run_merge(cfg: MergeConfig, quiet: Optional[bool] = None) -> MergeSummary:
-    """Write the merge that ``cfg`` describes to ``cfg.out`` (atomically)."""
+    """Write the merge that ``cfg`` describes to ``cfg.out`` (atomically); a ``SlicePlan`` (what ``load_recipe``
+    gives for mergekit's slices, LoRA references and tokenizers) runs itself."""
+    if hasattr(cfg, "run"):
+        return cfg.run(quiet)
     if cfg.out is None:
         raise CompressError("no output folder: pass --out DIR (or set out: in the recipe)")
     from compress.io.writer import check_output, config_inputs

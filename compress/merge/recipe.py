@@ -26,7 +26,7 @@ _MK_TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_d
 _MK_PARAMS = {"weight", "density", "gamma", "epsilon", "lambda", "t", "normalize", "rescale", "int8_mask",
               *WEIGHT_METHOD_PARAMS}
 _MK_MODEL_PARAMS = {"weight", "density", "gamma", "epsilon", "scale"}
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
 def resolve_setting(setting: Any, name: str, t: float) -> Any:
@@ -61,7 +61,7 @@ def resolve_setting(setting: Any, name: str, t: float) -> Any:
 
 def layer_position(name: str, num_layers: Optional[int]) -> float:
     """mergekit's t: layer i of L gives i/(L−1) (1 when L = 1); tensors outside the layers give 0."""
-    m = _LAYER_RE.search(name)
+    m = LAYER_RE.search(name)
     if m is None or not num_layers:
         return 0.0
     return int(m.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
