@@ -234,3 +234,29 @@ def test_native_recipe_runs_a_new_method_in_float32(ckpts, tmp_path):
     stack = torch.stack([_sd(m)[k].float() for m in models])
     want = geometric.model_stock(_sd(base)[k].float(), stack, filter_wise=True).to(torch.bfloat16)
     assert torch.equal(_sd(tmp_path / "n")[k], want)  # the native schema merges in float32, writes the stored dtype
+
+
+@pytest.mark.parametrize("tag", ["float32", "bfloat16"])
+def test_passthrough_is_the_same_from_a_mergekit_yaml_and_a_native_recipe(ckpts, tmp_path, tag):
+    # a mergekit YAML goes through the slice planner, a native recipe through methods.WEIGHT_METHODS
+    _, models = ckpts[tag]
+    code, _, err = _merge(tmp_path, {"merge_method": "passthrough",
+                                     "models": [{"model": models[0], "parameters": {"scale": 0.3}}]}, "mk")
+    assert code == 0, err
+    (tmp_path / "n.yml").write_text(yaml.safe_dump({"method": "passthrough",
+                                                    "models": [{"model": models[0], "parameters": {"scale": 0.3}}]}))
+    code, _, err = run_cli("merge", tmp_path / "n.yml", "--out", tmp_path / "n")
+    assert code == 0, err
+    assert digest(tmp_path / "mk") == digest(tmp_path / "n")
+    k = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(_sd(tmp_path / "n")[k], (_sd(models[0])[k].float() * 0.3).to(_sd(models[0])[k].dtype))
+
+
+def test_passthrough_with_a_base_is_refused_the_same_way_in_both_schemas(ckpts, tmp_path):
+    base, models = ckpts["float32"]
+    mk = {"merge_method": "passthrough", "base_model": base, "models": [{"model": models[0]}]}
+    native = {"method": "passthrough", "base": base, "models": [{"model": models[0]}]}
+    for name, r in (("mk", mk), ("n", native)):
+        code, _, err = _merge(tmp_path, r, name)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "no base model" in err, err
+        assert not (tmp_path / name).exists()

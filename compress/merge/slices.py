@@ -35,6 +35,7 @@ import torch
 from compress.config import SHARD_SIZE
 from compress.errors import CompressError
 from compress.io.reader import Checkpoint, all_finite, open_checkpoint
+from compress.merge.elementwise import passthrough
 from compress.merge.executor import Merger, MergeSummary, aux_files
 from compress.merge.recipe import LAYER_RE, _relative, from_mergekit, resolve_setting
 from compress.merge.recipe import load_recipe as load_plain_recipe
@@ -356,6 +357,10 @@ def _slices_of(data: dict, root: Path, layers_of) -> tuple[list[dict], dict]:
                 raise CompressError(f"mergekit recipe: {where}[{i}] needs 'model' (and optional 'parameters') only")
             key = parse_ref(e["model"], root, f"{where}[{i}].model")
             sources.append({"model": key, "layer_range": [0, layers_of(key)], "parameters": e.get("parameters")})
+        if base is not None and data.get("merge_method") == "passthrough":
+            # mergekit adds the base to the inputs, and passthrough takes one (as methods.WEIGHT_METHODS says)
+            raise CompressError("mergekit recipe: base_model: passthrough takes no base model (give the one model "
+                                f"under {where})")
         if base is not None and base not in [s["model"] for s in sources]:
             sources.append({"model": base, "layer_range": [0, layers_of(base)], "parameters": None})
         return [{"sources": sources, "_field": where}], module_params
@@ -573,7 +578,8 @@ def _views(plan: SlicePlan, part: Part) -> dict[Path, View]:
 
 
 def _passthrough(plan: SlicePlan, part: Part, view: View):
-    """mergekit's passthrough: the source's tensor, cast to the recipe's dtype, times ``scale`` when one is set."""
+    """mergekit's passthrough: the source's tensor, cast to the recipe's dtype, times ``scale`` when one is set
+    (``elementwise.passthrough``, the maths of the native ``method: passthrough`` too)."""
     from compress.runtime import torch_dtype
 
     dtype, out_dtype = torch_dtype(plan.data.get("dtype")), torch_dtype(plan.dtype)
@@ -588,8 +594,7 @@ def _passthrough(plan: SlicePlan, part: Part, view: View):
                     scale = resolve_setting(scope["scale"], view.mapping[name], part.t.get(name, 0.0))
                     if scale is not None:
                         break
-            if scale is not None:
-                t = t * float(scale)
+            t = passthrough(t[None], scale=None if scale is None else float(scale))
             t = t.to(out_dtype) if out_dtype is not None else t
         yield name, t
 
