@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 import yaml
 
+from compress.bench import save_results
 from compress.bench.merge_speed import mergekit_env, mergekit_version
 from compress.bench.mergekit_cases import PARITY_CASES, Case
 
@@ -344,9 +345,7 @@ def run(workdir: str | os.PathLike = "checkpoints/bench-mergekit-parity",
               "seconds": time.perf_counter() - start,
               "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                           "platform": platform.platform()}}
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "mergekit_parity.json").write_text(json.dumps(report, indent=1) + "\n")
-    (results / "mergekit_parity.md").write_text(markdown(report))
+    save_results(results, "mergekit_parity", report, markdown(report))
     _log(f"wrote {results / 'mergekit_parity.json'} and .md")
     if print_table:
         print(markdown(report))
