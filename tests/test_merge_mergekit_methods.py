@@ -260,3 +260,15 @@ def test_passthrough_with_a_base_is_refused_the_same_way_in_both_schemas(ckpts, 
         code, _, err = _merge(tmp_path, r, name)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "no base model" in err, err
         assert not (tmp_path / name).exists()
+
+
+def test_parity_bench_covers_every_case_and_refuses_an_unknown_method(tmp_path):
+    from compress.bench.mergekit_cases import PARITY_CASES
+    from compress.merge.recipe import MERGEKIT_METHODS
+
+    assert PARITY_CASES[: len(CASES)] == CASES and {c.method for c in PARITY_CASES} == set(MERGEKIT_METHODS)
+    assert len({c.name for c in PARITY_CASES}) == len(PARITY_CASES)
+    code, _, err = run_cli("bench", "mergekit-parity", "--methods", "ties,nope", "--workdir", tmp_path / "w",
+                           "--results", tmp_path / "r")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "'nope'" in err, err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "r").exists()
