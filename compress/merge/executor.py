@@ -172,8 +172,10 @@ class Merger:
         config = self.ref.config or {}
         self.num_layers = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers")
         self.out_dtype = torch_dtype(cfg.dtype)
-        # mergekit merges in its inputs' own dtype unless the recipe names one; the native default is float32
-        self.compute_dtype = torch_dtype(cfg.compute_dtype) or (None if cfg.variant == "mergekit" else torch.float32)
+        # mergekit merges in its inputs' own dtype unless the recipe names one; the native default is float32 (and
+        # the only one for the subspace merges and AdaMerging, which mergekit lacks: SVDs and gradients want it)
+        mk = cfg.variant == "mergekit" and (cfg.method in METHODS or cfg.method in WEIGHT_METHODS)
+        self.compute_dtype = torch_dtype(cfg.compute_dtype) or (None if mk else torch.float32)
         self._global: Optional[list[GlobalThreshold]] = None
         self._ada = None  # adamerging's learned coefficients (``prepare``)
         self.protect = resolve_protect(cfg, self.ref.root if self.ref.root is not None else self.ref.path)
