@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     except _EXIT as e:
         sys.exit(e.exit_code)
     except _CLICK_ERROR as e:
-        e.show()
+        # one line, as every other error (click's usage block would add two lines around it)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print(f"error: {e.format_message()}{hint}", file=sys.stderr)
         sys.exit(e.exit_code)
     except (_Interrupted, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)

@@ -240,10 +240,15 @@ class Conditional(_Config):
     filter: Optional[str] = None
 
 
-SHARED_PARAMS = ("weight", "density", "gamma", "epsilon", "lambda", "t", "normalize")
+# the whole-tensor methods' own parameters (compress.merge.methods.WEIGHT_METHODS says which method takes which)
+WEIGHT_METHOD_PARAMS = ("nuslerp_row_wise", "nuslerp_flatten", "normalize_weights", "eps", "max_iter", "tol",
+                        "filter_wise", "select_topk", "int8_mask", "r", "alpha")
+SHARED_PARAMS = ("weight", "density", "gamma", "epsilon", "lambda", "t", "normalize") + WEIGHT_METHOD_PARAMS
 SHARED_PARAMS += ("rank", "common", "steps", "lr")  # TSV-M, Iso-CTS, WUDI, AdaMerging (compress.merge.subspace)
-MODEL_PARAMS = ("weight", "density", "gamma", "epsilon")
-FLAG_PARAMS = ("normalize", "rescale", "int8_mask")  # true/false (rescale and int8_mask: mergekit recipes only)
+MODEL_PARAMS = ("weight", "density", "gamma", "epsilon", "scale")
+# true/false (rescale and int8_mask: mergekit recipes only)
+FLAG_PARAMS = ("normalize", "rescale", "int8_mask", "nuslerp_row_wise", "nuslerp_flatten", "normalize_weights",
+               "filter_wise")
 _SETTING_FORMS = "a number, a list of numbers (a gradient over the layers) or a list of {filter, value}"
 
 
@@ -347,7 +352,8 @@ class MergeConfig(Compute, ProtectOptions):
 
     Variant switches left unset take the method's default in ``variant`` (see ``compress.merge.methods``).
     ``dtype`` is the output's (default: the base's); ``compute_dtype`` the one tensors are merged in (default
-    float32; a mergekit recipe's ``dtype`` sets it, since mergekit merges in that dtype).
+    float32; with ``variant: mergekit`` the inputs' own dtype, as mergekit; a mergekit recipe's ``dtype`` sets it,
+    since mergekit merges in that dtype).
     """
 
     method: str = Field(description="a merge method's name (the registry: compress.merge.methods)")
@@ -372,14 +378,13 @@ class MergeConfig(Compute, ProtectOptions):
     # for causal LMs (classifiers adapt on their heads' unlabeled dev rows)
     granularity: Literal["task", "layer"] = "layer"
     text: Optional[Path] = None
+    copy_tokenizer: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> "MergeConfig":
         if self.method == "slerp" and (self.base is None or len(self.models) != 1):
             raise ValueError("slerp interpolates a base and exactly one model (give base and one model)")
-        if self.method != "linear" and self.base is None:
-            raise ValueError(f"method '{self.method}' needs a base model")
-        return self
+        return self  # which other methods need a base: compress.merge.methods.check_config
 
     def overrides(self) -> dict:
         return {k: getattr(self, k) for k in ("topk", "sign_on", "consensus", "disjoint", "rescale",

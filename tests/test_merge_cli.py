@@ -214,3 +214,5 @@ def test_example_recipes_parse():
     mk = load_recipe(root / "mergekit-ties.yml")
     assert mk.variant == "mergekit" and mk.compute_dtype == "bfloat16" and len(mk.models) == 2
     assert mk.models[0].parameters["density"] == [0.2, 0.5]
+    ms = load_recipe(root / "mergekit-model-stock.yml")
+    assert ms.method == "model_stock" and ms.compute_dtype is None and ms.parameters == {"filter_wise": False}

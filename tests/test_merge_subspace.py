@@ -162,3 +162,16 @@ def test_shipped_recipes_load(tmp_path):
     assert cfg.method == "iso_cts" and cfg.parameters["common"] == 0.8
     ada = load_recipe(root / "adamerging.yml")
     assert ada.method == "adamerging" and ada.granularity == "layer" and ada.parameters["steps"] == 50
+
+
+def test_variant_mergekit_keeps_float32_for_the_subspace_merges(llama_pair_bf16, tmp_path):
+    # mergekit's "merge in the inputs' dtype" is for mergekit's methods; TSV's SVD stays in float32 on bf16 inputs
+    base, ft = llama_pair_bf16
+    code, _, err = run_cli("merge", "--base", base, "--models", ft, "--method", "tsv", "--variant", "mergekit",
+                           "--out", tmp_path / "o")
+    assert code == 0, err
+    name = "model.layers.0.mlp.down_proj.weight"
+    b, f = open_checkpoint(base), open_checkpoint(ft)
+    want = b.get(name).float() + subspace_merge("tsv", name, (f.get(name).float() - b.get(name).float())[None])
+    got = open_checkpoint(tmp_path / "o").get(name)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))

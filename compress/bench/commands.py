@@ -327,6 +327,43 @@ def bench_serve(
         quiet=quiet)
 
 
+@bench_app.command("mergekit-parity")
+def bench_mergekit_parity(
+    workdir: Path = typer.Option(Path("checkpoints/bench-mergekit-parity"), help="Models, venv and outputs."),
+    results: Path = typer.Option(RESULTS_DIR, help="Where JSON and markdown results go."),
+    mergekit: str = typer.Option("mergekit", help="What follows `pip install` to get mergekit."),
+    venv: Optional[Path] = typer.Option(None, help="Virtual environment for mergekit (default: "
+                                                   "WORKDIR/mergekit-venv)."),
+    archs: str = typer.Option("llama,qwen2,mistral,gpt2", help="Architectures, comma-separated."),
+    dtypes: str = typer.Option("float32,bfloat16", help="dtypes of the checkpoints, comma-separated."),
+    methods: Optional[str] = typer.Option(None, help="Only these cases (comma-separated method names)."),
+    forms: bool = typer.Option(True, "--forms/--no-forms", help="Also the slices, modules, LoRA and tokenizer "
+                                                                "forms."),
+):
+    """Every mergekit method and form through mergekit and `compress merge`: accepted, tensors equal, worst
+    relative difference, per architecture and dtype."""
+    from compress.bench.mergekit_cases import PARITY_CASES
+    from compress.bench.mergekit_parity import ARCHS, DTYPES, run
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(v.strip() for v in text.split(",") if v.strip())
+
+    a, d = names(archs), names(dtypes)
+    for v, known, flag in ((a, ARCHS, "--archs"), (d, DTYPES, "--dtypes")):
+        bad = [x for x in v if x not in known]
+        if bad:
+            raise CompressError(f"{flag}: '{bad[0]}' is not one of {', '.join(known)}")
+    cases = PARITY_CASES
+    if methods:
+        wanted, known = names(methods), list(dict.fromkeys(c.method for c in PARITY_CASES))
+        bad = [m for m in wanted if m not in known]
+        if bad:
+            raise CompressError(f"--methods: '{bad[0]}' is not one of {', '.join(known)}")
+        cases = tuple(c for c in PARITY_CASES if c.method in wanted)
+    run(workdir=workdir, results=results, mergekit=mergekit, venv=venv, archs=a, dtypes=d, cases=cases,
+        with_forms=forms)
+
+
 @bench_app.command("merge-speed")
 def bench_merge_speed(
     params: float = typer.Option(0.5e9, help="Parameters per model (three bf16 Llama checkpoints)."),

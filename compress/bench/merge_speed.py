@@ -220,10 +220,11 @@ def run(params: float = 0.5e9, workdir: str | os.PathLike = "checkpoints/bench-m
         argv = {t: ours + [str(outs[t])] for t in tools}
         argv["mergekit"] = [str(exe), str(yml), str(outs["mergekit"])] + (["--cuda"] if device != "cpu" else [])
         if "density" in recipe["parameters"]:
-            # equal |δ| at the top-k threshold: ours keeps lowest index first, mergekit takes argsort's order
-            outs["compress_argsort"] = workdir / f"out-compress-argsort-{method}"
-            argv["compress_argsort"] = ours + [str(outs["compress_argsort"]), "--tie-break", "argsort"]
-            envs_m = {**envs, "compress_argsort": envs["compress"]}
+            # a mergekit YAML keeps equal |δ| at the top-k threshold in mergekit's argsort order (replayed, not
+            # sorted); the radix selection that keeps them lowest index first is the other row
+            outs["compress_index"] = workdir / f"out-compress-index-{method}"
+            argv["compress_index"] = ours + [str(outs["compress_index"]), "--tie-break", "index"]
+            envs_m = {**envs, "compress_index": envs["compress"]}
         else:
             envs_m = envs
 
@@ -242,8 +243,8 @@ def run(params: float = 0.5e9, workdir: str | os.PathLike = "checkpoints/bench-m
         for o in outs.values():
             shutil.rmtree(o, ignore_errors=True)
         got = alternate({t: case(t) for t in tools}, rounds, before=lambda t, i: shutil.rmtree(outs[t], True))
-        if "compress_argsort" in outs:  # once: it is there for the comparison of outputs
-            got["compress_argsort"] = [case("compress_argsort")(0)]
+        if "compress_index" in outs:  # once: it is there for the comparison of outputs
+            got["compress_index"] = [case("compress_index")(0)]
         row = {"method": method, "recipe": cfg, "rounds": rounds}
         for tool, res in got.items():
             row[tool] = {**summary(res), "runs": res, "command": " ".join(argv[tool])}
@@ -256,8 +257,8 @@ def run(params: float = 0.5e9, workdir: str | os.PathLike = "checkpoints/bench-m
             row["time_ratio_before"] = ratios(got["compress_before"], got["mergekit"])
             row["after_vs_before"] = ratios(got["compress"], got["compress_before"])
         row["compare"] = compare(outs["mergekit"], outs["compress"])
-        if "compress_argsort" in outs:
-            row["compare_argsort"] = compare(outs["mergekit"], outs["compress_argsort"])
+        if "compress_index" in outs:
+            row["compare_index"] = compare(outs["mergekit"], outs["compress_index"])
         rows.append(row)
         if not keep:
             for o in outs.values():
@@ -309,12 +310,13 @@ def markdown(report: dict) -> str:
         if "compress_before" in r:
             lines.append(_cells(f"{r['method']} (before: {report['before']})", r, "compress_before",
                                 r["time_ratio_before"], {}))
-        if "compress_argsort" in r:
-            lines.append(_cells(f"{r['method']} (--tie-break argsort)", r, "compress_argsort", None,
-                                r["compare_argsort"]))
+        if "compress_index" in r:
+            lines.append(_cells(f"{r['method']} (--tie-break index)", r, "compress_index", None,
+                                r["compare_index"]))
     m = report["machine"]
-    lines += ["", "Default compress keeps equal magnitudes at the top-k threshold lowest index first; "
-              "`--tie-break argsort` takes mergekit's (argsort) order instead."]
+    lines += ["", "A mergekit YAML keeps equal magnitudes at the top-k threshold in mergekit's (argsort) order, "
+              "found by replaying torch's sort rather than sorting; `--tie-break index` keeps them lowest index "
+              "first (radix selection)."]
     if report.get("before"):
         lines += ["", "This checkout ÷ before, per round: " + "; ".join(
             f"{r['method']} {describe(r['after_vs_before'])}" for r in report["rows"])]

@@ -1,5 +1,6 @@
 """Merging and interpolation: pure per-tensor methods (``methods``), recipes (``recipe``), the executor that walks
-checkpoints (``executor``) and interpolation (``interpolate``)."""
+checkpoints (``executor``), mergekit's slices, LoRA references and tokenizers (``slices``, ``tokenizer``) and
+interpolation (``interpolate``)."""
 
 from compress.lazy import lazy_exports
 
@@ -14,7 +15,8 @@ _EXPORTS = {
     "slerp": "compress.merge.methods",
     "sparsify_delta": "compress.merge.methods",
     "task_vector_merge": "compress.merge.methods",
-    "load_recipe": "compress.merge.recipe",
+    "load_recipe": "compress.merge.slices",
+    "SlicePlan": "compress.merge.slices",
     "resolve_setting": "compress.merge.recipe",
 }
 __all__ = list(_EXPORTS)

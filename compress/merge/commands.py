@@ -30,6 +30,8 @@ from compress.search.recipe import wants_nps
 
 def merge(
     recipe: Optional[Path] = typer.Argument(None, help="A merge recipe (ours or mergekit's YAML); flags override it."),
+    out_dir: Optional[Path] = typer.Argument(None, metavar="OUT", help="Folder to write (mergekit's form; same as "
+                                                                         "--out)."),
     base: Optional[Path] = typer.Option(None, help="Base checkpoint the task vectors are taken from."),
     models: Optional[list[Path]] = typer.Option(None, help="Models to merge: checkpoints or LoRA adapter folders "
                                                            "(--models A B C)."),
@@ -70,6 +72,14 @@ def merge(
                                                       "entries skip sparsification."),
     protect_heads: Optional[Path] = PROTECT_HEADS, protect_top: Optional[float] = PROTECT_TOP,
     per_layer: bool = PER_LAYER, protect_sparsity: Optional[float] = PROTECT_SPARSITY,
+    cuda: bool = typer.Option(False, "--cuda", help="mergekit's flag: the same as --device cuda."),
+    out_shard_size: Optional[str] = typer.Option(None, help="mergekit's flag: largest shard, e.g. 5B, 500M (bytes, "
+                                                            "as mergekit's writer counts them; --shard-size)."),
+    copy_tokenizer: Optional[bool] = typer.Option(None, "--copy-tokenizer/--no-copy-tokenizer",
+                                                  help="Copy the tokenizer files to the output (default: yes)."),
+    lazy_unpickle: bool = typer.Option(False, "--lazy-unpickle", help="mergekit's flag, accepted and ignored: "
+                                                                      "compress always reads one tensor at a time."),
+    random_seed: Optional[int] = typer.Option(None, help="mergekit's flag: the same as --seed."),
     overwrite: bool = OVERWRITE, quiet: bool = QUIET,
 ):
     """Merge task-tuned checkpoints into one model (TIES, DARE, task arithmetic, SLERP, NPS, …), streaming."""
@@ -86,6 +96,7 @@ def merge(
                           **protect_flags(protect_heads, protect_top, per_layer, protect_sparsity))
         return
 
+    out_path, device, seed = mergekit_forms(out_path, out_dir, device, cuda, seed, random_seed)
     params: dict = {}
     if density and len(density) == 1:
         params["density"] = density[0]
@@ -97,10 +108,14 @@ def merge(
     flags = dict(base=base, method=method, variant=variant, topk=topk, sign_on=sign_on, consensus=consensus,
                  disjoint=disjoint, rescale=rescale, tie_break=tie_break, seed=seed, vocab=vocab, dtype=dtype,
                  shard_size=shard_size, protect=protect, granularity=granularity, text=text,
+                 copy_tokenizer=copy_tokenizer,
                  **protect_flags(protect_heads, protect_top, per_layer, protect_sparsity),
                  out=out_path, device=device, overwrite=overwrite or None, quiet=quiet or None)
     if recipe is not None:
         cfg = load_recipe(recipe, **flags)
+        if (models or weights or density or params) and hasattr(cfg, "run"):
+            raise CompressError(f"{recipe}: a recipe with slices, modules, LoRA references or a tokenizer section "
+                                "takes its models and parameters from the file, not from --models/--weights/…")
         if models or weights or density or params:
             cfg = _merge_cli_models(cfg, models, weights, density, params)
     else:
@@ -111,6 +126,8 @@ def merge(
         cfg = build(MergeConfig, models=[{"model": m} for m in models], parameters=params,
                     **{k: v for k, v in flags.items() if v is not None})
         cfg = _merge_cli_models(cfg, None, weights, density, {})
+    if out_shard_size is not None:
+        cfg = cfg.model_copy(update={"shard_size": str(shard_bytes(out_shard_size))})
     s = run_merge(cfg)
     extra = f"; dropped rows: {s.dropped_rows}" if s.dropped_rows else ""
     out.print(f"wrote {s.out}: {s.tensors} tensors, {s.params:,} parameters, {cfg.method} of {len(cfg.models)} "
@@ -128,6 +145,33 @@ def _key_values(items: list[str]) -> dict[str, float]:
         if not sep or not key.strip():
             raise CompressError(f"--param: expected KEY=NUMBER (e.g. rank=0.125), got '{item}'")
     return out
+
+
+def mergekit_forms(out_path, out_dir, device, cuda, seed, random_seed):
+    """mergekit's CLI forms (positional OUT, --cuda, --random-seed) as the native --out, --device and --seed."""
+    if out_dir is not None:
+        if out_path is not None and out_path != out_dir:
+            raise CompressError(f"two output folders: OUT {out_dir} and --out {out_path}; give one")
+        out_path = out_dir
+    if cuda:
+        if device is not None and not device.startswith("cuda"):
+            raise CompressError(f"--cuda and --device {device} disagree; give one")
+        device = device or "cuda"
+    if random_seed is not None:
+        if seed is not None and seed != random_seed:
+            raise CompressError(f"--random-seed {random_seed} and --seed {seed} disagree; give one")
+        seed = random_seed
+    return out_path, device, seed
+
+
+def shard_bytes(size: str) -> int:
+    """mergekit's --out-shard-size (5B, 500M, 1000): its help says parameters, its writer counts bytes; bytes here."""
+    text = str(size).strip()
+    scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(text[-1:].lower(), 1)
+    number = text[:-1] if scale != 1 else text
+    if not number.isdigit() or int(number) <= 0:
+        raise CompressError(f"--out-shard-size: '{size}' is not a size (e.g. 5B, 500M, 1000000)")
+    return int(number) * scale
 
 
 def _merge_cli_models(cfg, models, weights, density, params):

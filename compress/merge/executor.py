@@ -7,6 +7,7 @@ top-k (TIES as in its paper) adds two streaming passes that keep only 65,536-bin
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,16 @@ from compress.errors import CompressError
 from compress.heads.select import resolve_protect
 from compress.io.prefetch import walk
 from compress.io.reader import Checkpoint, all_finite, is_peft_adapter, open_checkpoint
-from compress.merge.methods import METHODS, Method, check_config, linear, method_preset, slerp, task_vector_merge
+from compress.merge.methods import (
+    METHODS,
+    REQUIRED,
+    WEIGHT_METHODS,
+    Method,
+    check_config,
+    method_preset,
+    task_vector_merge,
+    weight_method,
+)
 from compress.merge.recipe import layer_position, resolve_setting
 from compress.merge.subspace import SUBSPACE_METHODS, subspace_merge
 from compress.progress import console, track
@@ -42,10 +52,10 @@ def _widens_exactly(src: torch.dtype, dst: torch.dtype) -> bool:
 class _Input:
     """One model to merge: full tensors from a checkpoint, or base + ΔW from a LoRA adapter."""
 
-    def __init__(self, path: Path, base: Optional[Checkpoint]):
+    def __init__(self, path: Path, base: Optional[Checkpoint], opener=None):
         self.path = path
         self.adapter = None
-        if is_peft_adapter(path):
+        if opener is None and is_peft_adapter(path):
             if base is None:
                 raise CompressError(f"{path} is a LoRA adapter; merging it needs --base")
             from compress.io.lora import LoraAdapter
@@ -53,7 +63,7 @@ class _Input:
             self.adapter = LoraAdapter(path, base)
             self.ckpt = None
         else:
-            self.ckpt = open_checkpoint(path)
+            self.ckpt = (opener or open_checkpoint)(path)
             if base is not None:
                 check_same_architecture(base, self.ckpt)
 
@@ -133,23 +143,27 @@ def _check_names(ref: Checkpoint, ref_label: str, inputs: list[_Input], vocab: s
 
 
 class Merger:
-    """Plans a merge from a ``MergeConfig`` and writes it, or yields merged tensors (``tensors()``)."""
+    """Plans a merge from a ``MergeConfig`` and writes it, or yields merged tensors (``tensors()``).
 
-    def __init__(self, cfg: MergeConfig):
+    ``opener`` (default ``open_checkpoint``) turns the config's paths into checkpoints: the slice planner passes
+    renamed views (compress.merge.slices)."""
+
+    def __init__(self, cfg: MergeConfig, opener=None):
         check_config(cfg)
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.base = open_checkpoint(cfg.base) if cfg.base is not None else None
+        self.base = (opener or open_checkpoint)(cfg.base) if cfg.base is not None else None
         # reads of the next tensors overlap the maths of this one (``_walk``); None: the largest tensor's inputs
         self.read_ahead_bytes: Optional[int] = None
         self._stack: Optional[torch.Tensor] = None  # reused by ``_stack_buffer``
-        self.inputs = [_Input(m.model, self.base) for m in cfg.models]
+        self.inputs = [_Input(m.model, self.base, opener) for m in cfg.models]
         if self.base is None and self.inputs[0].ckpt is None:
             raise CompressError("linear merge without a base: the first model must be a full checkpoint")
         self.ref = self.base if self.base is not None else self.inputs[0].ckpt
         self.ref_label = "the base" if self.base is not None else "the first model"
         self.vocab_rows = _check_names(self.ref, self.ref_label, self.inputs, cfg.vocab)
         self.method: Optional[Method] = None
+        self.weight_method = weight_method(cfg.method) if cfg.method in WEIGHT_METHODS else None
         if cfg.method in METHODS:
             normalize = cfg.parameters.get("normalize")
             if normalize is not None and not isinstance(normalize, bool):
@@ -158,7 +172,10 @@ class Merger:
         config = self.ref.config or {}
         self.num_layers = config.get("num_hidden_layers") or config.get("n_layer") or config.get("num_layers")
         self.out_dtype = torch_dtype(cfg.dtype)
-        self.compute_dtype = torch_dtype(cfg.compute_dtype) or torch.float32
+        # mergekit merges in its inputs' own dtype unless the recipe names one; the native default is float32 (and
+        # the only one for the subspace merges and AdaMerging, which mergekit lacks: SVDs and gradients want it)
+        mk = cfg.variant == "mergekit" and (cfg.method in METHODS or cfg.method in WEIGHT_METHODS)
+        self.compute_dtype = torch_dtype(cfg.compute_dtype) or (None if mk else torch.float32)
         self._global: Optional[list[GlobalThreshold]] = None
         self._ada = None  # adamerging's learned coefficients (``prepare``)
         self.protect = resolve_protect(cfg, self.ref.root if self.ref.root is not None else self.ref.path)
@@ -170,15 +187,24 @@ class Merger:
         return keep if keep is not None and bool(keep.any()) else None
 
     # -- parameters ------------------------------------------------------------------------------------
-    def param(self, key: str, name: str, model: Optional[int] = None) -> float:
-        t = layer_position(name, self.num_layers)
+    def position(self, name: str) -> float:
+        """mergekit's t of a tensor, for gradients."""
+        return layer_position(name, self.num_layers)
+
+    def param(self, key: str, name: str, model: Optional[int] = None) -> Optional[float]:
+        v = self.setting(key, name, model, DEFAULTS.get(key))
+        return None if v is None else float(v)  # None: the method's own default (compress.merge.subspace)
+
+    def setting(self, key: str, name: str, model: Optional[int] = None, default=None):
+        """The value of parameter ``key`` for tensor ``name`` (the model's own first, then the shared one)."""
+        t = self.position(name)
         scopes = ([self.cfg.models[model].parameters] if model is not None else []) + [self.cfg.parameters]
         for scope in scopes:
             if key in scope:
                 v = resolve_setting(scope[key], name, t)
                 if v is not None:
-                    return float(v)
-        return DEFAULTS.get(key)  # None: the method's own default (compress.merge.subspace)
+                    return v
+        return default
 
     def _merged_names(self) -> list[str]:
         return [n for n in self.ref.names() if self.ref.info(n).is_float]
@@ -221,10 +247,17 @@ class Merger:
         return track(walk(names, self._sources, device=self.device, max_bytes=self.read_ahead_bytes), label,
                      total=len(names), quiet=quiet)
 
+    def _dtype(self, name: str) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        stored = [ck.info(name).dtype for ck in [self.base] + [i.ckpt for i in self.inputs]
+                  if ck is not None and name in ck]
+        return functools.reduce(torch.promote_types, stored)
+
     def _base_tensor(self, name: str) -> torch.Tensor:
         if self.base is not None:
-            return self.base.get(name, check_finite=False).to(device=self.device, dtype=self.compute_dtype)
-        return self.inputs[0].full(name, self.device, self.compute_dtype)
+            return self.base.get(name, check_finite=False).to(device=self.device, dtype=self._dtype(name))
+        return self.inputs[0].full(name, self.device, self._dtype(name))
 
     def _stack_buffer(self, base: torch.Tensor) -> torch.Tensor:
         """An uninitialised [n_models, *shape] buffer, the same memory from tensor to tensor: a fresh one each time
@@ -270,12 +303,8 @@ class Merger:
         base = self._base_tensor(name)
         n = len(self.inputs)
         weights = [self.param("weight", name, i) for i in range(n)]
-        if self.cfg.method == "linear":
-            # full-weight methods average in float32 whatever compute_dtype says (as mergekit's linear and slerp)
-            stacked = torch.stack([inp.weight(name, base, self.device).float() for inp in self.inputs])
-            out = linear(stacked, weights, normalize=bool(self.cfg.parameters.get("normalize", True)))
-        elif self.cfg.method == "slerp":
-            out = slerp(self.param("t", name), base.float(), self.inputs[0].weight(name, base, self.device).float())
+        if self.weight_method is not None:
+            out = self._weight_merge(name, base, weights)
         elif self.cfg.method == "adamerging":
             stacked = self._stacked_deltas(name, base)
             out = base if stacked is None or name not in self._ada.groups else task_vector_merge(
@@ -307,7 +336,22 @@ class Merger:
         out = self._extra_rows(name, out)
         if not all_finite(out):
             self._name_nonfinite(name)
-        return out.to(self.out_dtype or info.dtype)
+        # mergekit writes what a method returns when its recipe names no dtype (ramplus_tl and arcee_fusion
+        # return float32 from bf16 inputs); the native schema writes the stored dtype
+        return out.to(self.out_dtype or (out.dtype if self.compute_dtype is None else info.dtype))
+
+    def _weight_merge(self, name: str, base: torch.Tensor, weights: list[float]) -> torch.Tensor:
+        m, dtype = self.weight_method, base.dtype
+        if m.float32:
+            base = base.float()
+        stacked = torch.stack([inp.weight(name, base, self.device).to(base.dtype) for inp in self.inputs])
+        params = {k: self.setting(k, name, None, None if v is REQUIRED else v) for k, v in m.params.items()}
+        for k in m.model_params:
+            params[k] = [self.setting(k, name, i) for i in range(len(self.inputs))]
+        params["generator"] = seeded_generator(self.cfg.seed, name)
+        out = m.merge(base if m.base in ("required", "optional") and self.base is not None else None, stacked,
+                      weights, params)
+        return out.to(dtype) if m.float32 else out
 
     def _name_nonfinite(self, name: str) -> None:
         """The merged tensor has NaN/Inf: name the input that has them, else say the merge overflowed."""
@@ -333,7 +377,7 @@ class Merger:
                 extra[: part.shape[0]] += part
                 count[: part.shape[0]] += 1
         extra /= count.clamp(min=1).reshape((-1,) + (1,) * (extra.dim() - 1))
-        return torch.cat([merged, extra])
+        return torch.cat([merged, extra.to(merged.dtype)])
 
     # -- the whole model -------------------------------------------------------------------------------
     def prepare(self, quiet: Optional[bool] = None) -> None:
@@ -388,7 +432,7 @@ class Merger:
                 "params": self._card_params()}
         # write_folder writes tensor i in a thread while tensor i + 1 is merged
         write_folder(out, tensors(), overwrite=self.cfg.overwrite, expected_tensors=len(self.ref.names()),
-                     shard_size=self.cfg.shard_size, aux_from=aux, card=card)
+                     shard_size=self.cfg.shard_size, card=card, **aux_files(aux, self.cfg.copy_tokenizer))
         summary.seconds = time.perf_counter() - start
         summary.bytes_read = sum(i.ckpt.nbytes for i in self.inputs if i.ckpt is not None) + \
             (self.base.nbytes if self.base is not None else 0)
@@ -397,9 +441,14 @@ class Merger:
     def _describe(self) -> str:
         if self.cfg.method in SUBSPACE_METHODS:
             return f"{self.cfg.method} ({SUBSPACE_METHODS[self.cfg.method].paper})"
-        if self.method is None:
+        if self.method is None and self.weight_method is None:
             return self.cfg.method
-        return f"{self.cfg.method} ({METHODS[self.cfg.method].paper}); variant {self.cfg.variant}"
+        paper = (METHODS[self.cfg.method] if self.method is not None else self.weight_method).paper
+        if self.cfg.variant == "mergekit":
+            return (f"{self.cfg.method} ({paper}); mergekit 0.1.5's semantics: its variant of every switch, its "
+                    "argsort order for equal magnitudes, its dtype (the inputs' unless the recipe names one), its "
+                    "weight and density-rounding rules")
+        return f"{self.cfg.method} ({paper}); variant {self.cfg.variant}"
 
     def _card_params(self) -> dict:
         p = {k: v for k, v in self.cfg.parameters.items()}
@@ -417,8 +466,20 @@ class Merger:
         return p
 
 
+def aux_files(src, copy_tokenizer: bool = True) -> dict:
+    """write_folder's arguments that copy ``src``'s config and, unless told not to, its tokenizer files."""
+    if copy_tokenizer:
+        return {"aux_from": src}
+    from compress.io.writer import copy_aux
+
+    return {"finish": lambda folder: copy_aux(src, folder, ("config.json", "generation_config.json"))}
+
+
 def run_merge(cfg: MergeConfig, quiet: Optional[bool] = None) -> MergeSummary:
-    """Write the merge that ``cfg`` describes to ``cfg.out`` (atomically)."""
+    """Write the merge that ``cfg`` describes to ``cfg.out`` (atomically); a ``SlicePlan`` (what ``load_recipe``
+    gives for mergekit's slices, LoRA references and tokenizers) runs itself."""
+    if hasattr(cfg, "run"):
+        return cfg.run(quiet)
     if cfg.out is None:
         raise CompressError("no output folder: pass --out DIR (or set out: in the recipe)")
     from compress.io.writer import check_output, config_inputs

@@ -34,22 +34,27 @@ matches the free entries' norm; Breadcrumbs and DELLA apply their own rule to th
 protect ``sparsity`` x the protected entries are sparsified too, by the same rule at density 1 − x, separately
 from the free ones.
 
-Top-k keeps ⌊density·n⌋ entries (at least one), as PEFT and mergekit do; equal magnitudes at the threshold are
-kept lowest index first unless ``tie_break: argsort`` asks for mergekit's (sort-order) choice. Functions take
+Top-k keeps ⌊density·n⌋ entries (none when that rounds to 0, as PEFT), equal magnitudes at the threshold kept
+lowest index first; ``tie_break: argsort`` (the mergekit variant's default) takes mergekit's selection instead:
+max(1, ⌊density·n⌋) entries in ``torch.argsort``'s order, and Breadcrumbs in its unstable ``torch.sort``'s
+order (``magnitude_keep``, ``outlier_keep``). Functions take
 stacked deltas ``[n_models, *shape]`` in a float dtype and return the merged delta; nothing here reads a checkpoint.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Literal, Optional
+from dataclasses import dataclass, field, replace
+from typing import Callable, Literal, Optional
 
 import torch
 
+from compress.config import WEIGHT_METHOD_PARAMS
 from compress.errors import CompressError
+from compress.merge import elementwise as e
+from compress.merge import geometric as g
 from compress.merge.subspace import SUBSPACE_METHODS
 from compress.sparsify.masks import keep_count
-from compress.sparsify.topk import magnitude_bits, topk_mask
+from compress.sparsify.topk import magnitude_bits, sort_order_first, topk_mask
 
 Sparsify = Literal["magnitude", "random", "outliers", "della"]
 Rescale = Literal["none", "inverse_keep", "l1"]
@@ -67,36 +72,47 @@ def _l1_rescale(kept: torch.Tensor, original: torch.Tensor, eps: float = 1e-7) -
 
 
 def magnitude_keep(delta: torch.Tensor, density: float, tie_break: str = "index") -> torch.Tensor:
-    """Boolean keep-mask of the ⌊density·n⌋ largest |δ| (TIES' trim, PEFT ``magnitude_based_pruning``).
+    """Boolean keep-mask of the largest |δ| (TIES' trim, PEFT ``magnitude_based_pruning``).
 
-    Equal magnitudes at the threshold (common in bf16 deltas) are kept lowest index first ("index": exact
-    radix selection, the same on every device), or in the order of ``torch.argsort(descending=True)``
-    ("argsort": mergekit's order, bit-exact with it on the same torch build, several times slower).
+    "index": ⌊density·n⌋ entries (none when that rounds to 0, as PEFT), equal magnitudes at the threshold kept
+    lowest index first (exact radix selection, the same on every device). "argsort": mergekit's ``magnitude``:
+    max(1, ⌊density·n⌋) entries (none at density 0), the first places of ``torch.argsort(descending=True)``: on
+    the CPU found without sorting (``sort_order_first`` replays the sort's partitions), bit-exact with it; on
+    other devices the device's own argsort, as mergekit runs there.
     """
-    k = keep_count(delta.numel(), density, "floor")  # PEFT and mergekit truncate
     if tie_break == "index":
-        return topk_mask(delta, k)
+        return topk_mask(delta, keep_count(delta.numel(), density, "floor"))
+    k = 0 if density <= 0 else max(1, int(density * delta.numel()))
     return _argsort_keep(delta, k)
 
 
-def outlier_keep(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def outlier_keep(delta: torch.Tensor, density: float, gamma: float, tie_break: str = "index") -> torch.Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023): drop the ⌊gamma·n⌋ largest |δ| (outliers) and keep the next
-    ⌊density·n⌋; everything smaller is dropped. Same counts and order as mergekit's ``magnitude_outliers``."""
+    ⌊density·n⌋; everything smaller is dropped. Same counts as mergekit's ``magnitude_outliers``; equal
+    magnitudes ordered by index ("index") or as mergekit's unstable ``torch.sort`` orders them ("argsort")."""
     n = delta.numel()
     keep, top = int(density * n), int(gamma * n)
     bottom = max(0, n - keep - top)
-    order = torch.argsort(magnitude_bits(delta), stable=True)  # ascending |δ|, ties by index
     mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    mask[order[bottom: bottom + keep]] = True
+    if tie_break == "index":
+        order = torch.argsort(magnitude_bits(delta), stable=True)  # ascending |δ|, ties by index
+        mask[order[bottom: bottom + keep]] = True
+    elif delta.device.type == "cpu":
+        w = delta.abs().reshape(-1).float()
+        mask[sort_order_first(w, bottom + keep, descending=False)] = True
+        mask[sort_order_first(w, bottom, descending=False)] = False
+    else:
+        mask[torch.sort(delta.abs().reshape(-1), descending=False).indices[bottom: bottom + keep]] = True
     return mask.reshape(delta.shape)
 
 
 def della_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA's MAGPRUNE (Deep et al. 2024): per row, keep probabilities rise linearly with the magnitude rank
-    from density−ε (smallest) to density+ε (largest). 1-D tensors are one row (as mergekit)."""
+    """DELLA's MAGPRUNE (Deep et al. 2024): keep probabilities rise linearly with the magnitude rank along dim 1
+    from density−ε (smallest) to density+ε (largest); a 1-D tensor is one row. Ranking along dim 1 for 3-D and
+    larger tensors too is mergekit's axis (the paper only speaks of matrices)."""
     if not (0.0 < density - epsilon and density + epsilon < 1.0):
         raise CompressError(f"della: density ± epsilon must lie in (0, 1) (density {density}, epsilon {epsilon})")
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
     ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(torch.float32)
     span = max(rows.shape[1] - 1, 1)
     return ((density - epsilon) + ranks / span * 2 * epsilon).reshape(delta.shape)
@@ -121,7 +137,7 @@ def _sparsify_protected(delta: torch.Tensor, method: Sparsify, density: float, r
             k = max(0, min(n - P, keep_count(n, density, "floor") - kp))
             mask[free] = topk_mask(delta[free], k) if tie_break == "index" else _argsort_keep(delta[free], k)
         else:
-            mask[free] = outlier_keep(delta[free], density, gamma)
+            mask[free] = outlier_keep(delta[free], density, gamma, tie_break)
         if kp == P:
             mask |= protect
         elif kp:
@@ -148,10 +164,11 @@ def _sparsify_protected(delta: torch.Tensor, method: Sparsify, density: float, r
 
 def _argsort_keep(delta: torch.Tensor, k: int) -> torch.Tensor:
     w = delta.abs().reshape(-1)
-    if w.device.type == "cpu":
-        w = w.float()
     mask = torch.zeros(w.numel(), dtype=torch.bool, device=delta.device)
-    mask[torch.argsort(w, descending=True)[:k]] = True
+    if w.device.type == "cpu":  # mergekit sorts float32 magnitudes on the CPU
+        mask[sort_order_first(w.float(), k)] = True
+    else:
+        mask[torch.argsort(w, descending=True)[:k]] = True
     return mask.reshape(delta.shape)
 
 
@@ -171,14 +188,14 @@ def sparsify_delta(delta: torch.Tensor, method: Optional[Sparsify], density: flo
             raise CompressError(f"unknown sparsification '{method}' (choose magnitude, random, outliers, della)")
         return _sparsify_protected(delta, method, density, rescale, gamma, epsilon, generator, keep, tie_break,
                                    protect, protect_sparsity)
-    if method is None or (density >= 1.0 and method != "della" and keep is None):
-        return delta
+    if method is None or (density >= 1.0 and keep is None):
+        return delta  # DELLA too: at density 1 mergekit passes the deltas through
     if method == "magnitude":
         mask = keep if keep is not None else magnitude_keep(delta, density, tie_break)
         kept = delta * mask
         return _l1_rescale(kept, delta) if rescale == "l1" else kept
     if method == "outliers":
-        kept = delta * outlier_keep(delta, density, gamma)
+        kept = delta * outlier_keep(delta, density, gamma, tie_break)
         return _l1_rescale(kept, delta) if rescale == "l1" else kept
     if method == "random":
         p = torch.full(delta.shape, float(density), dtype=torch.float32)
@@ -281,9 +298,89 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            paper="DELLA's MAGPRUNE followed by task arithmetic (mergekit della_linear)"),
 )}
 
-FULL_WEIGHT_METHODS = ("linear", "slerp")
+@dataclass(frozen=True)
+class WeightMethod:
+    """A method on whole tensors (no task-vector preset): ``merge(base, tensors, weights, params)`` returns the
+    merged tensor from the base (None where the method takes none), the stacked model tensors, one weight per
+    model and the method's parameters resolved for this tensor (a dict with every name of ``params``).
+
+    ``base``: required | optional | none | input (an input like the others: mergekit's karcher and linear average
+    the base with the models, so a recipe lists it among them). ``models``: (least, most) models besides the base.
+    ``params``: name → default (``REQUIRED``: none) of the shared parameters; ``weighted``: it reads a weight per
+    model, which mergekit requires of every model; ``model_params``: other per-model parameters. ``float32``: it
+    computes in float32 whatever the merge dtype and returns the inputs' dtype (mergekit's linear and slerp)."""
+
+    name: str
+    merge: Callable[..., torch.Tensor]
+    base: Literal["required", "optional", "none", "input"] = "required"
+    models: tuple[int, Optional[int]] = (1, None)
+    params: dict = field(default_factory=dict)
+    weighted: bool = False
+    model_params: tuple[str, ...] = ()
+    float32: bool = False
+    paper: str = ""
+
+
+REQUIRED = object()
+
+
+def _linear(base, x, w, p):
+    return linear(x, w, normalize=p["normalize"])
+
+
+def _slerp(base, x, w, p):
+    return slerp(p["t"], base, x[0])
+
+
+WEIGHT_METHODS: dict[str, WeightMethod] = {m.name: m for m in (
+    WeightMethod("linear", _linear, base="input", params={"normalize": True}, weighted=True, float32=True,
+                 paper="Wortsman et al. 2022, model soups (weighted average of full weights)"),
+    WeightMethod("slerp", _slerp, models=(1, 1), params={"t": 0.5}, float32=True,
+                 paper="Shoemake 1985, spherical interpolation of the base and one model (mergekit slerp)"),
+    WeightMethod("nuslerp", lambda b, x, w, p: g.nuslerp(b, x, w, row_wise=p["nuslerp_row_wise"],
+                                                        flatten=p["nuslerp_flatten"]),
+                 base="optional", models=(2, 2), weighted=True,
+                 params={"nuslerp_row_wise": False, "nuslerp_flatten": True},
+                 paper="NuSLERP (Goddard 2024, mergekit nuslerp): SLERP of two models or of their task vectors"),
+    WeightMethod("multislerp", lambda b, x, w, p: g.multislerp(b, x, w, normalize_weights=p["normalize_weights"],
+                                                              eps=p["eps"]),
+                 base="optional", weighted=True, params={"normalize_weights": True, "eps": 1e-8},
+                 paper="Multi-SLERP (Goddard 2024): barycentric interpolation on the hypersphere"),
+    WeightMethod("karcher", lambda b, x, w, p: g.karcher(x, max_iter=int(p["max_iter"]), tol=p["tol"]),
+                 base="input", params={"max_iter": 10, "tol": 1e-5},
+                 paper="Karcher 1977, the Riemannian (Karcher) mean on the hypersphere (mergekit karcher)"),
+    WeightMethod("model_stock", lambda b, x, w, p: g.model_stock(b, x, filter_wise=p["filter_wise"]),
+                 models=(2, None), params={"filter_wise": False},
+                 paper="Jang et al. 2024, Model Stock: All we need is just a few fine-tuned models"),
+    WeightMethod("sce", lambda b, x, w, p: e.sce(b, x, select_topk=p["select_topk"]),
+                 params={"select_topk": 1.0, "int8_mask": False},
+                 paper="Wan et al. 2024, FuseChat 2.0: SCE (select by variance, calculate weights, erase signs)"),
+    WeightMethod("ram", lambda b, x, w, p: e.ram(b, x, epsilon=p["epsilon"]), params={"epsilon": 1e-5},
+                 paper="RAM, Reinforced Agent Merging (arXiv 2601.13572): unique changes kept, shared averaged"),
+    WeightMethod("ramplus_tl", lambda b, x, w, p: e.ramplus_tl(b, x, r=p["r"], alpha=p["alpha"],
+                                                              epsilon=p["epsilon"]),
+                 params={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+                 paper="RAM+ (arXiv 2601.13572), tensor-local: RAM with unique changes rescaled by overlap"),
+    WeightMethod("nearswap", lambda b, x, w, p: e.nearswap(b, x, t=p["t"]), models=(1, 1),
+                 params={"t": REQUIRED},
+                 paper="NearSwap (alchemonaut 2024): take the model's value where it is within t of the base"),
+    WeightMethod("arcee_fusion", lambda b, x, w, p: e.arcee_fusion(b, x, generator=p.get("generator")),
+                 models=(1, 1), paper="Arcee Fusion (Arcee AI 2025): keep changes of outlying KL importance"),
+    WeightMethod("passthrough", lambda b, x, w, p: e.passthrough(x, scale=p["scale"][0]), base="none",
+                 models=(1, 1), model_params=("scale",),
+                 paper="passthrough (mergekit): the one input's tensors, optionally scaled"),
+)}
+FULL_WEIGHT_METHODS = tuple(WEIGHT_METHODS)
 ALL_METHODS = tuple(METHODS) + FULL_WEIGHT_METHODS
 ALL_METHODS += tuple(SUBSPACE_METHODS) + ("adamerging",)  # compress.merge.subspace, compress.merge.adamerging
+
+
+def weight_method(name: str) -> WeightMethod:
+    """The registry entry of a whole-tensor method."""
+    check_method(name)
+    if name not in WEIGHT_METHODS:
+        raise CompressError(f"merge method '{name}' is a task-vector preset, not a whole-tensor method")
+    return WEIGHT_METHODS[name]
 
 
 def check_method(name: str) -> str:
@@ -293,11 +390,80 @@ def check_method(name: str) -> str:
     return name
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_weight_method(cfg) -> None:
+    """Inputs and parameters of a whole-tensor method, each problem one line naming the field."""
+    m = weight_method(cfg.method)
+    n = len(cfg.models)
+    if m.base == "required" and cfg.base is None:
+        raise CompressError(f"method '{m.name}' needs a base model")
+    if m.base == "none" and cfg.base is not None:
+        raise CompressError(f"method '{m.name}' takes no base model (give the one model under models)")
+    least, most = m.models
+    if n < least or (most is not None and n > most):
+        want = f"exactly {least}" if least == most else f"at least {least}" if most is None else f"{least}–{most}"
+        raise CompressError(f"method '{m.name}' merges {want} model(s) besides the base, got {n}")
+    allowed = set(m.params) | {"weight"} if m.weighted else set(m.params)
+    for key, setting in cfg.parameters.items():
+        if key not in allowed:
+            raise CompressError(f"parameters.{key}: method '{m.name}' has no parameter '{key}' "
+                                f"(its parameters: {', '.join(sorted(allowed)) or 'none'})")
+        _check_value(m, f"parameters.{key}", key, setting)
+    per_model = set(m.model_params) | ({"weight"} if m.weighted else set())
+    for i, mm in enumerate(cfg.models):
+        for key, setting in mm.parameters.items():
+            if key not in per_model:
+                raise CompressError(f"models.{i}.parameters.{key}: method '{m.name}' takes no per-model '{key}'"
+                                    f" (per model: {', '.join(sorted(per_model)) or 'nothing'})")
+            _check_value(m, f"models.{i}.parameters.{key}", key, setting)
+    for key, default in m.params.items():
+        if default is REQUIRED and key not in cfg.parameters:
+            raise CompressError(f"parameters.{key}: method '{m.name}' needs '{key}'")
+
+
+def _leaves(setting) -> list:
+    from compress.config import Conditional
+
+    if isinstance(setting, Conditional):
+        return _leaves(setting.value)
+    if isinstance(setting, list):
+        return [x for s in setting for x in _leaves(s)]
+    return [setting]
+
+
+def _check_value(m: WeightMethod, where: str, key: str, setting) -> None:
+    default = m.params.get(key, 1.0 if key in ("weight", "scale") else None)
+    for v in _leaves(setting):
+        if isinstance(default, bool) and not isinstance(v, bool):
+            raise CompressError(f"{where} must be true or false, got {v!r}")
+        if not isinstance(default, bool) and not _is_number(v):
+            raise CompressError(f"{where} must be a number, got {v!r}")
+        if key == "select_topk" and not 0.0 <= v <= 1.0:
+            raise CompressError(f"{where} must be in [0, 1], got {v!r}")
+        if key in ("max_iter",) and (v < 1 or v != int(v)):
+            raise CompressError(f"{where} must be a whole number ≥ 1, got {v!r}")
+        if key in ("tol", "eps", "epsilon") and v < 0:
+            raise CompressError(f"{where} must be ≥ 0, got {v!r}")
+
+
 def check_config(cfg) -> None:
     """What the schema cannot know without the registry: ``cfg`` (a ``config.MergeConfig``) names a method here,
     and a method whose top-k is global gets one density per model (not a gradient or filters)."""
     check_method(cfg.method)
-    if cfg.method not in METHODS:
+    if cfg.method in WEIGHT_METHODS:
+        _check_weight_method(cfg)
+        return
+    if cfg.base is None:
+        raise CompressError(f"method '{cfg.method}' needs a base model")
+    for where, scope in [("parameters", cfg.parameters)] + [(f"models.{i}.parameters", mm.parameters)
+                                                            for i, mm in enumerate(cfg.models)]:
+        foreign = sorted(set(scope) & (set(WEIGHT_METHOD_PARAMS) - {"int8_mask"} | {"scale"}))
+        if foreign:
+            raise CompressError(f"{where}.{foreign[0]}: method '{cfg.method}' has no parameter '{foreign[0]}'")
+    if cfg.method not in METHODS:  # compress.merge.subspace and adamerging: no top-k preset to check
         return
     m = method_preset(cfg.method, cfg.variant, **cfg.overrides())
     if m.sparsify == "magnitude" and m.topk == "global":
@@ -320,7 +486,7 @@ def method_preset(name: str, variant: str = "paper", **overrides) -> Method:
         m = replace(m, topk="per_tensor")
     elif variant == "mergekit":
         normalize = name in ("ties", "della")  # mergekit's per-method `normalize` defaults
-        m = replace(m, topk="per_tensor", sign_on="weighted", normalize=normalize,
+        m = replace(m, topk="per_tensor", sign_on="weighted", normalize=normalize, tie_break="argsort",
                     disjoint="weighted_mean" if normalize else "sum",
                     rescale="l1" if m.rescale != "none" else "none")
     elif variant != "paper":
@@ -367,9 +533,11 @@ def task_vector_merge(deltas: torch.Tensor, weights, method: Method, *, density=
 def linear(tensors: torch.Tensor, weights, normalize: bool = True) -> torch.Tensor:
     """Weighted average of full weights (Wortsman et al. 2022, model soups; mergekit ``linear``):
     Σ w_i θ_i, divided by Σ w_i when ``normalize``."""
-    w = _weights(weights, tensors.shape[0], tensors)
-    out = (tensors * w).sum(0)
-    return out / w.sum() if normalize else out
+    w = torch.as_tensor(weights, dtype=tensors.dtype, device=tensors.device).reshape(-1)
+    out = torch.zeros_like(tensors[0])
+    for x, wi in zip(tensors, w):  # one model at a time, in order (mergekit's sum, so the same roundings)
+        out.addcmul_(x, wi)
+    return out.div_(w.sum()) if normalize else out
 
 
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,

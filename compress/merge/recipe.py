@@ -14,16 +14,19 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from compress.config import Conditional, MergeConfig, build, setting_problem
+from compress.config import WEIGHT_METHOD_PARAMS, Conditional, MergeConfig, build, setting_problem
 from compress.errors import CompressError
-from compress.merge.methods import check_config
+from compress.merge.methods import METHODS, WEIGHT_METHODS, check_config
 
 MERGEKIT_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                    "breadcrumbs_ties", "della", "della_linear")
+                    "breadcrumbs_ties", "della", "della_linear", "nuslerp", "model_stock", "sce", "karcher",
+                    "multislerp", "passthrough", "nearswap", "arcee_fusion", "ram", "ramplus_tl")
 _MK_TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
            "tokenizer", "chat_template", "slices", "modules", "name"}
-_MK_PARAMS = {"weight", "density", "gamma", "epsilon", "lambda", "t", "normalize", "rescale", "int8_mask"}
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+_MK_PARAMS = {"weight", "density", "gamma", "epsilon", "lambda", "t", "normalize", "rescale", "int8_mask",
+              *WEIGHT_METHOD_PARAMS}
+_MK_MODEL_PARAMS = {"weight", "density", "gamma", "epsilon", "scale"}
+LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
 def resolve_setting(setting: Any, name: str, t: float) -> Any:
@@ -58,7 +61,7 @@ def resolve_setting(setting: Any, name: str, t: float) -> Any:
 
 def layer_position(name: str, num_layers: Optional[int]) -> float:
     """mergekit's t: layer i of L gives i/(L−1) (1 when L = 1); tensors outside the layers give 0."""
-    m = _LAYER_RE.search(name)
+    m = LAYER_RE.search(name)
     if m is None or not num_layers:
         return 0.0
     return int(m.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
@@ -98,7 +101,19 @@ def from_mergekit(data: dict, root: Path, **cli) -> MergeConfig:
     if "rescale" in params:
         overrides["rescale"] = "l1" if params.pop("rescale") else "none"
     params.pop("int8_mask", None)
+    # a parameter the method does not read is ignored, as mergekit ignores it, but named on stderr
+    if method in WEIGHT_METHODS:
+        m = WEIGHT_METHODS[method]
+        reads_per_model = set(m.model_params) | ({"weight"} if m.weighted else set())
+        params = _drop_unread(params, set(m.params) | reads_per_model, "parameters", method)
+    else:
+        reads_per_model = _MK_MODEL_PARAMS - {"scale"}
+        params = _drop_unread(params, _MK_PARAMS - set(WEIGHT_METHOD_PARAMS) - {"t"}, "parameters", method)
     models, base = [], data.get("base_model")
+    # mergekit's linear and karcher take the base as one more input; which methods require a weight per model
+    base_is_input = method in WEIGHT_METHODS and WEIGHT_METHODS[method].base == "input"
+    weighted = method in METHODS or (method in WEIGHT_METHODS and WEIGHT_METHODS[method].weighted)
+    listed_base = False
     if base is not None and not isinstance(base, str):
         raise CompressError(f"mergekit recipe: base_model must be a model path, got {base!r}")
     entries = data.get("models")
@@ -114,13 +129,30 @@ def from_mergekit(data: dict, root: Path, **cli) -> MergeConfig:
         if not isinstance(entry["model"], str):
             raise CompressError(f"mergekit recipe: models[{i}].model must be a model path, got {entry['model']!r}")
         mp = dict(_mapping(entry.get("parameters"), f"models[{i}].parameters"))
-        bad = sorted(set(mp) - {"weight", "density", "gamma", "epsilon"})
+        bad = sorted(set(mp) - _MK_MODEL_PARAMS)
         if bad:
             raise CompressError(f"mergekit recipe: models[{i}]: unknown parameter '{bad[0]}'")
+        mp = _drop_unread(mp, reads_per_model, f"models[{i}]", method)
         _check_settings(mp, f"models[{i}].parameters")
-        if base is not None and str(entry["model"]) == str(base):
+        is_base = base is not None and str(entry["model"]) == str(base)
+        if is_base and not base_is_input:
             continue  # mergekit lists the base among the models for slerp and friends; it is not a task vector
+        if weighted and "weight" not in mp and "weight" not in params:
+            raise CompressError(f"mergekit recipe: models[{i}] ({entry['model']}) has no weight; mergekit's "
+                                f"{method} requires one (give models[{i}].parameters.weight or parameters.weight)")
         models.append({"model": _relative(entry["model"], root), "parameters": mp})
+        listed_base |= is_base
+    if base_is_input and base is not None and not listed_base:
+        # mergekit adds an unlisted base as the last input, with the shared parameters
+        if weighted and "weight" not in params:
+            raise CompressError(f"mergekit recipe: base_model {base} is one of {method}'s inputs in mergekit and has"
+                                " no weight; list it under models with a weight, or set parameters.weight")
+        models.append({"model": _relative(base, root), "parameters": {}})
+    if method in WEIGHT_METHODS and WEIGHT_METHODS[method].base == "none" and base is not None:
+        if [str(m["model"]) for m in models] != [str(_relative(base, root))] and models:
+            raise CompressError(f"mergekit recipe: {method} takes one input; base_model {base} would be a second")
+        models = models or [{"model": _relative(base, root), "parameters": {}}]
+        base = None
     tok = data.get("tokenizer_source")
     if tok not in (None, "base", "union"):
         raise CompressError(f"mergekit recipe: tokenizer_source '{tok}' is not supported (use base or union)")
@@ -129,6 +161,16 @@ def from_mergekit(data: dict, root: Path, **cli) -> MergeConfig:
                   vocab=tok or "error", **overrides)
     fields.update({k: v for k, v in cli.items() if v is not None})
     return build(MergeConfig, **fields)
+
+
+def _drop_unread(params: dict, reads: set, where: str, method: str) -> dict:
+    unread = sorted(set(params) - reads)
+    if unread:
+        from compress.progress import console
+
+        console.print(f"[yellow]mergekit recipe: {where}: {method} does not read {', '.join(unread)} (ignored, as "
+                      "mergekit ignores it)")
+    return {k: v for k, v in params.items() if k in reads}
 
 
 def _mapping(value: Any, field: str) -> dict:

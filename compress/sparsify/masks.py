@@ -17,19 +17,18 @@ def check_density(density: float) -> float:
 
 
 def keep_count(numel: int, density: float, rounding: str = "round") -> int:
-    """Entries a tensor keeps at ``density``, at least one for a non-empty tensor: round(density·numel) (this
-    project's extract, NPS) or, with ``rounding="floor"``, ⌊density·numel⌋ (PEFT's and mergekit's merges). The one
-    place the count is computed, so a rule is chosen by name, never by accident."""
+    """Entries a tensor keeps at ``density``: round(density·numel), at least one for a non-empty tensor (this
+    project's extract, NPS), or, with ``rounding="floor"``, ⌊density·numel⌋, which may be 0 (PEFT's
+    ``magnitude_based_pruning``; mergekit's own rule, at least one, is ``compress.merge.methods.magnitude_keep``'s
+    argsort selection). The one place the count is computed, so a rule is chosen by name, never by accident."""
     if numel == 0:
         return 0
     d = check_density(density)
     if rounding == "round":
-        k = int(round(d * numel))
-    elif rounding == "floor":
-        k = int(d * numel)
-    else:
-        raise CompressError(f"keep_count: rounding must be round or floor (got '{rounding}')")
-    return min(numel, max(1, k))
+        return min(numel, max(1, int(round(d * numel))))
+    if rounding == "floor":
+        return min(numel, int(d * numel))
+    raise CompressError(f"keep_count: rounding must be round or floor (got '{rounding}')")
 
 
 def seeded_generator(seed: int, name: str) -> torch.Generator:

@@ -128,3 +128,110 @@ class GlobalThreshold:
         """Kept free entries (protected entries are False here: the caller keeps them by its own rule)."""
         m = (magnitude_bits(t) >= self.threshold).reshape(t.shape)
         return m if protected is None else m & ~protected
+
+
+# -- torch.argsort's order, without the sort -------------------------------------------------------------------
+# torch's CPU sort (``stable=False``, the default that mergekit's TIES and Breadcrumbs call) is libstdc++'s
+# ``std::sort``: an introsort of (value, index) pairs — median-of-three pivot moved to the front, Hoare partition,
+# segments of at most 16 left to one final insertion sort. Equal values end wherever the partitions put them, so
+# no index rule predicts them. But partitions never move an entry across a cut, so which entries land in the
+# first k places depends only on the partitions of the segments that hold place k: replaying those, one segment
+# per level, is a quickselect with introsort's exact moves, O(n) instead of O(n log n) (measured on 16.8 M
+# bf16-valued magnitudes, 2 busy cores: 1.2 s against torch.argsort's 5.6 s). A segment that would reach
+# introsort's heapsort fallback (depth 2·⌊log2 n⌋, never seen on real deltas) goes to torch.sort itself. The
+# replay is a few lines of C compiled on first use; without a compiler torch.sort runs (same answer, slower).
+
+_REPLAY_C = r"""
+#include <math.h>
+#include <stdint.h>
+/* libstdc++'s std::sort on (value, index) pairs with torch's comparators, replayed on the segment holding place k
+   only; v and ix are the caller's copies. Returns 0 when introsort would fall back to heapsort. */
+static int before(float a, float b, int desc) {
+  return desc ? ((isnan(a) && !isnan(b)) || a > b) : ((!isnan(a) && isnan(b)) || a < b);
+}
+static void swap(float *v, int64_t *ix, int64_t a, int64_t b) {
+  float t = v[a]; v[a] = v[b]; v[b] = t; int64_t u = ix[a]; ix[a] = ix[b]; ix[b] = u;
+}
+int replay(float *v, int64_t *ix, int64_t n, int64_t k, int desc) {
+  int64_t lo = 0, hi = n; int depth = 0;
+  for (int64_t m = n; m > 1; m >>= 1) depth += 2;
+  while (hi - lo > 16) {
+    if (depth-- == 0) return 0;
+    int64_t a = lo + 1, b = lo + (hi - lo) / 2, c = hi - 1, m;
+    if (before(v[a], v[b], desc)) m = before(v[b], v[c], desc) ? b : (before(v[a], v[c], desc) ? c : a);
+    else m = before(v[a], v[c], desc) ? a : (before(v[b], v[c], desc) ? c : b);
+    swap(v, ix, lo, m);
+    int64_t f = lo + 1, l = hi;
+    for (;;) {
+      while (before(v[f], v[lo], desc)) f++;
+      l--;
+      while (before(v[lo], v[l], desc)) l--;
+      if (!(f < l)) break;
+      swap(v, ix, f, l); f++;
+    }
+    if (f == k) return 1;
+    if (k < f) hi = f; else lo = f;
+  }
+  for (int64_t i = lo + 1; i < hi; i++) {  /* the final insertion sort: stable */
+    float x = v[i]; int64_t y = ix[i], j = i;
+    while (j > lo && before(x, v[j - 1], desc)) { v[j] = v[j - 1]; ix[j] = ix[j - 1]; j--; }
+    v[j] = x; ix[j] = y;
+  }
+  return 1;
+}
+"""
+_native = []
+
+
+def _replay_lib():
+    """The replay above compiled once per machine (``$CC``, cc or gcc) into ~/.cache/compress, else None."""
+    if _native:
+        return _native[0]
+    import ctypes
+    import hashlib
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    lib = None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc:
+        tag = hashlib.sha256(_REPLAY_C.encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "compress"
+        so = cache / f"sort_replay-{tag}.so"
+        try:
+            if not so.exists():
+                cache.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                    src = Path(tmp) / "replay.c"
+                    src.write_text(_REPLAY_C)
+                    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(Path(tmp) / "r.so"), str(src)],
+                                   check=True, capture_output=True, timeout=120)
+                    os.replace(Path(tmp) / "r.so", so)  # atomic: a parallel process sees all or nothing
+            lib = ctypes.CDLL(str(so))
+            lib.replay.restype = ctypes.c_int
+            lib.replay.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        except (OSError, subprocess.SubprocessError):
+            lib = None
+    _native.append(lib)
+    return lib
+
+
+def sort_order_first(values: torch.Tensor, k: int, descending: bool = True, native: bool = True) -> torch.Tensor:
+    """Flat indices of the entries that ``torch.sort(values.reshape(-1), descending=…)`` (unstable, CPU) puts in
+    its first k places, found without sorting (see above). ``values``: a float32 CPU tensor. ``native``: use the
+    compiled replay when a C compiler is at hand (``False``: torch.sort)."""
+    flat = values.reshape(-1)
+    n = flat.numel()
+    k = max(0, min(k, n))
+    if k in (0, n):
+        return torch.arange(k)
+    lib = _replay_lib() if native else None
+    if lib is not None:
+        v, ix = flat.float().clone(), torch.arange(n)
+        if not lib.replay(v.data_ptr(), ix.data_ptr(), n, k, int(descending)):
+            return torch.sort(flat, descending=descending).indices[:k]
+        return ix[:k].clone()
+    return torch.sort(flat, descending=descending).indices[:k]
