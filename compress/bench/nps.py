@@ -273,7 +273,9 @@ def run_merge(zoo_dir: Path, zoo: _Zoo, report: dict, tasks, search, density, pr
               dev_limit, test_limit, quiet, save=None):
     """The merge table: ``compress bench merge``'s rows (same heads, dev rows and test splits) and the NPS protocol
     over ``proto.seeds`` (resumable seed by seed)."""
-    from compress.bench.merge_zoo import run_minilm
+    from compress.bench.merge_zoo import MERGES, run_minilm
+
+    baselines = ("task arithmetic", "TIES", "DARE-TIES")
 
     mg = report.get("merge", {})
     same = (mg.get("protocol"), mg.get("tasks"), mg.get("density")) == (json.loads(json.dumps(asdict(proto))), tasks,
@@ -281,10 +283,12 @@ def run_merge(zoo_dir: Path, zoo: _Zoo, report: dict, tasks, search, density, pr
     if not same:
         mg = {}  # other settings: start again
     if "baselines" not in mg:
-        ref = run_minilm(zoo_dir, device=device, dev_limit=dev_limit, test_limit=test_limit, quiet=True)
+        # only the rows this table shows: the other merge rows (subspace, AdaMerging) are `bench merge`'s
+        ref = run_minilm(zoo_dir, device=device, dev_limit=dev_limit, test_limit=test_limit, quiet=True,
+                         merges={k: MERGES[k] for k in baselines})
         rows = {name: {"acc": {t: r["acc"][t] for t in tasks}, "lambda": r.get("lambda"),
                        "official": {t: v for t, v in r["official"].items() if t in tasks}}
-                for name, r in ref["rows"].items() if name in ("task arithmetic", "TIES", "DARE-TIES")}
+                for name, r in ref["rows"].items() if name in baselines}
         rows["individual"] = {"acc": {t: zoo.individual[t] for t in tasks},
                               "official": {t: v for t, v in zoo.individual_official.items() if t in tasks}}
         for r in rows.values():

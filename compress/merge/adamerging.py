@@ -177,7 +177,7 @@ def learn_for_merger(merger, quiet: Optional[bool] = None, rows: int = 64, batch
             from compress.eval.classify import load_tokenizer
 
             tok = load_tokenizer(folders[0])
-        texts = [[{k: r[k] for k in ("text", "text_pair") if k in r} for r in load_task(h.task, "dev", rows)]
+        texts = [[{k: r[k] for k in ("text", "text_pair") if k in r} for r in load_task(h.task_ref, "dev", rows)]
                  for h in heads]
         batches = [unlabeled_batches(tok, t, h.max_length, batch_size, device) for t, h in zip(texts, heads)]
         objective = classifier_objective(model, heads, batches)
