@@ -400,7 +400,9 @@ class Runner:
     def _prune_argv(self, method: str, out: Path, cache: Path, mode: str | None) -> list[str]:
         return (["prune", str(self.models[0]), "--method", method, "--sparsity", "0.5", "--nsamples",
                  str(self.nsamples), "--seqlen", str(self.seqlen), "--calib", self.calib, "--device", self.device,
-                 "--cache-dir", str(cache),
+                 # SparseGPT's Hessian cache would be 28 GB at 7B (a 64 GB disk holds the models already): the
+                 # norms' cache only
+                 *(["--cache-dir", str(cache)] if method != "sparsegpt" else []),
                  "--out", str(out), "--sparse-out", f"{out}.sparse.safetensors", "--quiet"]
                 + (["--calibration", mode] if mode else []))
 
