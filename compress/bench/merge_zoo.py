@@ -177,8 +177,10 @@ def run_minilm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500
                             lambdas)
         rows[row] = {**test_scores(), "method": method, **chosen}
         if not quiet:
+            acc = rows[row]["acc"]  # the test score too, so that a log cut off by a time limit still has it
             console.print(f"[bench merge] {row}: {chosen['params']}, λ = {chosen['lambda']} (dev "
-                          f"{chosen['dev']:.4f}, {chosen['merge_seconds']:.1f} s)")
+                          f"{chosen['dev']:.4f}, test {sum(acc.values()) / len(acc):.4f}, "
+                          f"{chosen['merge_seconds']:.1f} s)")
     for r in rows.values():
         accs = r["acc"]
         r["avg"] = sum(accs.values()) / len(accs)
