@@ -91,7 +91,13 @@ def test_save_module_writes_what_save_pretrained_writes(tmp_path):
     assert sorted(ours.keys()) == sorted(hf.keys())
     assert "lm_head.weight" not in ours.keys()
     assert all(torch.equal(ours.get_tensor(k), hf.get_tensor(k)) for k in hf.keys())
-    assert json.loads((tmp_path / "ours" / "config.json").read_text())["dtype"] == "bfloat16"
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert written["dtype"] == "bfloat16"
+    # the field a loader picks the class from (with the LM head): save_pretrained's value
+    assert written["architectures"] == json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"]
+    from compress.io.models import load_model
+
+    assert type(load_model(tmp_path / "ours")).__name__ == "LlamaForCausalLM"
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
     assert back.dtype == torch.bfloat16
     assert torch.equal(back.lm_head.weight, back.model.embed_tokens.weight)

@@ -148,7 +148,12 @@ def save_module(model, out: str | os.PathLike, *, tokenizer=None, dtype: torch.d
                 t = t.to(dtype)
             yield name, t.to("cpu").contiguous()
 
-    files = {"config.json": model.config.to_json_string()}
+    import copy
+
+    config = copy.deepcopy(model.config)
+    # as save_pretrained records it: a loader picks the class (the LM head) from this field
+    config.architectures = [type(model).__name__]
+    files = {"config.json": config.to_json_string()}
     gen = getattr(model, "generation_config", None)
     if gen is not None and getattr(model, "can_generate", lambda: False)():
         files["generation_config.json"] = gen.to_json_string()
