@@ -540,18 +540,37 @@ def linear(tensors: torch.Tensor, weights, normalize: bool = True) -> torch.Tens
     return out.div_(w.sum()) if normalize else out
 
 
+SLERP_CHUNK = 1024 * 1024  # mergekit's chunk of elements per pass: sums over a chunk, then over the chunks
+
+
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
           eps: float = 1e-8) -> torch.Tensor:
     """Spherical interpolation of two whole tensors (Shoemake 1985; mergekit ``slerp``): the angle comes from the
     flattened, normalized tensors and the coefficients apply to the originals; nearly collinear (|cos| above
-    ``dot_threshold``) falls back to linear interpolation. t=0 gives v0, t=1 gives v1."""
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    na = na if na > eps else torch.ones_like(na)
-    nb = nb if nb > eps else torch.ones_like(nb)
-    dot = torch.dot(a / na, b / nb).clamp(-1, 1)
-    if dot.abs() > dot_threshold:
-        return (1 - t) * v0 + t * v1
-    theta = torch.acos(dot)
-    s = torch.sin(theta)
-    return (torch.sin((1 - t) * theta) / s) * v0 + (torch.sin(t * theta) / s) * v1
+    ``dot_threshold``) falls back to linear interpolation. t=0 gives v0, t=1 gives v1.
+
+    Follows mergekit 0.1.5's torch arithmetic op for op so that the output is its bit for bit: float32 (float64
+    inputs: float64) with t a tensor of that dtype, norms per chunk of ``SLERP_CHUNK`` elements and then the norm
+    of those norms, the dot of the normalized chunks summed chunk by chunk; returned in the inputs' dtype."""
+    acc = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    tt = torch.tensor([[float(t)]], dtype=acc, device=v0.device)
+    if not a.shape[1]:
+        return ((1 - tt) * a + tt * b).reshape(v0.shape).to(v0.dtype)
+    chunks = range(0, a.shape[1], SLERP_CHUNK)
+    na = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[:, i:i + SLERP_CHUNK].to(acc), dim=1,
+                                                                        keepdim=True) for i in chunks]), dim=0)
+    nb = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[:, i:i + SLERP_CHUNK].to(acc), dim=1,
+                                                                        keepdim=True) for i in chunks]), dim=0)
+    na, nb = torch.where(na > eps, na, 1), torch.where(nb > eps, nb, 1)
+    dot = torch.stack([(a[:, i:i + SLERP_CHUNK].to(acc) / na * (b[:, i:i + SLERP_CHUNK].to(acc) / nb)
+                        ).sum(dim=1, keepdim=True) for i in chunks]).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    ca = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    cb = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    out = torch.empty_like(a)
+    for i in chunks:
+        out[:, i:i + SLERP_CHUNK] = ca * a[:, i:i + SLERP_CHUNK].to(acc) + cb * b[:, i:i + SLERP_CHUNK].to(acc)
+    return out.reshape(v0.shape)
