@@ -109,13 +109,20 @@ def outlier_keep(delta: torch.Tensor, density: float, gamma: float, tie_break: s
 def della_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's MAGPRUNE (Deep et al. 2024): keep probabilities rise linearly with the magnitude rank along dim 1
     from density−ε (smallest) to density+ε (largest); a 1-D tensor is one row. Ranking along dim 1 for 3-D and
-    larger tensors too is mergekit's axis (the paper only speaks of matrices)."""
+    larger tensors too is mergekit's axis (the paper only speaks of matrices).
+
+    As mergekit's ``della_magprune`` on the CPU: ranks from ``torch.argsort`` (its order for equal magnitudes),
+    and the ranks and probabilities in bf16 for bf16 deltas, else float32, so that the same draws give its mask
+    bit for bit (on a GPU mergekit would also keep fp16 ranks in fp16; this keeps float32 on every device)."""
     if not (0.0 < density - epsilon and density + epsilon < 1.0):
         raise CompressError(f"della: density ± epsilon must lie in (0, 1) (density {density}, epsilon {epsilon})")
+    work = torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(torch.float32)
-    span = max(rows.shape[1] - 1, 1)
-    return ((density - epsilon) + ranks / span * 2 * epsilon).reshape(delta.shape)
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(work) + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    span = torch.where(hi > lo, hi - lo, 1)  # a one-column row: every entry at density − ε
+    rank_norm = ((ranks - lo) / span).clamp(0, 1)
+    return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(delta.shape)
 
 
 def protected_kept(n_protected: int, protect_sparsity: Optional[float]) -> int:
@@ -190,6 +197,8 @@ def sparsify_delta(delta: torch.Tensor, method: Optional[Sparsify], density: flo
                                    protect, protect_sparsity)
     if method is None or (density >= 1.0 and keep is None):
         return delta  # DELLA too: at density 1 mergekit passes the deltas through
+    if density <= 0.0 and keep is None:
+        return torch.zeros_like(delta)  # mergekit's density 0: nothing kept (and no 0/0 from an inverse rescale)
     if method == "magnitude":
         mask = keep if keep is not None else magnitude_keep(delta, density, tie_break)
         kept = delta * mask
@@ -197,19 +206,23 @@ def sparsify_delta(delta: torch.Tensor, method: Optional[Sparsify], density: flo
     if method == "outliers":
         kept = delta * outlier_keep(delta, density, gamma, tie_break)
         return _l1_rescale(kept, delta) if rescale == "l1" else kept
+    # mergekit's dtypes for the draws: probabilities in bf16 for bf16 deltas, fp16 deltas masked and rescaled in
+    # float32 (torch has no fp16 bernoulli on the CPU), so that one seed gives its masks bit for bit
     if method == "random":
-        p = torch.full(delta.shape, float(density), dtype=torch.float32)
+        p = torch.full(delta.shape, float(density),
+                       dtype=torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32)
     elif method == "della":
         p = della_keep_prob(delta.cpu(), density, epsilon)
     else:
         raise CompressError(f"unknown sparsification '{method}' (choose magnitude, random, outliers, della)")
-    mask = torch.bernoulli(p, generator=generator).to(delta.device, delta.dtype)
-    kept = delta * mask
+    work = torch.float32 if delta.dtype == torch.float16 else delta.dtype
+    x = delta.to(work)
+    kept = x * torch.bernoulli(p, generator=generator).to(delta.device, work)
     if rescale == "inverse_keep":
-        return kept / p.to(delta.device, delta.dtype)
-    if rescale == "l1":
-        return _l1_rescale(kept, delta)
-    return kept
+        kept = kept / p.to(delta.device, work)
+    elif rescale == "l1":
+        kept = _l1_rescale(kept, x)
+    return kept.to(delta.dtype)
 
 
 # -- steps 2–4: combine --------------------------------------------------------------------------------------
