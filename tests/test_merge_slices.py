@@ -277,6 +277,25 @@ def test_tokenizer_union_of_two_new_vocabularies(tok_pair, tmp_path):
     assert torch.equal(e[513], B[n][513]) and torch.equal(e[514], torch.full((48,), 3.0))  # one donor each
 
 
+def test_named_chat_templates_render_as_mergekit_s(tok_pair, tmp_path):
+    from transformers import AutoTokenizer
+
+    from compress.bench.mergekit_cases import render_all
+    from compress.merge.chat_templates import NAMED
+
+    a, _ = tok_pair
+    reference = json.loads((Path(__file__).parent / "data" / "mergekit_reference.json").read_text())["chat_templates"]
+    tok = AutoTokenizer.from_pretrained(a)
+    assert set(NAMED) == set(reference)  # every template mergekit 0.1.5 ships, under its name
+    for name, renders in reference.items():
+        assert render_all(NAMED[name], tok) == renders, name
+    r = _recipe(tmp_path, {"merge_method": "linear", "dtype": "float32", "chat_template": "llama3",
+                           "models": [{"model": str(a), "parameters": {"weight": 1.0}}]})
+    code, _, err = run_cli("merge", r, tmp_path / "o")
+    assert code == 0, err
+    assert AutoTokenizer.from_pretrained(tmp_path / "o").chat_template == NAMED["llama3"]
+
+
 def test_copy_tokenizer_flag(tok_pair, tmp_path):
     a, _ = tok_pair
     r = _recipe(tmp_path, {"merge_method": "linear", "dtype": "float32",
@@ -328,7 +347,7 @@ def test_mergekit_cli_forms_map_to_native_options(pair, tmp_path):
     ({"models": [{"model": "A+B+C"}]}, "is not 'MODEL' or 'MODEL+LORA'"),
     ({"models": [{"model": "A+B"}]}, "not a PEFT LoRA adapter folder"),
     ({"slices": [{"sources": [_src("A", 0, 2)]}], "models": [{"model": "A"}]}, "exactly one of"),
-    ({"chat_template": "chatml"}, "chat_template 'chatml'"),
+    ({"chat_template": "vicuna"}, "chat_template 'vicuna' is neither 'auto', a template name (alpaca, chatml"),
     ({"tokenizer_source": "union", "tokenizer": {"source": "base"}}, "not both"),
 ])
 def test_hostile_slice_configs_one_line(pair, tmp_path, change, message):

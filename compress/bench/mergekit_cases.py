@@ -199,11 +199,35 @@ def mask_deltas(dtype) -> dict:
     return {f"t{i}": (torch.randn(s, generator=g) * 0.01).to(dtype) for i, s in enumerate(MASK_SHAPES)}
 
 
-def write_reference(path, workdir) -> dict:
+# conversations the named chat templates are rendered on (with and without a generation prompt): system, user,
+# assistant and Alpaca's user_context turns, whitespace to trim, and orders the Mistral template refuses
+_S, _U, _A = ({"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi  there\n"},
+              {"role": "assistant", "content": "\nHello! "})
+_U2, _C = {"role": "user", "content": "Why?"}, {"role": "user_context", "content": " ctx "}
+CONVERSATIONS = ([_U], [_S, _U], [_U, _A], [_S, _U, _A, _U2], [_U, _A, _U2, _A], [_S], [_A], [_A, _U], [_S, _S, _U],
+                 [_U, _C, _A], [_C], [_U, _U2], [_S, _U, _A], [], [{"role": "tool", "content": "x"}], [_S, _A])
+
+
+def render_all(template: str, tokenizer) -> list[str]:
+    """``template`` rendered by transformers on every conversation, without and with a generation prompt; a
+    conversation the template refuses gives 'error: <exception type>'."""
+    out = []
+    for conv in CONVERSATIONS:
+        for gen in (False, True):
+            try:
+                out.append(tokenizer.apply_chat_template(conv, chat_template=template, tokenize=False,
+                                                         add_generation_prompt=gen))
+            except Exception as e:  # the template's own raise_exception, or an undefined turn
+                out.append(f"error: {type(e).__name__}")
+    return out
+
+
+def write_reference(path, workdir, tokenizer) -> dict:
     """Run every deterministic case through mergekit (importable in this interpreter: the venv of
     ``compress.bench.merge_speed.mergekit_env``) in float32 and bf16, and save {case: {dtype: digest}} to
-    ``path``, with the digests of mergekit's random masks (``MASKS`` on ``mask_deltas``, one seed): the fixture
-    the unit tests compare ``compress merge`` and ``sparsify_delta`` against without mergekit."""
+    ``path``, with the digests of mergekit's random masks (``MASKS`` on ``mask_deltas``, one seed) and its named
+    chat templates rendered on ``CONVERSATIONS`` by ``tokenizer`` (stories260K's): the fixture the unit tests
+    compare ``compress merge``, ``sparsify_delta`` and ``chat_templates.NAMED`` against without mergekit."""
     import json
     import logging
     from importlib.metadata import version
@@ -218,6 +242,10 @@ def write_reference(path, workdir) -> dict:
     logging.disable(logging.WARNING)
     ckpts = build_checkpoints(Path(workdir) / "ckpts")
     ref = {"mergekit": version("mergekit"), "cases": {}, "masks": {}}
+    import mergekit
+
+    folder = Path(mergekit.__file__).parent / "_data" / "chat_templates"
+    ref["chat_templates"] = {f.stem: render_all(f.read_text(), tokenizer) for f in sorted(folder.glob("*.jinja"))}
     for name, (method, density, epsilon) in MASKS.items():
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             out = {}

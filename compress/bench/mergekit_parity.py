@@ -36,7 +36,7 @@ import yaml
 
 from compress.bench import save_results
 from compress.bench.merge_speed import mergekit_env, mergekit_version
-from compress.bench.mergekit_cases import PARITY_CASES, Case
+from compress.bench.mergekit_cases import PARITY_CASES, Case, render_all
 
 ARCHS = ("llama", "qwen2", "mistral", "gpt2")
 DTYPES = ("float32", "bfloat16")
@@ -200,6 +200,8 @@ def forms(p: dict[str, str], dtype: Optional[str] = None) -> dict[str, dict]:
                        {"model": p["a"], "parameters": {"weight": 0.3}}]},
         "chat_template": {**ta, "chat_template": TEMPLATE, "models": [
             {"model": p["a"], "parameters": {"weight": 0.5}}]},
+        **{f"chat_template: {name}": {**ta, "chat_template": name, "models": [
+            {"model": p["a"], "parameters": {"weight": 0.5}}]} for name in ("chatml", "llama3")},
     }.items()}
 
 
@@ -264,7 +266,12 @@ def _aux(mk: Path, ours: Path) -> dict:
 
         ta, tb = AutoTokenizer.from_pretrained(mk), AutoTokenizer.from_pretrained(ours)
         same = ta.get_vocab() == tb.get_vocab() or set(ta.get_vocab()) == set(tb.get_vocab())  # see _token_order
-        out["tokenizer_equal"] = same and ta.chat_template == tb.chat_template
+        template = ta.chat_template == tb.chat_template
+        if not template and ta.chat_template and tb.chat_template:
+            # a named template: compress ships its own text of it, which must render mergekit's strings
+            template = render_all(ta.chat_template, ta) == render_all(tb.chat_template, ta)
+            out["template_text_differs"] = True
+        out["tokenizer_equal"] = same and template
     return out
 
 
@@ -387,7 +394,9 @@ def verdict(row: dict) -> str:
     exact = c["equal"] == c["tensors"] and all(c.get(k, True) for k in ("config_equal", "tokenizer_equal",
                                                                         "shards_equal"))
     if exact:
-        return "bit-exact up to mergekit's token order" if c.get("token_order_differs") else "bit-exact"
+        if c.get("token_order_differs"):
+            return "bit-exact up to mergekit's token order"
+        return "bit-exact (own template text, renders equal)" if c.get("template_text_differs") else "bit-exact"
     if row["random"] and "spread" in row:
         return "within seed spread" if c["worst_rel_l2"] <= 1.5 * row["spread"]["worst_rel_l2"] else "beyond spread"
     if not all(c.get(k, True) for k in ("config_equal", "tokenizer_equal", "shards_equal")):
@@ -426,6 +435,13 @@ def markdown(report: dict) -> str:
     for name, vs in by.items():
         other = sorted({v for v in vs if v != "bit-exact"})
         lines.append(f"| {name} | {len(vs)} | {vs.count('bit-exact')} | {', '.join(other) or '–'} |")
+    verdicts = sorted({r["verdict"] for r in rows}, key=lambda v: (not v.startswith("bit-exact"), v))
+    archs = list(dict.fromkeys(r["arch"] for r in rows))
+    lines += ["", "## Verdicts per architecture (rows, both dtypes)", "", "| verdict | " + " | ".join(archs) + " |",
+              "|---|" + "---:|" * len(archs)]
+    for v in verdicts:
+        lines.append(f"| {v} | " + " | ".join(str(sum(r['verdict'] == v and r['arch'] == a for r in rows))
+                                               for a in archs) + " |")
     lines += ["", "## Random masks in one process (mergekit's sparsify at density 0.3 after torch.manual_seed(5) vs "
               "compress's sparsify_delta with a generator seeded 5, on a 64×300 delta)", "",
               "| sparsify | dtype | bit-exact | worst rel diff |", "|---|---|---|---:|"]
