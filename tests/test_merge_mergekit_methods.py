@@ -17,7 +17,7 @@ from conftest import run_cli
 from compress.bench import mergekit_cases as mc
 from compress.bench.mergekit_cases import CASES, MASKS, build_checkpoints, digest, mergekit_recipe
 from compress.merge import elementwise, geometric
-from compress.merge.methods import della_keep_prob, magnitude_keep, outlier_keep, sparsify_delta
+from compress.merge.methods import SLERP_CHUNK, della_keep_prob, magnitude_keep, outlier_keep, slerp, sparsify_delta
 from compress.sparsify.masks import keep_count
 from compress.sparsify.topk import sort_order_first
 
@@ -143,6 +143,15 @@ def test_random_masks_are_mergekit_s_with_one_seed(name, dtype):
             for k, d in mc.mask_deltas(dtype).items()}
     assert all(v.dtype == dtype for v in ours.values())
     assert mc.tensors_digest(ours) == REFERENCE["masks"][name][str(dtype).removeprefix("torch.")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_slerp_is_mergekit_s_kernel_over_several_chunks(dtype):
+    v0, v1 = mc.slerp_pair(dtype)
+    assert v0.numel() > SLERP_CHUNK  # norms and dot summed chunk by chunk, as mergekit sums them
+    out = slerp(mc.SLERP_T, v0, v1)
+    want = REFERENCE["slerp"][str(dtype).removeprefix("torch.")]
+    assert out.dtype == dtype and mc.tensors_digest({"out": out}) == want
 
 
 # -- mergekit YAMLs: accepted forms, refusals, and bit-exactness against mergekit --------------------------------

@@ -199,6 +199,18 @@ def mask_deltas(dtype) -> dict:
     return {f"t{i}": (torch.randn(s, generator=g) * 0.01).to(dtype) for i, s in enumerate(MASK_SHAPES)}
 
 
+SLERP_T = 0.3
+
+
+def slerp_pair(dtype) -> tuple:
+    """Two seeded tensors of 1.1 M entries (more than one of mergekit's slerp chunks), 40° or so apart."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    v0 = torch.randn(1100, 1000, generator=g)
+    return v0.to(dtype), (v0 + torch.randn(1100, 1000, generator=g)).to(dtype)
+
+
 # conversations the named chat templates are rendered on (with and without a generation prompt): system, user,
 # assistant and Alpaca's user_context turns, whitespace to trim, and orders the Mistral template refuses
 _S, _U, _A = ({"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi  there\n"},
@@ -225,9 +237,10 @@ def render_all(template: str, tokenizer) -> list[str]:
 def write_reference(path, workdir, tokenizer) -> dict:
     """Run every deterministic case through mergekit (importable in this interpreter: the venv of
     ``compress.bench.merge_speed.mergekit_env``) in float32 and bf16, and save {case: {dtype: digest}} to
-    ``path``, with the digests of mergekit's random masks (``MASKS`` on ``mask_deltas``, one seed) and its named
-    chat templates rendered on ``CONVERSATIONS`` by ``tokenizer`` (stories260K's): the fixture the unit tests
-    compare ``compress merge``, ``sparsify_delta`` and ``chat_templates.NAMED`` against without mergekit."""
+    ``path``, with the digests of mergekit's random masks (``MASKS`` on ``mask_deltas``, one seed), of its slerp
+    kernel on ``slerp_pair``, and its named chat templates rendered on ``CONVERSATIONS`` by ``tokenizer``
+    (stories260K's): the fixture the unit tests compare ``compress merge``, ``sparsify_delta``, ``slerp`` and
+    ``chat_templates.NAMED`` against without mergekit."""
     import json
     import logging
     from importlib.metadata import version
@@ -243,7 +256,12 @@ def write_reference(path, workdir, tokenizer) -> dict:
     ckpts = build_checkpoints(Path(workdir) / "ckpts")
     ref = {"mergekit": version("mergekit"), "cases": {}, "masks": {}}
     import mergekit
+    from mergekit.merge_methods.slerp import slerp
 
+    for dtype in (torch.float32, torch.bfloat16):
+        v0, v1 = slerp_pair(dtype)
+        ref.setdefault("slerp", {})[str(dtype).removeprefix("torch.")] = tensors_digest(
+            {"out": slerp(torch.tensor([SLERP_T]), v0.unsqueeze(0), v1.unsqueeze(0))[0]})
     folder = Path(mergekit.__file__).parent / "_data" / "chat_templates"
     ref["chat_templates"] = {f.stem: render_all(f.read_text(), tokenizer) for f in sorted(folder.glob("*.jinja"))}
     for name, (method, density, epsilon) in MASKS.items():

@@ -571,13 +571,18 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     if not a.shape[1]:
         return ((1 - tt) * a + tt * b).reshape(v0.shape).to(v0.dtype)
     chunks = range(0, a.shape[1], SLERP_CHUNK)
-    na = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[:, i:i + SLERP_CHUNK].to(acc), dim=1,
-                                                                        keepdim=True) for i in chunks]), dim=0)
-    nb = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[:, i:i + SLERP_CHUNK].to(acc), dim=1,
-                                                                        keepdim=True) for i in chunks]), dim=0)
-    na, nb = torch.where(na > eps, na, 1), torch.where(nb > eps, nb, 1)
-    dot = torch.stack([(a[:, i:i + SLERP_CHUNK].to(acc) / na * (b[:, i:i + SLERP_CHUNK].to(acc) / nb)
-                        ).sum(dim=1, keepdim=True) for i in chunks]).sum(dim=0).clamp(-1, 1)
+
+    def piece(x: torch.Tensor, i: int) -> torch.Tensor:  # one chunk at a time: bounded float32 scratch
+        return x[:, i:i + SLERP_CHUNK].to(acc)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        n = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(piece(x, i), dim=1, keepdim=True)
+                                                  for i in chunks]), dim=0)
+        return torch.where(n > eps, n, 1)
+
+    na, nb = norm(a), norm(b)
+    dot = torch.stack([(piece(a, i) / na * (piece(b, i) / nb)).sum(dim=1, keepdim=True)
+                       for i in chunks]).sum(dim=0).clamp(-1, 1)
     linear = dot.abs() > dot_threshold
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
@@ -585,5 +590,5 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     cb = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
     out = torch.empty_like(a)
     for i in chunks:
-        out[:, i:i + SLERP_CHUNK] = ca * a[:, i:i + SLERP_CHUNK].to(acc) + cb * b[:, i:i + SLERP_CHUNK].to(acc)
+        out[:, i:i + SLERP_CHUNK] = ca * piece(a, i) + cb * piece(b, i)
     return out.reshape(v0.shape)
