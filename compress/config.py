@@ -296,9 +296,9 @@ def _leaves(setting: Any) -> list:
     return list(setting) if isinstance(setting, list) else [setting]
 
 
-def setting_problem(key: str, setting: Any) -> Optional[str]:
+def setting_problem(key: str, setting: Any, zero_density: bool = False) -> Optional[str]:
     """Why ``setting`` is no value for parameter ``key`` (None when it is one): a flag takes true or false, the
-    others numbers; densities lie in (0, 1]."""
+    others numbers; densities lie in (0, 1], or [0, 1] with ``zero_density`` (mergekit's rule: 0 keeps nothing)."""
     if key in FLAG_PARAMS:
         return None if isinstance(setting, bool) else f"must be true or false, got {setting!r}"
     try:
@@ -307,20 +307,23 @@ def setting_problem(key: str, setting: Any) -> Optional[str]:
         return str(e)
     if not all(_is_number(x) for x in leaves):
         return f"must be {_SETTING_FORMS}, got {setting!r}"
-    if key in ("density", "rank", "common") and not all(0.0 < x <= 1.0 for x in leaves):
+    if key == "density" and zero_density:
+        if not all(0.0 <= x <= 1.0 for x in leaves):
+            return f"must be in [0, 1], got {setting!r}"
+    elif key in ("density", "rank", "common") and not all(0.0 < x <= 1.0 for x in leaves):
         return f"must be in (0, 1], got {setting!r}"
     if key in ("steps", "lr") and not all(x >= 0 for x in leaves):
         return f"must be >= 0, got {setting!r}"
     return None
 
 
-def _param_names(allowed: tuple[str, ...]):
+def _param_names(allowed: tuple[str, ...], zero_density: bool = False):
     def check(v: dict) -> dict:
         bad = [k for k in v if k not in allowed]
         if bad:
             raise ValueError(f"unknown parameter '{bad[0]}' (known: {', '.join(allowed)})")
         for k, setting in v.items():
-            problem = setting_problem(k, setting)
+            problem = setting_problem(k, setting, zero_density)
             if problem:
                 raise ValueError(f"'{k}' {problem}")
         return v
@@ -343,7 +346,7 @@ class MergeModel(_Config):
     """One input: a full checkpoint or a PEFT LoRA adapter folder, with its own parameters."""
 
     model: Path
-    parameters: Annotated[dict[str, Setting], AfterValidator(_param_names(MODEL_PARAMS))] = Field(
+    parameters: Annotated[dict[str, Setting], AfterValidator(_param_names(MODEL_PARAMS, True))] = Field(
         default_factory=dict)
 
 
@@ -359,7 +362,7 @@ class MergeConfig(Compute, ProtectOptions):
     method: str = Field(description="a merge method's name (the registry: compress.merge.methods)")
     base: Optional[Path] = None
     models: list[MergeModel] = Field(min_length=1)
-    parameters: Annotated[dict[str, Setting], AfterValidator(_param_names(SHARED_PARAMS))] = Field(
+    parameters: Annotated[dict[str, Setting], AfterValidator(_param_names(SHARED_PARAMS, True))] = Field(
         default_factory=dict)
     variant: Literal["paper", "peft", "mergekit"] = "paper"
     topk: Optional[Literal["per_tensor", "global"]] = None
@@ -384,6 +387,13 @@ class MergeConfig(Compute, ProtectOptions):
     def _check(self) -> "MergeConfig":
         if self.method == "slerp" and (self.base is None or len(self.models) != 1):
             raise ValueError("slerp interpolates a base and exactly one model (give base and one model)")
+        if self.variant != "mergekit":
+            # density 0 keeps nothing (the merge is the base): mergekit accepts it, the papers' ranges do not
+            for where, params in [("parameters", self.parameters)] + [
+                    (f"models.{i}.parameters", m.parameters) for i, m in enumerate(self.models)]:
+                if "density" in params and 0.0 in _leaves(_setting(params["density"])):
+                    raise ValueError(f"{where}.density: must be in (0, 1], got {params['density']!r} (density 0 "
+                                     "keeps nothing: only a mergekit recipe or variant: mergekit accepts it)")
         return self  # which other methods need a base: compress.merge.methods.check_config
 
     def overrides(self) -> dict:

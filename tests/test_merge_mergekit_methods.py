@@ -14,9 +14,10 @@ import torch
 import yaml
 from conftest import run_cli
 
-from compress.bench.mergekit_cases import CASES, build_checkpoints, digest, mergekit_recipe
+from compress.bench import mergekit_cases as mc
+from compress.bench.mergekit_cases import CASES, MASKS, build_checkpoints, digest, mergekit_recipe
 from compress.merge import elementwise, geometric
-from compress.merge.methods import della_keep_prob, magnitude_keep, outlier_keep, sparsify_delta
+from compress.merge.methods import SLERP_CHUNK, della_keep_prob, magnitude_keep, outlier_keep, slerp, sparsify_delta
 from compress.sparsify.masks import keep_count
 from compress.sparsify.topk import sort_order_first
 
@@ -129,6 +130,28 @@ def test_density_rounding_and_della_rules():
     # 3-D: ranks along dim 1 (mergekit's axis): column 0 is [1, 2, 3], column 1 is [10, 20, 5]
     p = della_keep_prob(torch.tensor([[[1.0, 10.0], [2.0, 20.0], [3.0, 5.0]]]), 0.5, 0.1)
     assert torch.allclose(p, torch.tensor([[[0.4, 0.5], [0.5, 0.6], [0.6, 0.4]]]))
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_random_masks_are_mergekit_s_with_one_seed(name, dtype):
+    # mergekit draws from the global generator after torch.manual_seed; ours from a generator seeded alike; bf16
+    # ranks and probabilities stay in bf16 as in mergekit (DELLA's ranks past 256 round there)
+    method, density, epsilon = MASKS[name]
+    ours = {k: sparsify_delta(d, {"random": "random", "della_magprune": "della"}[method], density, rescale="l1",
+                              epsilon=epsilon, generator=torch.Generator().manual_seed(mc.MASK_SEED))
+            for k, d in mc.mask_deltas(dtype).items()}
+    assert all(v.dtype == dtype for v in ours.values())
+    assert mc.tensors_digest(ours) == REFERENCE["masks"][name][str(dtype).removeprefix("torch.")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_slerp_is_mergekit_s_kernel_over_several_chunks(dtype):
+    v0, v1 = mc.slerp_pair(dtype)
+    assert v0.numel() > SLERP_CHUNK  # norms and dot summed chunk by chunk, as mergekit sums them
+    out = slerp(mc.SLERP_T, v0, v1)
+    want = REFERENCE["slerp"][str(dtype).removeprefix("torch.")]
+    assert out.dtype == dtype and mc.tensors_digest({"out": out}) == want
 
 
 # -- mergekit YAMLs: accepted forms, refusals, and bit-exactness against mergekit --------------------------------
@@ -272,3 +295,21 @@ def test_parity_bench_covers_every_case_and_refuses_an_unknown_method(tmp_path):
                            "--results", tmp_path / "r")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "'nope'" in err, err
     assert not (tmp_path / "w").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("where", ["parameters", "models"])
+def test_density_0_is_a_mergekit_rule_the_native_schema_refuses(ckpts, tmp_path, where):
+    base, models = ckpts["float32"]
+    p = {"density": 0.0, "weight": 1.0}
+    entry = {"model": models[0], **({"parameters": p} if where == "models" else {})}
+    native = {"method": "ties", "base": base, "models": [entry], **({"parameters": p} if where == "parameters" else {})}
+    (tmp_path / "n.yml").write_text(yaml.safe_dump(native))
+    code, _, err = run_cli("merge", tmp_path / "n.yml", "--out", tmp_path / "n")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "density 0 keeps nothing" in err, err
+    assert f"{'parameters' if where == 'parameters' else 'models.0.parameters'}.density" in err
+    assert not (tmp_path / "n").exists()
+    # the same merge as a mergekit YAML is the base itself
+    mk = {"merge_method": "ties", "base_model": base, "models": [{"model": models[0], "parameters": p}]}
+    assert _merge(tmp_path, mk, "mk")[0] == 0
+    out, want = _sd(tmp_path / "mk"), _sd(base)
+    assert out.keys() == want.keys() and all(torch.equal(v, want[k]) for k, v in out.items())

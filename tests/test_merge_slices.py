@@ -246,6 +246,56 @@ def test_tokenizer_union_model_and_token_overrides(tok_pair, tmp_path):
     assert bb.shape == (512, 48) and torch.allclose(bb, B[n][:512], atol=1e-6)
 
 
+def test_tokenizer_union_of_two_new_vocabularies(tok_pair, tmp_path):
+    # c adds <x> and the <tool> of b at another id: the union takes b's new tokens, then c's, in the recipe's order
+    # (mergekit's order there follows a Python set, so it changes with PYTHONHASHSEED); rows go token by token
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    a, b = tok_pair
+    c = tmp_path / "c"
+    model = LlamaForCausalLM.from_pretrained(a)
+    tok = AutoTokenizer.from_pretrained(a)
+    tok.add_tokens(["<x>", "<tool>"])
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[512:] = torch.tensor([[3.0], [5.0]]).expand(2, 48)
+    model.save_pretrained(c)
+    tok.save_pretrained(c)
+    r = _recipe(tmp_path, {"merge_method": "task_arithmetic", "base_model": str(a), "dtype": "float32",
+                           "tokenizer_source": "union", "models": [{"model": str(b), "parameters": {"weight": 0.5}},
+                                                                   {"model": str(c), "parameters": {"weight": 0.5}}]})
+    code, _, err = run_cli("merge", r, tmp_path / "u")
+    assert code == 0, err
+    out = AutoTokenizer.from_pretrained(tmp_path / "u")
+    assert {t: out.convert_tokens_to_ids(t) for t in ("<tool>", "<done>", "<x>")} == {"<tool>": 512, "<done>": 513,
+                                                                                    "<x>": 514}
+    e, B, n = _sd(tmp_path / "u")["model.embed_tokens.weight"], _sd(b), "model.embed_tokens.weight"
+    assert e.shape == (515, 48)
+    # <tool>: the base lacks it, b and c have it: the base's row is their mean, each model keeps its own
+    mean = (B[n][512] + 5.0) / 2
+    assert torch.allclose(e[512], mean + 0.5 * (B[n][512] - mean) + 0.5 * (5.0 - mean), atol=1e-6)
+    assert torch.equal(e[513], B[n][513]) and torch.equal(e[514], torch.full((48,), 3.0))  # one donor each
+
+
+def test_named_chat_templates_render_as_mergekit_s(tok_pair, tmp_path):
+    from transformers import AutoTokenizer
+
+    from compress.bench.mergekit_cases import render_all
+    from compress.merge.chat_templates import NAMED
+
+    a, _ = tok_pair
+    reference = json.loads((Path(__file__).parent / "data" / "mergekit_reference.json").read_text())["chat_templates"]
+    tok = AutoTokenizer.from_pretrained(a)
+    assert set(NAMED) == set(reference)  # every template mergekit 0.1.5 ships, under its name
+    for name, renders in reference.items():
+        assert render_all(NAMED[name], tok) == renders, name
+    r = _recipe(tmp_path, {"merge_method": "linear", "dtype": "float32", "chat_template": "llama3",
+                           "models": [{"model": str(a), "parameters": {"weight": 1.0}}]})
+    code, _, err = run_cli("merge", r, tmp_path / "o")
+    assert code == 0, err
+    assert AutoTokenizer.from_pretrained(tmp_path / "o").chat_template == NAMED["llama3"]
+
+
 def test_copy_tokenizer_flag(tok_pair, tmp_path):
     a, _ = tok_pair
     r = _recipe(tmp_path, {"merge_method": "linear", "dtype": "float32",
@@ -297,7 +347,7 @@ def test_mergekit_cli_forms_map_to_native_options(pair, tmp_path):
     ({"models": [{"model": "A+B+C"}]}, "is not 'MODEL' or 'MODEL+LORA'"),
     ({"models": [{"model": "A+B"}]}, "not a PEFT LoRA adapter folder"),
     ({"slices": [{"sources": [_src("A", 0, 2)]}], "models": [{"model": "A"}]}, "exactly one of"),
-    ({"chat_template": "chatml"}, "chat_template 'chatml'"),
+    ({"chat_template": "vicuna"}, "chat_template 'vicuna' is neither 'auto', a template name (alpaca, chatml"),
     ({"tokenizer_source": "union", "tokenizer": {"source": "base"}}, "not both"),
 ])
 def test_hostile_slice_configs_one_line(pair, tmp_path, change, message):

@@ -4,9 +4,9 @@ mergekit-parity`` all use the same list.
 
 A case names a method, how many fine-tuned models it takes, whether ``base_model`` is given (and listed again
 under ``models:``), and its parameters. ``mergekit_recipe`` writes the mergekit YAML for real paths.
-``CASES`` are the fixture's (every method mergekit 0.1.5 registers but slerp and the random ones are there);
-``PARITY_CASES`` adds the forms the benchmark also runs (per-model densities, a slerp gradient, the linear
-variants of DARE, breadcrumbs and DELLA), on its checkpoints ``base`` and the fine-tunes ``FINE_TUNES``.
+``CASES`` are the fixture's (every method mergekit 0.1.5 registers but the random ones are there);
+``PARITY_CASES`` adds the forms the benchmark also runs (per-model densities, the linear variants of DARE,
+breadcrumbs and DELLA), on its checkpoints ``base`` and the fine-tunes ``FINE_TUNES``.
 """
 
 from __future__ import annotations
@@ -58,6 +58,13 @@ CASES: tuple[Case, ...] = (
          model_parameters=({"weight": 1.0}, {"weight": 0.5}, {"weight": 0.7})),
     Case("breadcrumbs", "breadcrumbs", parameters={"density": 0.5, "gamma": 0.05, "weight": 1.0}),
     Case("della at density 1", "della", parameters={"density": 1.0, "weight": 0.5}),
+    # density 0 keeps nothing in mergekit (the merge is the base), the random methods included
+    Case("ties at density 0", "ties", parameters={"density": 0.0, "weight": 1.0}),
+    Case("dare_ties at density 0", "dare_ties", parameters={"density": 0.0, "weight": 1.0}),
+    Case("della at density 0", "della", parameters={"density": 0.0, "epsilon": 0.1, "weight": 0.5}),
+    # mergekit's slerp arithmetic (float32 t, chunked norms), and t as a gradient over the layers
+    Case("slerp", "slerp", models=1, parameters={"t": 0.3}),
+    Case("slerp gradient", "slerp", models=1, parameters={"t": [0.0, 0.3, 1.0]}),
     # random drops: equal to mergekit in distribution, not draw for draw
     Case("dare_ties", "dare_ties", parameters={"density": 0.5, "weight": 1.0}, random=True),
     Case("della", "della", parameters={"density": 0.5, "epsilon": 0.1, "weight": 1.0}, random=True),
@@ -70,7 +77,6 @@ _CRUMBS = ({"weight": 0.7, "density": 0.8, "gamma": 0.05}, {"weight": 0.5, "dens
 _DELLA = ({"weight": 0.7, "density": 0.5, "epsilon": 0.1}, {"weight": 0.5, "density": 0.4, "epsilon": 0.1})
 PARITY_CASES: tuple[Case, ...] = CASES + (
     Case("linear no base", "linear", base=False, model_parameters=({"weight": 0.6}, {"weight": 0.4})),
-    Case("slerp gradient", "slerp", models=1, parameters={"t": [0.0, 0.3, 1.0]}),
     Case("task_arithmetic", "task_arithmetic", parameters={"lambda": 0.9}, model_parameters=_W),
     Case("ties per-model density", "ties", parameters={"normalize": True}, model_parameters=_DENSE),
     Case("breadcrumbs per-model", "breadcrumbs", model_parameters=_CRUMBS),
@@ -154,17 +160,24 @@ def build_checkpoints(root, n_models: int = 3) -> dict:
 
 def digest(folder) -> str:
     """sha256 over every tensor of a written model (name, dtype, shape, bytes), in name order."""
-    import hashlib
     from pathlib import Path
 
-    import torch
     from safetensors import safe_open
 
-    h = hashlib.sha256()
     tensors = {}
     for f in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(f), "pt") as fh:
             tensors.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return tensors_digest(tensors)
+
+
+def tensors_digest(tensors: dict) -> str:
+    """sha256 over named tensors (name, dtype, shape, bytes), in name order."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
     for k in sorted(tensors):
         t = tensors[k].contiguous()
         h.update(f"{k}:{t.dtype}:{list(t.shape)}".encode())
@@ -172,22 +185,93 @@ def digest(folder) -> str:
     return h.hexdigest()
 
 
-def write_reference(path, workdir) -> dict:
+# the random masks recorded from mergekit's sparsify after torch.manual_seed(seed): name → (method, density, epsilon)
+MASKS = {"dare": ("random", 0.3, 0.0), "della": ("della_magprune", 0.3, 0.2)}
+MASK_SHAPES = ((64, 48), (16, 600), (300,), (4, 6, 20))
+MASK_SEED = 5
+
+
+def mask_deltas(dtype) -> dict:
+    """The deltas the recorded masks are drawn on: seeded draws of ``MASK_SHAPES`` in ``dtype``."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return {f"t{i}": (torch.randn(s, generator=g) * 0.01).to(dtype) for i, s in enumerate(MASK_SHAPES)}
+
+
+SLERP_T = 0.3
+
+
+def slerp_pair(dtype) -> tuple:
+    """Two seeded tensors of 1.1 M entries (more than one of mergekit's slerp chunks), 40° or so apart."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    v0 = torch.randn(1100, 1000, generator=g)
+    return v0.to(dtype), (v0 + torch.randn(1100, 1000, generator=g)).to(dtype)
+
+
+# conversations the named chat templates are rendered on (with and without a generation prompt): system, user,
+# assistant and Alpaca's user_context turns, whitespace to trim, and orders the Mistral template refuses
+_S, _U, _A = ({"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi  there\n"},
+              {"role": "assistant", "content": "\nHello! "})
+_U2, _C = {"role": "user", "content": "Why?"}, {"role": "user_context", "content": " ctx "}
+CONVERSATIONS = ([_U], [_S, _U], [_U, _A], [_S, _U, _A, _U2], [_U, _A, _U2, _A], [_S], [_A], [_A, _U], [_S, _S, _U],
+                 [_U, _C, _A], [_C], [_U, _U2], [_S, _U, _A], [], [{"role": "tool", "content": "x"}], [_S, _A])
+
+
+def render_all(template: str, tokenizer) -> list[str]:
+    """``template`` rendered by transformers on every conversation, without and with a generation prompt; a
+    conversation the template refuses gives 'error: <exception type>'."""
+    out = []
+    for conv in CONVERSATIONS:
+        for gen in (False, True):
+            try:
+                out.append(tokenizer.apply_chat_template(conv, chat_template=template, tokenize=False,
+                                                         add_generation_prompt=gen))
+            except Exception as e:  # the template's own raise_exception, or an undefined turn
+                out.append(f"error: {type(e).__name__}")
+    return out
+
+
+def write_reference(path, workdir, tokenizer) -> dict:
     """Run every deterministic case through mergekit (importable in this interpreter: the venv of
     ``compress.bench.merge_speed.mergekit_env``) in float32 and bf16, and save {case: {dtype: digest}} to
-    ``path``: the fixture the unit tests compare ``compress merge`` against without mergekit."""
+    ``path``, with the digests of mergekit's random masks (``MASKS`` on ``mask_deltas``, one seed), of its slerp
+    kernel on ``slerp_pair``, and its named chat templates rendered on ``CONVERSATIONS`` by ``tokenizer``
+    (stories260K's): the fixture the unit tests compare ``compress merge``, ``sparsify_delta``, ``slerp`` and
+    ``chat_templates.NAMED`` against without mergekit."""
     import json
     import logging
     from importlib.metadata import version
     from pathlib import Path
 
+    import torch
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
+    from mergekit.sparsify import RescaleNorm, SparsificationMethod, sparsify
 
     logging.disable(logging.WARNING)
     ckpts = build_checkpoints(Path(workdir) / "ckpts")
-    ref = {"mergekit": version("mergekit"), "cases": {}}
+    ref = {"mergekit": version("mergekit"), "cases": {}, "masks": {}}
+    import mergekit
+    from mergekit.merge_methods.slerp import slerp
+
+    for dtype in (torch.float32, torch.bfloat16):
+        v0, v1 = slerp_pair(dtype)
+        ref.setdefault("slerp", {})[str(dtype).removeprefix("torch.")] = tensors_digest(
+            {"out": slerp(torch.tensor([SLERP_T]), v0.unsqueeze(0), v1.unsqueeze(0))[0]})
+    folder = Path(mergekit.__file__).parent / "_data" / "chat_templates"
+    ref["chat_templates"] = {f.stem: render_all(f.read_text(), tokenizer) for f in sorted(folder.glob("*.jinja"))}
+    for name, (method, density, epsilon) in MASKS.items():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            out = {}
+            for k, delta in mask_deltas(dtype).items():
+                torch.manual_seed(MASK_SEED)
+                out[k] = sparsify(delta, density=density, method=SparsificationMethod(method), epsilon=epsilon,
+                                  rescale_norm=RescaleNorm.l1)
+            ref["masks"].setdefault(name, {})[str(dtype).removeprefix("torch.")] = tensors_digest(out)
     for case in CASES:
         if case.random:
             continue

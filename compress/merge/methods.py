@@ -109,13 +109,20 @@ def outlier_keep(delta: torch.Tensor, density: float, gamma: float, tie_break: s
 def della_keep_prob(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's MAGPRUNE (Deep et al. 2024): keep probabilities rise linearly with the magnitude rank along dim 1
     from density−ε (smallest) to density+ε (largest); a 1-D tensor is one row. Ranking along dim 1 for 3-D and
-    larger tensors too is mergekit's axis (the paper only speaks of matrices)."""
+    larger tensors too is mergekit's axis (the paper only speaks of matrices).
+
+    As mergekit's ``della_magprune`` on the CPU: ranks from ``torch.argsort`` (its order for equal magnitudes),
+    and the ranks and probabilities in bf16 for bf16 deltas, else float32, so that the same draws give its mask
+    bit for bit (on a GPU mergekit would also keep fp16 ranks in fp16; this keeps float32 on every device)."""
     if not (0.0 < density - epsilon and density + epsilon < 1.0):
         raise CompressError(f"della: density ± epsilon must lie in (0, 1) (density {density}, epsilon {epsilon})")
+    work = torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, stable=True), dim=1).to(torch.float32)
-    span = max(rows.shape[1] - 1, 1)
-    return ((density - epsilon) + ranks / span * 2 * epsilon).reshape(delta.shape)
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(work) + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    span = torch.where(hi > lo, hi - lo, 1)  # a one-column row: every entry at density − ε
+    rank_norm = ((ranks - lo) / span).clamp(0, 1)
+    return ((density - epsilon) + rank_norm * 2 * epsilon).reshape(delta.shape)
 
 
 def protected_kept(n_protected: int, protect_sparsity: Optional[float]) -> int:
@@ -190,6 +197,8 @@ def sparsify_delta(delta: torch.Tensor, method: Optional[Sparsify], density: flo
                                    protect, protect_sparsity)
     if method is None or (density >= 1.0 and keep is None):
         return delta  # DELLA too: at density 1 mergekit passes the deltas through
+    if density <= 0.0 and keep is None:
+        return torch.zeros_like(delta)  # mergekit's density 0: nothing kept (and no 0/0 from an inverse rescale)
     if method == "magnitude":
         mask = keep if keep is not None else magnitude_keep(delta, density, tie_break)
         kept = delta * mask
@@ -197,19 +206,23 @@ def sparsify_delta(delta: torch.Tensor, method: Optional[Sparsify], density: flo
     if method == "outliers":
         kept = delta * outlier_keep(delta, density, gamma, tie_break)
         return _l1_rescale(kept, delta) if rescale == "l1" else kept
+    # mergekit's dtypes for the draws: probabilities in bf16 for bf16 deltas, fp16 deltas masked and rescaled in
+    # float32 (torch has no fp16 bernoulli on the CPU), so that one seed gives its masks bit for bit
     if method == "random":
-        p = torch.full(delta.shape, float(density), dtype=torch.float32)
+        p = torch.full(delta.shape, float(density),
+                       dtype=torch.bfloat16 if delta.dtype == torch.bfloat16 else torch.float32)
     elif method == "della":
         p = della_keep_prob(delta.cpu(), density, epsilon)
     else:
         raise CompressError(f"unknown sparsification '{method}' (choose magnitude, random, outliers, della)")
-    mask = torch.bernoulli(p, generator=generator).to(delta.device, delta.dtype)
-    kept = delta * mask
+    work = torch.float32 if delta.dtype == torch.float16 else delta.dtype
+    x = delta.to(work)
+    kept = x * torch.bernoulli(p, generator=generator).to(delta.device, work)
     if rescale == "inverse_keep":
-        return kept / p.to(delta.device, delta.dtype)
-    if rescale == "l1":
-        return _l1_rescale(kept, delta)
-    return kept
+        kept = kept / p.to(delta.device, work)
+    elif rescale == "l1":
+        kept = _l1_rescale(kept, x)
+    return kept.to(delta.dtype)
 
 
 # -- steps 2–4: combine --------------------------------------------------------------------------------------
@@ -540,18 +553,42 @@ def linear(tensors: torch.Tensor, weights, normalize: bool = True) -> torch.Tens
     return out.div_(w.sum()) if normalize else out
 
 
+SLERP_CHUNK = 1024 * 1024  # mergekit's chunk of elements per pass: sums over a chunk, then over the chunks
+
+
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
           eps: float = 1e-8) -> torch.Tensor:
     """Spherical interpolation of two whole tensors (Shoemake 1985; mergekit ``slerp``): the angle comes from the
     flattened, normalized tensors and the coefficients apply to the originals; nearly collinear (|cos| above
-    ``dot_threshold``) falls back to linear interpolation. t=0 gives v0, t=1 gives v1."""
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    na = na if na > eps else torch.ones_like(na)
-    nb = nb if nb > eps else torch.ones_like(nb)
-    dot = torch.dot(a / na, b / nb).clamp(-1, 1)
-    if dot.abs() > dot_threshold:
-        return (1 - t) * v0 + t * v1
-    theta = torch.acos(dot)
-    s = torch.sin(theta)
-    return (torch.sin((1 - t) * theta) / s) * v0 + (torch.sin(t * theta) / s) * v1
+    ``dot_threshold``) falls back to linear interpolation. t=0 gives v0, t=1 gives v1.
+
+    Follows mergekit 0.1.5's torch arithmetic op for op so that the output is its bit for bit: float32 (float64
+    inputs: float64) with t a tensor of that dtype, norms per chunk of ``SLERP_CHUNK`` elements and then the norm
+    of those norms, the dot of the normalized chunks summed chunk by chunk; returned in the inputs' dtype."""
+    acc = torch.float64 if v0.dtype == torch.float64 else torch.float32
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    tt = torch.tensor([[float(t)]], dtype=acc, device=v0.device)
+    if not a.shape[1]:
+        return ((1 - tt) * a + tt * b).reshape(v0.shape).to(v0.dtype)
+    chunks = range(0, a.shape[1], SLERP_CHUNK)
+
+    def piece(x: torch.Tensor, i: int) -> torch.Tensor:  # one chunk at a time: bounded float32 scratch
+        return x[:, i:i + SLERP_CHUNK].to(acc)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        n = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(piece(x, i), dim=1, keepdim=True)
+                                                  for i in chunks]), dim=0)
+        return torch.where(n > eps, n, 1)
+
+    na, nb = norm(a), norm(b)
+    dot = torch.stack([(piece(a, i) / na * (piece(b, i) / nb)).sum(dim=1, keepdim=True)
+                       for i in chunks]).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    ca = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    cb = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    out = torch.empty_like(a)
+    for i in chunks:
+        out[:, i:i + SLERP_CHUNK] = ca * piece(a, i) + cb * piece(b, i)
+    return out.reshape(v0.shape)

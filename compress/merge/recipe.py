@@ -185,7 +185,7 @@ def _check_settings(params: dict, field: str) -> None:
     """Types and ranges checked here, under mergekit's own field paths (the translation drops the base from
     ``models``, so the schema's indices would not be the file's)."""
     for key, setting in params.items():
-        problem = setting_problem(key, setting)
+        problem = setting_problem(key, setting, zero_density=True)
         if problem:
             raise CompressError(f"mergekit recipe: {field}.{key} {problem}")
 

@@ -267,7 +267,11 @@ def _union(toks: dict, sizes: dict):
 
 
 def chat_template(value: str, tokenizers) -> Optional[str]:
-    """mergekit's chat_template: 'auto' (the commonest among the models' tokenizers) or a Jinja template."""
+    """mergekit's chat_template: 'auto' (the commonest among the models' tokenizers), a name of
+    ``chat_templates.NAMED`` (mergekit's rule for a name: under 256 characters, no newline, no '{') or a Jinja
+    template."""
+    from compress.merge.chat_templates import NAMED
+
     if value == "auto":
         found = []
         for tok in tokenizers:
@@ -276,9 +280,11 @@ def chat_template(value: str, tokenizers) -> Optional[str]:
             if t:
                 found.append(t.strip())
         return Counter(found).most_common(1)[0][0] if found else None
+    if len(value) < 256 and "\n" not in value and "{" not in value and value in NAMED:
+        return NAMED[value]
     if len(value) < 20 or "{" not in value:
-        raise CompressError(f"mergekit recipe: chat_template {value!r} is neither 'auto' nor a Jinja template "
-                            "(mergekit's named templates are not bundled: paste the template)")
+        raise CompressError(f"mergekit recipe: chat_template {value!r} is neither 'auto', a template name "
+                            f"({', '.join(sorted(NAMED))}) nor a Jinja template")
     return value
 
 
