@@ -67,8 +67,16 @@ class EncodeOnce:
     def keep_first(self, text: str, n: Optional[int]) -> None:
         """Later calls on ``text`` give its first ``n`` tokens only: all that a perplexity over ``max_tokens=n``
         reads, without turning the whole text into a tensor each time."""
-        if n is not None:
-            self._ids[text] = {"input_ids": self(text, verbose=False)["input_ids"][:n]}
+        if n is None:
+            return
+        # a prefix that ends before a line break, past the first n tokens, encodes them as the whole text does (the
+        # tokenizers split words first), at a fraction of the cost of encoding megabytes
+        cut, ids = 0, []
+        while cut < len(text) and len(ids) <= n + 1:
+            cut = text.find("\n", max(cut * 2, 16 * n))
+            cut = len(text) if cut < 0 else cut
+            ids = self.tokenizer(text[:cut], verbose=False)["input_ids"]
+        self._ids[text] = {"input_ids": ids[:n]}
 
 
 class _Pruner(Pruner):
