@@ -92,3 +92,20 @@ def test_keep_first_encodes_as_the_whole_text(stories260k):
         enc = EncodeOnce(tok)
         enc.keep_first(text, n)
         assert enc(text, verbose=False)["input_ids"] == whole[:n]
+
+
+def test_model_without_lm_head_refused(stories260k, tmp_path):
+    """A config.json naming no causal-LM class (lm-zoo folders written through save_module) loads without the
+    LM head: refused before any work, naming the file."""
+    import shutil
+
+    folder = tmp_path / "zoo" / "stories260k"
+    shutil.copytree(stories260k, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["architectures"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli("bench", "calibration", "stories260k", "--zoo-root", tmp_path / "zoo", "--results",
+                           tmp_path / "out", "--quick")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert str(folder / "config.json") in err and "architectures" in err
+    assert not (tmp_path / "out").exists()

@@ -94,6 +94,8 @@ def model_dirs(zoos: list[str], zoo_root: Path, work: Path) -> dict[str, Path]:
     """{zoo: model folder}, every one checked before any work: stories260k from ``zoo_root`` when built there,
     else converted from the bundled files into ``work``; lm-zoo's base must be built."""
     from compress.bench.prune import _model_dir
+    from compress.io.files import read_model_config
+    from compress.io.models import model_class
 
     out = {}
     for zoo in zoos:
@@ -107,6 +109,10 @@ def model_dirs(zoos: list[str], zoo_root: Path, work: Path) -> dict[str, Path]:
             convert_llama2c(*stories260k_files(), out[zoo])
         else:
             out[zoo] = _model_dir(zoo, zoo_root)
+        if model_class(out[zoo])[2] != "causal":  # perplexity needs the LM head: refused before any work
+            raise CompressError(f"{out[zoo] / 'config.json'}: names no causal-LM architecture (architectures: "
+                                f"{read_model_config(out[zoo]).get('architectures')}), so the model would load "
+                                "without its LM head; add \"architectures\": [\"LlamaForCausalLM\"] to it")
     return out
 
 
