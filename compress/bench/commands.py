@@ -155,6 +155,37 @@ def bench_prune(
         max_tokens=max_tokens, k=k, quiet=quiet)
 
 
+@bench_app.command("calibration")
+def bench_calibration(
+    zoos: Optional[list[str]] = typer.Argument(None, help="stories260k (bundled) and/or lm-zoo (built by "
+                                                          "`compress zoo build lm-zoo`); default both."),
+    zoo_root: Path = ZOO_ROOT,
+    results: Path = RESULTS,
+    seeds: int = typer.Option(3, help="Calibration seeds 0..N-1 (each draws its own windows)."),
+    nsamples: Optional[int] = typer.Option(None, help="Calibration windows (default 128; 8 with --quick)."),
+    seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window (default 256, at most the "
+                                                    "model's positions; 64 with --quick)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Score the first N dev and test tokens (default: all on "
+                                                        "CUDA, 65536 on a CPU, 2048 with --quick)."),
+    methods: str = typer.Option("wanda,sparsegpt", help="Comma-separated: wanda, sparsegpt."),
+    sparsities: str = typer.Option("50%,70%,80%,2:4", help="Comma-separated: 50%, 70%, 80%, 2:4."),
+    blockwise: Optional[bool] = typer.Option(None, "--blockwise/--in-memory",
+                                             help="Prune to a folder and score it block by block, or in memory "
+                                                  "(default: block by block when the weights take over half the "
+                                                  "free device memory)."),
+    quick: bool = typer.Option(False, "--quick", help="CI size: few short windows, 2048 scored tokens."),
+    device: str = DEVICE, quiet: bool = QUIET,
+):
+    """Wanda and SparseGPT at 50/70/80% and 2:4, sequential against shared calibration, over seeds; dev decides."""
+    from compress.bench.calibration import run
+
+    require("bench", "compress bench calibration", ("matplotlib",))
+    run(zoos, zoo_root=zoo_root, results=results, seeds=seeds, nsamples=nsamples, seqlen=seqlen,
+        max_tokens=max_tokens, device=resolve_device(device), quick=quick, blockwise=blockwise,
+        methods=tuple(v.strip() for v in methods.split(",") if v.strip()),
+        sparsities=tuple(v.strip() for v in sparsities.split(",") if v.strip()), quiet=quiet)
+
+
 @bench_app.command("prune-memory")
 def bench_prune_memory(
     params: float = typer.Option(3e8, help="Parameters of the random float32 Llama."),
