@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import run_cli
 
 from compress.bench.scale import JOBS, SIZES, run
@@ -67,3 +68,20 @@ def test_rows_from_separate_calls_get_an_unpaired_ratio_and_paired_rows_keep_the
                      row("merge_ties", "mergekit", None, 10.0)])
     assert rows[0]["vs_unpaired"] == {"tool": "llmcompressor", "ratio": 0.5}
     assert "vs_unpaired" not in rows[1] and "vs_unpaired" not in rows[3]
+
+
+def test_the_70b_estimate_scales_a_block_wise_prune_per_block_and_a_resident_batch_with_the_model():
+    from compress.bench.scale import ESTIMATED, SIZES, estimate
+
+    s = SIZES["7b"]
+    common = {"size": "7b", "tool": "compress", "status": "ok", "seconds": 100.0, "input_bytes": 2 * s.params()}
+    # 11 GB of GPU at 7B: more than half the model's bytes, but SparseGPT's Hessians of one block, not the model
+    rows = [{**common, "job": "prune_sparsegpt", "mode": "sequential", "gpu_peak_bytes": 11e9,
+             "peak_rss_bytes": 3e9},
+            {**common, "job": "batch", "mode": None, "gpu_peak_bytes": 11e9, "peak_rss_bytes": 3e9}]
+    est = {e["job"]: e for e in estimate(rows)}
+    big = est["prune_sparsegpt"]
+    assert not big["gpu_scaled_with_model"]
+    assert big["gpu_peak_bytes"] == pytest.approx(11e9 * ESTIMATED[1].block_params() / s.block_params())
+    assert big["gpu_peak_bytes"] < 0.5 * 2 * big["params"]  # far below the 70B model's 138 GB
+    assert est["batch"]["gpu_scaled_with_model"]

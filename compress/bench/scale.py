@@ -522,7 +522,8 @@ def estimate(rows: list[dict]) -> list[dict]:
 
     Streaming jobs scale time with parameters and memory with the largest tensor; passes that run the model scale
     per block (SparseGPT's update also with the hidden size) times 80 blocks. A peak above half the bytes the job
-    reads (one model for a pass that runs it) means the whole model was resident: it is then scaled with the model."""
+    reads (one model for a pass that runs it) means the whole model was resident: it is then scaled with the model,
+    except for prune, which is block-wise whatever its peak."""
     name, big = ESTIMATED
     order = list(SIZES)
     best: dict[tuple, dict] = {}
@@ -549,7 +550,9 @@ def estimate(rows: list[dict]) -> list[dict]:
         def mem(v):
             if not v:
                 return v, False
-            resident = v > 0.5 * held
+            # prune runs block by block by construction (one block, its statistics and the activations): its
+            # peak is per block even where that is more than half a 7B model (SparseGPT's Hessians)
+            resident = v > 0.5 * held and not job.startswith("prune")
             return v * (model if resident else m_scale), resident
         gpu, gpu_whole = mem(r.get("gpu_peak_bytes"))
         rss, rss_whole = mem(r.get("peak_rss_bytes"))
