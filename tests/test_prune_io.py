@@ -138,3 +138,14 @@ def test_eval_perplexity_block_by_block_equals_the_whole_model(models, calib_wik
     for got in (written, held):
         assert math.isclose(got["dense"], dense, rel_tol=TOL), (got, dense)
         assert math.isclose(got["pruned"], pruned, rel_tol=TOL), (got, pruned)
+
+
+def test_eval_perplexity_of_an_encoder_is_refused_before_anything_is_written(stories260k, calib_wikitext, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(tmp_path / "bert")
+    _with_tokenizer(tmp_path / "bert", stories260k)
+    code, _, err = _prune(tmp_path / "bert", calib_wikitext, tmp_path / "p", "--eval-perplexity", calib_wikitext)
+    assert code == 2 and err.count("\n") == 1 and "model type 'bert') has no LM head" in err, err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "p.sparse.safetensors").exists()

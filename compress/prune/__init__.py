@@ -75,6 +75,9 @@ def run_prune(cfg) -> dict:
                     targets=cfg.targets, ignore=DEFAULT_IGNORE if cfg.ignore is None else (cfg.ignore or None),
                     device=device, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, blocksize=cfg.blocksize,
                     percdamp=cfg.percdamp, quiet=cfg.quiet, calibration=cfg.calibration)
+    if eval_text is not None and pruner.skeleton.get_output_embeddings() is None:  # before any work or output
+        raise CompressError(f"--eval-perplexity: {cfg.model} (model type '{pruner.skeleton.config.model_type}') has "
+                            "no LM head; perplexity needs a causal LM")
     protect = resolve_protect(cfg, pruner.skeleton)  # named as the loaded model names its parameters
     strategy = pruner.strategy(cfg.sparsity, cfg.layer_sparsity, cfg.strategy, cfg.owl, cfg.owl_m, cfg.owl_lambda)
     # block by block, each block written as soon as it is pruned (the folder and the sparse file in one pass): the
