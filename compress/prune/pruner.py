@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
@@ -41,6 +41,9 @@ from compress.prune import methods as M
 from compress.prune.registry import Layer, get_prune_method
 from compress.prune.strategy import Strategy, validate
 from compress.sparsify.protect import Protect
+
+if TYPE_CHECKING:
+    from compress.io.sparse import SparseSummary
 
 DEFAULT_CALIB = "wikitext2.valid"
 DEFAULT_SEQLEN = 512
@@ -72,7 +75,7 @@ class PruneResult:
     kept: dict[str, int]
     seconds: float
     numel: dict[str, int] = field(default_factory=dict)
-    sparse: object = None  # the ``SparseSummary`` of the sparse file ``prune_blocks`` wrote
+    sparse: Optional["SparseSummary"] = None  # the sparse file ``prune_blocks`` wrote
 
     @property
     def sparsity(self) -> float:
