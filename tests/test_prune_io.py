@@ -50,6 +50,12 @@ def _io() -> dict[str, int]:
         return {k: int(v) for k, v in (line.split(":") for line in f)}
 
 
+def _header(path: Path) -> tuple[int, dict]:
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    return n, json.loads(data[8:8 + n])
+
+
 def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -68,15 +74,32 @@ def test_the_sparse_file_of_the_pass_is_what_write_sparse_of_the_folder_writes(m
     assert sparse.read_bytes() == ref.path.read_bytes()
     assert f"and {sparse} ({ref.ratio:.1%} of the dense size" in stdout
     # the room was sized before any tensor came: the header fills exactly the bound of the plan
-    data = sparse.read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    meta = json.loads(data[8:8 + n])["__metadata__"]
+    n, header = _header(sparse)
+    meta = header["__metadata__"]
     with open_checkpoint(out) as ck:
         plan = [(name, ck.info(name).shape, ck.info(name).dtype) for name in ck.names()]
     room = header_room(plan, present_aux(out), {k: v for k, v in meta.items() if k != "tensors"})
     assert n == -(-room // 8) * 8
     if dtype:  # the config it carries is the folder's, naming the dtype written
         assert json.loads(bytes(load_file(str(sparse))["__aux__::config.json"].tolist()))["dtype"] == "bfloat16"
+
+
+def test_the_sparse_file_of_a_sharded_folder_and_2_4_codes_is_what_write_sparse_writes(models, calib_wikitext,
+                                                                                        tmp_path):
+    from compress.config import PruneConfig, build
+    from compress.prune import run_prune
+
+    out = tmp_path / "p"
+    rep = run_prune(build(PruneConfig, model=models["llama"], method="sparsegpt", pattern="2:4", dtype="float16",
+                          shard_size="300KB", calib=str(calib_wikitext), nsamples=4, seqlen=32, out=out, quiet=True))
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 2
+    ref = write_sparse(out, tmp_path / "ref.safetensors", quiet=True,
+                       metadata={"method": "sparsegpt", "pattern": "2:4", "sparsity": f"{rep['sparsity']:.6f}",
+                                 "model": str(models["llama"])})
+    assert (tmp_path / "p.sparse.safetensors").read_bytes() == ref.path.read_bytes()
+    assert rep["sparse"]["file_bytes"] == ref.file_bytes
+    rows = json.loads(_header(ref.path)[1]["__metadata__"]["tensors"]).values()
+    assert sum(r["encoding"] == "nm24" for r in rows) == 14  # every linear layer in 2:4 codes
 
 
 def test_prune_writes_each_byte_once_and_never_reads_the_folder_back(models, calib_wikitext, tmp_path):
