@@ -264,14 +264,18 @@ def test_owl_block_wise_equals_in_memory(models, calib_file):
 def test_peak_memory_grows_by_less_than_half_the_weights(tmp_path, monkeypatch, calib_file):
     """`compress prune` of a ~20 M-parameter float32 Llama (28 narrow blocks) in a child process: its peak RSS
     exceeds the fixed cost (the same pruning of a 2-block model of the same width: imports, tokenizer, kernels)
-    by less than half the weight bytes; the whole-model path held the model and a float32 copy of its layers."""
+    by less than half the weight bytes, also with --eval-perplexity (dense and pruned, block by block); the
+    whole-model path held the model and a float32 copy of its layers."""
     from compress.bench.prune_memory import run
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     report = run(params=20e6, hidden=256, workdir=tmp_path / "work", results=tmp_path / "res", nsamples=4,
-                 seqlen=64, calibrations=("sequential",), calib=str(calib_file), imports=False, print_table=False)
+                 seqlen=64, calibrations=("sequential",), calib=str(calib_file), imports=False, eval_tokens=1024,
+                 sparse=False, print_table=False)
     assert (tmp_path / "res" / "prune_memory.json").is_file() and (tmp_path / "res" / "prune_memory.md").is_file()
     assert 15e6 < report["params"] < 25e6 and report["config"]["blocks"] > 20
-    (case,) = report["cases"]
-    assert case["peak_rss_bytes"] < report["fixed_peak_rss_bytes"] + report["weight_bytes"] // 2, case
+    assert [c["also"] for c in report["cases"]] == ["", "eval perplexity"]
+    for case in report["cases"]:
+        assert case["peak_rss_bytes"] < report["fixed_peak_rss_bytes"] + report["weight_bytes"] // 2, case
+    assert "--eval-perplexity" in report["cases"][1]["command"]
     assert not (tmp_path / "work").exists()

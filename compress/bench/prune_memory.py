@@ -8,7 +8,10 @@ tensor by tensor, then each case runs in a fresh process and its peak resident s
 * the fixed cost: the same command on a model of the same width with 2 blocks (tokenizer, calibration text, the
   kernels' code pages, one block's working memory);
 * `compress prune MODEL --method M --sparsity 0.5 --nsamples N --seqlen T --calibration C --out DIR --no-sparse`
-  for each method and calibration mode asked for.
+  for each method and calibration mode asked for;
+* with ``eval_tokens``, the first of those with `--eval-perplexity` on the first ``eval_tokens`` tokens of the
+  calibration text too (dense and pruned perplexity, each model run block by block from its folder);
+* with ``sparse``, the first of those writing the sparse file too (in the same pass).
 
 The target (issue 19) is a peak below the imports plus half the weight bytes: the model is never held, only the
 embeddings, one block and its statistics. What grows with the model is the peak over the fixed cost, also
@@ -74,6 +77,7 @@ def write_model(path: Path, cfg, tokenizer_dir: Path, seed: int = 0) -> int:
                 g = torch.Generator().manual_seed(seed * 100_003 + i)
                 yield name, torch.randn(shape, generator=g) / shape[-1] ** 0.5
 
+    cfg.architectures = ["LlamaForCausalLM"]  # a causal LM, LM head included, as --eval-perplexity needs
     files = {"config.json": cfg.to_json_string()}
     for f in ("tokenizer.json", "tokenizer_config.json"):
         files[f] = (tokenizer_dir / f).read_bytes()
@@ -85,9 +89,11 @@ def run(params: float = 3e8, workdir: str | os.PathLike = "checkpoints/bench-pru
         results: str | os.PathLike = "checkpoints/bench", *, methods: tuple[str, ...] = ("wanda",),
         calibrations: tuple[str, ...] = ("sequential", "shared"), nsamples: int = 8, seqlen: int = 128,
         hidden: int | None = None, calib: str = "wikitext2.valid", imports: bool = True,
-        use_gnu_time: bool | None = None, print_table: bool = True) -> dict:
+        eval_tokens: int | None = 4096, sparse: bool = True, use_gnu_time: bool | None = None,
+        print_table: bool = True) -> dict:
     """Run the benchmark; returns what it saved to ``results/prune_memory.json``. ``imports=False`` skips the
-    imports-alone case (and the target built on it)."""
+    imports-alone case (and the target built on it); ``eval_tokens=None`` the --eval-perplexity case; ``sparse=False``
+    the sparse-file case."""
     from compress.data import stories260k_files
     from compress.io.llama2c import convert_llama2c
 
@@ -99,10 +105,11 @@ def run(params: float = 3e8, workdir: str | os.PathLike = "checkpoints/bench-pru
     small_cfg = llama_config(0, cfg.hidden_size)
     small_cfg.num_hidden_layers = 2
 
-    def prune_argv(model_dir: Path, out: Path, method: str, calibration: str) -> list[str]:
+    def prune_argv(model_dir: Path, out: Path, method: str, calibration: str, extra: tuple = ("--no-sparse",)
+                   ) -> list[str]:
         return [py, "-m", "compress.cli", "prune", str(model_dir), "--method", method, "--sparsity", "0.5",
                 "--calib", calib, "--nsamples", str(nsamples), "--seqlen", str(seqlen),
-                "--calibration", calibration, "--out", str(out), "--no-sparse", "--quiet"]
+                "--calibration", calibration, "--out", str(out), *extra, "--quiet"]
 
     with scratch_dir(workdir) as scratch:
         stories = scratch / "stories"
@@ -119,22 +126,29 @@ def run(params: float = 3e8, workdir: str | os.PathLike = "checkpoints/bench-pru
         fixed = measure(prune_argv(small, scratch / "out-small", methods[0], calibrations[0]), env=env,
                         use_gnu_time=use_gnu_time)
         _log(f"fixed cost (2 blocks): peak RSS {fixed['peak_rss_bytes'] / MB:.1f} MB")
+        cases = [(method, calibration, "", ("--no-sparse",)) for method in methods for calibration in calibrations]
+        if sparse:
+            cases.append((methods[0], calibrations[0], "sparse file", ()))
+        if eval_tokens:
+            cases.append((methods[0], calibrations[0], "eval perplexity",
+                          ("--no-sparse", "--eval-perplexity", calib, "--eval-max-tokens", str(eval_tokens))))
         rows = []
-        for method in methods:
-            for calibration in calibrations:
-                out = scratch / f"out-{method}-{calibration}"
-                argv = prune_argv(model, out, method, calibration)
-                m = measure(argv, env=env, use_gnu_time=use_gnu_time)
-                _log(f"{method} {calibration}: peak RSS {m['peak_rss_bytes'] / MB:.1f} MB in {m['seconds']:.1f} s")
-                shown = ["python" if a == py else a for a in argv]
-                row = {"method": method, "calibration": calibration, "command": shlex.join(shown),
-                       "peak_rss_bytes": m["peak_rss_bytes"], "seconds": m["seconds"],
-                       "over_fixed_bytes": m["peak_rss_bytes"] - fixed["peak_rss_bytes"]}
-                if base is not None:
-                    row["over_imports_bytes"] = m["peak_rss_bytes"] - base["peak_rss_bytes"]
-                    row["over_imports_per_weight_byte"] = row["over_imports_bytes"] / weight_bytes
-                rows.append(row)
-                shutil.rmtree(out, ignore_errors=True)
+        for method, calibration, also, extra in cases:
+            out = scratch / f"out-{method}-{calibration}-{also.replace(' ', '-')}"
+            argv = prune_argv(model, out, method, calibration, extra)
+            m = measure(argv, env=env, use_gnu_time=use_gnu_time)
+            _log(f"{method} {calibration} {also}: peak RSS {m['peak_rss_bytes'] / MB:.1f} MB in "
+                 f"{m['seconds']:.1f} s")
+            shown = ["python" if a == py else a for a in argv]
+            row = {"method": method, "calibration": calibration, "also": also, "command": shlex.join(shown),
+                   "peak_rss_bytes": m["peak_rss_bytes"], "seconds": m["seconds"],
+                   "over_fixed_bytes": m["peak_rss_bytes"] - fixed["peak_rss_bytes"]}
+            if base is not None:
+                row["over_imports_bytes"] = m["peak_rss_bytes"] - base["peak_rss_bytes"]
+                row["over_imports_per_weight_byte"] = row["over_imports_bytes"] / weight_bytes
+            rows.append(row)
+            shutil.rmtree(out, ignore_errors=True)
+            Path(f"{out}.sparse.safetensors").unlink(missing_ok=True)
     target = base["peak_rss_bytes"] + weight_bytes // 2 if base is not None else None
     for r in rows:
         if target is not None:
@@ -178,14 +192,15 @@ def markdown(report: dict) -> str:
     lines += [f"Fixed cost (the same pruning of a {report['fixed_blocks']}-block model of this width): "
               f"{report['fixed_peak_rss_bytes'] / MB:.1f} MB; half the weights: {report['weight_bytes'] / 2 / MB:.1f} "
               "MB.", "",
-              "| method | calibration | peak RSS MB | over imports MB | over imports / weight bytes | over fixed MB | "
-              "seconds | below target |", "|---|---|---:|---:|---:|---:|---:|---|"]
+              "| method | calibration | also | peak RSS MB | over imports MB | over imports / weight bytes | "
+              "over fixed MB | seconds | below target |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in report["cases"]:
         imp = (f"{r['over_imports_bytes'] / MB:.1f} | {r['over_imports_per_weight_byte']:.3f}"
                if "over_imports_bytes" in r else "– | –")
         below = {True: "yes", False: "no"}.get(r.get("below_target"), "–")
-        lines.append(f"| {r['method']} | {r['calibration']} | {r['peak_rss_bytes'] / MB:.1f} | {imp} | "
-                     f"{r['over_fixed_bytes'] / MB:.1f} | {r['seconds']:.1f} | {below} |")
+        lines.append(f"| {r['method']} | {r['calibration']} | {r.get('also') or '–'} | "
+                     f"{r['peak_rss_bytes'] / MB:.1f} | {imp} | {r['over_fixed_bytes'] / MB:.1f} | "
+                     f"{r['seconds']:.1f} | {below} |")
     m = report["machine"]
     lines += ["", f"Python {m['python']}, torch {m['torch']}, {m['cpus']} CPUs; 1-minute load average "
               f"{m['loadavg_1min_start']:.1f} at the start, {m['loadavg_1min_end']:.1f} at the end.", ""]

@@ -29,11 +29,34 @@ def final_hidden(runner, windows: torch.Tensor, batch_size: int):
     return acts
 
 
-def causal_runner(path, device, dtype):
-    """A ``BlockRunner`` of a causal LM (one line for a model without an LM head, or that cannot be split)."""
+class _Overlay:
+    """A checkpoint with some tensors replaced by ``weights`` ({checkpoint name: tensor}, e.g. pruned weights
+    held in memory): what a ``BlockRunner`` reads block by block."""
+
+    def __init__(self, ck, weights: dict[str, torch.Tensor]):
+        self._ck, self._weights = ck, weights
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._ck
+
+    def __getattr__(self, attr: str):
+        return getattr(self._ck, attr)
+
+    def get(self, name: str, *, device=None, dtype=None, **kw) -> torch.Tensor:
+        t = self._weights.get(name)
+        if t is None:
+            return self._ck.get(name, device=device, dtype=dtype, **kw)
+        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+
+def causal_runner(path, device, dtype, weights: dict[str, torch.Tensor] | None = None):
+    """A ``BlockRunner`` of a causal LM (one line for a model without an LM head, or that cannot be split), its
+    tensors from ``path`` except those ``weights`` replaces."""
     from compress.io.blocks import BlockRunner
 
     runner = BlockRunner(path, device=device, dtype=dtype)
+    if weights:
+        runner.ck = _Overlay(runner.ck, weights)
     if runner.model.get_output_embeddings() is None:
         runner.close()
         raise CompressError(f"{path}: model type '{runner.model_type}' has no LM head; perplexity and KL need a "
@@ -44,13 +67,14 @@ def causal_runner(path, device, dtype):
 @torch.no_grad()
 def blockwise_perplexity(path: str | os.PathLike, tokenizer, text_or_path, seqlen: int = 256,
                          max_tokens: int | None = None, batch_size: int = 8, device: str | torch.device = "cpu",
-                         dtype: torch.dtype = torch.float32) -> float:
-    """``perplexity`` of the causal LM in folder ``path``, run block by block."""
+                         dtype: torch.dtype = torch.float32, weights: dict[str, torch.Tensor] | None = None) -> float:
+    """``perplexity`` of the causal LM in folder ``path``, run block by block; ``weights`` ({checkpoint name:
+    tensor}) replace the folder's tensors of those names."""
     from compress.eval.perplexity import text_windows, window_nll
 
     windows = text_windows(tokenizer, text_or_path, seqlen, max_tokens, batch_size)
     nll, count = 0.0, 0
-    with causal_runner(path, device, dtype) as runner:
+    with causal_runner(path, device, dtype, weights) as runner:
         acts = final_hidden(runner, windows, batch_size)
         for batch, h in zip(windows.split(batch_size), acts.hidden):
             s, n = window_nll(runner.head(h), batch.to(runner.device))

@@ -14,11 +14,13 @@ Values are the weights themselves, so the rebuild is bit-exact (every zero, incl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import torch
 
@@ -85,66 +87,117 @@ class SparseSummary:
         return self.sparse_file_bytes / max(self.sparse_dense_bytes, 1)
 
 
+# what an auxiliary file is taken to weigh at most when the header room is sized before it is read (a config
+# rewritten to name the dtype written is only known at the end); one larger only costs a copy at ``close``
+AUX_ROOM = 10**10
+
+
+def header_room(plan: Sequence[tuple[str, Sequence[int], torch.dtype]], aux: Sequence[str],
+                metadata: Mapping[str, str]) -> int:
+    """An upper bound on the header of the sparse file of ``plan`` ((name, shape, dtype) of each tensor, in the
+    order written), the auxiliary files ``aux`` and ``metadata``, from those alone: every float tensor counted in
+    its widest form (values of all its entries, a position code of ⌈numel/8⌉ bytes, which no encoding
+    ``encode_sparse`` picks exceeds, and a table row "dense" with nnz = numel). Each real entry's name, shape and
+    offsets are then no longer than their stand-ins'. Depending on nothing but its arguments, the bound is the
+    same whether the tensors come from a folder or from ``compress prune`` as each block is done."""
+    from compress.io.writer import HeaderSizer
+
+    sizer, table = HeaderSizer("sparse file"), {}
+    for name, shape, dtype in plan:
+        numel = math.prod(shape)
+        row = {"shape": list(shape), "dtype": DTYPE_CODES[dtype], "fixups": 0}
+        if dtype.is_floating_point:
+            sizer.add(f"{name}::values", torch.empty(numel, dtype=dtype, device="meta"))
+            sizer.add(f"{name}::mask", torch.empty(math.ceil(numel / 8), dtype=torch.uint8, device="meta"))
+            table[name] = {**row, "encoding": "dense", "nnz": numel}
+        else:
+            sizer.add(f"{name}::full", torch.empty(tuple(shape), dtype=dtype, device="meta"))
+            table[name] = {**row, "encoding": "full"}
+    for a in aux:
+        sizer.add(AUX_PREFIX + a, torch.empty(AUX_ROOM, dtype=torch.uint8, device="meta"))
+    sizer.metadata.update(metadata)
+    sizer.metadata["tensors"] = json.dumps(table, separators=(",", ":"))
+    return sizer.size()
+
+
+class SparseWriter:
+    """A sparse weight file written tensor by tensor, holding none: each tensor is encoded once and written at
+    once behind a header room sized from the plan (``header_room``), so each byte is written once. The tensors
+    must come in the plan's order, then the auxiliary files; writers given the same plan and metadata write the
+    same bytes. Use inside ``atomic_file``; ``close``, or ``abort`` on any error."""
+
+    def __init__(self, path: str | os.PathLike, plan: Sequence[tuple[str, Sequence[int], torch.dtype]],
+                 aux: Sequence[str] = (), metadata: Mapping[str, object] | None = None):
+        """``metadata``: values ``close`` may still replace must be given here at their final length (the room
+        counts them)."""
+        from compress.io.writer import SafetensorsStreamWriter
+
+        self.metadata = {"compress.format": FORMAT, "compress.kind": KIND,
+                         **{str(k): str(v) for k, v in (metadata or {}).items()}}
+        self._writer = SafetensorsStreamWriter(path, reserve=header_room(plan, aux, self.metadata))
+        self.table: dict[str, dict] = {}
+        self.params = self.nonzero = self.sparse_params = self.sparse_file_bytes = self.sparse_dense_bytes = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        entries, row = encode_sparse(name, t)
+        for k, v in entries.items():
+            self._writer.add(k, v)
+        self.table[name] = row
+        numel = t.numel()
+        self.params += numel
+        self.nonzero += row.get("nnz", numel)
+        if row["encoding"] not in ("dense", "full"):
+            self.sparse_params += numel
+            self.sparse_dense_bytes += numel * t.element_size()
+            self.sparse_file_bytes += sum(v.numel() * v.element_size() for v in entries.values())
+
+    def add_aux(self, name: str, data: bytes) -> None:
+        """An auxiliary file (``AUX_FILES``) as its ``__aux__::`` entry."""
+        self._writer.add(AUX_PREFIX + name, torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+    def close(self, metadata: Mapping[str, object] | None = None) -> SparseSummary:
+        """Write the header (``metadata`` updates the one given at the start); the summary names the file
+        written (the temporary, inside ``atomic_file``)."""
+        w = self._writer
+        w.metadata.update(self.metadata)
+        w.metadata.update({str(k): str(v) for k, v in (metadata or {}).items()})
+        w.metadata["tensors"] = json.dumps(self.table, separators=(",", ":"))
+        w.close()
+        dense = sum(math.prod(r["shape"]) * SAFETENSORS_DTYPES[r["dtype"]].itemsize for r in self.table.values())
+        return SparseSummary(w.path, len(self.table), self.params, self.nonzero, w.path.stat().st_size, dense,
+                             self.sparse_params, self.sparse_file_bytes, self.sparse_dense_bytes)
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+
+def present_aux(folder: Path) -> list[str]:
+    """The ``AUX_FILES`` present in ``folder``, in the order a sparse file carries them."""
+    return [a for a in AUX_FILES if (folder / a).is_file()]
+
+
 def write_sparse(model_dir: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
                  metadata: dict | None = None, quiet: bool | None = None) -> SparseSummary:
     """Read a (pruned) Hugging Face folder tensor by tensor and write its sparse file to ``out``, atomically."""
-    from compress.io.writer import SafetensorsStreamWriter, atomic_file
+    from compress.io.writer import atomic_file
     from compress.progress import track
 
     model_dir = Path(model_dir)
     folder = model_dir if model_dir.is_dir() else model_dir.parent
-    table: dict[str, dict] = {}
-    params = nonzero = sp_params = sp_file = sp_dense = 0
-    meta = {"compress.format": FORMAT, "compress.kind": KIND, "source": str(model_dir),
-            **{k: str(v) for k, v in (metadata or {}).items()}}
     with open_checkpoint(model_dir) as ck, atomic_file(out, overwrite) as tmp:
-        aux = [a for a in AUX_FILES if (folder / a).is_file()]
-        writer = SafetensorsStreamWriter(tmp, reserve=_header_size(ck, folder, aux, meta, quiet))
+        aux = present_aux(folder)
+        plan = [(n, ck.info(n).shape, ck.info(n).dtype) for n in ck.names()]
+        writer = SparseWriter(tmp, plan, aux, {"source": str(model_dir), **(metadata or {})})
         try:
             for name in track(ck.names(), "sparse file", quiet=quiet):
-                t = ck.get(name)  # an Inf read here is the input's: named as such, not as an overflow
-                entries, row = encode_sparse(name, t)
-                for k, v in entries.items():
-                    writer.add(k, v)
-                table[name] = row
-                numel = t.numel()
-                params += numel
-                nonzero += row.get("nnz", numel)
-                if row["encoding"] not in ("dense", "full"):
-                    sp_params += numel
-                    sp_dense += numel * t.element_size()
-                    sp_file += sum(v.numel() * v.element_size() for v in entries.values())
+                writer.add(name, ck.get(name))  # an Inf read here is the input's: named as such, not as an overflow
             for a in aux:
-                writer.add(AUX_PREFIX + a, torch.frombuffer(bytearray((folder / a).read_bytes()), dtype=torch.uint8))
-            writer.metadata.update(meta)
-            writer.metadata["tensors"] = json.dumps(table, separators=(",", ":"))
-            writer.close()
+                writer.add_aux(a, (folder / a).read_bytes())
         except BaseException:
             writer.abort()
             raise
-        dense = sum(math.prod(r["shape"]) * SAFETENSORS_DTYPES[r["dtype"]].itemsize for r in table.values())
-        size = tmp.stat().st_size
-    return SparseSummary(Path(out), len(table), params, nonzero, size, dense, sp_params, sp_file, sp_dense)
-
-
-def _header_size(ck, folder: Path, aux: list[str], meta: dict[str, str], quiet) -> int:
-    """The exact header of the sparse file: a first pass encodes every tensor and keeps only the sizes. Encoding
-    twice costs less than writing twice, and leaves the file as small as the size budgets of
-    ``compress.strategy.project`` count on (a reserve with room to spare would pad it)."""
-    from compress.io.writer import HeaderSizer
-    from compress.progress import track
-
-    sizer, table = HeaderSizer("sparse file"), {}
-    for name in track(ck.names(), "sparse file (sizes)", quiet=quiet):
-        entries, table[name] = encode_sparse(name, ck.get(name))
-        for k, v in entries.items():
-            sizer.add(k, v.to("meta"))
-        del entries
-    for a in aux:
-        sizer.add(AUX_PREFIX + a, torch.empty((folder / a).stat().st_size, dtype=torch.uint8, device="meta"))
-    sizer.metadata.update(meta)
-    sizer.metadata["tensors"] = json.dumps(table, separators=(",", ":"))
-    return sizer.size()
+        s = writer.close()
+    return dataclasses.replace(s, path=Path(out))
 
 
 def is_sparse_file(delta: DeltaFile) -> bool:

@@ -62,6 +62,10 @@ def run_prune(cfg) -> dict:
         if not cfg.no_sparse:
             sparse_out = cfg.sparse_out or default_sparse_out(cfg.out)
             check_output(sparse_out, cfg.overwrite, config_inputs(cfg))
+            if sparse_out.resolve().is_relative_to(cfg.out.resolve()):
+                # it is written beside the folder, in the same pass, and a file inside would read as a shard
+                raise CompressError(f"--sparse-out {sparse_out}: lies inside --out {cfg.out}; write it beside the "
+                                    "folder")
     elif cfg.eval_perplexity is None:
         raise CompressError("nothing to do: give --out DIR (and/or --eval-perplexity TEXT)")
     eval_text = resolve_text(cfg.eval_perplexity)[1] if cfg.eval_perplexity else None
@@ -71,11 +75,16 @@ def run_prune(cfg) -> dict:
                     targets=cfg.targets, ignore=DEFAULT_IGNORE if cfg.ignore is None else (cfg.ignore or None),
                     device=device, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size, blocksize=cfg.blocksize,
                     percdamp=cfg.percdamp, quiet=cfg.quiet, calibration=cfg.calibration)
+    if eval_text is not None and pruner.skeleton.get_output_embeddings() is None:  # before any work or output
+        raise CompressError(f"--eval-perplexity: {cfg.model} (model type '{pruner.skeleton.config.model_type}') has "
+                            "no LM head; perplexity needs a causal LM")
     protect = resolve_protect(cfg, pruner.skeleton)  # named as the loaded model names its parameters
     strategy = pruner.strategy(cfg.sparsity, cfg.layer_sparsity, cfg.strategy, cfg.owl, cfg.owl_m, cfg.owl_lambda)
-    # block by block, each block written as soon as it is pruned: the whole model is never in memory
+    # block by block, each block written as soon as it is pruned (the folder and the sparse file in one pass): the
+    # whole model is never in memory
     result = pruner.prune_blocks(strategy, cfg.method, cfg.pattern, protect, out=cfg.out,
-                                 dtype=torch_dtype(cfg.dtype), overwrite=cfg.overwrite, shard_size=cfg.shard_size)
+                                 dtype=torch_dtype(cfg.dtype), overwrite=cfg.overwrite, shard_size=cfg.shard_size,
+                                 sparse_out=sparse_out, sparse_metadata={"model": str(cfg.model)})
     report = {**result.summary(), "layers": len(pruner.modules), "blocks": pruner.n_blocks,
               "calibration": cfg.calibration, "calibration_forward_passes": pruner.forward_passes,
               "cache_key": pruner.key() if spec.calibrated and cfg.cache_dir is not None else None}
@@ -85,34 +94,24 @@ def run_prune(cfg) -> dict:
                   f"sparsity {result.sparsity:.4f} over {report['params_pruned_over']:,} parameters "
                   f"({strategy.source}; calibration {calibration})")
     if eval_text is not None:
-        from compress.eval.perplexity import perplexity
+        from compress.eval.blockwise import blockwise_perplexity
 
-        # the whole model, dense then pruned (as written, when written): an opt-in evaluation
+        # block by block: the dense model from its folder, the pruned one as written (float32), or, with no
+        # folder written, the input's with the pruned weights in their place
+        kw = {"seqlen": cfg.eval_seqlen, "max_tokens": cfg.eval_max_tokens, "device": device}
         tok = pruner.tokenizer()
-        dense = perplexity(pruner.model, tok, eval_text, seqlen=cfg.eval_seqlen, max_tokens=cfg.eval_max_tokens,
-                           device=device)
-        if result.weights:
-            pruner.load(result)
-            pruned_model = pruner.model
+        dense = blockwise_perplexity(cfg.model, tok, eval_text, **kw)
+        if cfg.out is not None:
+            pruned = blockwise_perplexity(cfg.out, tok, eval_text, **kw)
         else:
-            from compress.io.models import load_model
-
-            pruner._model = pruner._dense_w = None  # freed before the pruned model is loaded
-            pruned_model = load_model(cfg.out, device=device, dtype=torch_dtype("float32"))
-        pruned = perplexity(pruned_model, tok, eval_text, seqlen=cfg.eval_seqlen, max_tokens=cfg.eval_max_tokens,
-                            device=device)
-        del pruned_model
+            pruned = blockwise_perplexity(cfg.model, tok, eval_text, weights=pruner.checkpoint_weights(result), **kw)
         report["perplexity"] = {"text": eval_text, "dense": dense, "pruned": pruned}
         print(f"perplexity on {eval_text}: dense {dense:.4f}, pruned {pruned:.4f}")
     if cfg.out is not None:
         report["out"] = str(cfg.out)
         line = f"wrote {cfg.out}"
-        if sparse_out is not None:
-            from compress.io.sparse import write_sparse
-
-            s = write_sparse(cfg.out, sparse_out, overwrite=cfg.overwrite, quiet=cfg.quiet,
-                             metadata={"method": cfg.method, "pattern": cfg.pattern,
-                                       "sparsity": f"{result.sparsity:.6f}", "model": str(cfg.model)})
+        s = result.sparse
+        if s is not None:
             report["sparse"] = {"path": str(sparse_out), "file_bytes": s.file_bytes, "dense_bytes": s.dense_bytes,
                                 "pruned_file_bytes": s.sparse_file_bytes, "pruned_dense_bytes": s.sparse_dense_bytes}
             line += (f" and {sparse_out} ({s.ratio:.1%} of the dense size; the pruned tensors "

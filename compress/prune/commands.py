@@ -59,6 +59,9 @@ def prune(
                                                          "OUT.sparse.safetensors)."),
     no_sparse: bool = typer.Option(False, "--no-sparse", help="Do not write the sparse file."),
     eval_perplexity: Optional[str] = typer.Option(None, help="Print dense and pruned perplexity on this text."),
+    eval_seqlen: Optional[int] = typer.Option(None, help="--eval-perplexity: tokens per window (default 256)."),
+    eval_max_tokens: Optional[int] = typer.Option(None, help="--eval-perplexity: its first tokens only (default: "
+                                                             "all)."),
     dtype: Optional[str] = typer.Option(None, help="dtype of the written model (default: as stored)."),
     base: Optional[Path] = typer.Option(None, help="--method nps: base checkpoint."),
     finetuned: Optional[Path] = typer.Option(None, help="--method nps: fine-tuned checkpoint (a zoo task folder "
@@ -109,8 +112,9 @@ def prune(
                  seed=seed, targets=targets, ignore=ignore, protect=protect, calibration=calibration,
                  cache_dir=cache_dir, out=out_path,
                  **protect_flags(protect_heads, protect_top, per_layer, protect_sparsity),
-                 sparse_out=sparse_out, no_sparse=no_sparse or None, eval_perplexity=eval_perplexity, dtype=dtype,
-                 device=device, overwrite=overwrite or None, quiet=quiet or None)
+                 sparse_out=sparse_out, no_sparse=no_sparse or None, eval_perplexity=eval_perplexity,
+                 eval_seqlen=eval_seqlen, eval_max_tokens=eval_max_tokens, dtype=dtype, device=device,
+                 overwrite=overwrite or None, quiet=quiet or None)
     if model is None:
         raise CompressError("no model: give MODEL (a Hugging Face folder) or a prune recipe")
     if model.suffix in (".yml", ".yaml"):

@@ -25,11 +25,12 @@ the layer, so it is computed once per layer. Both paths give the same result in 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
@@ -40,6 +41,9 @@ from compress.prune import methods as M
 from compress.prune.registry import Layer, get_prune_method
 from compress.prune.strategy import Strategy, validate
 from compress.sparsify.protect import Protect
+
+if TYPE_CHECKING:
+    from compress.io.sparse import SparseSummary
 
 DEFAULT_CALIB = "wikitext2.valid"
 DEFAULT_SEQLEN = 512
@@ -71,6 +75,7 @@ class PruneResult:
     kept: dict[str, int]
     seconds: float
     numel: dict[str, int] = field(default_factory=dict)
+    sparse: Optional["SparseSummary"] = None  # the sparse file ``prune_blocks`` wrote
 
     @property
     def sparsity(self) -> float:
@@ -424,10 +429,14 @@ class Pruner:
                      pattern: str = "unstructured", protect: Protect | None = None, *,
                      calibration: str | None = None, out: str | os.PathLike | None = None,
                      dtype: torch.dtype | None = None, overwrite: bool = False, shard_size: str = "5GB",
-                     keep_weights: bool | None = None, extra: dict | None = None) -> PruneResult:
+                     keep_weights: bool | None = None, extra: dict | None = None,
+                     sparse_out: str | os.PathLike | None = None, sparse_metadata: dict | None = None
+                     ) -> PruneResult:
         """Prune block by block (see the module docstring): with ``out``, the Hugging Face folder is written as
-        the blocks are done (what ``save`` writes); ``keep_weights`` (default: without ``out``) also returns the
-        pruned weights (float32, on the CPU) for ``load``/``save``. ``calibration`` defaults to the Pruner's."""
+        the blocks are done (what ``save`` writes), and with ``sparse_out`` too its sparse file in the same pass
+        (what ``compress.io.sparse.write_sparse`` of the folder writes, ``sparse_metadata`` added; its summary in
+        ``result.sparse``); ``keep_weights`` (default: without ``out``) also returns the pruned weights
+        (float32, on the CPU) for ``load``/``save``. ``calibration`` defaults to the Pruner's."""
         mode = calibration or self.calibration
         if mode not in CALIBRATIONS:
             raise CompressError(f"calibration '{mode}': choose one of {', '.join(CALIBRATIONS)}")
@@ -466,22 +475,35 @@ class Pruner:
             t = (new.T if p.transposed else new).to(runner.ck.info(name).dtype).cpu()
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
+        ck = runner.ck
+        try:
+            block_names = [runner.block_tensor_names(i) for i in range(self.n_blocks)]
+        except BaseException:
+            runner.close()
+            raise
+        inside = {n for names in block_names for n in names.values()}
+        # the order written: embeddings, final norm and heads as stored, then block after block
+        outer = [n for n in ck.names() if n not in inside]
+        order = outer + [n for names in block_names for n in names.values()]
+        sparse = None
+
+        def emit(name, t):
+            if sparse is not None:
+                sparse.add(name, t)
+            return name, t
+
         def tensors():
             nonlocal cache
-            ck = runner.ck
-            block_names = [runner.block_tensor_names(i) for i in range(self.n_blocks)]
-            inside = {n for names in block_names for n in names.values()}
             by_ck = {runner.tensor_name(f"{p.name}.weight"): p for p in self.modules}
-            for name in ck.names():  # embeddings, final norm, heads: as stored (outer layers: magnitude only)
-                if name not in inside:
-                    p = by_ck.get(name)
-                    t = ck.get(name)
-                    if p is not None:
-                        w = (t.T if p.transposed else t).float().to(self.device)
-                        t = stored(name, p, prune_one(p, w, None, mean))
-                    elif dtype is not None and t.is_floating_point():
-                        t = t.to(dtype)
-                    yield name, t
+            for name in outer:  # outer layers: magnitude only
+                p = by_ck.get(name)
+                t = ck.get(name)
+                if p is not None:
+                    w = (t.T if p.transposed else t).float().to(self.device)
+                    t = stored(name, p, prune_one(p, w, None, mean))
+                elif dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                yield emit(name, t)
             acts, cached, computed = None, False, False
             if spec.calibrated:
                 if mode == "shared" and self.cache_dir is not None:
@@ -515,10 +537,9 @@ class Pruner:
                     for p in layers:  # the next block sees this one pruned
                         weights[p.name].copy_(new[p.name])
                     runner.run(i, block, acts)
-                for mname, name in block_names[i].items():
+                for name in block_names[i].values():
                     p = by_ck.get(name)
-                    yield name, (stored(name, p, new[p.name]) if p is not None else
-                                 ck.get(name, dtype=dtype) if dtype is not None else ck.get(name))
+                    yield emit(name, stored(name, p, new[p.name]) if p is not None else ck.get(name, dtype=dtype))
                 del new, weights
                 runner.free_block(i)
             if cache is not None:
@@ -532,10 +553,16 @@ class Pruner:
                 for _ in tensors():
                     pass
             else:
-                from compress.io.writer import write_folder
+                from contextlib import ExitStack
+
+                from compress.io.sparse import SparseWriter, present_aux
+                from compress.io.writer import atomic_file, name_written_dtype, write_folder
 
                 info: dict = {}
                 card: dict = {}
+                written = [(n, ck.info(n).shape, dtype if dtype is not None and ck.info(n).dtype.is_floating_point
+                            else ck.info(n).dtype) for n in order]
+                aux = present_aux(self.model_dir)
 
                 def finish(folder: Path) -> None:
                     # the summary is known once every block is done; the card is written after this
@@ -545,13 +572,30 @@ class Pruner:
                     info.update(self._info(res, {"calibration": mode, **(extra or {})}))
                     card.update(self._card(res, info))
                     (folder / "prune.json").write_text(json.dumps(info, indent=1) + "\n")
+                    if sparse is not None:
+                        # the sparse file carries the folder's files as they end up: the config naming the dtype
+                        name_written_dtype(folder, {d for _, _, d in written if d.is_floating_point}, self.model_dir)
+                        for a in aux:
+                            sparse.add_aux(a, (folder / a).read_bytes())
+                        res.sparse = sparse.close({"sparsity": f"{res.sparsity:.6f}"})
 
-                write_folder(out, tensors(), overwrite=overwrite, expected_tensors=len(runner.ck),
-                             shard_size=shard_size, metadata={"compress": "prune"}, aux_from=self.model_dir,
-                             finish=finish, card=card)
+                with ExitStack() as stack:
+                    if sparse_out is not None:
+                        tmp = stack.enter_context(atomic_file(sparse_out, overwrite))
+                        # the sparsity is known at the end; the room counts it at its length ("0.500000")
+                        sparse = SparseWriter(tmp, written, aux, {"source": str(Path(out)), "method": method,
+                                                                  "pattern": pattern, "sparsity": f"{0:.6f}",
+                                                                  **(sparse_metadata or {})})
+                    write_folder(out, tensors(), overwrite=overwrite, expected_tensors=len(ck),
+                                 shard_size=shard_size, metadata={"compress": "prune"}, aux_from=self.model_dir,
+                                 finish=finish, card=card)
+                if res.sparse is not None:
+                    res.sparse = dataclasses.replace(res.sparse, path=Path(sparse_out))
         except BaseException as e:
             if cache is not None:  # a half-written statistics cache is removed too
                 cache.abort(e)
+            if sparse is not None:
+                sparse.abort()
             raise
         finally:
             runner.close()
@@ -576,6 +620,15 @@ class Pruner:
 
         ck = ck if ck is not None else open_checkpoint(self.model_dir)
         return _checkpoint_names(self.skeleton, self.modules, ck, self.model_dir)
+
+    def checkpoint_weights(self, result: PruneResult) -> dict[str, torch.Tensor]:
+        """{checkpoint name: pruned weight as the checkpoint lays it out (float32)} of ``result``'s weights."""
+        from compress.io.reader import open_checkpoint
+
+        with open_checkpoint(self.model_dir) as ck:
+            by_ck = self.checkpoint_names(ck)
+        return {name: result.weights[p.name].T if p.transposed else result.weights[p.name]
+                for name, p in by_ck.items()}
 
     # -- output --------------------------------------------------------------------------------------------
     def _info(self, result: PruneResult, extra: dict | None = None) -> dict:
