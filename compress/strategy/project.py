@@ -21,8 +21,9 @@ strategy of mean t, so the file size is affine in t alone:
 
     bytes(t) = fixed + Σ_pruned ⌈numel/8⌉ + itemsize · (1 − t) · P,
 
-fixed = dense tensors + auxiliary files + a header allowance (an upper bound: ``HEADER_PER_TENSOR`` bytes per
-tensor, ``HEADER_BASE`` in all). ``sparsity_for_size`` solves it for t; the written file is at most the budget
+fixed = dense tensors + auxiliary files + the header room the sparse writer reserves (``header_room``, an upper
+bound computed from the names, shapes and dtypes alone) + ``HEADER_BASE`` for its metadata.
+``sparsity_for_size`` solves it for t; the written file is at most the budget
 (the bitmask is the encoding ``encode_sparse`` picks for 1/(8·itemsize) < s_l < 7/8; a block sparser than 7/8 may
 switch to varint gaps, which only makes the file smaller).
 """
@@ -39,7 +40,6 @@ import torch
 
 from compress.errors import CompressError
 
-HEADER_PER_TENSOR = 200
 HEADER_BASE = 2048
 
 
@@ -129,25 +129,30 @@ def size_model(model_dir: str | os.PathLike, pruned: dict[str, int], dtype: torc
     """The sparse-file size model of ``model_dir`` when the tensors ``pruned`` ({checkpoint name: numel}) are
     pruned and every tensor is stored in ``dtype`` (None: as stored)."""
     from compress.io.reader import open_checkpoint
+    from compress.io.sparse import header_room
     from compress.io.writer import AUX_FILES
 
     folder = Path(model_dir)
-    fixed = HEADER_BASE + sum((folder / a).stat().st_size + HEADER_PER_TENSOR for a in AUX_FILES
-                              if (folder / a).is_file())
+    aux = [a for a in AUX_FILES if (folder / a).is_file()]
+    # the header the writer reserves (``header_room``), and HEADER_BASE for the metadata it adds (method, model)
+    fixed = HEADER_BASE + sum((folder / a).stat().st_size for a in aux)
+    plan = []
     itemsizes = set()
     n_pruned = 0
     with open_checkpoint(folder) as ck:
         names = list(ck.names())
         for name in names:
             info = ck.info(name)
-            size = (dtype if dtype is not None and info.dtype.is_floating_point else info.dtype).itemsize
-            fixed += HEADER_PER_TENSOR + 3 * len(name)
+            written = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+            size = written.itemsize
+            plan.append((name, tuple(info.shape), written))
             if name in pruned:
                 fixed += math.ceil(info.numel / 8)
                 itemsizes.add(size)
                 n_pruned += info.numel
             else:
                 fixed += info.numel * size
+    fixed += header_room(plan, aux, {})
     missing = set(pruned) - set(names)
     if missing:
         raise CompressError(f"{folder}: pruned weight '{sorted(missing)[0]}' is not in the checkpoint")
