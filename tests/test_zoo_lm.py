@@ -43,6 +43,8 @@ def test_quick_build_outputs_load(zoo):
     for name in MODELS:
         model = AutoModelForCausalLM.from_pretrained(out / name)
         tok = AutoTokenizer.from_pretrained(out / name)
+        # the class the project's own loader picks, from config.architectures (a bare LlamaModel has no LM head)
+        assert json.loads((out / name / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
         assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_key_value_heads == 2
         assert len(tok) == model.config.vocab_size == build["vocab_size"] == 1024
         assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
