@@ -166,7 +166,7 @@ def test_zoo_from_task_folders_then_eval_and_bench_by_path(tmp_path, one_thread)
 def _bench_merge_protocol(root, results):
     """Two seeds at a tiny budget; a candidate of enormous strength never leaves TIES."""
     code, out, err = run_cli("bench", "nps", "--zoo-root", root, "--results", results, "--parts", "merge",
-                             "--dev-limit", "40", "--test-limit", "40", "--merge-seeds", "0,1", "--merge-budget", "4",
+                             "--dev-limit", "40", "--test-limit", "20", "--merge-seeds", "0,1", "--merge-budget", "4",
                              "--merge-checkpoints", "2", "--merge-strength", "0,1000000", "--quiet")
     assert code == 0, err
     mg = json.loads((results / "nps_minilm-8task.json").read_text())["merge"]
