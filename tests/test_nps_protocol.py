@@ -145,3 +145,29 @@ def test_the_protocol_needs_a_space_that_holds_ties():
     obj = _near(taus[0], 10.0)
     with pytest.raises(CompressError, match="its space needs combine: ties"):
         _protocol(problem, setter, obj, obj, obj, strength=0.0, budget=10)
+
+
+def test_search_keeps_the_deltas_of_its_best_points_and_no_more():
+    problem, setter = _setup()
+    away, scale = _away(problem)
+    calls = {"n": 0}
+    kept = problem.kept
+
+    def counted(k, w):
+        calls["n"] += 1
+        return kept(k, w)
+
+    problem.kept = counted
+    res = search(problem, setter, _near(away, scale), optimizer="cma", budget=12, seed=0, checkpoints=(4, 8))
+    n = calls["n"]
+    # the answer and the checkpoints' bests come back without a top-k pass, and equal a fresh computation
+    for x in (res.x, *res.best_at.values()):
+        d = problem.delta(x)
+        assert problem.delta(x) is d
+        fresh = NpsProblem(problem.layout, problem.taus, problem.density, problem.space)
+        torch.testing.assert_close(d, fresh.delta(x), rtol=0, atol=0)
+    assert calls["n"] == n
+    assert len(problem._kept) <= 3  # the best and the two checkpoints' bests, however long the search
+    # a new search starts clean: without checkpoints it holds its best point's delta alone
+    search(problem, setter, _near(away, scale), optimizer="cma", budget=9, seed=1)
+    assert len(problem._kept) == 1

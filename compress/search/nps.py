@@ -75,6 +75,10 @@ def make_layout(names, shapes, dtypes) -> Layout:
     return Layout(list(names), [tuple(s) for s in shapes], list(dtypes), offsets)
 
 
+def _point_key(x) -> tuple[float, ...]:
+    return tuple(float(v) for v in x)
+
+
 class NpsProblem:
     """K flat task vectors with their partitions; ``delta(x)`` is the flat Σ_k λ_k kept_k for a point x."""
 
@@ -238,8 +242,24 @@ class NpsProblem:
             kept = kept * factor[self.seg]
         return kept, mask
 
+    def keep_delta(self, x, delta: torch.Tensor) -> None:
+        """Remember ``delta`` as the delta of point ``x``: ``delta(x)`` then returns it (the same tensor, which no
+        caller modifies) instead of computing it again. ``search`` keeps its best points' deltas this way, which
+        the merge protocol's validation and the final answer ask for again."""
+        self.__dict__.setdefault("_kept", {})[_point_key(x)] = delta
+
+    def forget_deltas(self, keep=()) -> None:
+        """Drop the remembered deltas but those of the points ``keep``."""
+        kept = self.__dict__.get("_kept", {})
+        wanted = {_point_key(x) for x in keep}
+        for k in [k for k in kept if k not in wanted]:
+            del kept[k]
+
     def delta(self, x: list[float]) -> torch.Tensor:
         """Flat Σ_k λ_k kept_k at point x."""
+        hit = self.__dict__.get("_kept", {}).get(_point_key(x))
+        if hit is not None:
+            return hit
         lambdas, w = self.decode(x)
         if self.space.combine == "ties" and self.K > 1:
             from compress.merge.methods import combine
@@ -327,6 +347,7 @@ def search(problem: NpsProblem, setter: ModelSetter, objective: Callable, *, opt
     history: list[dict] = []
     best_at: dict[int, list[float]] = {}
     seen = {"n": 0, "best": math.inf, "x": None}
+    problem.forget_deltas()  # an earlier search's best points: its caller has had them
 
     def f(x):
         delta = problem.delta(x)
@@ -338,6 +359,10 @@ def search(problem: NpsProblem, setter: ModelSetter, objective: Callable, *, opt
         seen["n"] += 1
         if v < seen["best"]:
             seen["best"], seen["x"] = v, list(x)
+            # the deltas of the best point and of the checkpoints' bests are asked for again (the answer, the
+            # protocol's validation): kept, the others dropped, so at most len(checkpoints) + 1 are held
+            problem.forget_deltas([seen["x"], *best_at.values()])
+            problem.keep_delta(seen["x"], delta)
         if seen["n"] in checkpoints:
             best_at[seen["n"]] = seen["x"]
         return v, m

@@ -137,11 +137,11 @@ def merge_protocol(problem, setter, search_objective, validation_objective, dev_
                  popsize=popsize, seed=seed, log=log, starts=[x0], penalty=anchor_penalty(anchor, strength),
                  checkpoints=checkpoints)
 
-    def validate(x) -> float:
-        setter(problem.delta(x))
+    def validate(x, delta=None) -> float:
+        setter(problem.delta(x) if delta is None else delta)
         return mean_accuracy(validation_objective(setter.module)[1])
 
-    ties_val = validate(x0)
+    ties_val = validate(x0, anchor)
     by_budget = {b: validate(res.best_at[b]) for b in checkpoints}
     best_b = max(by_budget, key=lambda b: (by_budget[b], -b))
     validation = {"ties": ties_val, "nps": by_budget[best_b], "by_budget": {str(b): v for b, v in by_budget.items()}}
