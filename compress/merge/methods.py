@@ -234,10 +234,16 @@ def _weights(weights, n: int, like: torch.Tensor) -> torch.Tensor:
     return w.reshape((n,) + (1,) * (like.dim() - 1))
 
 
+def sum_models(t: torch.Tensor) -> torch.Tensor:
+    """``t.sum(0)`` over the models' axis, bit for bit. Two models are added directly: the same one rounding of the
+    exact sum, and on a CPU about twice as fast as torch's reduction over a leading axis of length 2."""
+    return t[0] + t[1] if t.shape[0] == 2 else t.sum(0)
+
+
 def majority_sign(deltas: torch.Tensor, method: Consensus = "mass") -> torch.Tensor:
     """+1/−1 per entry: the sign of Σ_i δ_i ("mass", TIES) or of Σ_i sign(δ_i) ("count"); a zero sum elects +1
     (PEFT's and mergekit's ``>= 0``)."""
-    score = deltas.sum(0) if method == "mass" else deltas.sign().sum(0)
+    score = sum_models(deltas) if method == "mass" else sum_models(deltas.sign())
     return torch.where(score >= 0, 1.0, -1.0).to(deltas.dtype)
 
 
@@ -255,18 +261,18 @@ def combine(deltas: torch.Tensor, weights, *, consensus: Optional[Consensus] = N
     else:
         weighted = deltas * w
     if consensus is None:
-        merged = weighted.sum(0)
+        merged = sum_models(weighted)
         if normalize:
             total = w.sum()
             merged = merged / (total if total.abs() > 1e-8 else 1.0)
     else:
         voters = weighted if sign_on == "weighted" else deltas
         agree = (voters.sign() == majority_sign(voters, consensus)).to(deltas.dtype)  # zeros never agree
-        merged = (weighted * agree).sum(0)
+        merged = sum_models(weighted * agree)
         if disjoint == "mean":
-            merged = merged / agree.sum(0).clamp(min=1.0)
+            merged = merged / sum_models(agree).clamp(min=1.0)
         elif disjoint == "weighted_mean":
-            div = (w * agree).sum(0)
+            div = sum_models(w * agree)
             merged = merged / torch.where(div == 0, torch.ones_like(div), div)
         elif disjoint != "sum":
             raise CompressError(f"unknown disjoint rule '{disjoint}' (choose mean, weighted_mean, sum)")
