@@ -137,7 +137,8 @@ def _mergekit(base, ft, **change):
 # base, which the translation drops: the error still names the file's index, models[1].
 MERGEKIT_CASES = {
     "density string": ({"models__1__parameters__density": "abc"}, "models[1].parameters.density", "'abc'"),
-    "density out of range": ({"models__1__parameters__density": 5}, "models[1].parameters.density", "(0, 1]"),
+    # a mergekit recipe may say density 0 (mergekit keeps nothing); 5 is out of its [0, 1]
+    "density out of range": ({"models__1__parameters__density": 5}, "models[1].parameters.density", "[0, 1]"),
     "density filter value": ({"models__1__parameters__density": [{"filter": "mlp", "value": "x"}, {"value": 0.5}]},
                              "models[1].parameters.density", "'x'"),
     "weight nested list": ({"models__1__parameters__weight": [[1], 2]}, "models[1].parameters.weight", "[[1], 2]"),
