@@ -349,8 +349,9 @@ def sparsegpt_prune_many(w: torch.Tensor, h: torch.Tensor | None, sparsities: Se
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         # the reference's column loop, one group of columns at a time: the whole block when its mask is known
         # up front, else each N:M group, whose mask is chosen from the weights as the earlier groups left them
-        for a in range(0, i2 - i1, nm[1] if nm is not None else i2 - i1):
-            b = min(a + (nm[1] if nm is not None else i2 - i1), i2 - i1)
+        group = nm[1] if nm is not None else i2 - i1
+        for a in range(0, i2 - i1, group):
+            b = min(a + group, i2 - i1)
             if nm is not None:
                 score = W1[:, :, a:b] ** 2 / d[a:b].reshape(1, 1, -1) ** 2
                 score = _protected_scores(score, None if keep1 is None else keep1[:, a:b])
