@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.runtime import tf32
+from compress.runtime import half_attention, tf32
 
 # attributes, on the module that holds the blocks, naming the norm that follows the last block
 FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
@@ -313,7 +313,7 @@ class BlockRunner:
         """Run block ``i`` (loaded) over every batch; with ``outputs``, its outputs replace ``acts.hidden``."""
         for b, x in enumerate(acts.hidden):
             args, kwargs = acts.calls[b][i]
-            with tf32(True):
+            with tf32(True), half_attention():
                 out = block(x.to(self.device, non_blocking=True), *args, **kwargs)
             if isinstance(out, tuple):
                 out = out[0]

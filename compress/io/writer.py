@@ -580,15 +580,22 @@ def write_model_card(folder: Path, title: str, method: str, inputs: dict[str, st
     (folder / "README.md").write_text("\n".join(lines) + "\n")
 
 
+def _write_one(writer: "ShardedWriter", also, name: str, t: torch.Tensor) -> None:
+    writer.add(name, t)
+    if also is not None:
+        also(name, t)
+
+
 def write_folder(out: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]], *, overwrite: bool = False,
                  expected_tensors: Optional[int] = None, shard_size: int | str = DEFAULT_SHARD_SIZE,
                  metadata: dict[str, str] | None = None, aux_from: str | os.PathLike | None = None,
                  files: Mapping[str, bytes | str] | None = None, finish: Callable[[Path], None] | None = None,
-                 card: dict | None = None) -> Path:
+                 card: dict | None = None, also: Callable[[str, torch.Tensor], None] | None = None) -> Path:
     """Write the (name, tensor) pairs of ``tensors`` as a Hugging Face folder ``out``, atomically; returns ``out``.
 
     ``expected_tensors`` (default: ``len(tensors)`` when it has one) reserves each shard's header room, so each
-    byte is written once. Tensor i is written by a thread while the caller's generator computes tensor i + 1.
+    byte is written once. Tensor i is written by a thread while the caller's generator computes tensor i + 1;
+    ``also(name, tensor)``, a second output of the same pass (a sparse file), runs on that thread after the write.
     Then, in the temporary folder: ``aux_from``'s config and tokenizer files, ``files`` ({name: content}),
     ``finish(folder)``, config.json set to name the dtype written, and the model card (``card``: the keyword
     arguments of ``write_model_card``)."""
@@ -608,7 +615,7 @@ def write_folder(out: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tens
                         floats.add(t.dtype)
                     if pending is not None:
                         pending.result()
-                    pending = pool.submit(writer.add, name, t)
+                    pending = pool.submit(_write_one, writer, also, name, t)
                     del t  # not held here while the next tensor is computed: written, it can be freed
                 if pending is not None:
                     pending.result()

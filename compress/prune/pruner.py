@@ -487,11 +487,6 @@ class Pruner:
         order = outer + [n for names in block_names for n in names.values()]
         sparse = None
 
-        def emit(name, t):
-            if sparse is not None:
-                sparse.add(name, t)
-            return name, t
-
         def tensors():
             nonlocal cache
             by_ck = {runner.tensor_name(f"{p.name}.weight"): p for p in self.modules}
@@ -503,7 +498,7 @@ class Pruner:
                     t = stored(name, p, prune_one(p, w, None, mean))
                 elif dtype is not None and t.is_floating_point():
                     t = t.to(dtype)
-                yield emit(name, t)
+                yield name, t
             acts, cached, computed = None, False, False
             if spec.calibrated:
                 if mode == "shared" and self.cache_dir is not None:
@@ -539,7 +534,7 @@ class Pruner:
                     runner.run(i, block, acts)
                 for name in block_names[i].values():
                     p = by_ck.get(name)
-                    yield emit(name, stored(name, p, new[p.name]) if p is not None else ck.get(name, dtype=dtype))
+                    yield name, stored(name, p, new[p.name]) if p is not None else ck.get(name, dtype=dtype)
                 del new, weights
                 runner.free_block(i)
             if cache is not None:
@@ -588,7 +583,7 @@ class Pruner:
                                                                   **(sparse_metadata or {})})
                     write_folder(out, tensors(), overwrite=overwrite, expected_tensors=len(ck),
                                  shard_size=shard_size, metadata={"compress": "prune"}, aux_from=self.model_dir,
-                                 finish=finish, card=card)
+                                 finish=finish, card=card, also=None if sparse is None else sparse.add)
                 if res.sparse is not None:
                     res.sparse = dataclasses.replace(res.sparse, path=Path(sparse_out))
         except BaseException as e:
