@@ -37,6 +37,17 @@ def _source(tmp_path, dtype_key="torch_dtype"):
     return src
 
 
+def test_also_sees_every_tensor_written_in_order_on_the_writing_thread(tmp_path):
+    import threading
+
+    seen = []
+    write_folder(tmp_path / "out", _tensors(), also=lambda n, t: seen.append((n, t, threading.current_thread())))
+    assert [n for n, _, _ in seen] == [n for n, _ in _tensors()]
+    assert all(torch.equal(t, ref) for (_, t, _), (_, ref) in zip(seen, _tensors()))
+    assert all(th is not threading.main_thread() for _, _, th in seen)
+    assert {n: torch.equal(t, _read(tmp_path / "out")[n]) for n, t, _ in seen} == {n: True for n, _ in _tensors()}
+
+
 def test_round_trip_sharded_with_aux_card_files_and_written_dtype(tmp_path):
     src = _source(tmp_path)
     tensors = _tensors(dtype=torch.bfloat16)
@@ -79,7 +90,7 @@ def test_config_left_byte_for_byte_when_it_names_the_dtype_or_dtypes_are_mixed(t
     assert not (tmp_path / "mixed" / "model.safetensors.index.json").exists()
 
 
-@pytest.mark.parametrize("failure", ["generator", "nan", "config"])
+@pytest.mark.parametrize("failure", ["generator", "nan", "config", "also"])
 def test_a_failure_mid_stream_leaves_nothing(tmp_path, failure):
     src = _source(tmp_path)
     if failure == "config":
@@ -94,11 +105,19 @@ def test_a_failure_mid_stream_leaves_nothing(tmp_path, failure):
                 t[0, 0] = float("nan")
             yield name, t
 
+    seen = []
+
+    def also(name, t):  # a second output of the pass, on the writing thread: its error stops the folder too
+        if failure == "also" and len(seen) == 3:
+            raise CompressError(f"second output refused '{name}'")
+        seen.append((name, t))
+
     out = tmp_path / "deep" / "out"
     expected = {"generator": (RuntimeError, "boom"), "nan": (CompressError, "'model.layers.3.w' came out with 1 NaN"),
-                "config": (CompressError, re.escape(f"{src / 'config.json'}: not valid JSON"))}[failure]
+                "config": (CompressError, re.escape(f"{src / 'config.json'}: not valid JSON")),
+                "also": (CompressError, "second output refused 'model.layers.3.w'")}[failure]
     with pytest.raises(expected[0], match=expected[1]):
-        write_folder(out, tensors(), expected_tensors=7, shard_size=4500, aux_from=src)
+        write_folder(out, tensors(), expected_tensors=7, shard_size=4500, aux_from=src, also=also)
     assert not out.exists() and not out.parent.exists()  # nor the folder made for it, nor any temporary
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
