@@ -42,7 +42,7 @@ def run_lm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500, te
            lambdas=LAMBDAS, quiet: bool = False, max_tokens: int = 32768, seqlen: int = 256,
            quick: bool = False, merges: Optional[dict] = None) -> dict:
     """The lm-zoo table; ``merges``: the merge rows to run (default ``MERGES``, all of them)."""
-    from compress.eval.perplexity import load_causal_lm, perplexity
+    from compress.eval.perplexity import load_causal_lm, text_windows, windows_perplexity
     from compress.eval.recall import read_recall_items, recall_eval
 
     for part in ("base", *TASKS):
@@ -51,6 +51,8 @@ def run_lm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500, te
     model, tok = load_causal_lm(zoo / "base", device=device)
     base_sd = {n: t.detach().clone() for n, t in model.state_dict().items()}
     texts = {k: _halves(v) for k, v in heldout_texts(zoo).items()}
+    # each half is scored once per λ and setting: tokenized once here
+    windows = {k: [text_windows(tok, half, seqlen, max_tokens) for half in v] for k, v in texts.items()}
     items = read_recall_items(zoo / "recall_eval.jsonl")
     half = len(items) // 2
     splits = {"dev": items[:half][:dev_limit] if dev_limit else items[:half],
@@ -71,8 +73,7 @@ def run_lm(zoo: Path, *, device: str = "cpu", dev_limit: Optional[int] = 500, te
 
     def score(split: str) -> dict:
         i = 0 if split == "dev" else 1
-        out = {f"ppl_{k}": perplexity(model, tok, v[i], seqlen=seqlen, max_tokens=max_tokens, device=device)
-               for k, v in texts.items()}
+        out = {f"ppl_{k}": windows_perplexity(model, v[i], device=device) for k, v in windows.items()}
         r = recall_eval(model, tok, recall_files[split], device=device)
         out.update(recall_accuracy=r["accuracy"], hallucination_rate=r["hallucination_rate"])
         return out

@@ -64,7 +64,14 @@ def perplexity(model, tokenizer, text_or_path: str | os.PathLike, seqlen: int = 
                batch_size: int = 8, device: str | torch.device = "cpu") -> float:
     """exp(mean NLL) of ``model`` on a text (or a .txt/.txt.gz file) over non-overlapping ``seqlen`` windows of
     its first ``max_tokens`` tokens (all when None). Deterministic: no sampling, no dropout (eval mode)."""
-    windows = text_windows(tokenizer, text_or_path, seqlen, max_tokens, batch_size)
+    return windows_perplexity(model, text_windows(tokenizer, text_or_path, seqlen, max_tokens, batch_size),
+                              batch_size, device)
+
+
+@torch.no_grad()
+def windows_perplexity(model, windows: torch.Tensor, batch_size: int = 8, device: str | torch.device = "cpu") -> float:
+    """``perplexity`` over windows already tokenized (``text_windows``): a caller scoring one text many times
+    tokenizes it once."""
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
