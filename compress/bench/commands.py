@@ -122,16 +122,19 @@ def bench_merge(
     dev_limit: Optional[int] = typer.Option(500, help="Dev rows per task for choosing λ (0: all)."),
     test_limit: Optional[int] = typer.Option(None, help="Test rows per task (default: all)."),
     quick: bool = typer.Option(False, help="3 λ, no setting grid, few WUDI/AdaMerging steps: a CPU smoke run."),
+    rows: Optional[str] = typer.Option(None, help="Comma-separated merge rows to run (default: all); the other rows "
+                                       "of an earlier run in --results with the same settings are kept."),
     device: str = DEVICE, quiet: bool = QUIET,
 ):
     """Zero-shot, individual, average, task arithmetic, TIES, DARE-TIES, TSV-M, Iso-C, Iso-CTS, WUDI and AdaMerging
     on the zoo's fine-tuned models."""
-    from compress.bench.merge import run
+    from compress.bench.merge import chosen_rows, run
 
     require("bench", "compress bench merge", ("matplotlib",))
+    chosen_rows(rows)  # an unknown row fails before the device is touched
 
     run(zoo, zoo_root=zoo_root, results=results, device=resolve_device(device), dev_limit=dev_limit or None,
-        test_limit=test_limit, quiet=quiet, quick=quick)
+        test_limit=test_limit, quiet=quiet, quick=quick, rows=rows)
 
 
 @bench_app.command("prune")
