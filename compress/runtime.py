@@ -71,10 +71,11 @@ def _half_attention_mode(devices: tuple[str, ...]):
                 if not bool((mask > low).any(-1).all()):
                     return func(*args, **kwargs)
                 mask = mask.clamp(min=low).half()
-            rest = dict(kwargs)
-            if "attn_mask" in rest or len(args) > 3:
-                rest["attn_mask"] = mask
-            return func(*half, *args[4:], **rest).to(q.dtype)
+            if len(args) > 3:
+                return func(*half, mask, *args[4:], **kwargs).to(q.dtype)
+            if "attn_mask" in kwargs:
+                kwargs = {**kwargs, "attn_mask": mask}
+            return func(*half, **kwargs).to(q.dtype)
 
     return HalfAttention()
 

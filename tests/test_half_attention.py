@@ -49,8 +49,9 @@ def test_a_float32_additive_mask_with_its_lowest_value_stays_finite():
     with half_attention(("cpu",)):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         positional = F.scaled_dot_product_attention(q, k, v, mask)
+        dropout_too = F.scaled_dot_product_attention(q, k, v, mask, 0.0)  # attn_mask and dropout_p by position
         assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=padded), ref_padded)
     assert torch.isfinite(out).all()
-    assert torch.equal(out, positional)
+    assert torch.equal(out, positional) and torch.equal(out, dropout_too)
     assert not torch.equal(out, ref)
     assert (out - ref).abs().max() < 5e-3
