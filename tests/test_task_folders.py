@@ -166,7 +166,7 @@ def test_zoo_from_task_folders_then_eval_and_bench_by_path(tmp_path, one_thread)
 def _bench_merge_protocol(root, results):
     """Two seeds at a tiny budget; a candidate of enormous strength never leaves TIES."""
     code, out, err = run_cli("bench", "nps", "--zoo-root", root, "--results", results, "--parts", "merge",
-                             "--dev-limit", "40", "--test-limit", "20", "--merge-seeds", "0,1", "--merge-budget", "4",
+                             "--dev-limit", "16", "--test-limit", "10", "--merge-seeds", "0,1", "--merge-budget", "4",
                              "--merge-checkpoints", "2", "--merge-strength", "0,1000000", "--quiet")
     assert code == 0, err
     mg = json.loads((results / "nps_minilm-8task.json").read_text())["merge"]
@@ -200,7 +200,7 @@ def _merge_command_protocol(zoo, task, other, tmp_path):
         "method": "nps", "base": str(zoo / "base"), "models": [str(zoo / "kit"), str(zoo / "things")],
         "tasks": [str(other), str(task)], "density": 0.2, "out": str(tmp_path / "merged"),
         "search": {"anchor": "ties", "regularize": 1e6, "combine": "ties", "task_weights": "per_task",
-                   "grouping": "layer", "parts": 1, "budget": 4, "dev_limit": 40, "objective": "accuracy"}}))
+                   "grouping": "layer", "parts": 1, "budget": 2, "dev_limit": 16, "objective": "accuracy"}}))
     code, out, err = run_cli("merge", recipe)
     assert code == 0, err
     # the summary line goes to stderr with the progress output, wrapped to the console's width
