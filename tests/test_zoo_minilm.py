@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import PATH_TASKS, QUICK_TASKS, run_cli, zoo_of
 
 from compress.config import ClassifierTrain, MiniLMRecipe
 from compress.data import TASKS, load_task, task_dir, task_info
@@ -33,8 +33,6 @@ from compress.taskvec import TaskVector
 from compress.zoo import default_recipe
 from compress.zoo.minilm import load_minilm_recipe
 
-QUICK_TASKS = ("trec", "subj")
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -47,14 +45,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def zoo_quick(tmp_path_factory, one_thread):
-    """The quick minilm-8task build of two tasks, through the CLI (about half a minute on one CPU thread)."""
-    root = tmp_path_factory.mktemp("zoo")
-    code, out, err = run_cli("zoo", "build", "minilm-8task", "--quick", "--tasks", ",".join(QUICK_TASKS),
-                             "--out-root", root)
-    assert code == 0, err
-    assert "| trec |" in out and "wrote" in out
-    return root / "minilm-8task"
+def zoo_quick(minilm_zoo):
+    """The shared quick minilm-8task zoo (conftest's ``minilm_zoo``): trec and subj, and two task folders by path
+    that test_task_folders checks."""
+    return minilm_zoo
+
+
+ALL_TASKS = (*QUICK_TASKS, *PATH_TASKS)
 
 
 def _label0_fraction(task: str, split: str, limit: int) -> float:
@@ -77,7 +74,7 @@ def test_quick_build_beats_chance_on_held_out_data(zoo_quick):
 def test_layout_and_task_vectors(zoo_quick):
     root = zoo_quick.parent
     assert sorted(p.name for p in root.iterdir()) == ["minilm-8task"]  # no temporary left beside it
-    assert sorted(p.name for p in zoo_quick.iterdir()) == sorted(["base", *QUICK_TASKS, "build.json", "results.md"])
+    assert sorted(p.name for p in zoo_quick.iterdir()) == sorted(["base", *ALL_TASKS, "build.json", "results.md"])
     base = open_checkpoint(zoo_quick / "base")
     for task in QUICK_TASKS:
         folder = zoo_quick / task
@@ -91,22 +88,26 @@ def test_layout_and_task_vectors(zoo_quick):
         tv = TaskVector.from_paths(base, folder)
         assert float(tv.get("pooler.dense.weight").abs().max()) == 0.0  # unused by mean pooling
         assert float(tv.get("encoder.layer.5.output.dense.weight").abs().max()) > 0
-    assert set(load_heads(zoo_quick)) == set(QUICK_TASKS)
+    assert set(load_heads(zoo_quick)) == set(ALL_TASKS)
 
 
 def test_build_json(zoo_quick):
     s = json.loads((zoo_quick / "build.json").read_text())
     rec = load_recipe(default_recipe("minilm-8task"), MiniLMRecipe, quick=True)
     assert s["name"] == "minilm-8task" and s["quick"] is True and s["device"] == "cpu"
-    assert s["tasks_built"] == list(QUICK_TASKS) and list(s["tasks"]) == list(QUICK_TASKS)
+    # the task folders are given by path; their summaries go by the folder's name
+    assert s["tasks_built"][:2] == list(QUICK_TASKS) and len(s["tasks_built"]) == len(ALL_TASKS)
+    assert list(s["tasks"]) == list(ALL_TASKS)
     assert s["base"]["params"] == 22_713_216 and s["seconds"] > 0
-    for task in QUICK_TASKS:
+    for task in ALL_TASKS:
         r = s["tasks"][task]
+        # the quick recipe's 192 training rows and 100 dev rows; a task folder has 96 and 40
+        rows, dev = (192, 100) if task in QUICK_TASKS else (96, 40)
         assert r["hyperparameters"] == rec.train.model_dump()
-        assert r["train_rows"] == 192 and r["steps"] == math.ceil(192 / 16) and r["train_seconds"] > 0
-        assert r["dev"]["n"] == 100 and 0 <= r["dev"]["accuracy"] <= 1
+        assert r["train_rows"] == rows and r["steps"] == math.ceil(rows / 16) and r["train_seconds"] > 0
+        assert r["dev"]["n"] == dev and 0 <= r["dev"]["accuracy"] <= 1
         assert r["target"] is None  # targets belong to the full build
-    assert (zoo_quick / "results.md").read_text().count("\n| ") == 1 + len(QUICK_TASKS)
+    assert (zoo_quick / "results.md").read_text().count("\n| ") == 1 + len(ALL_TASKS)
 
 
 def test_constant_head_known_answer_and_weight_swap(zoo_quick):
@@ -175,10 +176,11 @@ def _balanced_head(encoder, tok, task: str, folder, limit: int, seed: int):
 def test_eval_cli_reports_mcc_for_cola_and_f1_for_mrpc(zoo_quick, tmp_path):
     base = zoo_quick / "base"
     encoder, tok = load_encoder(base)
+    n = 40  # rows: the balanced head predicts each label about n / 2 times
     for task, seed in (("cola", 0), ("mrpc", 1)):
-        head = _balanced_head(encoder, tok, task, tmp_path / task, 80, seed)
-        res = evaluate(base, head=head, task=task, limit=80)
-        tp, fp, fn, tn = _confusion(torch.tensor([r["label"] for r in load_task(task, "test", 80)]),
+        head = _balanced_head(encoder, tok, task, tmp_path / task, n, seed)
+        res = evaluate(base, head=head, task=task, limit=n)
+        tp, fp, fn, tn = _confusion(torch.tensor([r["label"] for r in load_task(task, "test", n)]),
                                     res.predictions)
         assert min(tp + fp, fn + tn) > 10, (tp, fp, fn, tn)  # both labels predicted
         if task == "cola":
@@ -186,15 +188,15 @@ def test_eval_cli_reports_mcc_for_cola_and_f1_for_mrpc(zoo_quick, tmp_path):
         else:
             want = 2 * tp / (2 * tp + fp + fn)
         # cola as JSON, mrpc as the printed line: the two outputs of the same evaluation
-        code, out, err = run_cli("eval", base, "--task", task, "--head", head, "--limit", "80",
+        code, out, err = run_cli("eval", base, "--task", task, "--head", head, "--limit", str(n),
                                  *(["--json"] if task == "cola" else []))
         assert code == 0, err
         if task == "cola":
             info = json.loads(out)
             assert info["metric"] == "mcc" and info["mcc"] == pytest.approx(want, abs=1e-12)
-            assert info["accuracy"] == pytest.approx((tp + tn) / 80)
+            assert info["accuracy"] == pytest.approx((tp + tn) / n)
         else:
-            assert out.strip() == f"mrpc test: accuracy {(tp + tn) / 80:.4f} ({tp + tn}/80), F1 {want:.4f}"
+            assert out.strip() == f"mrpc test: accuracy {(tp + tn) / n:.4f} ({tp + tn}/{n}), F1 {want:.4f}"
 
 
 def test_zoo_cli_errors_and_list(zoo_quick):
@@ -317,10 +319,7 @@ def test_carry_splits_the_pretrained_model_losslessly(tmp_path, monkeypatch):
 def _zoo_with_cola(zoo_quick, root):
     """The quick zoo's tasks plus a 'cola' model (subj's encoder with a cola head), as links: a task whose official
     metric (MCC) is not accuracy, at no training cost."""
-    zoo = root / "minilm-8task"
-    zoo.mkdir(parents=True)
-    for f in ("base", *QUICK_TASKS):
-        (zoo / f).symlink_to(zoo_quick / f)
+    zoo = zoo_of(zoo_quick, QUICK_TASKS, root)
     (zoo / "cola").mkdir()
     for f in (zoo_quick / "subj").iterdir():
         if not f.name.startswith("head."):
