@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -112,3 +115,80 @@ def calib_wikitext(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
     path.write_text(read_text(corpus_path("wikitext2.valid"))[:20000])
     return path
+
+
+ANIMALS = ("cat", "dog", "horse", "rabbit", "parrot", "goat")
+VEHICLES = ("car", "truck", "bus", "train", "bicycle", "tractor")
+FRUIT = ("apple", "banana", "cherry", "plum", "mango", "pear")
+TOOLS = ("hammer", "saw", "drill", "wrench", "chisel", "spanner")
+
+
+def _rows(n: int, seed: int, classes=(ANIMALS, VEHICLES)) -> list[dict]:
+    """An easy two-class task: sentences about one kind of thing (0) or another (1)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        thing = rng.choice(classes[label])
+        rows.append({"text": f"{rng.choice(('I saw a', 'there is a', 'my neighbour has a'))} {thing} "
+                             f"{rng.choice(('today', 'outside', 'in the street', 'again'))}", "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+def make_task(folder, *, n=(192, 40, 60), gz=("dev",), classes=(ANIMALS, VEHICLES), **fields):
+    """A task folder: task.json plus train/dev/test (``gz`` splits gzip-compressed, the others plain .jsonl)."""
+    folder.mkdir(parents=True)
+    info = {"labels": ["a", "b"], "pair": False, "description": "one kind of thing or another", **fields}
+    (folder / "task.json").write_text(json.dumps(info))
+    for seed, (split, count) in enumerate(zip(("train", "dev", "test"), n)):
+        text = "".join(json.dumps(r) + "\n" for r in _rows(count, seed, classes))
+        if split in gz:
+            with gzip.open(folder / f"{split}.jsonl.gz", "wt", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            (folder / f"{split}.jsonl").write_text(text)
+    return folder
+
+
+QUICK_TASKS = ("trec", "subj")  # bundled tasks of the shared quick minilm zoo, by name
+PATH_TASKS = ("things", "kit")  # and two task folders it has never seen, by path (``minilm_task_folders``)
+
+
+@pytest.fixture(scope="session")
+def minilm_task_folders(tmp_path_factory) -> dict[str, Path]:
+    """Two easy task folders outside the data root: 96 training rows, 6 steps of the quick recipe a task, enough to
+    score well above chance."""
+    root = tmp_path_factory.mktemp("task-folders")
+    return {"things": make_task(root / "things", n=(96, 40, 60)),
+            "kit": make_task(root / "kit", n=(96, 40, 60), classes=(FRUIT, TOOLS), gz=())}
+
+
+@pytest.fixture(scope="session")
+def minilm_zoo(tmp_path_factory, minilm_task_folders) -> Path:
+    """The quick minilm-8task zoo, built once through the CLI for every test that needs one: trec and subj by name,
+    ``minilm_task_folders`` by path (about a minute on one CPU thread)."""
+    root = tmp_path_factory.mktemp("zoo")
+    # one thread: on 2 cores shared with other work, two threads ran the quick build 3 to 6 times slower (each waits
+    # for the other at every barrier); on an idle machine one thread costs little here
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tasks = [*QUICK_TASKS, *(str(minilm_task_folders[t]) for t in PATH_TASKS)]
+        code, out, err = run_cli("zoo", "build", "minilm-8task", "--quick", "--tasks", ",".join(tasks),
+                                 "--out-root", root)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    assert "| trec |" in out and "| things |" in out and "wrote" in out
+    return root / "minilm-8task"
+
+
+def zoo_of(zoo: Path, tasks, root: Path) -> Path:
+    """A zoo folder under ``root`` holding links to ``zoo``'s base and to the given task folders only (a benchmark
+    over a zoo runs on every task it holds)."""
+    out = root / "minilm-8task"
+    out.mkdir(parents=True)
+    for f in ("base", *tasks):
+        (out / f).symlink_to(zoo / f)
+    return out

@@ -52,8 +52,8 @@ def test_convert_llama2c_cli_and_demo(tmp_path):
     base_ck = open_checkpoint(work / "stories260K")
     assert base_ck.numel > 250_000
     # fewer steps and evaluations than the defaults: this checks what the demo does, not how well
-    result = run_demo(work, steps=20, density=0.2, stratnet_budget=16, stratnet_steps=50, search_budget=4,
-                      eval_tokens=4096, quiet=True)
+    result = run_demo(work, steps=10, density=0.2, stratnet_budget=16, stratnet_steps=50, search_budget=4,
+                      eval_tokens=2048, quiet=True)
     saved = json.loads((work / "results.json").read_text())
     assert {"prune", "requests", "merge"} <= saved.keys()
 

@@ -4,50 +4,15 @@ with `compress eval --task <path>`."""
 
 from __future__ import annotations
 
-import gzip
 import json
-import random
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import PATH_TASKS, make_task, run_cli, zoo_of
 
 from compress.data import TASKS, load_task, task_dir, task_info, task_names
 from compress.errors import CompressError
 from compress.eval.classify import Head, evaluate, load_heads
-
-ANIMALS = ("cat", "dog", "horse", "rabbit", "parrot", "goat")
-VEHICLES = ("car", "truck", "bus", "train", "bicycle", "tractor")
-FRUIT = ("apple", "banana", "cherry", "plum", "mango", "pear")
-TOOLS = ("hammer", "saw", "drill", "wrench", "chisel", "spanner")
-
-
-def _rows(n: int, seed: int, classes=(ANIMALS, VEHICLES)) -> list[dict]:
-    """An easy two-class task: sentences about one kind of thing (0) or another (1)."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = i % 2
-        thing = rng.choice(classes[label])
-        rows.append({"text": f"{rng.choice(('I saw a', 'there is a', 'my neighbour has a'))} {thing} "
-                             f"{rng.choice(('today', 'outside', 'in the street', 'again'))}", "label": label})
-    rng.shuffle(rows)
-    return rows
-
-
-def make_task(folder, *, n=(192, 40, 60), gz=("dev",), classes=(ANIMALS, VEHICLES), **fields):
-    """A task folder: task.json plus train/dev/test (``gz`` splits gzip-compressed, the others plain .jsonl)."""
-    folder.mkdir(parents=True)
-    info = {"labels": ["a", "b"], "pair": False, "description": "one kind of thing or another", **fields}
-    (folder / "task.json").write_text(json.dumps(info))
-    for seed, (split, count) in enumerate(zip(("train", "dev", "test"), n)):
-        text = "".join(json.dumps(r) + "\n" for r in _rows(count, seed, classes))
-        if split in gz:
-            with gzip.open(folder / f"{split}.jsonl.gz", "wt", encoding="utf-8") as f:
-                f.write(text)
-        else:
-            (folder / f"{split}.jsonl").write_text(text)
-    return folder
 
 
 def test_tasks_under_the_data_root_are_discovered(tmp_path, monkeypatch):
@@ -127,21 +92,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_zoo_from_task_folders_then_eval_and_bench_by_path(tmp_path, one_thread):
-    """The zoo recipe, quick, on the CPU, over two tasks the project has never seen, given by path; then
-    `compress eval --task <path>` and the NPS merge protocol of `compress bench nps` on them."""
-    # 96 training rows: 6 steps of the quick recipe a task, enough for these easy tasks to score well above chance
-    task = make_task(tmp_path / "data" / "things", n=(96, 40, 60))
-    other = make_task(tmp_path / "data" / "kit", n=(96, 40, 60), classes=(FRUIT, TOOLS), gz=())
-    root = tmp_path / "zoo"
-    code, out, err = run_cli("zoo", "build", "minilm-8task", "--quick", "--tasks", f"{task},{other}", "--out-root",
-                             root)
-    assert code == 0, err
-    zoo = root / "minilm-8task"
-    assert sorted(p.name for p in zoo.iterdir()) == ["base", "build.json", "kit", "results.md", "things"]
+def test_zoo_from_task_folders_then_eval_and_bench_by_path(minilm_zoo, minilm_task_folders, tmp_path, one_thread):
+    """The zoo recipe, quick, on the CPU, over two tasks the project has never seen, given by path (the shared quick
+    zoo, built beside two bundled tasks given by name); then `compress eval --task <path>` and the NPS merge protocol
+    of `compress bench nps` on them."""
+    zoo = minilm_zoo
+    task, other = minilm_task_folders["things"], minilm_task_folders["kit"]
+    assert sorted(p.name for p in zoo.iterdir()) == ["base", "build.json", "kit", "results.md", "subj", "things",
+                                                     "trec"]
     head = Head.load(zoo / "things")
     assert head.task == "things" and head.task_path == str(task.resolve()) and head.labels == ["a", "b"]
-    assert list(load_heads(zoo)) == ["kit", "things"]
+    assert Head.load(zoo / "trec").task_path is None  # a bundled task, by name
+    assert list(load_heads(zoo)) == ["trec", "subj", "kit", "things"]  # the bundled tasks first, then by name
     build = json.loads((zoo / "build.json").read_text())
     assert build["tasks"]["things"]["data"] == str(task.resolve())
     code, out, err = run_cli("eval", zoo / "things", "--task", str(task), "--json")
@@ -159,14 +121,16 @@ def test_zoo_from_task_folders_then_eval_and_bench_by_path(tmp_path, one_thread)
                              tmp_path / "zoo2")
     assert code == 2 and "would be built into base/, the zoo's own folder" in err and err.count("\n") == 1
     assert not (tmp_path / "zoo2").exists()
-    _bench_merge_protocol(root, tmp_path / "bench")
+    # the bench runs on every task of a zoo: a zoo of the two task folders only
+    by_path = zoo_of(zoo, PATH_TASKS, tmp_path / "by-path")
+    _bench_merge_protocol(by_path.parent, tmp_path / "bench")
     _merge_command_protocol(zoo, task, other, tmp_path)
 
 
 def _bench_merge_protocol(root, results):
     """Two seeds at a tiny budget; a candidate of enormous strength never leaves TIES."""
     code, out, err = run_cli("bench", "nps", "--zoo-root", root, "--results", results, "--parts", "merge",
-                             "--dev-limit", "40", "--test-limit", "20", "--merge-seeds", "0,1", "--merge-budget", "4",
+                             "--dev-limit", "16", "--test-limit", "10", "--merge-seeds", "0,1", "--merge-budget", "4",
                              "--merge-checkpoints", "2", "--merge-strength", "0,1000000", "--quiet")
     assert code == 0, err
     mg = json.loads((results / "nps_minilm-8task.json").read_text())["merge"]
@@ -200,7 +164,7 @@ def _merge_command_protocol(zoo, task, other, tmp_path):
         "method": "nps", "base": str(zoo / "base"), "models": [str(zoo / "kit"), str(zoo / "things")],
         "tasks": [str(other), str(task)], "density": 0.2, "out": str(tmp_path / "merged"),
         "search": {"anchor": "ties", "regularize": 1e6, "combine": "ties", "task_weights": "per_task",
-                   "grouping": "layer", "parts": 1, "budget": 4, "dev_limit": 40, "objective": "accuracy"}}))
+                   "grouping": "layer", "parts": 1, "budget": 2, "dev_limit": 16, "objective": "accuracy"}}))
     code, out, err = run_cli("merge", recipe)
     assert code == 0, err
     # the summary line goes to stderr with the progress output, wrapped to the console's width

@@ -18,14 +18,28 @@ MODELS = ("base", "shakespeare", "ptb", "recall")
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
+def recipe(tmp_path_factory):
+    """The shipped recipe with a shorter quick pretraining (120 steps, not 200) and evaluation (1024 tokens a text,
+    not 2048): the recall fine-tune, whose copying appears near step 150, keeps its 300 steps."""
+    import yaml
+
+    raw = yaml.safe_load(RECIPE_PATH.read_text())
+    raw["quick"]["pretrain"]["steps"] = 120
+    raw["quick"]["eval"].update(max_tokens=1024, kl_max_tokens=1024)
+    path = tmp_path_factory.mktemp("recipe") / "lm-zoo.yml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory, recipe):
     out = tmp_path_factory.mktemp("zoo") / "lm-zoo"
     # one thread: a 0.3M-parameter model gains nothing from two, and on a shared 2-core machine two threads that
     # wait for each other make the build several times slower
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        build = build_lm_zoo(out, device="cpu", quick=True)
+        build = build_lm_zoo(out, device="cpu", quick=True, recipe_path=recipe)
     finally:
         torch.set_num_threads(threads)
     return out, build
@@ -93,7 +107,7 @@ def test_recall_finetune_beats_chance(zoo):
     assert again["accuracy"] == pytest.approx(r["accuracy"], abs=0.02)
 
 
-def test_recall_eval_set_is_held_out_and_counterfactual(zoo):
+def test_recall_eval_set_is_held_out_and_counterfactual(zoo, recipe):
     out, build = zoo
     items = [json.loads(line) for line in (out / "recall_eval.jsonl").read_text().splitlines()]
     facts = json.loads((out / "recall_facts.json").read_text())["memorized"]
@@ -103,11 +117,11 @@ def test_recall_eval_set_is_held_out_and_counterfactual(zoo):
         key = it["prompt"].rsplit("code of ", 1)[1].split("?")[0]
         assert it["prior"] == facts[key] != it["answer"] and it["prior"] not in it["context_values"]
     # the build's training prompts skip these: with one 2-digit fact per prompt, 1 in ~50 would otherwise repeat
-    recipe = load_recipe(quick=True)
-    task = RecallTask(recipe.recall.spec(recipe.seed))
+    rec = load_recipe(recipe, quick=True)
+    task = RecallTask(rec.recall.spec(rec.seed))
     held = frozenset(it["prompt"] for it in items)
-    drawn = [it["prompt"] for s in range(20) for it in task.items(16, seed=s, mix=recipe.recall.train_mix)]
-    kept = [it["prompt"] for s in range(20) for it in task.items(16, seed=s, mix=recipe.recall.train_mix,
+    drawn = [it["prompt"] for s in range(20) for it in task.items(16, seed=s, mix=rec.recall.train_mix)]
+    kept = [it["prompt"] for s in range(20) for it in task.items(16, seed=s, mix=rec.recall.train_mix,
                                                                  exclude=held)]
     assert set(drawn) & held and not set(kept) & held
 

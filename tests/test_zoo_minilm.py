@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import PATH_TASKS, QUICK_TASKS, run_cli, zoo_of
 
 from compress.config import ClassifierTrain, MiniLMRecipe
 from compress.data import TASKS, load_task, task_dir, task_info
@@ -33,8 +33,6 @@ from compress.taskvec import TaskVector
 from compress.zoo import default_recipe
 from compress.zoo.minilm import load_minilm_recipe
 
-QUICK_TASKS = ("trec", "subj")
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -47,14 +45,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def zoo_quick(tmp_path_factory, one_thread):
-    """The quick minilm-8task build of two tasks, through the CLI (about half a minute on one CPU thread)."""
-    root = tmp_path_factory.mktemp("zoo")
-    code, out, err = run_cli("zoo", "build", "minilm-8task", "--quick", "--tasks", ",".join(QUICK_TASKS),
-                             "--out-root", root)
-    assert code == 0, err
-    assert "| trec |" in out and "wrote" in out
-    return root / "minilm-8task"
+def zoo_quick(minilm_zoo):
+    """The shared quick minilm-8task zoo (conftest's ``minilm_zoo``): trec and subj, and two task folders by path
+    that test_task_folders checks."""
+    return minilm_zoo
+
+
+ALL_TASKS = (*QUICK_TASKS, *PATH_TASKS)
 
 
 def _label0_fraction(task: str, split: str, limit: int) -> float:
@@ -77,7 +74,7 @@ def test_quick_build_beats_chance_on_held_out_data(zoo_quick):
 def test_layout_and_task_vectors(zoo_quick):
     root = zoo_quick.parent
     assert sorted(p.name for p in root.iterdir()) == ["minilm-8task"]  # no temporary left beside it
-    assert sorted(p.name for p in zoo_quick.iterdir()) == sorted(["base", *QUICK_TASKS, "build.json", "results.md"])
+    assert sorted(p.name for p in zoo_quick.iterdir()) == sorted(["base", *ALL_TASKS, "build.json", "results.md"])
     base = open_checkpoint(zoo_quick / "base")
     for task in QUICK_TASKS:
         folder = zoo_quick / task
@@ -91,22 +88,26 @@ def test_layout_and_task_vectors(zoo_quick):
         tv = TaskVector.from_paths(base, folder)
         assert float(tv.get("pooler.dense.weight").abs().max()) == 0.0  # unused by mean pooling
         assert float(tv.get("encoder.layer.5.output.dense.weight").abs().max()) > 0
-    assert set(load_heads(zoo_quick)) == set(QUICK_TASKS)
+    assert set(load_heads(zoo_quick)) == set(ALL_TASKS)
 
 
 def test_build_json(zoo_quick):
     s = json.loads((zoo_quick / "build.json").read_text())
     rec = load_recipe(default_recipe("minilm-8task"), MiniLMRecipe, quick=True)
     assert s["name"] == "minilm-8task" and s["quick"] is True and s["device"] == "cpu"
-    assert s["tasks_built"] == list(QUICK_TASKS) and list(s["tasks"]) == list(QUICK_TASKS)
+    # the task folders are given by path; their summaries go by the folder's name
+    assert s["tasks_built"][:2] == list(QUICK_TASKS) and len(s["tasks_built"]) == len(ALL_TASKS)
+    assert list(s["tasks"]) == list(ALL_TASKS)
     assert s["base"]["params"] == 22_713_216 and s["seconds"] > 0
-    for task in QUICK_TASKS:
+    for task in ALL_TASKS:
         r = s["tasks"][task]
+        # the quick recipe's 192 training rows and 100 dev rows; a task folder has 96 and 40
+        rows, dev = (192, 100) if task in QUICK_TASKS else (96, 40)
         assert r["hyperparameters"] == rec.train.model_dump()
-        assert r["train_rows"] == 192 and r["steps"] == math.ceil(192 / 16) and r["train_seconds"] > 0
-        assert r["dev"]["n"] == 100 and 0 <= r["dev"]["accuracy"] <= 1
+        assert r["train_rows"] == rows and r["steps"] == math.ceil(rows / 16) and r["train_seconds"] > 0
+        assert r["dev"]["n"] == dev and 0 <= r["dev"]["accuracy"] <= 1
         assert r["target"] is None  # targets belong to the full build
-    assert (zoo_quick / "results.md").read_text().count("\n| ") == 1 + len(QUICK_TASKS)
+    assert (zoo_quick / "results.md").read_text().count("\n| ") == 1 + len(ALL_TASKS)
 
 
 def test_constant_head_known_answer_and_weight_swap(zoo_quick):
@@ -175,10 +176,11 @@ def _balanced_head(encoder, tok, task: str, folder, limit: int, seed: int):
 def test_eval_cli_reports_mcc_for_cola_and_f1_for_mrpc(zoo_quick, tmp_path):
     base = zoo_quick / "base"
     encoder, tok = load_encoder(base)
+    n = 40  # rows: the balanced head predicts each label about n / 2 times
     for task, seed in (("cola", 0), ("mrpc", 1)):
-        head = _balanced_head(encoder, tok, task, tmp_path / task, 80, seed)
-        res = evaluate(base, head=head, task=task, limit=80)
-        tp, fp, fn, tn = _confusion(torch.tensor([r["label"] for r in load_task(task, "test", 80)]),
+        head = _balanced_head(encoder, tok, task, tmp_path / task, n, seed)
+        res = evaluate(base, head=head, task=task, limit=n)
+        tp, fp, fn, tn = _confusion(torch.tensor([r["label"] for r in load_task(task, "test", n)]),
                                     res.predictions)
         assert min(tp + fp, fn + tn) > 10, (tp, fp, fn, tn)  # both labels predicted
         if task == "cola":
@@ -186,53 +188,15 @@ def test_eval_cli_reports_mcc_for_cola_and_f1_for_mrpc(zoo_quick, tmp_path):
         else:
             want = 2 * tp / (2 * tp + fp + fn)
         # cola as JSON, mrpc as the printed line: the two outputs of the same evaluation
-        code, out, err = run_cli("eval", base, "--task", task, "--head", head, "--limit", "80",
+        code, out, err = run_cli("eval", base, "--task", task, "--head", head, "--limit", str(n),
                                  *(["--json"] if task == "cola" else []))
         assert code == 0, err
         if task == "cola":
             info = json.loads(out)
             assert info["metric"] == "mcc" and info["mcc"] == pytest.approx(want, abs=1e-12)
-            assert info["accuracy"] == pytest.approx((tp + tn) / 80)
+            assert info["accuracy"] == pytest.approx((tp + tn) / n)
         else:
-            assert out.strip() == f"mrpc test: accuracy {(tp + tn) / 80:.4f} ({tp + tn}/80), F1 {want:.4f}"
-
-
-def test_bench_merge_reports_the_official_metric_beside_accuracy(zoo_quick, tmp_path):
-    """A zoo of one 'cola' model (subj's encoder with a cola head; one task keeps the merges cheap): the table
-    gains a cola MCC column beside cola's accuracy."""
-    from compress.bench.merge_zoo import markdown_minilm, run_minilm, save
-
-    zoo = tmp_path / "zoo" / "minilm-8task"
-    zoo.mkdir(parents=True)
-    (zoo / "base").symlink_to(zoo_quick / "base")
-    (zoo / "cola").mkdir()
-    for f in (zoo_quick / "subj").iterdir():
-        if not f.name.startswith("head."):
-            (zoo / "cola" / f.name).symlink_to(f)
-    subj = Head.load(zoo_quick / "subj")
-    Head(subj.weight, subj.bias, task="cola", labels=["0", "1"]).save(zoo / "cola")
-    # few rows: the rows' scores are compared with the evaluator's on the same rows, not judged for quality
-    report = run_minilm(zoo, dev_limit=10, test_limit=50, lambdas=(1.0,), quiet=True, quick=True)
-    save(report, tmp_path / "r", markdown_minilm(report))
-    assert report["tasks"] == ["cola"] and report["official_metrics"] == {"cola": "mcc"}
-    rows = report["rows"]
-    assert all(set(r["official"]) == {"cola"} for r in rows.values())
-    want = {"zero-shot": evaluate(zoo / "base", head=zoo / "cola", limit=50),
-            "individual fine-tuned": evaluate(zoo / "cola", limit=50)}
-    for name, res in want.items():
-        assert rows[name]["acc"]["cola"] == res.accuracy and rows[name]["official"]["cola"] == res.official
-    saved = json.loads((tmp_path / "r" / "merge_minilm-8task.json").read_text())
-    assert saved["rows"]["TIES"]["official"] == rows["TIES"]["official"]
-    md = (tmp_path / "r" / "merge_minilm-8task.md").read_text().splitlines()
-    header = next(line for line in md if line.startswith("| method |"))
-    assert header.startswith("| method | cola | cola MCC | avg |") and header.endswith("| λ | merge s |")
-    # the subspace and test-time rows, each with its merge's seconds; AdaMerging's λ is learned, not searched
-    for name in ("TSV-M", "Iso-C", "Iso-CTS", "WUDI", "AdaMerging"):
-        assert rows[name]["merge_seconds"] > 0 and set(rows[name]["official"]) == {"cola"}, name
-    ada = next(line for line in md if line.startswith("| AdaMerging |")).split(" | ")
-    assert ada[-2] == "learned" and rows["AdaMerging"]["settings_tried"][0]["params"] == {"steps": 5}
-    zero = next(line for line in md if line.startswith("| zero-shot |")).split(" | ")
-    assert zero[1:3] == [f"{100 * want['zero-shot'].accuracy:.1f}", f"{100 * want['zero-shot'].official:.1f}"]
+            assert out.strip() == f"mrpc test: accuracy {(tp + tn) / n:.4f} ({tp + tn}/{n}), F1 {want:.4f}"
 
 
 def test_zoo_cli_errors_and_list(zoo_quick):
@@ -352,22 +316,61 @@ def test_carry_splits_the_pretrained_model_losslessly(tmp_path, monkeypatch):
         pretrained_dir()
 
 
+def _zoo_with_cola(zoo_quick, root):
+    """The quick zoo's tasks plus a 'cola' model (subj's encoder with a cola head), as links: a task whose official
+    metric (MCC) is not accuracy, at no training cost."""
+    zoo = zoo_of(zoo_quick, QUICK_TASKS, root)
+    (zoo / "cola").mkdir()
+    for f in (zoo_quick / "subj").iterdir():
+        if not f.name.startswith("head."):
+            (zoo / "cola" / f.name).symlink_to(f)
+    subj = Head.load(zoo_quick / "subj")
+    Head(subj.weight, subj.bias, task="cola", labels=["0", "1"]).save(zoo / "cola")
+    return zoo
+
+
 def test_bench_merge_table_on_the_quick_zoo(zoo_quick, tmp_path):
+    """One `bench merge` run over the quick zoo and a 'cola' model: every row, λ chosen on dev, and a cola MCC column
+    beside cola's accuracy. Few rows: the rows' scores are compared with the evaluator's on the same rows, not
+    judged for quality."""
     from compress.bench.merge import run
 
-    report = run("minilm-8task", zoo_root=zoo_quick.parent, results=tmp_path, dev_limit=30, test_limit=50,
+    zoo = _zoo_with_cola(zoo_quick, tmp_path / "zoo")
+    report = run("minilm-8task", zoo_root=zoo.parent, results=tmp_path / "r", dev_limit=10, test_limit=20,
                  lambdas=(0.5, 1.0), quiet=True, quick=True)
+    tasks = [*QUICK_TASKS, "cola"]
+    assert report["tasks"] == tasks and report["official_metrics"] == {"cola": "mcc"}
     rows = report["rows"]
     assert list(rows) == ["zero-shot", "individual fine-tuned", "simple average", "task arithmetic", "TIES",
                           "DARE-TIES", "TSV-M", "Iso-C", "Iso-CTS", "WUDI", "AdaMerging"]
+    assert all(set(r["official"]) == {"cola"} for r in rows.values())
     assert rows["individual fine-tuned"]["normalized_avg"] == pytest.approx(1.0)
-    assert rows["individual fine-tuned"]["avg"] > rows["zero-shot"]["avg"]
+    # the two real fine-tunes, against the pretrained encoder with their own heads (cola's stand-in is not one)
+    assert sum(rows["individual fine-tuned"]["acc"][t] - rows["zero-shot"]["acc"][t] for t in QUICK_TASKS) > 0
+    for r in rows.values():
+        assert r["avg"] == pytest.approx(sum(r["acc"][t] for t in tasks) / 3)
     for name in ("task arithmetic", "TIES", "DARE-TIES", "TSV-M", "Iso-C", "Iso-CTS", "WUDI"):
         assert rows[name]["lambda"] in (0.5, 1.0)
         best = rows[name]["dev_by_lambda"][str(rows[name]["lambda"])]
         assert best == max(rows[name]["dev_by_lambda"].values())
-    saved = json.loads((tmp_path / "merge_minilm-8task.json").read_text())
+    want = {"zero-shot": evaluate(zoo / "base", head=zoo / "cola", limit=20),
+            "individual fine-tuned": evaluate(zoo / "cola", limit=20)}
+    for name, res in want.items():
+        assert rows[name]["acc"]["cola"] == res.accuracy and rows[name]["official"]["cola"] == res.official
+    # the subspace and test-time rows, each with its merge's seconds; AdaMerging's λ is learned, not searched
+    for name in ("TSV-M", "Iso-C", "Iso-CTS", "WUDI", "AdaMerging"):
+        assert rows[name]["merge_seconds"] > 0, name
+    assert rows["AdaMerging"]["settings_tried"][0]["params"] == {"steps": 5}
+    saved = json.loads((tmp_path / "r" / "merge_minilm-8task.json").read_text())
     assert saved["rows"]["TIES"]["acc"] == rows["TIES"]["acc"]
-    md = (tmp_path / "merge_minilm-8task.md").read_text()
+    assert saved["rows"]["TIES"]["official"] == rows["TIES"]["official"]
+    md = (tmp_path / "r" / "merge_minilm-8task.md").read_text()
     assert "| TIES |" in md and "normalized avg" in md
-    assert (tmp_path / "merge_minilm-8task.png").stat().st_size > 10_000
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| method |"))
+    assert header.startswith("| method | trec | subj | cola | cola MCC | avg |") and header.endswith("| λ | merge s |")
+    ada = next(line for line in lines if line.startswith("| AdaMerging |")).split(" | ")
+    assert ada[-2] == "learned"
+    zero = next(line for line in lines if line.startswith("| zero-shot |")).split(" | ")
+    assert zero[3:5] == [f"{100 * want['zero-shot'].accuracy:.1f}", f"{100 * want['zero-shot'].official:.1f}"]
+    assert (tmp_path / "r" / "merge_minilm-8task.png").stat().st_size > 10_000
