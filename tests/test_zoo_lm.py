@@ -186,3 +186,28 @@ def test_eval_cli_kl_and_recall(zoo, tmp_path):
     assert r["accuracy"] > 0.5 and r["n"] > 0
     code, _, err = run_cli("eval", root / "recall", "--kl-to", root / "base")
     assert code == 2 and "--kl-to needs --calib" in err
+
+
+def test_bench_merge_table_over_two_calls_with_rows(zoo, tmp_path):
+    """`compress bench merge lm-zoo --rows`: two calls make one table; each held-out half is tokenized once, and
+    its perplexity is still `perplexity()`'s."""
+    from compress.bench.merge import run
+    from compress.bench.merge_lm import _halves, heldout_texts
+
+    zoo, _ = zoo
+    common = dict(zoo_root=zoo.parent, results=tmp_path, dev_limit=4, test_limit=4, lambdas=(1.0,), quiet=True,
+                  max_tokens=512)
+    first = run("lm-zoo", rows="task arithmetic", **common)
+    second = run("lm-zoo", rows="simple average", **common)
+    assert list(first["rows"])[-1] == "task arithmetic" and "simple average" not in first["rows"]
+    saved = json.loads((tmp_path / "merge_lm-zoo.json").read_text())
+    merges = [r for r in saved["rows"] if r in ("simple average", "task arithmetic")]
+    assert merges == ["simple average", "task arithmetic"]  # table order, the first call's row kept
+    assert saved["rows"]["task arithmetic"] == json.loads(json.dumps(first["rows"]["task arithmetic"]))
+    assert second["rows"]["task arithmetic"]["lambda"] == 1.0
+    assert "| task arithmetic |" in (tmp_path / "merge_lm-zoo.md").read_text()
+    model, tok = load_causal_lm(zoo / "base")
+    texts = heldout_texts(zoo)
+    zero_shot = saved["rows"]["zero-shot"]["scores"]
+    for k, text in texts.items():
+        assert zero_shot[f"ppl_{k}"] == perplexity(model, tok, _halves(text)[1], seqlen=256, max_tokens=512)

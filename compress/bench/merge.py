@@ -52,9 +52,10 @@ def keep_earlier_rows(report: dict, earlier_path: Path) -> dict:
 
 def run(zoo_name: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path("checkpoints/bench"), *,
         device: str = "cpu", dev_limit: Optional[int] = 500, test_limit: Optional[int] = None, quiet: bool = False,
-        lambdas=LAMBDAS, quick: bool = False, rows: Optional[str] = None) -> dict:
+        lambdas=LAMBDAS, quick: bool = False, rows: Optional[str] = None, max_tokens: Optional[int] = None) -> dict:
     """``rows``: comma-separated merge rows to run (default all); the other rows of an earlier report in
-    ``results`` with the same settings are kept, so a table may be measured over several calls."""
+    ``results`` with the same settings are kept, so a table may be measured over several calls. ``max_tokens``:
+    lm-zoo's perplexity tokens per text (default ``run_lm``'s)."""
     merges = chosen_rows(rows)
     zoo = zoo_root / zoo_name
     lambdas = QUICK["lambdas"] if quick and lambdas is LAMBDAS else lambdas  # an explicit grid wins
@@ -64,7 +65,8 @@ def run(zoo_name: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path =
         markdown = markdown_minilm
     elif zoo_name == "lm-zoo":
         report = run_lm(zoo, device=device, dev_limit=dev_limit, test_limit=test_limit, lambdas=lambdas,
-                        quiet=quiet, quick=quick, merges=merges)
+                        quiet=quiet, quick=quick, merges=merges,
+                        **({} if max_tokens is None else {"max_tokens": max_tokens}))
         markdown = markdown_lm
     else:
         raise CompressError(f"bench merge runs on minilm-8task or lm-zoo, not '{zoo_name}'")
