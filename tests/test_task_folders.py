@@ -131,10 +131,12 @@ def _bench_merge_protocol(root, results):
     """Two seeds at a tiny budget; a candidate of enormous strength never leaves TIES."""
     code, out, err = run_cli("bench", "nps", "--zoo-root", root, "--results", results, "--parts", "merge",
                              "--dev-limit", "16", "--test-limit", "10", "--merge-seeds", "0,1", "--merge-budget", "4",
-                             "--merge-checkpoints", "2", "--merge-strength", "0,1000000", "--quiet")
+                             "--merge-checkpoints", "2", "--merge-strength", "0,1000000", "--merge-lambdas", "0.5,1,2",
+                             "--quiet")
     assert code == 0, err
     mg = json.loads((results / "nps_minilm-8task.json").read_text())["merge"]
     assert mg["tasks"] == ["kit", "things"] and [r["seed"] for r in mg["runs"]] == [0, 1]
+    assert all(set(r["ties_dev_by_lambda"]) == {"0.5", "1.0", "2.0"} for r in mg["runs"])  # --merge-lambdas
     assert {"task arithmetic", "TIES", "DARE-TIES", "individual"} <= set(mg["baselines"])
     for r in mg["runs"]:
         assert r["chosen"] in ("nps", "ties") and r["budget"] in (2, 4) and len(r["candidates"]) == 2

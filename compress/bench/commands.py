@@ -243,6 +243,8 @@ def bench_nps(
                                                          "(the budget is chosen on the validation half)."),
     merge_seeds: str = typer.Option("0,1,2", help="Seeds of the merge protocol (dev split and search)."),
     merge_margin: float = typer.Option(0.0, help="NPS is kept if it beats TIES on validation by more than this."),
+    merge_lambdas: Optional[str] = typer.Option(None, help="TIES' λ grid in the merge protocol, comma-separated "
+                                                "(default 0.1 … 2.0, 13 values)."),
     cost_budgets: str = typer.Option("30,60,120,240", help="Budgets of the cost sweep."),
     cost_ms: str = typer.Option("2,4,8,16", help="M values of the cost sweep."),
     dev_limit: int = typer.Option(500, help="Dev rows per task for the search (0: all)."),
@@ -267,7 +269,8 @@ def bench_nps(
                           ms=tuple(int(v) for v in floats(merge_parts, "--merge-m")),
                           strengths=tuple(floats(merge_strength, "--merge-strength")), budget=merge_budget,
                           checkpoints=tuple(int(v) for v in floats(merge_checkpoints, "--merge-checkpoints")),
-                          margin=merge_margin)
+                          margin=merge_margin,
+                          **({"lambdas": tuple(floats(merge_lambdas, "--merge-lambdas"))} if merge_lambdas else {}))
     run(zoo_root, results, device=resolve_device(device), tasks=csv(tasks, "--tasks") if tasks else None,
         densities=floats(densities, "--densities"), parts=tuple(csv(parts, "--parts")), search=search,
         merge_search=merge_search,

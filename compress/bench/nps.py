@@ -33,6 +33,7 @@ import torch
 
 from compress.errors import CompressError
 from compress.progress import console
+from compress.search.protocol import TIES_LAMBDAS
 
 DENSITIES = (0.1, 0.05, 0.02, 0.01, 0.005)
 BASELINES = ("magnitude", "magnitude+l1", "dare")
@@ -154,6 +155,7 @@ class MergeProtocol:
     budget: int = 200
     checkpoints: tuple[int, ...] = (50, 100)
     margin: float = 0.0
+    lambdas: tuple[float, ...] = TIES_LAMBDAS  # TIES' λ grid, on the search half and on the whole dev split
 
     def __post_init__(self):
         import math
@@ -167,7 +169,9 @@ class MergeProtocol:
                   (self.budget >= 2, "--merge-budget: at least 2 evaluations"),
                   (all(2 <= b <= self.budget for b in self.checkpoints),
                    f"--merge-checkpoints: each in [2, --merge-budget {self.budget}]"),
-                  (math.isfinite(self.margin) and self.margin >= 0, "--merge-margin: a number >= 0")]
+                  (math.isfinite(self.margin) and self.margin >= 0, "--merge-margin: a number >= 0"),
+                  (self.lambdas and all(math.isfinite(v) and v > 0 for v in self.lambdas),
+                   "--merge-lambdas: each λ a finite number > 0")]
         for ok, msg in checks:
             if not ok:
                 raise CompressError(msg)
@@ -228,7 +232,8 @@ def run_protocol_seed(zoo: _Zoo, tasks, search, density: float, proto: MergeProt
                 r = merge_protocol(problem, zoo.setter, s_obj, v_obj, dev, run_search=nps_search, strength=strength,
                                    budget=proto.budget,
                                    checkpoints=proto.checkpoints, optimizer=search.optimizer, sigma0=search.sigma0,
-                                   popsize=search.popsize, seed=seed, margin=proto.margin, tuned=tuned)
+                                   popsize=search.popsize, seed=seed, margin=proto.margin, tuned=tuned,
+                                   lambdas=proto.lambdas)
                 cands.append(({"grouping": grouping, "M": m, "strength": strength}, problem, r))
                 if not quiet:
                     console.print(f"[bench nps] merge seed {seed} {cands[-1][0]}: validation TIES "
