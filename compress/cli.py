@@ -4,24 +4,16 @@ Every command validates through ``compress.config`` and reports bad input as one
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
 import click
 import typer
 
-from compress.bench.commands import bench_app
 from compress.errors import CompressError
-from compress.eval import commands as eval_commands
-from compress.heads import commands as heads_commands
-from compress.io import commands as io_commands
-from compress.merge import commands as merge_commands
 from compress.options import DEVICE, QUIET, is_number
-from compress.prune import commands as prune_commands
 from compress.runtime import resolve_device
-from compress.serve import commands as serve_commands
-from compress.strategy import commands as strategy_commands
-from compress.zoo import commands as zoo_commands
 
 # typer >= 0.29 vendors click and raises its own copies of click's exceptions: catch both families.
 _EXIT, _CLICK_ERROR, _ABORT = [click.exceptions.Exit], [click.ClickException], [click.exceptions.Abort]
@@ -49,11 +41,6 @@ class _Group(typer.core.TyperGroup):
             raise _Interrupted() from None
 
 
-app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Compress and recombine fine-tuned transformer checkpoints.")
-app.add_typer(bench_app, name="bench")
-
-
 def demo(
     workdir: Path = typer.Option(Path("checkpoints/demo"), help="Where the demo writes its models."),
     steps: int = typer.Option(150, help="Fine-tuning steps per corpus."),
@@ -70,16 +57,55 @@ def demo(
              device=resolve_device(device), quiet=quiet)
 
 
-# typer lists a group's commands in the order they are added, then its sub-groups in theirs
-io_commands.register(app)
-app.command()(demo)
-merge_commands.register(app)
-strategy_commands.register(app)
-serve_commands.register(app)
-zoo_commands.register(app)
-heads_commands.register(app)
-eval_commands.register(app)
-prune_commands.register(app)
+# Top-level command or group → the stage whose ``commands.register(app)`` adds it, in registration order (typer lists
+# a group's commands in the order they are added, then its sub-groups in theirs). A command line names one of them,
+# and only that stage's module is imported and only its commands built: typer builds every command it is given,
+# and all of them with their imports cost about a second on a 2-core machine before any work starts.
+SECTIONS = {
+    "bench": ("bench",),
+    "io": ("extract", "apply", "inspect", "extract-lora", "convert-llama2c"),
+    "demo": ("demo",),
+    "merge": ("merge", "interpolate"),
+    "strategy": ("batch", "strategy"),
+    "serve": ("serve", "request"),
+    "zoo": ("zoo",),
+    "heads": ("heads",),
+    "eval": ("eval",),
+    "prune": ("prune",),
+}
+SECTION_OF = {name: section for section, names in SECTIONS.items() for name in names}
+
+
+def _root() -> None:
+    pass
+
+
+def build_app(command: str | None = None) -> typer.Typer:
+    """The root app with every command, or with only the stage that adds top-level ``command`` (a name not in
+    ``SECTION_OF`` gets every command: the help and the unknown-command error list them all)."""
+    app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      help="Compress and recombine fine-tuned transformer checkpoints.")
+    # a callback keeps the app a group when it holds one command (typer would run that command as the root)
+    app.callback()(_root)
+    wanted = set(SECTIONS) if SECTION_OF.get(command) is None else {SECTION_OF[command]}
+    for section in SECTIONS:
+        if section not in wanted:
+            continue
+        if section == "bench":
+            from compress.bench.commands import bench_app
+
+            app.add_typer(bench_app, name="bench")
+        elif section == "demo":
+            app.command()(demo)
+        else:
+            importlib.import_module(f"compress.{section}.commands").register(app)
+    return app
+
+
+def __getattr__(name: str):
+    if name == "app":  # the whole app, for callers that introspect it
+        return build_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # Options that take several values after one flag (`--models A B C`); click wants the flag repeated.
@@ -121,8 +147,9 @@ def _exit_on_sigterm() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input → one line on stderr and exit code 2; never a traceback for the user's mistake."""
     _exit_on_sigterm()
-    cmd = typer.main.get_command(app)
     argv = expand_multi(list(sys.argv[1:] if argv is None else argv))
+    command = next((a for a in argv if not a.startswith("-")), None)
+    cmd = typer.main.get_command(build_app(command))
     try:
         rc = cmd.main(args=argv, prog_name="compress", standalone_mode=False)
         if isinstance(rc, int) and rc:  # typer hands a command's Exit(n) back as a value when not standalone

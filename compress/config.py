@@ -53,7 +53,7 @@ Device = Annotated[str, AfterValidator(_device)]
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class Compute(_Config):

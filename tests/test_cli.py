@@ -107,3 +107,22 @@ def test_convert_llama2c_cli_and_demo(tmp_path):
     # every model the demo made is on the plot: base, the pruned one, each request, 2 fine-tunes, 2 rebuilds, 2 merges
     assert len(saved["models"]) == 2 + len(REQUESTS) + 6
     assert not list(work.glob(".*tmp-*"))
+
+
+def test_a_command_line_builds_only_its_stage_and_every_name_is_placed():
+    """`compress merge …` imports the merge stage's commands only; SECTIONS names every command of the full app."""
+    import subprocess
+    import sys
+
+    import typer
+
+    from compress.cli import SECTION_OF, build_app
+
+    full = typer.main.get_command(build_app())
+    assert set(full.commands) == set(SECTION_OF)
+    for name, section in SECTION_OF.items():
+        assert name in typer.main.get_command(build_app(name)).commands, (name, section)
+    code = ("import sys\nfrom compress.cli import main\ntry:\n    main(['merge', '--help'])\nexcept SystemExit:\n"
+            "    pass\nprint(sorted(m for m in sys.modules if m.endswith('.commands')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "['compress.merge.commands']"
