@@ -172,11 +172,10 @@ def run_train(cfg) -> dict:
     model.meta["training"] = report
     model.save(cfg.out, overwrite=cfg.overwrite)
     s = report["seconds"]
-    console.print(f"trained StratNet (kappa {cfg.kappa:g}) on {report['evaluations']} evaluations "
-                  f"({report['design']} design, "
+    console.print(f"trained StratNet on {report['evaluations']} evaluations ({report['design']} design, "
                   f"{report['active']} active in {report['rounds']} rounds) in {s['all']:.1f} s: evaluations "
                   f"{s['evaluations']:.1f} s, GP fits {s['gp_fit']:.1f} s, StratNet {s['stratnet_train']:.1f} s, "
-                  f"calibration {calib_seconds:.1f} s")
+                  f"calibration {calib_seconds:.1f} s; kappa {cfg.kappa:g}")
     lo, hi = cfg.sparsity_range
     with torch.no_grad():
         for t in (lo, (lo + hi) / 2, hi):
