@@ -8,6 +8,10 @@ one scale over the range. The mean function is linear (``gpytorch.means.LinearMe
 far from the data the posterior mean falls back to that trend, not to the average of all evaluations, so
 StratNet is not drawn to strategies at high sparsity that merely lie away from the design points.
 
+``mean`` and ``std`` are the posterior's mean and deviation in closed form from the Cholesky factor kept at fit
+time (equal to botorch's ``posterior``); ``std(trend=True)`` and ``pessimistic`` (StratNet's κ) add the linear
+trend's estimation variance.
+
 The design is space-filling over the feasible set: a scrambled Sobol sequence in [0, 1]^(n+1), the first
 coordinate the mean sparsity over the range, the others raw values σ⁻¹(u) mapped by the exact projection
 (``project.project``), plus a few uniform strategies evenly spaced over the range (anchors: the baseline every
