@@ -712,6 +712,8 @@ class StrategyTrainConfig(Compute):
     rounds: int = Field(2, ge=0, description="active rounds refining the GP with StratNet's proposals")
     active_fraction: float = Field(0.25, ge=0, lt=1, description="share of the budget spent in active rounds")
     steps: int = Field(400, ge=1, description="Adam steps of StratNet training per round")
+    kappa: float = Field(0.0, ge=0, allow_inf_nan=False,
+                         description="pessimism: StratNet minimizes the GP's mean + kappa * posterior std of log KL")
     hidden: int = Field(64, ge=4)
     lr: float = Field(0.01, gt=0)
     batch_requests: int = Field(64, ge=1)

@@ -66,10 +66,11 @@ def test_heldout_windows_avoid_the_calibration_windows():
 def test_train_then_batch_meets_every_request(tiny, calib, tmp_path):
     sn = tmp_path / "sn.pt"
     code, out, err = run_cli("strategy", "train", tiny, "--calib", calib, "--budget", "16", "--steps", "40",
-                             "--rounds", "1", "--out", sn, "--cache-dir", tmp_path / "cache", "--log",
-                             tmp_path / "evals.jsonl", *COMMON)
+                             "--rounds", "1", "--kappa", "0.5", "--out", sn, "--cache-dir", tmp_path / "cache",
+                             "--log", tmp_path / "evals.jsonl", *COMMON)
     assert code == 0, err
     assert "trained StratNet on 16 evaluations" in out + err
+    assert torch.load(sn, weights_only=True)["meta"]["training"]["kappa"] == 0.5
     log = [json.loads(x) for x in (tmp_path / "evals.jsonl").read_text().splitlines()]
     assert len(log) == 16 and all(r["kl"] > 0 for r in log)
 

@@ -292,6 +292,8 @@ def bench_unicuco(
     train_budget: int = typer.Option(160, help="UniCuCo's true evaluations in all (design + active rounds)."),
     rounds: int = typer.Option(2, help="UniCuCo active rounds."),
     steps: int = typer.Option(300, help="StratNet Adam steps per round."),
+    kappa: float = typer.Option(0.0, help="StratNet trains through the GP's mean + kappa · posterior std (0: the "
+                                          "mean, as the paper)."),
     optimizer: str = typer.Option("cma", help="Per-request search: cma or bayes."),
     nsamples: int = typer.Option(128, help="Calibration windows."),
     eval_windows: int = typer.Option(32, help="Held-out windows the KL runs on."),
@@ -319,6 +321,8 @@ def bench_unicuco(
 
     if optimizer not in ("cma", "bayes"):
         raise CompressError(f"--optimizer {optimizer}: choose cma or bayes")
+    if not kappa >= 0 or kappa == float("inf"):
+        raise CompressError(f"--kappa {kappa:g}: must be a finite number >= 0")
     if requests < 1 or budget < 2 or train_budget < 8 or (search_requests is not None and search_requests < 1):
         raise CompressError("--requests >= 1, --budget >= 2, --train-budget >= 8 and --search-requests >= 1")
     lo, hi = pair(sparsity_range, "--sparsity-range")
@@ -327,7 +331,7 @@ def bench_unicuco(
     if dtype not in ("float32", "bfloat16", "float16"):
         raise CompressError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
     run(zoo, zoo_root=zoo_root, results=results, device=resolve_device(device), requests=requests,
-        sparsity_range=(lo, hi), budget=budget, train_budget=train_budget, rounds=rounds, steps=steps,
+        sparsity_range=(lo, hi), budget=budget, train_budget=train_budget, rounds=rounds, steps=steps, kappa=kappa,
         optimizer=optimizer, nsamples=nsamples, eval_windows=eval_windows, seed=seed, streaming=streaming,
         dtype=torch_dtype(dtype), host_cache=host_cache, search_requests=search_requests, quiet=quiet)
 

@@ -64,7 +64,8 @@ def _sync(device: str) -> None:
 
 def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path("checkpoints/bench"), *,
         device: str = "cpu", requests: int = 64, sparsity_range: tuple[float, float] = (0.3, 0.7),
-        budget: int = 160, train_budget: int = 160, rounds: int = 2, steps: int = 300, optimizer: str = "cma",
+        budget: int = 160, train_budget: int = 160, rounds: int = 2, steps: int = 300, kappa: float = 0.0,
+        optimizer: str = "cma",
         method: str = "wanda", nsamples: int = 128, seqlen: Optional[int] = None, eval_windows: int = 32,
         eval_seqlen: Optional[int] = None, spread: float = 0.2, max_block: float = 0.95, calib: str = "wikitext2.valid",
         seed: int = 0, batch_size: int = 16, cache_dir: Optional[Path] = None, streaming: Optional[bool] = None,
@@ -89,8 +90,8 @@ def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path
     searched_at = torch.linspace(0, requests - 1, k).round().long().tolist() if k < requests else list(range(requests))
     report: dict = {"model": str(model_dir), "name": name, "device": device, "requests": requests,
                     "sparsity_range": [lo, hi], "search_budget": budget, "train_budget": train_budget,
-                    "rounds": rounds, "steps": steps, "optimizer": optimizer, "method": method, "calib": calib,
-                    "nsamples": nsamples, "eval_windows": eval_windows, "spread": spread, "seed": seed}
+                    "rounds": rounds, "steps": steps, "kappa": kappa, "optimizer": optimizer, "method": method,
+                    "calib": calib, "nsamples": nsamples, "eval_windows": eval_windows, "spread": spread, "seed": seed}
     if device.startswith("cuda"):
         report["device_name"] = torch.cuda.get_device_name(device)
     t_all = time.perf_counter()
@@ -116,7 +117,8 @@ def run(zoo: str, zoo_root: Path = Path("checkpoints/zoo"), results: Path = Path
         # -- UniCuCo ----------------------------------------------------------------------------------------
         t0 = time.perf_counter()
         net, _, train_report = train_unicuco(ev, sparsity_range=sparsity_range, spread=spread, max_block=max_block,
-                                             budget=train_budget, rounds=rounds, steps=steps, seed=seed, quiet=quiet)
+                                             budget=train_budget, rounds=rounds, steps=steps, seed=seed, kappa=kappa,
+                                             quiet=quiet)
         t1 = time.perf_counter()
         with torch.no_grad():
             served = net.for_sparsity(torch.tensor(targets, dtype=torch.float64)).tolist()
@@ -214,7 +216,8 @@ def markdown(report: dict) -> str:
              f"| UniCuCo: design + active rounds ({u['design']} + {u['active']}) | {u['evaluations']} | "
              f"{sec['evaluations']:.2f} |",
              f"| UniCuCo: GP fits ({u['gp_fits']}) | | {sec['gp_fit']:.2f} |",
-             f"| UniCuCo: StratNet training ({' + '.join(str(n) for n in u.get('steps', []))} Adam steps) | | "
+             f"| UniCuCo: StratNet training ({' + '.join(str(n) for n in u.get('steps', []))} Adam steps, "
+             f"κ = {report.get('kappa', 0):g}) | | "
              f"{sec['stratnet_train']:.2f} |",
              f"| UniCuCo: answering {report['requests']} requests | | {u['serve_seconds']:.4f} |",
              f"| **UniCuCo total** | {u['evaluations']} | **{u['total_seconds']:.2f}** |",

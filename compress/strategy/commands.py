@@ -42,6 +42,8 @@ def strategy_train(
     rounds: Optional[int] = typer.Option(None, help="Active rounds (default 2)."),
     active_fraction: Optional[float] = typer.Option(None, help="Share of the budget for active rounds (default 0.25)."),
     steps: Optional[int] = typer.Option(None, help="Adam steps per round (default 400)."),
+    kappa: Optional[float] = typer.Option(None, help="Pessimism: train through the GP's mean + kappa · posterior "
+                                                     "std of log KL (default 0: the mean, as the paper)."),
     nsamples: Optional[int] = typer.Option(None, help="Calibration windows (default 128)."),
     seqlen: Optional[int] = typer.Option(None, help="Tokens per calibration window."),
     eval_windows: Optional[int] = typer.Option(None, help="Held-out windows the KL runs on (default 32)."),
@@ -61,8 +63,8 @@ def strategy_train(
     cfg = _strategy_cfg(StrategyTrainConfig, model, dict(
         out=out_path, calib=calib, budget=budget, method=method,
         sparsity_range=pair(sparsity_range, "--sparsity-range"), spread=spread, rounds=rounds,
-        active_fraction=active_fraction, steps=steps, nsamples=nsamples, seqlen=seqlen, eval_windows=eval_windows,
-        eval_seqlen=eval_seqlen, seed=seed, log=log, cache_dir=cache_dir, device=device,
+        active_fraction=active_fraction, steps=steps, kappa=kappa, nsamples=nsamples, seqlen=seqlen,
+        eval_windows=eval_windows, eval_seqlen=eval_seqlen, seed=seed, log=log, cache_dir=cache_dir, device=device,
         overwrite=overwrite or None, quiet=quiet or None))
     run_train(cfg)
 

@@ -8,6 +8,10 @@ one scale over the range. The mean function is linear (``gpytorch.means.LinearMe
 far from the data the posterior mean falls back to that trend, not to the average of all evaluations, so
 StratNet is not drawn to strategies at high sparsity that merely lie away from the design points.
 
+``mean`` and ``std`` are the posterior's mean and deviation in closed form from the Cholesky factor kept at fit
+time (equal to botorch's ``posterior``); ``std(trend=True)`` and ``pessimistic`` (StratNet's κ) add the linear
+trend's estimation variance.
+
 The design is space-filling over the feasible set: a scrambled Sobol sequence in [0, 1]^(n+1), the first
 coordinate the mean sparsity over the range, the others raw values σ⁻¹(u) mapped by the exact projection
 (``project.project``), plus a few uniform strategies evenly spaced over the range (anchors: the baseline every
@@ -102,14 +106,22 @@ class Surrogate:
         for p in gp.parameters():
             p.requires_grad_(False)
         self.gp = gp
-        # the posterior mean in closed form, m(x) + k(x, X)·α with α = (K + σ²I)⁻¹(y − m(X)) on the normalized,
-        # standardized data: what gp.posterior(x).mean computes, without its per-call machinery (StratNet calls it
-        # thousands of times; tested equal)
+        # the posterior in closed form on the normalized, standardized data: mean m(x) + k(x, X)·α with
+        # α = (K + σ²I)⁻¹(y − m(X)), variance k(x, x) − ‖L⁻¹k(X, x)‖² with L the Cholesky factor of K + σ²I: what
+        # gp.posterior(x) computes, without its per-call machinery (StratNet calls it thousands of times; tested
+        # equal)
         with torch.no_grad():
             xn = self._normalize(X)
             yt = gp.outcome_transform(Y)[0].squeeze(-1)
             K = gp.covar_module(xn, xn).to_dense() + gp.likelihood.noise * torch.eye(len(xn), dtype=torch.float64)
-            self._alpha = torch.cholesky_solve((yt - gp.mean_module(xn)).unsqueeze(-1), torch.linalg.cholesky(K))
+            self._L = torch.linalg.cholesky(K)
+            self._alpha = torch.cholesky_solve((yt - gp.mean_module(xn)).unsqueeze(-1), self._L)
+            # the linear trend's estimation variance (see ``std``): W = L⁻¹Hᵀ, A = H K⁻¹ Hᵀ = WᵀW with the trend's
+            # basis h(x) = [1, x]; a relative ridge keeps A invertible with fewer points than blocks + 1
+            self._W = torch.linalg.solve_triangular(self._L, self._basis(xn), upper=False)
+            A = self._W.T @ self._W
+            A = A + 1e-9 * A.diagonal().mean() * torch.eye(len(A), dtype=torch.float64)
+            self._C = torch.linalg.cholesky(A)
             self._xn = xn
             self._rbf = _rbf_parameters(gp.covar_module)
             self._y_mean = gp.outcome_transform.means.squeeze()
@@ -120,22 +132,70 @@ class Surrogate:
     def _normalize(self, X: torch.Tensor) -> torch.Tensor:
         return (X - self.bounds[0]) / (self.bounds[1] - self.bounds[0])
 
-    def mean(self, X: torch.Tensor) -> torch.Tensor:
-        """Posterior mean of log KL at strategies [..., n_blocks]; differentiable in X."""
+    def _cross(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalized X [B, n], k(X, data) [B, N])."""
         if self.gp is None:
             raise RuntimeError("Surrogate.fit() first")
-        shape = X.shape[:-1]
         xn = self._normalize(X.reshape(-1, self.n_blocks).to(torch.float64))
         if self._rbf is not None:  # gpytorch's lazy-kernel machinery costs more than the arithmetic here
             scale, ls = self._rbf
             # not torch.cdist: its gradient is NaN at distance 0
-            k = scale * torch.exp(-0.5 * ((xn / ls).unsqueeze(-2) - (self._xn / ls)).square().sum(-1))
-        else:
-            k = self.gp.covar_module(xn, self._xn).to_dense()
-        m = self.gp.mean_module(xn) + (k @ self._alpha).squeeze(-1)
-        return (m * self._y_std + self._y_mean).reshape(shape)
+            return xn, scale * torch.exp(-0.5 * ((xn / ls).unsqueeze(-2) - (self._xn / ls)).square().sum(-1))
+        return xn, self.gp.covar_module(xn, self._xn).to_dense()
+
+    @staticmethod
+    def _basis(xn: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.ones_like(xn[:, :1]), xn], -1)
+
+    def _mean_of(self, xn: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return (self.gp.mean_module(xn) + (k @ self._alpha).squeeze(-1)) * self._y_std + self._y_mean
+
+    def _std_of(self, xn: torch.Tensor, k: torch.Tensor, trend: bool = False) -> torch.Tensor:
+        prior = self._rbf[0].expand(len(xn)) if self._rbf is not None else self.gp.covar_module(xn, xn, diag=True)
+        v = torch.linalg.solve_triangular(self._L, k.transpose(0, 1), upper=False)
+        var = prior - v.square().sum(0)
+        if trend:
+            r = self._basis(xn).T - self._W.T @ v
+            var = var + torch.linalg.solve_triangular(self._C, r, upper=False).square().sum(0)
+        # clamped: round-off can make the variance slightly negative at a data point, and sqrt's gradient at 0 is
+        # infinite
+        return var.clamp_min(1e-12).sqrt() * self._y_std
+
+    def mean(self, X: torch.Tensor) -> torch.Tensor:
+        """Posterior mean of log KL at strategies [..., n_blocks]; differentiable in X."""
+        xn, k = self._cross(X)
+        return self._mean_of(xn, k).reshape(X.shape[:-1])
+
+    def std(self, X: torch.Tensor, trend: bool = False) -> torch.Tensor:
+        """Posterior standard deviation of log KL (of the latent function, no observation noise; the units of
+        ``mean``) at strategies [..., n_blocks]; differentiable in X. ``trend=False``: botorch's, the linear mean's
+        weights taken as known. ``trend=True`` adds their estimation variance (Rasmussen & Williams 2006, §2.7,
+        a vague prior on the weights of explicit basis functions): rᵀ(H K⁻¹ Hᵀ)⁻¹r with r = h(x) − H K⁻¹ k(X, x).
+        The weights are fitted to the data by maximum likelihood, which for a fixed kernel is the same generalized
+        least-squares estimate that formula assumes. With few points per block the residual GP is small (the
+        trend explains the data) and botorch's deviation stays small everywhere, while the trend's slopes, one per
+        block, are barely determined: only this term grows away from the data along the directions the slopes
+        extrapolate."""
+        xn, k = self._cross(X)
+        return self._std_of(xn, k, trend).reshape(X.shape[:-1])
+
+    def pessimistic(self, X: torch.Tensor, kappa: float = 0.0) -> torch.Tensor:
+        """μ(X) + κ·σ(X) with σ = ``std(X, trend=True)``: an upper confidence bound on log KL (GP-LCB's bound,
+        Srinivas et al. 2010, used for pessimism as in offline model-based optimization): where the GP has no data
+        σ is large, so a strategy there must earn its predicted gain. ``kappa=0`` is ``mean`` itself (σ not
+        computed)."""
+        xn, k = self._cross(X)
+        out = self._mean_of(xn, k)
+        if kappa:
+            out = out + kappa * self._std_of(xn, k, trend=True)
+        return out.reshape(X.shape[:-1])
 
     def posterior_mean(self, X: torch.Tensor) -> torch.Tensor:
         """The same through botorch's ``posterior`` (slower; the reference ``mean`` is tested against)."""
         shape = X.shape[:-1]
         return self.gp.posterior(X.reshape(-1, self.n_blocks).to(torch.float64)).mean.reshape(shape)
+
+    def posterior_std(self, X: torch.Tensor) -> torch.Tensor:
+        """The same as ``std`` through botorch's ``posterior`` (the reference ``std`` is tested against)."""
+        shape = X.shape[:-1]
+        return self.gp.posterior(X.reshape(-1, self.n_blocks).to(torch.float64)).variance.sqrt().reshape(shape)

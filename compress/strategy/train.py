@@ -54,17 +54,21 @@ def stratnet_pruner(net, model, *, calib=None, nsamples=None, device, cache_dir,
 
 def train_unicuco(evaluator, *, sparsity_range=(0.3, 0.7), spread=0.2, max_block=0.95, budget=160, rounds=2,
                   active_fraction=0.25, steps=400, round_steps=None, hidden=64, lr=0.01, batch_requests=64, seed=0,
-                  refit="first", meta=None, quiet=False):
+                  refit="first", kappa=0.0, meta=None, quiet=False):
     """(StratNetModel, surrogate, report): the design, the GP, StratNet, the active rounds; every evaluation goes
     through ``evaluator`` (and its log). ``steps`` Adam steps after the design, ``round_steps`` (default
     steps // 2) after each active round, continuing from the current weights; ``refit``: "first" fits the GP's
-    hyperparameters on the design only (the rounds add data), "always" refits them every round."""
+    hyperparameters on the design only (the rounds add data), "always" refits them every round. ``kappa``: StratNet
+    minimizes μ + κσ of the GP (``stratnet.train_through``; 0 = the paper's posterior mean); the active rounds
+    then evaluate those pessimistic proposals."""
     from compress.strategy.stratnet import StratNet, StratNetModel, train_through
     from compress.strategy.surrogate import Surrogate, design
 
     bp = evaluator.pruner.block_params
     n = len(bp)
     lo, hi = sparsity_range
+    if not kappa >= 0:
+        raise CompressError(f"kappa must be >= 0 (the weight of the GP's posterior deviation), got {kappa}")
     if hi + 1e-9 >= max_block:
         raise CompressError(f"sparsity range top {hi:g} must be below the largest block sparsity {max_block:g}")
     t_start = time.perf_counter()
@@ -87,7 +91,7 @@ def train_unicuco(evaluator, *, sparsity_range=(0.3, 0.7), spread=0.2, max_block
             t1 = time.perf_counter()
             n_steps = steps if round_no == 0 else (round_steps if round_steps is not None else max(1, steps // 2))
             losses = train_through(model, surrogate, steps=n_steps, lr=lr, batch=batch_requests,
-                                   seed=seed + round_no)
+                                   seed=seed + round_no, kappa=kappa)
         seconds["gp_fit"] += t1 - t0
         seconds["stratnet_train"] += time.perf_counter() - t1
         return losses
@@ -118,7 +122,8 @@ def train_unicuco(evaluator, *, sparsity_range=(0.3, 0.7), spread=0.2, max_block
     report = {"evaluations": evaluator.evaluations, "design": n_design, "active": n_active, "rounds": rounds,
               "steps": [len(x) for x in losses],
               "gp_points": len(surrogate), "seconds": {**seconds, "total": time.perf_counter() - t_start},
-              "loss_first": losses[0][0], "loss_last": losses[-1][-1], "gp_fits": surrogate.fits}
+              "loss_first": losses[0][0], "loss_last": losses[-1][-1], "gp_fits": surrogate.fits,
+              "kappa": float(kappa)}
     model.meta.update({"training": report})
     return model, surrogate, report
 
@@ -158,7 +163,8 @@ def run_train(cfg) -> dict:
     model, _, report = train_unicuco(ev, sparsity_range=cfg.sparsity_range, spread=cfg.spread,
                                      max_block=cfg.max_block_sparsity, budget=cfg.budget, rounds=cfg.rounds,
                                      active_fraction=cfg.active_fraction, steps=cfg.steps, hidden=cfg.hidden,
-                                     lr=cfg.lr, batch_requests=cfg.batch_requests, seed=cfg.seed, meta=meta,
+                                     lr=cfg.lr, batch_requests=cfg.batch_requests, seed=cfg.seed, kappa=cfg.kappa,
+                                     meta=meta,
                                      quiet=cfg.quiet)
     report["seconds"]["calibration"] = calib_seconds
     report["seconds"]["dense_logits"] = ev.seconds["dense"]
@@ -169,7 +175,7 @@ def run_train(cfg) -> dict:
     console.print(f"trained StratNet on {report['evaluations']} evaluations ({report['design']} design, "
                   f"{report['active']} active in {report['rounds']} rounds) in {s['all']:.1f} s: evaluations "
                   f"{s['evaluations']:.1f} s, GP fits {s['gp_fit']:.1f} s, StratNet {s['stratnet_train']:.1f} s, "
-                  f"calibration {calib_seconds:.1f} s")
+                  f"calibration {calib_seconds:.1f} s; kappa {cfg.kappa:g}")
     lo, hi = cfg.sparsity_range
     with torch.no_grad():
         for t in (lo, (lo + hi) / 2, hi):
