@@ -190,3 +190,18 @@ def test_apply_with_a_broken_config_is_one_line_and_writes_nothing(tmp_path, lla
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert str(other / "config.json") in err
     assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int8])
+def test_device_chunks_give_the_tensors_bytes_across_chunk_edges(dtype):
+    """The staged path a CUDA tensor leaves by (run here on the CPU with a 96-byte stage): the chunks joined are the
+    tensor's bytes, for sizes below, at and across a chunk edge, and for a non-contiguous view."""
+    from compress.io.writer import _device_chunks, _tensor_bytes
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(5,), (48,), (96,), (7, 29)]:
+        t = (torch.randn(shape, generator=g) * 50).to(dtype)
+        for view in (t, t.t() if t.dim() == 2 else t.flip(0)):
+            joined = b"".join(bytes(c) for c in _device_chunks(view, size=96))
+            assert joined == bytes(_tensor_bytes(view)), (shape, dtype)
+            assert len(joined) == view.numel() * view.element_size()

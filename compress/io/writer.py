@@ -27,6 +27,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Optional
@@ -175,6 +176,30 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
+# A device tensor leaves through a pinned buffer of this size, one per writing thread: a copy into pageable memory
+# ran at 2.8 GB/s on the H200 host (0.8 s of a 1.1B merge's 2.2 GB output), a pinned one at many times that.
+STAGE_BYTES = 64 * 2**20
+_stage = threading.local()
+
+
+def _device_chunks(t: torch.Tensor, size: int = STAGE_BYTES) -> Iterator[memoryview]:
+    """The bytes of device tensor ``t`` in chunks of at most ``size``, each valid until the next is asked for
+    (they share the thread's staging buffer, pinned for a CUDA tensor)."""
+    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    buf = getattr(_stage, "buf", None) if size == STAGE_BYTES else None
+    if buf is None:
+        buf = torch.empty(size, dtype=torch.uint8, pin_memory=t.is_cuda)
+        if size == STAGE_BYTES:
+            _stage.buf = buf
+    for start in range(0, flat.numel(), size):
+        chunk = flat[start:start + size]
+        host = buf[:chunk.numel()]
+        host.copy_(chunk, non_blocking=t.is_cuda)
+        if t.is_cuda:
+            torch.cuda.current_stream(t.device).synchronize()
+        yield memoryview(host.numpy())
+
+
 def check_finite_output(name: str, t: torch.Tensor) -> None:
     """A one-line error naming ``name`` when the float tensor ``t`` holds NaN or Inf (checked on its device)."""
     if not t.is_floating_point() or all_finite(t):
@@ -284,6 +309,11 @@ class SafetensorsStreamWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         _entry(self, name, tensor)
         check_finite_output(name, tensor)
+        if tensor.is_cuda and tensor.numel():
+            for data in _device_chunks(tensor):
+                self._write(data)
+                self.nbytes += len(data)
+            return
         data = _tensor_bytes(tensor)
         self._write(data)
         self.nbytes += len(data)
