@@ -69,28 +69,44 @@ def test_posterior_std_is_botorchs_and_the_trend_term_is_the_vague_prior_limit()
     assert bool(xg.grad.isfinite().all()) and float(xg.grad.abs().sum()) > 0
 
 
-def test_kappa_zero_reproduces_the_mean_only_training():
-    """The strategies of the mean-only StratNet (compress before the pessimism term, same seed and settings),
-    recorded once: κ = 0 must give them to round-off."""
+def test_kappa_zero_reproduces_the_mean_only_training(monkeypatch):
+    """κ = 0 trains exactly as the mean-only StratNet did (before the pessimism term, it called ``surrogate.mean``):
+    the same run with ``pessimistic`` replaced by the mean gives the same strategies bit for bit. The values
+    recorded from that older code on an AVX2 machine must also hold, to 1e-3: the GP's hyperparameter fit moves
+    them by about 2e-4 on an AVX-512 one."""
+    from compress.strategy.surrogate import Surrogate
     from compress.strategy.train import train_unicuco
 
     torch.set_num_threads(1)
-    model, _, report = train_unicuco(Quadratic(), sparsity_range=(0.3, 0.7), spread=0.2, max_block=0.95, budget=24,
-                                     rounds=1, active_fraction=0.25, steps=40, hidden=16, lr=0.02, batch_requests=16,
-                                     seed=3, kappa=0.0, quiet=True)
-    assert report["kappa"] == 0.0
-    with torch.no_grad():
-        sp = model.for_sparsity([0.35, 0.6])
-        pref, t = model.for_preference([0.2, 0.8])
+
+    def run():
+        model, _, report = train_unicuco(Quadratic(), sparsity_range=(0.3, 0.7), spread=0.2, max_block=0.95,
+                                         budget=24, rounds=1, active_fraction=0.25, steps=40, hidden=16, lr=0.02,
+                                         batch_requests=16, seed=3, kappa=0.0, quiet=True)
+        assert report["kappa"] == 0.0
+        with torch.no_grad():
+            return (model.for_sparsity([0.35, 0.6]), *model.for_preference([0.2, 0.8]))
+
+    sp, pref, t = run()
+    calls = []
+
+    def mean_only(self, X, kappa=0.0):
+        calls.append(kappa)
+        return self.mean(X)
+
+    monkeypatch.setattr(Surrogate, "pessimistic", mean_only)
+    sp0, pref0, t0 = run()
+    assert calls and set(calls) == {0.0}
+    assert torch.equal(sp, sp0) and torch.equal(pref, pref0) and torch.equal(t, t0)
     before = torch.tensor([[0.5048955284838479, 0.2891884270201194, 0.3339174161962332, 0.2570725387839677],
                            [0.7650368695848415, 0.528875988682596, 0.5752432990379149, 0.5063817011217625]],
                           dtype=torch.float64)
     before_pref = torch.tensor([[0.8471270791909812, 0.6270378446077323, 0.6568110908301978, 0.600071518586827],
                                 [0.8524495375177341, 0.6251042275359038, 0.6681162784237429, 0.5993552830339244]],
                                dtype=torch.float64)
-    assert torch.allclose(sp, before, rtol=0, atol=1e-9)
-    assert torch.allclose(pref, before_pref, rtol=0, atol=1e-9)
-    assert torch.allclose(t, torch.tensor([0.688232733818838, 0.6916106529072289], dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(sp, before, rtol=0, atol=1e-3)
+    assert torch.allclose(pref, before_pref, rtol=0, atol=1e-3)
+    assert torch.allclose(t, torch.tensor([0.688232733818838, 0.6916106529072289], dtype=torch.float64), atol=1e-3)
 
 
 def test_kappa_keeps_stratnet_near_the_data_where_the_mean_runs_to_a_corner():
