@@ -22,7 +22,7 @@ from compress.bench.mergekit_cases import CASES, MASKS, build_checkpoints, diges
 from compress.merge import elementwise, geometric
 from compress.merge.methods import SLERP_CHUNK, della_keep_prob, magnitude_keep, outlier_keep, slerp, sparsify_delta
 from compress.sparsify.masks import keep_count
-from compress.sparsify.topk import sort_order_first
+from compress.sparsify.topk import sort_first_mask, sort_order_first
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "mergekit_reference.json").read_text())
 H = math.sqrt(0.5)
@@ -110,6 +110,18 @@ def test_sort_order_first_is_torch_sort_s_first_places(descending):
         k = int(torch.randint(0, n + 1, (), generator=g))
         ref = torch.sort(x, descending=descending).indices[:k]  # unstable: libstdc++'s introsort
         assert set(sort_order_first(x, k, descending).tolist()) == set(ref.tolist()), (n, k)
+    # bf16 read in place and |x| taken inside the replay, NaN included (torch's sort puts NaN above every number)
+    for trial in range(30):
+        n = int(torch.randint(17, 40000, (), generator=g))
+        x = (torch.randn(n, generator=g) * 3).round().to(torch.bfloat16)  # few distinct values: ties everywhere
+        if trial % 3 == 0:
+            x[torch.randint(0, n, (5,), generator=g)] = float("nan")
+        k = int(torch.randint(1, n, (), generator=g))
+        want = torch.zeros(n, dtype=torch.bool)
+        want[torch.sort(x.float().abs(), descending=descending).indices[:k]] = True
+        got = sort_first_mask(x.reshape(-1, 1), k, descending, absolute=True)
+        assert got.shape == (n, 1) and torch.equal(got.reshape(-1), want), (n, k)
+        assert torch.equal(sort_first_mask(x.float(), k, descending, absolute=True), want)
 
 
 def test_argsort_tie_break_is_mergekit_s_magnitude_and_breadcrumbs():

@@ -43,6 +43,7 @@ stacked deltas ``[n_models, *shape]`` in a float dtype and return the merged del
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Literal, Optional
 
@@ -54,7 +55,7 @@ from compress.merge import elementwise as e
 from compress.merge import geometric as g
 from compress.merge.subspace import SUBSPACE_METHODS
 from compress.sparsify.masks import keep_count
-from compress.sparsify.topk import magnitude_bits, sort_order_first, topk_mask
+from compress.sparsify.topk import magnitude_bits, sort_first_mask, topk_mask
 
 Sparsify = Literal["magnitude", "random", "outliers", "della"]
 Rescale = Literal["none", "inverse_keep", "l1"]
@@ -77,7 +78,7 @@ def magnitude_keep(delta: torch.Tensor, density: float, tie_break: str = "index"
     "index": ⌊density·n⌋ entries (none when that rounds to 0, as PEFT), equal magnitudes at the threshold kept
     lowest index first (exact radix selection, the same on every device). "argsort": mergekit's ``magnitude``:
     max(1, ⌊density·n⌋) entries (none at density 0), the first places of ``torch.argsort(descending=True)``: on
-    the CPU found without sorting (``sort_order_first`` replays the sort's partitions), bit-exact with it; on
+    the CPU found without sorting (``sort_first_mask`` replays the sort's partitions), bit-exact with it; on
     other devices the device's own argsort, as mergekit runs there.
     """
     if tie_break == "index":
@@ -98,9 +99,8 @@ def outlier_keep(delta: torch.Tensor, density: float, gamma: float, tie_break: s
         order = torch.argsort(magnitude_bits(delta), stable=True)  # ascending |δ|, ties by index
         mask[order[bottom: bottom + keep]] = True
     elif delta.device.type == "cpu":
-        w = delta.abs().reshape(-1).float()
-        mask[sort_order_first(w, bottom + keep, descending=False)] = True
-        mask[sort_order_first(w, bottom, descending=False)] = False
+        mask = sort_first_mask(delta, bottom + keep, descending=False, absolute=True).reshape(-1)
+        mask &= ~sort_first_mask(delta, bottom, descending=False, absolute=True).reshape(-1)
     else:
         mask[torch.sort(delta.abs().reshape(-1), descending=False).indices[bottom: bottom + keep]] = True
     return mask.reshape(delta.shape)
@@ -170,12 +170,11 @@ def _sparsify_protected(delta: torch.Tensor, method: Sparsify, density: float, r
 
 
 def _argsort_keep(delta: torch.Tensor, k: int) -> torch.Tensor:
+    if delta.device.type == "cpu":  # mergekit sorts float32 magnitudes on the CPU
+        return sort_first_mask(delta, k, absolute=True)
     w = delta.abs().reshape(-1)
     mask = torch.zeros(w.numel(), dtype=torch.bool, device=delta.device)
-    if w.device.type == "cpu":  # mergekit sorts float32 magnitudes on the CPU
-        mask[sort_order_first(w.float(), k)] = True
-    else:
-        mask[torch.argsort(w, descending=True)[:k]] = True
+    mask[torch.argsort(w, descending=True)[:k]] = True
     return mask.reshape(delta.shape)
 
 
@@ -516,6 +515,14 @@ def method_preset(name: str, variant: str = "paper", **overrides) -> Method:
     return replace(m, **overrides)
 
 
+def _replays_in_parallel(deltas: torch.Tensor, method: Method, keep) -> bool:
+    """mergekit's tie order on the CPU is one single-threaded sort replay per model (``sort_first_mask``, which
+    releases the GIL): the models' replays then run side by side, one thread each. They draw no random numbers,
+    so the order they run in changes nothing."""
+    return (deltas.shape[0] > 1 and deltas.device.type == "cpu" and method.tie_break == "argsort" and keep is None
+            and method.sparsify in ("magnitude", "outliers") and torch.get_num_threads() > 1)
+
+
 def task_vector_merge(deltas: torch.Tensor, weights, method: Method, *, density=1.0, lam: float = 1.0,
                       gamma=0.01, epsilon=0.15, generator: Optional[torch.Generator] = None,
                       keep: Optional[list[Optional[torch.Tensor]]] = None, inplace: bool = False,
@@ -537,11 +544,16 @@ def task_vector_merge(deltas: torch.Tensor, weights, method: Method, *, density=
 
     dens, gams, epss = per_model(density), per_model(gamma), per_model(epsilon)
     if method.sparsify is not None:
-        deltas = torch.stack([
-            sparsify_delta(deltas[i], method.sparsify, dens[i], rescale=method.rescale, gamma=gams[i],
-                           epsilon=epss[i], generator=generator, keep=None if keep is None else keep[i],
-                           tie_break=method.tie_break, protect=protect, protect_sparsity=protect_sparsity)
-            for i in range(n)])
+        def one(i):
+            return sparsify_delta(deltas[i], method.sparsify, dens[i], rescale=method.rescale, gamma=gams[i],
+                                  epsilon=epss[i], generator=generator, keep=None if keep is None else keep[i],
+                                  tie_break=method.tie_break, protect=protect, protect_sparsity=protect_sparsity)
+
+        if _replays_in_parallel(deltas, method, keep):
+            with ThreadPoolExecutor(max_workers=min(n, torch.get_num_threads())) as pool:
+                deltas = torch.stack(list(pool.map(one, range(n))))
+        else:
+            deltas = torch.stack([one(i) for i in range(n)])
         inplace = True  # the stack is a new tensor now
     return combine(deltas, weights, consensus=method.consensus, sign_on=method.sign_on, disjoint=method.disjoint,
                    normalize=method.normalize, lam=lam, inplace=inplace)

@@ -144,39 +144,73 @@ class GlobalThreshold:
 _REPLAY_C = r"""
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 /* libstdc++'s std::sort on (value, index) pairs with torch's comparators, replayed on the segment holding place k
-   only; v and ix are the caller's copies. Returns 0 when introsort would fall back to heapsort. */
-static int before(float a, float b, int desc) {
-  return desc ? ((isnan(a) && !isnan(b)) || a > b) : ((!isnan(a) && isnan(b)) || a < b);
-}
-static void swap(float *v, int64_t *ix, int64_t a, int64_t b) {
-  float t = v[a]; v[a] = v[b]; v[b] = t; int64_t u = ix[a]; ix[a] = ix[b]; ix[b] = u;
-}
-int replay(float *v, int64_t *ix, int64_t n, int64_t k, int desc) {
-  int64_t lo = 0, hi = n; int depth = 0;
-  for (int64_t m = n; m > 1; m >>= 1) depth += 2;
-  while (hi - lo > 16) {
-    if (depth-- == 0) return 0;
-    int64_t a = lo + 1, b = lo + (hi - lo) / 2, c = hi - 1, m;
-    if (before(v[a], v[b], desc)) m = before(v[b], v[c], desc) ? b : (before(v[a], v[c], desc) ? c : a);
-    else m = before(v[a], v[c], desc) ? a : (before(v[b], v[c], desc) ? c : b);
-    swap(v, ix, lo, m);
-    int64_t f = lo + 1, l = hi;
-    for (;;) {
-      while (before(v[f], v[lo], desc)) f++;
-      l--;
-      while (before(v[lo], v[l], desc)) l--;
-      if (!(f < l)) break;
-      swap(v, ix, f, l); f++;
+   only. A pair is one 64-bit word, the float's bits above its 32-bit index, so a swap moves one word; comparisons
+   look at the value alone, so equal values stay equal whatever their indices. Non-negative floats without NaN
+   order like their bits, so magnitudes compare as integers; otherwise as floats with torch's NaN rule. */
+static inline float val(uint64_t p) { uint32_t b = (uint32_t)(p >> 32); float f; memcpy(&f, &b, 4); return f; }
+#define F_DESC(a, b) ((isnan(val(a)) && !isnan(val(b))) || val(a) > val(b))
+#define F_ASC(a, b) ((!isnan(val(a)) && isnan(val(b))) || val(a) < val(b))
+#define I_DESC(a, b) (((a) >> 32) > ((b) >> 32))
+#define I_ASC(a, b) (((a) >> 32) < ((b) >> 32))
+/* Returns 0 when introsort would fall back to heapsort (the caller then sorts). */
+#define REPLAY(NAME, BEFORE)                                                                           \
+  static int NAME(uint64_t *p, int64_t n, int64_t k) {                                               \
+    int64_t lo = 0, hi = n; int depth = 0;                                                            \
+    for (int64_t m = n; m > 1; m >>= 1) depth += 2;                                                   \
+    while (hi - lo > 16) {                                                                            \
+      if (depth-- == 0) return 0;                                                                     \
+      int64_t a = lo + 1, b = lo + (hi - lo) / 2, c = hi - 1, m;                                      \
+      if (BEFORE(p[a], p[b])) m = BEFORE(p[b], p[c]) ? b : (BEFORE(p[a], p[c]) ? c : a);              \
+      else m = BEFORE(p[a], p[c]) ? a : (BEFORE(p[b], p[c]) ? c : b);                                 \
+      uint64_t t = p[lo]; p[lo] = p[m]; p[m] = t;                                                     \
+      uint64_t pivot = p[lo];                                                                         \
+      int64_t f = lo + 1, l = hi;                                                                     \
+      for (;;) {                                                                                      \
+        while (BEFORE(p[f], pivot)) f++;                                                              \
+        l--;                                                                                          \
+        while (BEFORE(pivot, p[l])) l--;                                                              \
+        if (!(f < l)) break;                                                                          \
+        t = p[f]; p[f] = p[l]; p[l] = t; f++;                                                         \
+      }                                                                                               \
+      if (f == k) return 1;                                                                           \
+      if (k < f) hi = f; else lo = f;                                                                 \
+    }                                                                                                 \
+    for (int64_t i = lo + 1; i < hi; i++) { /* the final insertion sort: stable */                    \
+      uint64_t x = p[i]; int64_t j = i;                                                               \
+      while (j > lo && BEFORE(x, p[j - 1])) { p[j] = p[j - 1]; j--; }                                 \
+      p[j] = x;                                                                                       \
+    }                                                                                                 \
+    return 1;                                                                                         \
+  }
+REPLAY(replay_f_desc, F_DESC)
+REPLAY(replay_f_asc, F_ASC)
+REPLAY(replay_i_desc, I_DESC)
+REPLAY(replay_i_asc, I_ASC)
+/* src: n float32 (kind 0) or bfloat16 (kind 1) values, |x| taken when absolute; p: n words of scratch; mask: n
+   zeroed bytes, set for the entries sort puts in its first k places. */
+int replay_mask(const void *src, int kind, int absolute, uint64_t *p, uint8_t *mask, int64_t n, int64_t k,
+                int desc) {
+  uint32_t clear = absolute ? 0x7fffffffu : 0xffffffffu, worst = 0;
+  if (kind == 1) {
+    const uint16_t *h = (const uint16_t *)src;
+    for (int64_t i = 0; i < n; i++) {
+      uint32_t b = ((uint32_t)h[i] << 16) & clear; worst = b > worst ? b : worst;
+      p[i] = ((uint64_t)b << 32) | (uint64_t)i;
     }
-    if (f == k) return 1;
-    if (k < f) hi = f; else lo = f;
+  } else {
+    const uint32_t *w = (const uint32_t *)src;
+    for (int64_t i = 0; i < n; i++) {
+      uint32_t b = w[i] & clear; worst = b > worst ? b : worst;
+      p[i] = ((uint64_t)b << 32) | (uint64_t)i;
+    }
   }
-  for (int64_t i = lo + 1; i < hi; i++) {  /* the final insertion sort: stable */
-    float x = v[i]; int64_t y = ix[i], j = i;
-    while (j > lo && before(x, v[j - 1], desc)) { v[j] = v[j - 1]; ix[j] = ix[j - 1]; j--; }
-    v[j] = x; ix[j] = y;
-  }
+  int ints = absolute && worst <= 0x7f800000u; /* no NaN, no sign bit: bit order is value order */
+  int ok = ints ? (desc ? replay_i_desc(p, n, k) : replay_i_asc(p, n, k))
+                : (desc ? replay_f_desc(p, n, k) : replay_f_asc(p, n, k));
+  if (!ok) return 0;
+  for (int64_t i = 0; i < k; i++) mask[(uint32_t)p[i]] = 1;
   return 1;
 }
 """
@@ -211,27 +245,44 @@ def _replay_lib():
                                    check=True, capture_output=True, timeout=120)
                     os.replace(Path(tmp) / "r.so", so)  # atomic: a parallel process sees all or nothing
             lib = ctypes.CDLL(str(so))
-            lib.replay.restype = ctypes.c_int
-            lib.replay.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+            lib.replay_mask.restype = ctypes.c_int
+            lib.replay_mask.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         except (OSError, subprocess.SubprocessError):
             lib = None
     _native.append(lib)
     return lib
 
 
-def sort_order_first(values: torch.Tensor, k: int, descending: bool = True, native: bool = True) -> torch.Tensor:
-    """Flat indices of the entries that ``torch.sort(values.reshape(-1), descending=…)`` (unstable, CPU) puts in
-    its first k places, found without sorting (see above). ``values``: a float32 CPU tensor. ``native``: use the
-    compiled replay when a C compiler is at hand (``False``: torch.sort)."""
+def sort_first_mask(values: torch.Tensor, k: int, descending: bool = True, absolute: bool = False,
+                    native: bool = True) -> torch.Tensor:
+    """Bool mask (``values``' shape) of the entries that ``torch.sort(x.reshape(-1), descending=…)`` (unstable,
+    CPU) puts in its first k places, x = ``values`` as float32 (|values| when ``absolute``), found without
+    sorting (see above). ``values``: a CPU tensor; float32 and bfloat16 are read in place, other dtypes
+    converted first. ``native``: use the compiled replay when a C compiler is at hand (``False``: torch.sort)."""
     flat = values.reshape(-1)
     n = flat.numel()
     k = max(0, min(k, n))
-    if k in (0, n):
-        return torch.arange(k)
-    lib = _replay_lib() if native else None
+    mask = torch.zeros(n, dtype=torch.bool)
+    if k == 0 or k == n:
+        mask[:k] = True
+        return mask.reshape(values.shape)
+    lib = _replay_lib() if native and n < (1 << 32) else None
     if lib is not None:
-        v, ix = flat.float().clone(), torch.arange(n)
-        if not lib.replay(v.data_ptr(), ix.data_ptr(), n, k, int(descending)):
-            return torch.sort(flat, descending=descending).indices[:k]
-        return ix[:k].clone()
-    return torch.sort(flat, descending=descending).indices[:k]
+        src = flat.contiguous()
+        if src.dtype not in (torch.float32, torch.bfloat16):
+            src = src.float()
+        work = torch.empty(n, dtype=torch.int64)
+        if lib.replay_mask(src.data_ptr(), int(src.dtype == torch.bfloat16), int(absolute), work.data_ptr(),
+                           mask.data_ptr(), n, k, int(descending)):
+            return mask.reshape(values.shape)
+        mask.zero_()
+    x = flat.float().abs() if absolute else flat.float()
+    mask[torch.sort(x, descending=descending).indices[:k]] = True
+    return mask.reshape(values.shape)
+
+
+def sort_order_first(values: torch.Tensor, k: int, descending: bool = True, native: bool = True) -> torch.Tensor:
+    """Flat indices, ascending, of the entries ``sort_first_mask`` marks: the first k places of
+    ``torch.sort(values.reshape(-1), descending=…)`` as a set."""
+    return torch.nonzero(sort_first_mask(values, k, descending, native=native).reshape(-1)).reshape(-1)
