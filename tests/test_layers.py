@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "compress"
 
 # lowest first; a module takes the layer of the longest name that is it or a package above it
 LAYERS = [
-    ["compress", "compress.errors", "compress.extras", "compress.lazy"],
+    ["compress", "compress.errors", "compress.extras", "compress.lazy", "compress.native"],
     ["compress.config"],
     ["compress.runtime", "compress.progress"],
     ["compress.io", "compress.data"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from peft.utils import merge_utils as peft
@@ -182,3 +184,33 @@ def test_resolve_setting_gradients_and_filters():
     assert resolve_setting([Conditional(filter="mlp", value=1.0)], "model.norm.weight", 0) is None
     assert layer_position("model.layers.3.mlp.up_proj.weight", 7) == 0.5
     assert layer_position("model.embed_tokens.weight", 7) == 0.0
+
+
+def test_fused_ties_of_two_bf16_models_is_the_torch_path_bit_for_bit():
+    """The C pass of mergekit's TIES combine (two bf16 models, sign elected on the weighted values) against the
+    torch ops it replaces, on values made to break it: exponents over 60 octaves, +0 and -0, exact opposites,
+    infinities, zero and negative weights, both disjoint rules, a λ."""
+    from compress.merge.methods import combine
+
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 16
+    for trial in range(3):
+        d = torch.randn(2, n, generator=g) * torch.exp2(torch.randint(-30, 30, (2, n), generator=g).float())
+        d[:, ::7] = 0.0
+        d[0, ::11] = -0.0
+        d[1, 5::13] = -d[0, 5::13]
+        if trial == 2:
+            d[0, 3::101], d[1, 4::103] = float("inf"), float("-inf")
+        d = d.to(torch.bfloat16)
+        for w in ([1.0, 0.8], [0.3, -0.7], [0.0, 1.0], [1e-3, 3.0]):
+            for disjoint in ("weighted_mean", "sum"):
+                kw = dict(consensus="mass", sign_on="weighted", disjoint=disjoint, lam=1.3)
+                fused, ref = combine(d.clone(), w, **kw), combine(d.clone(), w, native=False, **kw)
+                finite = ref.isfinite() | ref.isinf()
+                assert torch.equal(fused.isnan(), ref.isnan()), (w, disjoint)
+                assert torch.equal(fused[finite].view(torch.int16), ref[finite].view(torch.int16)), (w, disjoint)
+    # and it is the fused pass that ran: a three-model stack or float32 takes the torch ops only
+    from compress.merge.methods import _ties2_native
+
+    assert _ties2_native(d, torch.ones(2, 1, dtype=torch.bfloat16), "sum") is not None or shutil.which("cc") is None
+    assert _ties2_native(d.float(), torch.ones(2, 1), "sum") is None

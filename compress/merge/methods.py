@@ -246,14 +246,90 @@ def majority_sign(deltas: torch.Tensor, method: Consensus = "mass") -> torch.Ten
     return torch.where(score >= 0, 1.0, -1.0).to(deltas.dtype)
 
 
+# TIES' steps 2-3 for two bf16 task vectors with the sign elected on the weighted values (mergekit's ``ties``), in
+# one pass instead of torch's ten: every step rounds to bf16 as torch's bf16 ops do (the float32 result of the one
+# operation, rounded to nearest even), so the output is the torch path's bit for bit (tested on hostile values).
+_TIES2_C = r"""
+#include <stdint.h>
+#include <string.h>
+static inline float f(uint16_t h) { uint32_t b = (uint32_t)h << 16; float x; memcpy(&x, &b, 4); return x; }
+static inline float r(float x) {  /* float32 -> bf16 -> float32, nearest even; NaN stays NaN */
+  uint32_t b; memcpy(&b, &x, 4);
+  uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u;
+  b = (b & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : rounded;
+  memcpy(&x, &b, 4); return x;
+}
+static inline uint16_t h(float x) { uint32_t b; memcpy(&b, &x, 4); return (uint16_t)(b >> 16); }
+void ties2_bf16(const uint16_t *d0, const uint16_t *d1, float w0, float w1, int mean, uint16_t *out, int64_t n) {
+  /* branch-free, so that gcc vectorizes it; the disjoint mean is computed always and kept when asked */
+  float keep_mean = mean ? 1.0f : 0.0f;
+  for (int64_t i = 0; i < n; i++) {
+    float a = r(f(d0[i]) * w0), b = r(f(d1[i]) * w1);
+    float g = r(a + b) >= 0.0f ? 1.0f : -1.0f;
+    float sa = a > 0.0f ? 1.0f : (a < 0.0f ? -1.0f : 0.0f), sb = b > 0.0f ? 1.0f : (b < 0.0f ? -1.0f : 0.0f);
+    float ka = sa == g ? 1.0f : 0.0f, kb = sb == g ? 1.0f : 0.0f;
+    float m = r(a * ka + b * kb);  /* each product is exact: a value, +0 or -0 */
+    float div = r(w0 * ka + w1 * kb);
+    float q = r(m / (div == 0.0f ? 1.0f : div));
+    out[i] = h(keep_mean != 0.0f ? q : m);
+  }
+}
+"""
+
+
+def _ties2_lib():
+    import ctypes
+
+    from compress.native import load
+
+    v, fl, i = ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    return load("ties2", _TIES2_C, {"ties2_bf16": (None, [v, v, fl, fl, i, v, ctypes.c_int64])}, opt="-O3 -fno-trapping-math")
+
+
+def _ties2_native(deltas: torch.Tensor, w: torch.Tensor, disjoint: str) -> Optional[torch.Tensor]:
+    """The fused pass above for ``deltas`` [2, ...] bf16 on the CPU, split over torch's threads; None when it
+    does not apply or no compiler is at hand."""
+    if not (deltas.device.type == "cpu" and deltas.dtype == torch.bfloat16 and deltas.shape[0] == 2
+            and disjoint in ("weighted_mean", "sum") and deltas.is_contiguous() and deltas[0].numel() >= 4096):
+        return None
+    lib = _ties2_lib()
+    if lib is None:
+        return None
+    flat = deltas.reshape(2, -1)
+    n = flat.shape[1]
+    out = torch.empty(n, dtype=torch.bfloat16)
+    w0, w1 = (float(x) for x in w.reshape(-1))
+    mean = int(disjoint == "weighted_mean")
+    parts = max(1, min(torch.get_num_threads(), n // (1 << 20)))
+    cuts = [n * j // parts for j in range(parts + 1)]
+    item = flat.element_size()
+
+    def run(j):
+        lo, hi = cuts[j], cuts[j + 1]
+        lib.ties2_bf16(flat[0].data_ptr() + lo * item, flat[1].data_ptr() + lo * item, w0, w1, mean,
+                       out.data_ptr() + lo * item, hi - lo)
+
+    if parts == 1:
+        run(0)
+    else:
+        with ThreadPoolExecutor(max_workers=parts) as pool:
+            list(pool.map(run, range(parts)))
+    return out.reshape(deltas.shape[1:])
+
+
 def combine(deltas: torch.Tensor, weights, *, consensus: Optional[Consensus] = None,
             sign_on: Literal["unweighted", "weighted"] = "unweighted",
             disjoint: Literal["mean", "weighted_mean", "sum"] = "mean", normalize: bool = False,
-            lam: float = 1.0, inplace: bool = False) -> torch.Tensor:
+            lam: float = 1.0, inplace: bool = False, native: bool = True) -> torch.Tensor:
     """Steps 2–4 on already-sparsified stacked deltas ``[n, *shape]``: λ · (disjoint merge or weighted sum).
-    ``inplace``: ``deltas`` may be overwritten (saves a copy of the stack)."""
+    ``inplace``: ``deltas`` may be overwritten (saves a copy of the stack). ``native``: two bf16 models on the CPU
+    with mergekit's weighted sign election take the fused C pass (``False``: the torch ops it equals)."""
     n = deltas.shape[0]
     w = _weights(weights, n, deltas)
+    if consensus == "mass" and sign_on == "weighted" and native:
+        fused = _ties2_native(deltas, w, disjoint)
+        if fused is not None:
+            return fused.mul_(lam) if lam != 1.0 else fused
     if inplace and (consensus is None or sign_on == "weighted"):
         weighted = deltas.mul_(w)
         deltas = weighted  # only the weighted values are needed from here on

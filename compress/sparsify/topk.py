@@ -214,44 +214,14 @@ int replay_mask(const void *src, int kind, int absolute, uint64_t *p, uint8_t *m
   return 1;
 }
 """
-_native = []
-
-
 def _replay_lib():
-    """The replay above compiled once per machine (``$CC``, cc or gcc) into ~/.cache/compress, else None."""
-    if _native:
-        return _native[0]
+    """The replay above, compiled (``compress.native``), else None."""
     import ctypes
-    import hashlib
-    import os
-    import shutil
-    import subprocess
-    import tempfile
-    from pathlib import Path
 
-    lib = None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc:
-        tag = hashlib.sha256(_REPLAY_C.encode()).hexdigest()[:16]
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "compress"
-        so = cache / f"sort_replay-{tag}.so"
-        try:
-            if not so.exists():
-                cache.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                    src = Path(tmp) / "replay.c"
-                    src.write_text(_REPLAY_C)
-                    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(Path(tmp) / "r.so"), str(src)],
-                                   check=True, capture_output=True, timeout=120)
-                    os.replace(Path(tmp) / "r.so", so)  # atomic: a parallel process sees all or nothing
-            lib = ctypes.CDLL(str(so))
-            lib.replay_mask.restype = ctypes.c_int
-            lib.replay_mask.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-        except (OSError, subprocess.SubprocessError):
-            lib = None
-    _native.append(lib)
-    return lib
+    from compress.native import load
+
+    v, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    return load("sort_replay", _REPLAY_C, {"replay_mask": (i, [v, i, i, v, v, i64, i64, i])})
 
 
 def sort_first_mask(values: torch.Tensor, k: int, descending: bool = True, absolute: bool = False,
