@@ -187,9 +187,9 @@ def test_resolve_setting_gradients_and_filters():
 
 
 def test_fused_ties_of_two_bf16_models_is_the_torch_path_bit_for_bit():
-    """The C pass of mergekit's TIES combine (two bf16 models, sign elected on the weighted values) against the
-    torch ops it replaces, on values made to break it: exponents over 60 octaves, +0 and -0, exact opposites,
-    infinities, zero and negative weights, both disjoint rules, a λ."""
+    """The C passes of mergekit's TIES combine (two bf16 models, sign elected on the weighted values) and of the
+    weighted sum against the torch ops they replace, on values made to break them: exponents over 60 octaves, +0
+    and -0, exact opposites, infinities, zero and negative weights, both disjoint rules and none, a λ."""
     from compress.merge.methods import combine
 
     g = torch.Generator().manual_seed(0)
@@ -203,8 +203,9 @@ def test_fused_ties_of_two_bf16_models_is_the_torch_path_bit_for_bit():
             d[0, 3::101], d[1, 4::103] = float("inf"), float("-inf")
         d = d.to(torch.bfloat16)
         for w in ([1.0, 0.8], [0.3, -0.7], [0.0, 1.0], [1e-3, 3.0]):
-            for disjoint in ("weighted_mean", "sum"):
-                kw = dict(consensus="mass", sign_on="weighted", disjoint=disjoint, lam=1.3)
+            for disjoint in ("weighted_mean", "sum", None):  # None: task arithmetic's weighted sum
+                kw = dict(consensus="mass" if disjoint else None, sign_on="weighted", disjoint=disjoint or "mean",
+                          lam=1.3)
                 fused, ref = combine(d.clone(), w, **kw), combine(d.clone(), w, native=False, **kw)
                 finite = ref.isfinite() | ref.isinf()
                 assert torch.equal(fused.isnan(), ref.isnan()), (w, disjoint)

@@ -260,6 +260,9 @@ static inline float r(float x) {  /* float32 -> bf16 -> float32, nearest even; N
   memcpy(&x, &b, 4); return x;
 }
 static inline uint16_t h(float x) { uint32_t b; memcpy(&b, &x, 4); return (uint16_t)(b >> 16); }
+void wsum2_bf16(const uint16_t *d0, const uint16_t *d1, float w0, float w1, uint16_t *out, int64_t n) {
+  for (int64_t i = 0; i < n; i++) out[i] = h(r(r(f(d0[i]) * w0) + r(f(d1[i]) * w1)));
+}
 void ties2_bf16(const uint16_t *d0, const uint16_t *d1, float w0, float w1, int mean, uint16_t *out, int64_t n) {
   /* branch-free, so that gcc vectorizes it; the disjoint mean is computed always and kept when asked */
   float keep_mean = mean ? 1.0f : 0.0f;
@@ -283,14 +286,17 @@ def _ties2_lib():
     from compress.native import load
 
     v, fl, i = ctypes.c_void_p, ctypes.c_float, ctypes.c_int
-    return load("ties2", _TIES2_C, {"ties2_bf16": (None, [v, v, fl, fl, i, v, ctypes.c_int64])}, opt="-O3 -fno-trapping-math")
+    return load("ties2", _TIES2_C, {"ties2_bf16": (None, [v, v, fl, fl, i, v, ctypes.c_int64]),
+                                    "wsum2_bf16": (None, [v, v, fl, fl, v, ctypes.c_int64])},
+                opt="-O3 -fno-trapping-math")
 
 
-def _ties2_native(deltas: torch.Tensor, w: torch.Tensor, disjoint: str) -> Optional[torch.Tensor]:
-    """The fused pass above for ``deltas`` [2, ...] bf16 on the CPU, split over torch's threads; None when it
-    does not apply or no compiler is at hand."""
+def _ties2_native(deltas: torch.Tensor, w: torch.Tensor, disjoint: Optional[str]) -> Optional[torch.Tensor]:
+    """The fused pass above for ``deltas`` [2, ...] bf16 on the CPU, split over torch's threads (``disjoint``
+    None: the weighted sum alone, task arithmetic's); None when it does not apply or no compiler is at hand."""
     if not (deltas.device.type == "cpu" and deltas.dtype == torch.bfloat16 and deltas.shape[0] == 2
-            and disjoint in ("weighted_mean", "sum") and deltas.is_contiguous() and deltas[0].numel() >= 4096):
+            and disjoint in ("weighted_mean", "sum", None) and deltas.is_contiguous()
+            and deltas[0].numel() >= 4096):
         return None
     lib = _ties2_lib()
     if lib is None:
@@ -306,8 +312,11 @@ def _ties2_native(deltas: torch.Tensor, w: torch.Tensor, disjoint: str) -> Optio
 
     def run(j):
         lo, hi = cuts[j], cuts[j + 1]
-        lib.ties2_bf16(flat[0].data_ptr() + lo * item, flat[1].data_ptr() + lo * item, w0, w1, mean,
-                       out.data_ptr() + lo * item, hi - lo)
+        d0, d1, o = (t.data_ptr() + lo * item for t in (flat[0], flat[1], out))
+        if disjoint is None:
+            lib.wsum2_bf16(d0, d1, w0, w1, o, hi - lo)
+        else:
+            lib.ties2_bf16(d0, d1, w0, w1, mean, o, hi - lo)
 
     if parts == 1:
         run(0)
@@ -323,11 +332,12 @@ def combine(deltas: torch.Tensor, weights, *, consensus: Optional[Consensus] = N
             lam: float = 1.0, inplace: bool = False, native: bool = True) -> torch.Tensor:
     """Steps 2–4 on already-sparsified stacked deltas ``[n, *shape]``: λ · (disjoint merge or weighted sum).
     ``inplace``: ``deltas`` may be overwritten (saves a copy of the stack). ``native``: two bf16 models on the CPU
-    with mergekit's weighted sign election take the fused C pass (``False``: the torch ops it equals)."""
+    with mergekit's weighted sign election, or summed without one, take a fused C pass (``False``: the torch ops
+    it equals)."""
     n = deltas.shape[0]
     w = _weights(weights, n, deltas)
-    if consensus == "mass" and sign_on == "weighted" and native:
-        fused = _ties2_native(deltas, w, disjoint)
+    if native and ((consensus == "mass" and sign_on == "weighted") or (consensus is None and not normalize)):
+        fused = _ties2_native(deltas, w, disjoint if consensus else None)
         if fused is not None:
             return fused.mul_(lam) if lam != 1.0 else fused
     if inplace and (consensus is None or sign_on == "weighted"):
