@@ -601,11 +601,17 @@ def method_preset(name: str, variant: str = "paper", **overrides) -> Method:
     return replace(m, **overrides)
 
 
+PARALLEL_REPLAY_MAX = 1 << 24
+
+
 def _replays_in_parallel(deltas: torch.Tensor, method: Method, keep) -> bool:
     """mergekit's tie order on the CPU is one single-threaded sort replay per model (``sort_first_mask``, which
     releases the GIL): the models' replays then run side by side, one thread each. They draw no random numbers,
-    so the order they run in changes nothing."""
+    so the order they run in changes nothing. Each replay holds 8 bytes an entry, so tensors above
+    ``PARALLEL_REPLAY_MAX`` entries (an embedding) replay one model at a time: the merge's peak memory stays that
+    of a single replay of the largest tensor."""
     return (deltas.shape[0] > 1 and deltas.device.type == "cpu" and method.tie_break == "argsort" and keep is None
+            and deltas[0].numel() <= PARALLEL_REPLAY_MAX
             and method.sparsify in ("magnitude", "outliers") and torch.get_num_threads() > 1)
 
 
