@@ -35,6 +35,20 @@ def _wait_for_temporary(folder: Path, done, timeout: float = 60.0) -> bool:
     return False
 
 
+def _default_sigint():
+    # a suite started in the background of a non-interactive shell inherits SIGINT ignored, and an ignored signal
+    # stays ignored across exec (Python then installs no KeyboardInterrupt handler): the child gets the default
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler in this process for the test, whatever the suite inherited."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def test_sigint_to_a_merge_subprocess_exits_130_and_leaves_nothing(pair, tmp_path):
     base, ft = pair
     work = tmp_path / "work"
@@ -43,7 +57,7 @@ def test_sigint_to_a_merge_subprocess_exits_130_and_leaves_nothing(pair, tmp_pat
            "COMPRESS_QUIET": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "compress.cli", *_MERGE, "--base", str(base), "--models", str(ft),
                              "--out", str(work / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+                            env=env, preexec_fn=_default_sigint)
     try:
         assert _wait_for_temporary(work, lambda: proc.poll() is not None), proc.communicate()
         proc.send_signal(signal.SIGINT)
@@ -56,7 +70,7 @@ def test_sigint_to_a_merge_subprocess_exits_130_and_leaves_nothing(pair, tmp_pat
     assert list(work.iterdir()) == []  # neither the output nor its temporary
 
 
-def test_keyboard_interrupt_inside_a_command_in_process_exits_130(pair, tmp_path):
+def test_keyboard_interrupt_inside_a_command_in_process_exits_130(pair, tmp_path, python_sigint):
     """The same through main() in this process: a real SIGINT, delivered while the merge writes its temporary."""
     base, ft = pair
     work = tmp_path / "work"
