@@ -167,8 +167,13 @@ _OURS_RE = re.compile(r"in ([0-9.]+) s \(([0-9.]+) GB/s read\)")
 
 
 def _compress_env(env: dict[str, str], tree: Optional[Path]) -> dict[str, str]:
-    """``env`` for a ``compress`` process that imports the package of ``tree`` (None: this process's own)."""
+    """``env`` for a ``compress`` process that imports the package of ``tree`` (None: this process's own). The
+    tree's modules are byte-compiled first, as an installed wheel's are (mergekit's are, in its venv): with
+    ``PYTHONDONTWRITEBYTECODE`` set, each run would otherwise compile the package again."""
+    import compileall
+
     tree = tree or source_tree()
+    compileall.compile_dir(str(tree / "compress"), quiet=1)
     return {**env, "PYTHONPATH": os.pathsep.join([str(tree), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 

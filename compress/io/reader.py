@@ -5,11 +5,12 @@ Accepted inputs (the layouts Hugging Face writes):
     sharded ``pytorch_model.bin.index.json`` (or any single ``*.safetensors`` file);
   * a single ``.safetensors`` file, an ``*.index.json`` file, or a ``.bin`` file.
 
-safetensors files are read with our own header parser and positioned reads rather than ``safe_open``:
-``safe_open`` memory-maps the whole file, and every page a pass touches stays resident (and counted in RSS) until
-the file is closed, so walking a 1 GB checkpoint would look like holding 1 GB. Positioned reads keep the
-footprint at the tensor being read. ``.bin`` files are loaded with ``weights_only=True`` (never arbitrary
-pickles) and ``mmap=True`` where the file format allows it.
+safetensors files are read with our own header parser rather than ``safe_open``: ``safe_open`` memory-maps the
+whole file, and every page a pass touches stays resident (and counted in RSS) until the file is closed, so walking
+a 1 GB checkpoint would look like holding 1 GB. Here each tensor is its own copy-on-write mapping, unmapped when
+the tensor is freed (``compress.io.mapped``; positioned reads where mapping is not available), so the footprint
+stays at the tensors a pass holds and no byte is copied out of the page cache. ``.bin`` files are loaded with
+``weights_only=True`` (never arbitrary pickles) and ``mmap=True`` where the file format allows it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from compress.errors import CompressError
+from compress.io.mapped import map_range
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -271,7 +273,9 @@ class SafetensorsFile:
                             "header (bytes no tensor owns)")
 
     def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``name`` as stored; ``out`` (uint8, the tensor's byte size, e.g. a pinned staging buffer) receives it."""
+        """``name`` as stored: a copy-on-write mapping of its bytes (``compress.io.mapped``), or a positioned read
+        where mapping is unavailable or the bytes are not aligned for the dtype; ``out`` (uint8, the tensor's byte
+        size, e.g. a pinned staging buffer) receives a positioned read."""
         info = self.infos[name]
         begin, end = self._offsets[name]
         if self._fd is None:
@@ -281,11 +285,16 @@ class SafetensorsFile:
                     self._fd, fd = fd, None
             if fd is not None:
                 os.close(fd)
+        pos = self._data_start + begin
+        if out is None and pos % info.dtype.itemsize == 0:
+            mapped = map_range(self._fd, pos, end - begin)
+            if mapped is not None:
+                return mapped.view(info.dtype).reshape(info.shape)
         buf = torch.empty(end - begin, dtype=torch.uint8) if out is None else out
         if buf.dtype != torch.uint8 or buf.numel() != end - begin:
             raise ValueError(f"read({name!r}): out must be {end - begin} uint8 bytes")
         view = memoryview(buf.numpy()) if buf.numel() else memoryview(b"")
-        got, pos = 0, self._data_start + begin
+        got = 0
         while got < len(view):
             k = os.preadv(self._fd, [view[got:]], pos + got)
             if k <= 0:

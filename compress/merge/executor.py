@@ -20,6 +20,7 @@ from compress.errors import CompressError
 from compress.heads.select import resolve_protect
 from compress.io.prefetch import walk
 from compress.io.reader import Checkpoint, all_finite, is_peft_adapter, open_checkpoint
+from compress.io.writer import check_finite_output
 from compress.merge.methods import (
     METHODS,
     REQUIRED,
@@ -27,6 +28,7 @@ from compress.merge.methods import (
     Method,
     check_config,
     method_preset,
+    task_arithmetic2,
     task_vector_merge,
     weight_method,
 )
@@ -156,6 +158,10 @@ class Merger:
         # reads of the next tensors overlap the maths of this one (``_walk``); None: the largest tensor's inputs
         self.read_ahead_bytes: Optional[int] = None
         self._stack: Optional[torch.Tensor] = None  # reused by ``_stack_buffer``
+        # ``task_arithmetic2``'s threads: all of torch's (its reads are mappings, nothing for a reader thread to do)
+        self.fused_threads: Optional[int] = None
+        # ``write`` only: two output buffers used in turn (tensor i is written while i + 1 is merged)
+        self._outputs: Optional[list[torch.Tensor]] = None
         self.inputs = [_Input(m.model, self.base, opener) for m in cfg.models]
         if self.base is None and self.inputs[0].ckpt is None:
             raise CompressError("linear merge without a base: the first model must be a full checkpoint")
@@ -303,6 +309,7 @@ class Merger:
         base = self._base_tensor(name)
         n = len(self.inputs)
         weights = [self.param("weight", name, i) for i in range(n)]
+        finite = False  # known to be
         if self.weight_method is not None:
             out = self._weight_merge(name, base, weights)
         elif self.cfg.method == "adamerging":
@@ -314,6 +321,8 @@ class Merger:
             out = base if stacked is None else subspace_merge(
                 self.cfg.method, name, stacked, weights, lam=self.param("lambda", name),
                 **{k: self.param(k, name) for k in SUBSPACE_METHODS[self.cfg.method].params}).add_(base)
+        elif (fused := self._task_arithmetic2(name, base, weights)) is not None:
+            out, finite = fused
         else:
             stacked = self._stacked_deltas(name, base)
             if stacked is None:
@@ -333,12 +342,37 @@ class Merger:
                     protect_sparsity=self.protect.sparsity if self.protect else None).add_(base)
         if self._stack is not None and out.untyped_storage().data_ptr() == self._stack.untyped_storage().data_ptr():
             out = out.clone()  # the buffer is the next tensor's
+        shape = out.shape
         out = self._extra_rows(name, out)
-        if not all_finite(out):
+        if not (finite and out.shape == shape) and not all_finite(out):
             self._name_nonfinite(name)
         # mergekit writes what a method returns when its recipe names no dtype (ramplus_tl and arcee_fusion
         # return float32 from bf16 inputs); the native schema writes the stored dtype
-        return out.to(self.out_dtype or (out.dtype if self.compute_dtype is None else info.dtype))
+        written = out.to(self.out_dtype or (out.dtype if self.compute_dtype is None else info.dtype))
+        if written.dtype != out.dtype:
+            check_finite_output(name, written)  # a finite float32 result can overflow a narrower dtype
+        return written
+
+    def _task_arithmetic2(self, name: str, base: torch.Tensor, weights: list[float]):
+        """(merged, all finite) by ``task_arithmetic2``'s one fused pass, for a plain weighted sum of two full
+        bf16 models on the CPU; None for everything else (the stacked-delta path then gives the same bits)."""
+        m = self.method
+        if (m is None or m.sparsify is not None or m.consensus is not None or m.normalize or len(self.inputs) != 2
+                or self._global is not None or self.cfg.method == "adamerging"
+                or any(i.ckpt is None for i in self.inputs) or self._protected(name, base) is not None):
+            return None
+        x0, x1 = (i.stored(name, self.device, like=base) for i in self.inputs)
+        out = None
+        if self._outputs is not None:  # the writer is done with the tensor before last: its buffer is free
+            out = self._outputs[0]
+            if out.numel() < base.numel():
+                largest = max(self.ref.info(m).numel for m in self._merged_names())
+                out = self._outputs[0] = torch.empty(largest, dtype=torch.bfloat16)
+        fused = task_arithmetic2(base, x0, x1, weights[0], weights[1], lam=self.param("lambda", name),
+                                 threads=self.fused_threads, out=out)
+        if fused is not None and out is not None and fused[0].data_ptr() == out.data_ptr():
+            self._outputs.reverse()  # the writer's now; the other one is free for the next tensor
+        return fused
 
     def _weight_merge(self, name: str, base: torch.Tensor, weights: list[float]) -> torch.Tensor:
         m, dtype = self.weight_method, base.dtype
@@ -392,6 +426,7 @@ class Merger:
         """(name, merged tensor) for every tensor of the reference model, in its order."""
         self.prepare(quiet)
         threads = torch.get_num_threads()
+        self.fused_threads = self.fused_threads or threads
         if self.device == "cpu" and (self.method is None or self.method.sparsify is None):
             # an I/O-bound merge (no top-k or random drops): leave a core to the reader and writer threads;
             # measured on 2 cores, task arithmetic of three 1 GB models ran ~25% faster with one torch thread
@@ -415,10 +450,16 @@ class Merger:
                 console.print(f"[yellow]--vocab base: dropping {r} rows of '{n}' that only some models have")
 
         def tensors():
-            for name, t in self.tensors(quiet):
-                summary.tensors += 1
-                summary.params += t.numel()
-                yield name, t
+            # write_folder has written tensor i - 1 before it asks for i + 1, so two buffers serve every tensor
+            self._outputs = [torch.empty(0, dtype=torch.bfloat16) for _ in range(2)]
+            try:
+                for name, t in self.tensors(quiet):
+                    summary.tensors += 1
+                    summary.params += t.numel()
+                    yield name, t
+                    del t
+            finally:
+                self._outputs = None
 
         aux = self.ref.root
         if self.cfg.vocab == "union" and self.vocab_rows:
@@ -431,7 +472,9 @@ class Merger:
                                                           for i, m in enumerate(self.cfg.models)}},
                 "params": self._card_params()}
         # write_folder writes tensor i in a thread while tensor i + 1 is merged
+        # merge_tensor refuses a non-finite result, naming the input at fault: the writer need not check again
         write_folder(out, tensors(), overwrite=self.cfg.overwrite, expected_tensors=len(self.ref.names()),
+                     checked_finite=True,
                      shard_size=self.cfg.shard_size, card=card, **aux_files(aux, self.cfg.copy_tokenizer))
         summary.seconds = time.perf_counter() - start
         summary.bytes_read = sum(i.ckpt.nbytes for i in self.inputs if i.ckpt is not None) + \
