@@ -178,22 +178,25 @@ def entry() -> None:
     takes 0.4-0.7 s on the 2-core benchmark machine (module and object finalizers; a third of a 1 GB task-arithmetic
     merge), none of it needed once the output is renamed into place. So, when no other non-daemon thread is left:
     streams flushed, ``atexit`` handlers run, then ``os._exit`` with the status ``sys.exit`` would give. In-process
-    callers (tests, scripts) use ``main()``, which returns or raises as usual."""
+    callers (tests, scripts) use ``main()``, which returns or raises as usual; a program that runs this module as
+    ``__main__`` inside itself and goes on afterwards sets ``COMPRESS_FAST_EXIT=0``."""
     import atexit
     import os
     import threading
 
-    def others() -> bool:  # threads the normal exit would wait for
-        return any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread())
+    def normal_exit() -> bool:  # threads the normal exit would wait for, or a host program that goes on
+        me = threading.current_thread()
+        return os.environ.get("COMPRESS_FAST_EXIT") == "0" or any(
+            t.is_alive() and not t.daemon for t in threading.enumerate() if t is not me)
 
     try:
         main()
         code = 0
     except SystemExit as e:
-        if others():
+        if normal_exit():
             raise
         code = e.code
-    if others():
+    if normal_exit():
         return
     if code is None:
         code = 0

@@ -260,3 +260,173 @@ def test_alternate_runs_the_contenders_in_turn_and_pairs_the_rounds():
                                  "peak_rss_bytes": 102}
     with pytest.raises(ValueError, match="paired one to one"):
         ratios(got["a"], got["b"][:2])
+
+
+# -- zero-copy reads, direct writes, the fused task arithmetic -------------------------------------------------
+
+def _maps_of(path) -> int:
+    """How many of this process's mappings are of ``path`` (read from /proc/self/maps)."""
+    real = str(path.resolve())
+    with open("/proc/self/maps") as f:
+        return sum(line.rstrip("\n").endswith(real) for line in f)
+
+
+def test_a_read_is_a_private_mapping_that_leaves_the_file_alone_and_goes_when_freed(tmp_path):
+    import gc
+
+    from safetensors.torch import save_file
+
+    ref = {"a": torch.arange(5000, dtype=torch.float32), "b": torch.randn(300, 7).to(torch.bfloat16)}
+    path = tmp_path / "m.safetensors"
+    save_file(ref, path)
+    before = path.read_bytes()
+    ck = open_checkpoint(path)
+    a = ck.get("a")
+    assert _maps_of(path) == 1 and torch.equal(a, ref["a"])
+    a.mul_(-2)  # copy-on-write: the tensor changes, the file and a second read do not
+    assert torch.equal(a, -2 * ref["a"]) and torch.equal(ck.get("a"), ref["a"]) and path.read_bytes() == before
+    assert torch.equal(ck.get("b"), ref["b"])
+    del a
+    gc.collect()
+    deadline = __import__("time").monotonic() + 5  # munmap runs on the unmapping thread
+    while _maps_of(path) and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.01)
+    assert _maps_of(path) == 0
+
+
+def test_unaligned_tensor_bytes_and_mapping_off_are_read_by_preadv_to_the_same_values(tmp_path, monkeypatch):
+    """A header whose length is odd puts every tensor at an odd offset: a bf16 view would be misaligned, so the
+    reader falls back to a positioned read (the format does not require the 8-byte padding writers add)."""
+    import json
+    import struct
+
+    import compress.io.mapped as mapped
+
+    t = torch.randn(64, 33).to(torch.bfloat16)
+    head = json.dumps({"w": {"dtype": "BF16", "shape": [64, 33], "data_offsets": [0, t.numel() * 2]}}).encode()
+    head += b" " * (1 - len(head) % 2)  # odd length
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(head)) + head + t.view(torch.uint8).numpy().tobytes())
+    assert torch.equal(open_checkpoint(path).get("w"), t) and _maps_of(path) == 0
+    monkeypatch.setattr(mapped, "ENABLED", False)
+    even = tmp_path / "even.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": t}, even)
+    assert torch.equal(open_checkpoint(even).get("w"), t) and _maps_of(even) == 0
+
+
+def _stream(path, tensors, **kw):
+    from compress.io.writer import SafetensorsStreamWriter, header_room
+
+    w = SafetensorsStreamWriter(path, reserve=header_room([(n, t.shape) for n, t in tensors]), **kw)
+    return w
+
+
+@pytest.mark.parametrize("folder", ["tmp", "shm"])
+def test_direct_writes_give_the_bytes_of_buffered_ones_and_two_open_files_do_not_mix(tmp_path, monkeypatch,
+                                                                                     folder):
+    """Past DIRECT_AFTER a shard goes through O_DIRECT in staged chunks (made tiny here so that the head, many
+    full chunks and an unaligned tail all occur); two files open at once on one thread (a model folder and its
+    sparse file, as ``write_folder(also=...)`` does) each get their own staging buffer. On a file system without
+    O_DIRECT (tmpfs) the same bytes come out buffered."""
+    import os
+    from pathlib import Path
+
+    import compress.io.writer as writer
+
+    root = tmp_path if folder == "tmp" else Path("/dev/shm")
+    if not root.is_dir():
+        pytest.skip("no /dev/shm here")
+    root = Path(__import__("tempfile").mkdtemp(dir=root))
+    try:
+        monkeypatch.setattr(writer, "DIRECT_AFTER", 3 * 4096 + 100)
+        monkeypatch.setattr(writer, "DIRECT_STAGE", 2 * 4096)
+        g = torch.Generator().manual_seed(0)
+        tensors = [(f"t{i}", torch.randn(int(n), generator=g).to(torch.bfloat16))
+                   for i, n in enumerate([10, 5000, 3, 7001, 4096, 1, 12345])]
+        opened = []
+        real = writer._DirectSink.__init__
+
+        def spy(self, fd, start):
+            opened.append(start)
+            real(self, fd, start)
+
+        monkeypatch.setattr(writer._DirectSink, "__init__", spy)
+        a, b = _stream(root / "a.safetensors", tensors), _stream(root / "b.safetensors", tensors[::-1])
+        for (na, ta), (nb, tb) in zip(tensors, tensors[::-1]):
+            a.add(na, ta)
+            b.add(nb, tb)
+        a.close()
+        b.close()
+        monkeypatch.setenv("COMPRESS_DIRECT_WRITES", "0")
+        c = _stream(root / "c.safetensors", tensors)
+        for n, t in tensors:
+            c.add(n, t)
+        c.close()
+        assert (root / "a.safetensors").read_bytes() == (root / "c.safetensors").read_bytes()
+        got = load_file(root / "b.safetensors")
+        assert all(torch.equal(got[n], t) for n, t in tensors)
+        direct = True
+        try:
+            os.close(os.open(root / "c.safetensors", os.O_WRONLY | os.O_DIRECT))
+        except OSError:
+            direct = False
+        assert len(opened) == (2 if direct else 0), opened  # a and b went direct where the file system allows
+        assert all(s % writer.DIRECT_ALIGN == 0 for s in opened)
+    finally:
+        __import__("shutil").rmtree(root, ignore_errors=True)
+
+
+def test_fused_task_arithmetic_is_the_stacked_torch_path_bit_for_bit():
+    """``task_arithmetic2`` against ``combine`` over the stacked deltas plus the base (the path it replaces, which
+    the mergekit-reference tests pin to mergekit's own output): weights rounded to bf16 as the torch path's
+    tensor of weights is, an unrounded λ, values spanning 60 octaves, and overflow reported as not finite."""
+    from compress.merge.methods import combine, task_arithmetic2
+
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 15
+    base = (torch.randn(n, generator=g) * torch.exp2(torch.randint(-30, 30, (n,), generator=g).float()))
+    base = base.to(torch.bfloat16)
+    xs = [(base.float() + torch.randn(n, generator=g) * 1e-2).to(torch.bfloat16) for _ in range(2)]
+    xs[1][::9] = base[::9]  # unchanged entries
+    for w in ([0.6, 0.4], [1.0, -0.3], [0.0, 2.0]):
+        for lam in (1.0, 0.7, 1.9):
+            got = task_arithmetic2(base, xs[0], xs[1], *w, lam=lam, threads=2)
+            ref = combine(torch.stack([xs[0] - base, xs[1] - base]), w, lam=lam, native=False).add_(base)
+            if got is None:  # no C compiler here: nothing to compare
+                assert __import__("shutil").which("cc") is None
+                return
+            assert got[1] and torch.equal(got[0].view(torch.int16), ref.view(torch.int16)), (w, lam)
+    big = torch.full((n,), 3e38).to(torch.bfloat16)
+    merged, finite = task_arithmetic2(big, -big, big, 1.0, 1.0, lam=1.0)
+    assert not finite and not bool(merged.isfinite().all())
+    assert task_arithmetic2(base, xs[0], xs[1][:-1], 1, 1) is None and task_arithmetic2(
+        base.float(), xs[0].float(), xs[1].float(), 1, 1) is None
+
+
+def test_a_task_arithmetic_merge_through_the_fused_pass_writes_the_torch_paths_file(tmp_path, three_models,
+                                                                                   monkeypatch):
+    """End to end: a mergekit task-arithmetic recipe of two bf16 models (what ``bench merge-speed`` times)
+    writes the same safetensors bytes with the fused pass as with it turned off."""
+    import compress.merge.executor as executor
+
+    base, ft1, ft2 = three_models[torch.bfloat16]
+    cfg = dict(method="task_arithmetic", variant="mergekit", base=base, dtype="bfloat16",
+               parameters={"lambda": 0.9},
+               models=[MergeModel(model=ft1, parameters={"weight": 0.6}),
+                       MergeModel(model=ft2, parameters={"weight": 0.4})])
+    calls = []
+    real = executor.task_arithmetic2
+
+    def fused(*a, **k):
+        out = real(*a, **k)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(executor, "task_arithmetic2", fused)
+    Merger(MergeConfig(**cfg)).write(tmp_path / "fused", quiet=True)
+    monkeypatch.setattr(executor, "task_arithmetic2", lambda *a, **k: None)
+    Merger(MergeConfig(**cfg)).write(tmp_path / "torch", quiet=True)
+    assert any(calls) or __import__("shutil").which("cc") is None
+    assert (tmp_path / "fused/model.safetensors").read_bytes() == (tmp_path / "torch/model.safetensors").read_bytes()
