@@ -4,6 +4,8 @@ jobs: prune, requests, merge)."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -126,3 +128,28 @@ def test_a_command_line_builds_only_its_stage_and_every_name_is_placed():
             "    pass\nprint(sorted(m for m in sys.modules if m.endswith('.commands')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "['compress.merge.commands']"
+
+
+def test_the_program_exits_with_the_status_and_output_main_gives(tmp_path):
+    """``python -m compress.cli`` (and the ``compress`` script, the same ``entry``) skips the interpreter's
+    teardown with ``os._exit``: the exit status, the one-line error and piped stdout must still be exactly what
+    ``main()`` gives in-process, including a long help text through a pipe."""
+    import subprocess
+
+    def program(*args):
+        return subprocess.run([sys.executable, "-m", "compress.cli", *args], capture_output=True, text=True,
+                              cwd=tmp_path, env={**os.environ, "COLUMNS": "100"})
+
+    ok = program("merge", "--help")
+    code, _, _ = run_cli("merge", "--help")
+    assert ok.returncode == 0 == code and len(ok.stdout) > 1000 and "--out" in ok.stdout
+    bad = program("merge", "missing.yml")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: missing.yml: recipe not found"]
+    unknown = program("no-such-command")
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error:")
+    # a host program that runs the module as __main__ in-process and goes on (bench scale's jobs)
+    host = subprocess.run([sys.executable, "-c", "import os, runpy, sys\nos.environ['COMPRESS_FAST_EXIT'] = '0'\n"
+                           "sys.argv = ['compress', 'merge', '--help']\ntry:\n"
+                           "    runpy.run_module('compress.cli', run_name='__main__')\nexcept SystemExit:\n"
+                           "    pass\nprint('still here')"], capture_output=True, text=True, cwd=tmp_path)
+    assert host.returncode == 0 and host.stdout.rstrip().endswith("still here")

@@ -348,11 +348,12 @@ def test_direct_writes_give_the_bytes_of_buffered_ones_and_two_open_files_do_not
         opened = []
         real = writer._DirectSink.__init__
 
-        def spy(self, fd, start):
+        def spy(self, fd, start, buffered):
             opened.append(start)
-            real(self, fd, start)
+            real(self, fd, start, buffered)
 
         monkeypatch.setattr(writer._DirectSink, "__init__", spy)
+        monkeypatch.setenv("COMPRESS_DIRECT_WRITES", "1")
         a, b = _stream(root / "a.safetensors", tensors), _stream(root / "b.safetensors", tensors[::-1])
         for (na, ta), (nb, tb) in zip(tensors, tensors[::-1]):
             a.add(na, ta)
@@ -430,3 +431,75 @@ def test_a_task_arithmetic_merge_through_the_fused_pass_writes_the_torch_paths_f
     Merger(MergeConfig(**cfg)).write(tmp_path / "torch", quiet=True)
     assert any(calls) or __import__("shutil").which("cc") is None
     assert (tmp_path / "fused/model.safetensors").read_bytes() == (tmp_path / "torch/model.safetensors").read_bytes()
+
+
+def test_a_file_system_that_opens_but_refuses_direct_writes_gets_the_same_file_buffered(tmp_path, monkeypatch):
+    import errno
+
+    import compress.io.writer as writer
+
+    monkeypatch.setattr(writer, "DIRECT_AFTER", 4096)
+    monkeypatch.setattr(writer, "DIRECT_STAGE", 4096)
+    tensors = [(f"t{i}", torch.full((3000 + i,), float(i), dtype=torch.bfloat16)) for i in range(4)]
+
+    def write(name):
+        w = _stream(tmp_path / name, tensors)
+        for n, t in tensors:
+            w.add(n, t)
+        w.close()
+        return (tmp_path / name).read_bytes()
+
+    monkeypatch.setenv("COMPRESS_DIRECT_WRITES", "0")
+    plain = write("plain.safetensors")
+    monkeypatch.delenv("COMPRESS_DIRECT_WRITES")
+    refused = []
+
+    def pwrite(*a):
+        refused.append(1)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(writer.os, "pwrite", pwrite)
+    assert write("refused.safetensors") == plain
+    import os
+
+    try:
+        os.close(os.open(tmp_path / "plain.safetensors", os.O_WRONLY | os.O_DIRECT))
+        assert refused == [1]  # tried once, then buffered for good
+    except OSError:
+        assert not refused  # no O_DIRECT here at all
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_the_writer_measures_both_ways_keeps_the_faster_and_writes_the_same_bytes(tmp_path, monkeypatch, faster):
+    """With COMPRESS_DIRECT_WRITES unset the first large file is written buffered, then direct, then the faster
+    way (here decided by a stub) for the rest of it and of the process; switching back to buffered in the middle of
+    a file leaves it byte for byte the buffered one."""
+    import os
+
+    import compress.io.writer as writer
+
+    try:
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError:
+        pytest.skip("this file system has no O_DIRECT")
+    monkeypatch.setattr(writer, "DIRECT_AFTER", 2 * 4096)
+    monkeypatch.setattr(writer, "DIRECT_STAGE", 4096)
+    monkeypatch.setattr(writer, "_direct_choice", None)
+    monkeypatch.delenv("COMPRESS_DIRECT_WRITES", raising=False)
+    rates = []
+    monkeypatch.setattr(writer, "_prefer_direct", lambda d, b: rates.append((d, b)) or faster)
+    tensors = [(f"t{i}", torch.full((1000 + 997 * i,), float(i), dtype=torch.bfloat16)) for i in range(12)]
+
+    def write(name):
+        w = _stream(tmp_path / name, tensors)
+        for n, t in tensors:
+            w.add(n, t)
+        w.close()
+        return (tmp_path / name).read_bytes()
+
+    measured = write("measured.safetensors")
+    assert len(rates) == 1 and all(r > 0 for r in rates[0]) and writer._direct_choice is faster
+    again = write("again.safetensors")  # decided: no second measurement
+    assert len(rates) == 1
+    monkeypatch.setenv("COMPRESS_DIRECT_WRITES", "0")
+    assert measured == again == write("buffered.safetensors")

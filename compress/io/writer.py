@@ -19,6 +19,7 @@ naming the output; an output that is, holds or lies inside one of the inputs is 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import socket
 import struct
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Optional
@@ -275,40 +277,66 @@ class HeaderSizer:
         return len(_header_blob(self._header, self.metadata))
 
 
-# Writes past the first DIRECT_AFTER bytes of a shard bypass the page cache (O_DIRECT) through an aligned staging
-# buffer: the data reach the disk once, by DMA from the buffer, instead of being copied into new page-cache pages
-# and written back later. On the 2-core benchmark machine a buffered 1 GB write into pages not touched recently
-# took 2.6-3.0 s (each new page is a fault in the hypervisor), O_DIRECT 0.6-1.0 s. COMPRESS_DIRECT_WRITES=0 turns
-# it off; a file system that refuses O_DIRECT (tmpfs) gets buffered writes. Small files never reach the threshold,
-# so what a later step reads back at once (a test's tiny model) stays in the page cache.
+# Past the first DIRECT_AFTER bytes of a shard, its data may bypass the page cache (O_DIRECT) through an aligned
+# staging buffer: each byte reaches the disk once, by DMA, instead of being copied into new page-cache pages and
+# written back later. Which is faster depends on the machine, so the writer measures: the first DIRECT_AFTER bytes
+# go through the page cache, the next DIRECT_STAGE bytes direct, and the faster way is kept for the rest of the
+# process (``_direct_choice``). Measured: on the 2-core benchmark VM a buffered 1 GB write into pages not touched
+# recently took 2.6-3.0 s (each new page is a fault in the hypervisor) and O_DIRECT 0.4-1.0 s; on the H200 host
+# buffered 2 GB took 0.64 s and O_DIRECT 1.21 s. COMPRESS_DIRECT_WRITES=1 or 0 decides without measuring; a file
+# system that refuses O_DIRECT (tmpfs) gets buffered writes. Small files never reach the threshold, so what a
+# later step reads back at once (a test's tiny model) stays in the page cache.
 DIRECT_AFTER = 16 * 2**20
 DIRECT_ALIGN = 4096  # the largest logical block size in use: O_DIRECT offsets, lengths and addresses are multiples
-DIRECT_STAGE = 32 * 2**20
+DIRECT_STAGE = 8 * 2**20
 _direct_stages: list = []  # staging buffers of closed sinks, reused: a new mapping costs page faults each time
 _direct_lock = threading.Lock()
+_direct_choice: Optional[bool] = None  # measured: O_DIRECT is the faster way here (None: not yet measured)
 
 
-def _direct_enabled() -> bool:
-    return hasattr(os, "O_DIRECT") and os.environ.get("COMPRESS_DIRECT_WRITES", "1") != "0"
+def _direct_mode() -> Optional[bool]:
+    """True: write direct; False: buffered; None: measure on the next large file."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    env = os.environ.get("COMPRESS_DIRECT_WRITES")
+    if env in ("0", "1"):
+        return env == "1"
+    return _direct_choice
+
+
+def _prefer_direct(direct_bytes_per_s: float, buffered_bytes_per_s: float) -> bool:
+    return direct_bytes_per_s > buffered_bytes_per_s
 
 
 class _DirectSink:
     """The part of a file from the first ``DIRECT_ALIGN`` boundary at or past ``start``, written with O_DIRECT in
     staged, aligned chunks; ``close`` hands back the unaligned tail for a buffered write."""
 
-    def __init__(self, fd: int, start: int):
-        self.fd, self.pos = fd, start
+    def __init__(self, fd: int, start: int, buffered):
+        self.fd: Optional[int] = fd
+        self.pos, self.buffered = start, buffered  # ``buffered``: the file object, should O_DIRECT be refused
         with _direct_lock:
-            self._buf = _direct_stages.pop() if _direct_stages else None
+            fits = [b for b in _direct_stages if len(b) == DIRECT_STAGE]
+            self._buf = fits[0] if fits else None
+            _direct_stages[:] = [b for b in _direct_stages if b is not self._buf]
         if self._buf is None:  # page aligned: an anonymous mapping
             import mmap
 
             self._buf = mmap.mmap(-1, DIRECT_STAGE)
         self.view = memoryview(self._buf)
         self.fill = 0
+        self.direct_bytes = 0
+        self.seconds = 0.0  # spent in ``write``: staging copies and direct writes
 
     def write(self, data: memoryview) -> None:
+        start = time.perf_counter()
         data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        try:
+            self._write(data)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _write(self, data: memoryview) -> None:
         done = 0
         while done < len(data):
             k = min(len(data) - done, len(self.view) - self.fill)
@@ -320,11 +348,24 @@ class _DirectSink:
 
     def _flush(self, n: int) -> None:
         written = 0
-        while written < n:
-            k = os.pwrite(self.fd, self.view[written:n], self.pos + written)
+        while self.fd is not None and written < n:
+            try:
+                k = os.pwrite(self.fd, self.view[written:n], self.pos + written)
+            except OSError as e:
+                # EINVAL on the first write: the file system took the O_DIRECT open but not the write (some FUSE
+                # and network file systems); everything goes through the page cache instead
+                if e.errno != errno.EINVAL or self.direct_bytes or written:
+                    raise
+                os.close(self.fd)
+                self.fd = None
+                break
             if k <= 0 or k % DIRECT_ALIGN and written + k < n:
                 raise OSError(f"short O_DIRECT write ({k} of {n - written} bytes)")
             written += k
+        if self.fd is None:
+            self.buffered.seek(self.pos)
+            self.buffered.write(self.view[:n])
+        self.direct_bytes += written
         self.pos += n
         self.fill = 0
 
@@ -341,7 +382,9 @@ class _DirectSink:
 
     def release(self) -> None:
         self.view.release()
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         with _direct_lock:
             if len(_direct_stages) < 2:
                 _direct_stages.append(self._buf)
@@ -365,9 +408,11 @@ class SafetensorsStreamWriter:
         self.nbytes = 0
         self._direct: Optional[_DirectSink] = None
         start = 8 + self.reserve
+        self._mode = _direct_mode() if self.reserve else False
         # the first aligned offset past DIRECT_AFTER bytes of data: what comes before it is written buffered
         self._direct_from = start + DIRECT_AFTER + (-(start + DIRECT_AFTER)) % DIRECT_ALIGN \
-            if self.reserve and _direct_enabled() else None
+            if self._mode is not False else None
+        self._buffered_seconds = 0.0  # the head's writes, measured when the mode is to be measured
 
     def _write(self, data) -> None:
         try:
@@ -375,25 +420,42 @@ class SafetensorsStreamWriter:
                 data = self._write_buffered_head(data)
             if self._direct is not None:
                 self._direct.write(data)
+                if self._mode is None and self._direct.direct_bytes >= DIRECT_STAGE:
+                    self._decide()
             elif len(data):
                 self._data.write(data)
         except OSError:
             self._close_quietly()
             raise
 
+    def _decide(self) -> None:
+        """Keep the faster of the two ways measured on this file, for it and for the rest of the process."""
+        global _direct_choice
+        head = self._direct.pos - self._direct.direct_bytes - (8 + self.reserve)  # bytes written buffered
+        buffered = head / max(self._buffered_seconds, 1e-9)
+        direct = self._direct.direct_bytes / max(self._direct.seconds, 1e-9)
+        self._mode = _direct_choice = _prefer_direct(direct, buffered)
+        if not self._mode:
+            self._finish_direct()  # the rest goes through the page cache, from where the direct part ended
+
     def _write_buffered_head(self, data: memoryview) -> memoryview:
         """Write what of ``data`` lies before ``_direct_from``; switch to O_DIRECT there (or give up on it)."""
         data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
         head = self._direct_from - (8 + self.reserve + self.nbytes)
+        start = time.perf_counter()
         if len(data) < head:
-            return data
+            self._data.write(data)
+            self._buffered_seconds += time.perf_counter() - start
+            return data[len(data):]
         self._data.write(data[:head])
         self._data.flush()
+        self._buffered_seconds += time.perf_counter() - start
         try:
             fd = os.open(self._data_path, os.O_WRONLY | os.O_DIRECT)
         except OSError:  # EINVAL: this file system has no direct I/O
             fd = None
-        self._direct = _DirectSink(fd, self._direct_from) if fd is not None else None
+            self._mode = False
+        self._direct = _DirectSink(fd, self._direct_from, self._data) if fd is not None else None
         self._direct_from = None
         return data[head:]
 
