@@ -417,11 +417,17 @@ def bench_merge_speed(
     rounds: int = typer.Option(3, help="Rounds of mergekit then compress (A B A B ...; at least 3)."),
     before: Optional[str] = typer.Option(None, help="Also time this git revision (or a folder holding an older "
                                                     "compress/) in each round."),
+    methods: str = typer.Option("ties,task_arithmetic", help="Comma-separated: ties, task_arithmetic."),
     device: str = DEVICE,
 ):
     """TIES and task arithmetic through `compress merge` and mergekit, in turn: time ratio (median of the rounds),
     peak RSS, max |difference|."""
-    from compress.bench.merge_speed import run
+    from compress.bench.merge_speed import METHODS, run
 
+    chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        raise CompressError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                            f"{', '.join(METHODS)}")
     run(params=params, workdir=workdir, results=results, device=resolve_device(device), mergekit=mergekit,
-        venv=venv, rounds=rounds, before=before)
+        venv=venv, rounds=rounds, before=before, methods=chosen)
