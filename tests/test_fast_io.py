@@ -323,6 +323,15 @@ def _stream(path, tensors, **kw):
     return w
 
 
+def _written(path, tensors) -> bytes:
+    """The bytes of a file the stream writer makes of ``tensors``."""
+    w = _stream(path, tensors)
+    for n, t in tensors:
+        w.add(n, t)
+    w.close()
+    return path.read_bytes()
+
+
 @pytest.mark.parametrize("folder", ["tmp", "shm"])
 def test_direct_writes_give_the_bytes_of_buffered_ones_and_two_open_files_do_not_mix(tmp_path, monkeypatch,
                                                                                      folder):
@@ -361,11 +370,7 @@ def test_direct_writes_give_the_bytes_of_buffered_ones_and_two_open_files_do_not
         a.close()
         b.close()
         monkeypatch.setenv("COMPRESS_DIRECT_WRITES", "0")
-        c = _stream(root / "c.safetensors", tensors)
-        for n, t in tensors:
-            c.add(n, t)
-        c.close()
-        assert (root / "a.safetensors").read_bytes() == (root / "c.safetensors").read_bytes()
+        assert (root / "a.safetensors").read_bytes() == _written(root / "c.safetensors", tensors)
         got = load_file(root / "b.safetensors")
         assert all(torch.equal(got[n], t) for n, t in tensors)
         direct = True
@@ -443,11 +448,7 @@ def test_a_file_system_that_opens_but_refuses_direct_writes_gets_the_same_file_b
     tensors = [(f"t{i}", torch.full((3000 + i,), float(i), dtype=torch.bfloat16)) for i in range(4)]
 
     def write(name):
-        w = _stream(tmp_path / name, tensors)
-        for n, t in tensors:
-            w.add(n, t)
-        w.close()
-        return (tmp_path / name).read_bytes()
+        return _written(tmp_path / name, tensors)
 
     monkeypatch.setenv("COMPRESS_DIRECT_WRITES", "0")
     plain = write("plain.safetensors")
@@ -491,11 +492,7 @@ def test_the_writer_measures_both_ways_keeps_the_faster_and_writes_the_same_byte
     tensors = [(f"t{i}", torch.full((1000 + 997 * i,), float(i), dtype=torch.bfloat16)) for i in range(12)]
 
     def write(name):
-        w = _stream(tmp_path / name, tensors)
-        for n, t in tensors:
-            w.add(n, t)
-        w.close()
-        return (tmp_path / name).read_bytes()
+        return _written(tmp_path / name, tensors)
 
     measured = write("measured.safetensors")
     assert len(rates) == 1 and all(r > 0 for r in rates[0]) and writer._direct_choice is faster
