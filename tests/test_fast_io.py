@@ -500,3 +500,35 @@ def test_the_writer_measures_both_ways_keeps_the_faster_and_writes_the_same_byte
     assert len(rates) == 1
     monkeypatch.setenv("COMPRESS_DIRECT_WRITES", "0")
     assert measured == again == write("buffered.safetensors")
+
+
+def test_a_forked_child_unmaps_what_it_frees(tmp_path):
+    """The unmapping thread is not copied by fork: a child starts its own, so its freed tensors do not stay
+    mapped (a serving worker that reads tensors would otherwise grow without bound)."""
+    import gc
+    import os
+    import time
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.arange(10000.0)}, path)
+    ck = open_checkpoint(path)
+    t = ck.get("a")
+    del t
+    gc.collect()  # this process's unmapping thread has started
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child reports through its exit status)
+        ok = False
+        try:
+            t = ck.get("a")
+            ok = float(t.sum()) == 49995000.0
+            del t
+            gc.collect()
+            deadline = time.monotonic() + 5
+            while _maps_of(path) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            ok = ok and _maps_of(path) == 0
+        finally:
+            os._exit(0 if ok else 1)
+    assert os.waitpid(pid, 0)[1] == 0

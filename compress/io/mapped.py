@@ -70,6 +70,15 @@ def _unmap(addr: int, size: int) -> None:
     _unmaps.put((addr, size))
 
 
+def _forget_unmapper() -> None:
+    global _unmaps
+    _unmaps = None  # a forked child has no copy of the thread: it starts its own when it first frees a mapping
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_unmapper)
+
+
 # off by COMPRESS_MMAP=0, for comparing against positioned reads (``compress bench merge-speed`` does)
 ENABLED = os.environ.get("COMPRESS_MMAP", "1") != "0" and os.name == "posix"
 
