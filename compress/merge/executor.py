@@ -366,7 +366,7 @@ class Merger:
         if self._outputs is not None:  # the writer is done with the tensor before last: its buffer is free
             out = self._outputs[0]
             if out.numel() < base.numel():
-                largest = max(self.ref.info(m).numel for m in self._merged_names())
+                largest = max(self.ref.info(t).numel for t in self._merged_names())
                 out = self._outputs[0] = torch.empty(largest, dtype=torch.bfloat16)
         fused = task_arithmetic2(base, x0, x1, weights[0], weights[1], lam=self.param("lambda", name),
                                  threads=self.fused_threads, out=out)
