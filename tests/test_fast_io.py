@@ -470,11 +470,13 @@ def test_a_file_system_that_opens_but_refuses_direct_writes_gets_the_same_file_b
         assert not refused  # no O_DIRECT here at all
 
 
-@pytest.mark.parametrize("faster", [True, False])
-def test_the_writer_measures_both_ways_keeps_the_faster_and_writes_the_same_bytes(tmp_path, monkeypatch, faster):
-    """With COMPRESS_DIRECT_WRITES unset the first large file is written buffered, then direct, then the faster
-    way (here decided by a stub) for the rest of it and of the process; switching back to buffered in the middle of
-    a file leaves it byte for byte the buffered one."""
+@pytest.mark.parametrize("faster", [True, False, "flips"])
+def test_the_writer_keeps_measuring_both_ways_runs_the_faster_and_writes_the_same_bytes(tmp_path, monkeypatch,
+                                                                                       faster):
+    """With COMPRESS_DIRECT_WRITES unset a large file is written buffered (the head), one stage direct, then in
+    runs of the faster way (here decided by a stub) that double while the winner holds, each followed by one stage
+    of the other way, measured again; a later file starts with the winner. Whatever the switches, the file is
+    byte for byte the buffered one."""
     import os
 
     import compress.io.writer as writer
@@ -483,21 +485,45 @@ def test_the_writer_measures_both_ways_keeps_the_faster_and_writes_the_same_byte
         os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
     except OSError:
         pytest.skip("this file system has no O_DIRECT")
-    monkeypatch.setattr(writer, "DIRECT_AFTER", 2 * 4096)
-    monkeypatch.setattr(writer, "DIRECT_STAGE", 4096)
+    stage = 4096
+    monkeypatch.setattr(writer, "DIRECT_AFTER", 2 * stage)
+    monkeypatch.setattr(writer, "DIRECT_STAGE", stage)
+    monkeypatch.setattr(writer, "PROBE_FIRST", 2)
+    monkeypatch.setattr(writer, "PROBE_MOST", 8)
+    monkeypatch.setattr(writer, "_rates", {})
     monkeypatch.setattr(writer, "_direct_choice", None)
     monkeypatch.delenv("COMPRESS_DIRECT_WRITES", raising=False)
-    rates = []
-    monkeypatch.setattr(writer, "_prefer_direct", lambda d, b: rates.append((d, b)) or faster)
+    decisions = []
+
+    def prefer(d, b):
+        assert d > 0 and b > 0
+        decisions.append(faster if faster != "flips" else len(decisions) % 4 < 2)
+        return decisions[-1]
+
+    monkeypatch.setattr(writer, "_prefer_direct", prefer)
+    runs = []
+    real = writer._measured
+    monkeypatch.setattr(writer, "_measured", lambda way, n, s: runs.append((way, n)) or real(way, n, s))
     tensors = [(f"t{i}", torch.full((1000 + 997 * i,), float(i), dtype=torch.bfloat16)) for i in range(12)]
 
     def write(name):
         return _written(tmp_path / name, tensors)
 
     measured = write("measured.safetensors")
-    assert len(rates) == 1 and all(r > 0 for r in rates[0]) and writer._direct_choice is faster
-    again = write("again.safetensors")  # decided: no second measurement
-    assert len(rates) == 1
+    assert runs[0][0] is False and runs[1] == (True, stage)  # the head, buffered; one stage direct
+    # every measured run is either one stage (a measurement) or a run of the faster way of 2, 4, 8, 8 … stages
+    lengths = [n // stage for _, n in runs[1:]]
+    assert all(k == 1 or k in (2, 4, 8) for k in lengths), lengths
+    if faster != "flips":
+        assert [w for w, _ in runs[1:]] == [True] + [faster, not faster] * ((len(runs) - 2) // 2) + \
+            [faster] * (len(runs) % 2), runs
+        assert lengths[1::2] == [2, 4, 8, 8, 8][:len(lengths[1::2])], lengths
+        assert writer._direct_choice is faster
+    else:
+        assert len(set(w for w, k in zip([w for w, _ in runs[1:]], lengths) if k > 1)) == 2  # both ways ran
+    n_runs = len(runs)
+    again = write("again.safetensors")
+    assert runs[n_runs][0] is False and runs[n_runs + 1][1] // stage > 1  # the head, then the winner runs
     monkeypatch.setenv("COMPRESS_DIRECT_WRITES", "0")
     assert measured == again == write("buffered.safetensors")
 

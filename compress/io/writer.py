@@ -279,33 +279,48 @@ class HeaderSizer:
 
 # Past the first DIRECT_AFTER bytes of a shard, its data may bypass the page cache (O_DIRECT) through an aligned
 # staging buffer: each byte reaches the disk once, by DMA, instead of being copied into new page-cache pages and
-# written back later. Which is faster depends on the machine, so the writer measures: the first DIRECT_AFTER bytes
-# go through the page cache, the next DIRECT_STAGE bytes direct, and the faster way is kept for the rest of the
-# process (``_direct_choice``). Measured: on the 2-core benchmark VM a buffered 1 GB write into pages not touched
-# recently took 2.6-3.0 s (each new page is a fault in the hypervisor) and O_DIRECT 0.4-1.0 s; on the H200 host
-# buffered 2 GB took 0.64 s and O_DIRECT 1.21 s. COMPRESS_DIRECT_WRITES=1 or 0 decides without measuring; a file
-# system that refuses O_DIRECT (tmpfs) gets buffered writes. Small files never reach the threshold, so what a
-# later step reads back at once (a test's tiny model) stays in the page cache.
+# written back later. Which is faster depends on the machine and on the moment, so the writer measures and keeps
+# measuring: the first DIRECT_AFTER bytes go through the page cache, the next DIRECT_STAGE bytes direct, then the
+# faster way runs, and every so often (PROBE_FIRST stages, doubling up to PROBE_MOST) one stage goes the other way
+# to measure it again. The latest rate of each way is kept for the rest of the process (``_rates``). Measured: on
+# the 2-core benchmark VM a buffered 1 GB write into pages not touched recently took 1.5-3.0 s (each new page is a
+# fault in the hypervisor) and O_DIRECT 0.8 s, while into pages just freed it took 0.27 s; the first 16 MiB alone
+# could not tell the two cases apart (it chose buffered, then ran 2.3 s). On the H200 host buffered 2 GB took
+# 0.64 s and O_DIRECT 1.21 s. COMPRESS_DIRECT_WRITES=1 or 0 decides without measuring; a file system that refuses
+# O_DIRECT (tmpfs) gets buffered writes. Small files never reach the threshold, so what a later step reads back
+# at once (a test's tiny model) stays in the page cache.
 DIRECT_AFTER = 16 * 2**20
 DIRECT_ALIGN = 4096  # the largest logical block size in use: O_DIRECT offsets, lengths and addresses are multiples
 DIRECT_STAGE = 8 * 2**20
+PROBE_FIRST, PROBE_MOST = 8, 128  # stages of the faster way between two measurements of the other
 _direct_stages: list = []  # staging buffers of closed sinks, reused: a new mapping costs page faults each time
 _direct_lock = threading.Lock()
-_direct_choice: Optional[bool] = None  # measured: O_DIRECT is the faster way here (None: not yet measured)
+_rates: dict[bool, float] = {}  # bytes/s last measured, direct (True) and buffered (False), in this process
+_direct_choice: Optional[bool] = None  # the faster of the two by ``_rates`` (None: not both measured yet)
 
 
 def _direct_mode() -> Optional[bool]:
-    """True: write direct; False: buffered; None: measure on the next large file."""
+    """True: write direct; False: buffered; None: measure."""
     if not hasattr(os, "O_DIRECT"):
         return False
     env = os.environ.get("COMPRESS_DIRECT_WRITES")
     if env in ("0", "1"):
         return env == "1"
-    return _direct_choice
+    return None
 
 
 def _prefer_direct(direct_bytes_per_s: float, buffered_bytes_per_s: float) -> bool:
     return direct_bytes_per_s > buffered_bytes_per_s
+
+
+def _measured(direct: bool, nbytes: int, seconds: float) -> Optional[bool]:
+    """Record a rate of one way; returns the faster way once both are known."""
+    global _direct_choice
+    with _direct_lock:
+        _rates[direct] = nbytes / max(seconds, 1e-9)
+        if len(_rates) == 2:
+            _direct_choice = _prefer_direct(_rates[True], _rates[False])
+        return _direct_choice
 
 
 class _DirectSink:
@@ -407,57 +422,87 @@ class SafetensorsStreamWriter:
         self._header: dict[str, dict] = {}
         self.nbytes = 0
         self._direct: Optional[_DirectSink] = None
-        start = 8 + self.reserve
-        self._mode = _direct_mode() if self.reserve else False
-        # the first aligned offset past DIRECT_AFTER bytes of data: what comes before it is written buffered
-        self._direct_from = start + DIRECT_AFTER + (-(start + DIRECT_AFTER)) % DIRECT_ALIGN \
-            if self._mode is not False else None
-        self._buffered_seconds = 0.0  # the head's writes, measured when the mode is to be measured
+        self._pos = 8 + self.reserve  # the file offset of the next byte of data
+        mode = _direct_mode() if self.reserve else False
+        self._measure = mode is None
+        # where the way of writing changes next (None: never): first from buffered to direct at the first aligned
+        # offset past DIRECT_AFTER bytes of data; every later change falls on an aligned offset too (runs are whole
+        # stages)
+        self._switch_at = self._pos + DIRECT_AFTER + (-(self._pos + DIRECT_AFTER)) % DIRECT_ALIGN \
+            if mode is not False else None
+        self._run_start, self._run_seconds = self._pos, 0.0  # the current buffered run, timed
+        self._probe = True  # the current run measures its way (the head measures buffered writes)
+        self._winner: Optional[bool] = None
+        self._stages = PROBE_FIRST  # of the faster way before the other is measured again
 
     def _write(self, data) -> None:
+        data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
         try:
-            if self._direct_from is not None:
-                data = self._write_buffered_head(data)
-            if self._direct is not None:
-                self._direct.write(data)
-                if self._mode is None and self._direct.direct_bytes >= DIRECT_STAGE:
-                    self._decide()
-            elif len(data):
-                self._data.write(data)
+            while len(data):
+                k = len(data) if self._switch_at is None else min(len(data), self._switch_at - self._pos)
+                if self._direct is not None:
+                    self._direct.write(data[:k])
+                else:
+                    start = time.perf_counter()
+                    self._data.write(data[:k])
+                    self._run_seconds += time.perf_counter() - start
+                self._pos += k
+                data = data[k:]
+                if self._pos == self._switch_at:
+                    self._switch()
         except OSError:
             self._close_quietly()
             raise
 
-    def _decide(self) -> None:
-        """Keep the faster of the two ways measured on this file, for it and for the rest of the process."""
-        global _direct_choice
-        head = self._direct.pos - self._direct.direct_bytes - (8 + self.reserve)  # bytes written buffered
-        buffered = head / max(self._buffered_seconds, 1e-9)
-        direct = self._direct.direct_bytes / max(self._direct.seconds, 1e-9)
-        self._mode = _direct_choice = _prefer_direct(direct, buffered)
-        if not self._mode:
-            self._finish_direct()  # the rest goes through the page cache, from where the direct part ended
+    def _switch(self) -> None:
+        """At the end of a run: measure it, choose the next run's way and length, and start it."""
+        was_direct = self._direct is not None
+        if was_direct:
+            sink = self._direct
+            nbytes, seconds = sink.direct_bytes - self._run_start, sink.seconds - self._run_seconds
+            usable = sink.fd is not None
+        else:
+            nbytes, seconds, usable = self._pos - self._run_start, self._run_seconds, True
+        if not self._measure or not usable:  # the head of a forced direct file, or O_DIRECT refused: no more changes
+            self._switch_at = None
+            if was_direct:
+                self._finish_direct()
+            elif self._measure is False:
+                self._start_direct()
+            return
+        best = _measured(was_direct, nbytes, seconds)
+        if best is None:  # the other way is not measured yet: it is next, for one stage
+            way, probe = not was_direct, True
+        elif self._probe:  # the faster way runs next
+            way, probe = best, False
+            if best != self._winner:
+                self._winner, self._stages = best, PROBE_FIRST
+        else:  # after a run of the faster way, the other is measured again; the runs grow while the winner holds
+            way, probe = not was_direct, True
+            if best == self._winner:
+                self._stages = min(2 * self._stages, PROBE_MOST)
+        self._probe = probe
+        self._switch_at = self._pos + (1 if probe else self._stages) * DIRECT_STAGE
+        if was_direct and not way:
+            self._finish_direct()
+        elif way and not was_direct:
+            self._start_direct()
+        self._mark_run()
 
-    def _write_buffered_head(self, data: memoryview) -> memoryview:
-        """Write what of ``data`` lies before ``_direct_from``; switch to O_DIRECT there (or give up on it)."""
-        data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-        head = self._direct_from - (8 + self.reserve + self.nbytes)
-        start = time.perf_counter()
-        if len(data) < head:
-            self._data.write(data)
-            self._buffered_seconds += time.perf_counter() - start
-            return data[len(data):]
-        self._data.write(data[:head])
+    def _mark_run(self) -> None:
+        # a direct run is measured by its sink's counters, a buffered one by the writes timed in ``_write``
+        sink = self._direct
+        self._run_start, self._run_seconds = (sink.direct_bytes, sink.seconds) if sink else (self._pos, 0.0)
+
+    def _start_direct(self) -> None:
         self._data.flush()
-        self._buffered_seconds += time.perf_counter() - start
         try:
             fd = os.open(self._data_path, os.O_WRONLY | os.O_DIRECT)
         except OSError:  # EINVAL: this file system has no direct I/O
-            fd = None
-            self._mode = False
-        self._direct = _DirectSink(fd, self._direct_from, self._data) if fd is not None else None
-        self._direct_from = None
-        return data[head:]
+            self._measure, self._switch_at = False, None
+            return
+        self._direct = _DirectSink(fd, self._pos, self._data)
+        self._mark_run()
 
     def _finish_direct(self) -> None:
         if self._direct is None:
