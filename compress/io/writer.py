@@ -467,7 +467,7 @@ class SafetensorsStreamWriter:
             self._switch_at = None
             if was_direct:
                 self._finish_direct()
-            elif self._measure is False:
+            else:  # a buffered run is always usable: this is a forced direct file's head
                 self._start_direct()
             return
         best = _measured(was_direct, nbytes, seconds)
